@@ -1,0 +1,286 @@
+//! Startup that tests can drive: [`Application::build`] connects the shard groups, applies
+//! migrations, starts the background tasks and binds the listener (port 0 in tests), and returns
+//! before serving so the caller knows the address.
+//!
+//! Background tasks (health monitors, table refresher, sold-out refresher, expiry sweeper,
+//! reconciler) run under one cancellation token and one task tracker; shutdown cancels them and
+//! waits for them with a bound.
+
+use crate::config::Config;
+use crate::order::OrderService;
+use crate::router::Router;
+use crate::shard::Cluster;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// Everything handlers share.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub cluster: Arc<Cluster>,
+    pub router: Arc<Router>,
+    pub orders: OrderService,
+    pub admin_token: Option<String>,
+}
+
+impl AppState {
+    pub fn sales(&self) -> crate::sale::SaleService<'_> {
+        crate::sale::SaleService {
+            cluster: &self.cluster,
+            router: &self.router,
+            timeout: self.config.request_timeout(),
+            default_window: self.config.orders.payment_window_secs,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Shard(#[from] crate::shard::ShardError),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] crate::migrate::MigrateError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Which background tasks to run; tests switch some off to drive them by hand.
+#[derive(Debug, Clone)]
+pub struct Background {
+    pub monitor: bool,
+    pub sweeper: bool,
+    pub reconciler: bool,
+}
+
+impl Default for Background {
+    fn default() -> Self {
+        Self {
+            monitor: true,
+            sweeper: true,
+            reconciler: true,
+        }
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    cancel: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Application {
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        Self::build_with(config, Background::default()).await
+    }
+
+    pub async fn build_with(config: Config, background: Background) -> Result<Self, StartError> {
+        let config = Arc::new(config);
+        let cluster = Arc::new(Cluster::new(&config)?);
+        let router = Arc::new(Router::from_config(&config)?);
+        if config.server.migrate_on_start {
+            crate::migrate::run(&cluster).await?;
+        }
+        let cancel = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let timeout = config.request_timeout();
+        let hot = Arc::new(crate::coalesce::HotPath::new(&config.coalesce));
+        let coalescer = config.coalesce.enabled.then(|| {
+            Arc::new(crate::coalesce::Coalescer::new(
+                cluster.clone(),
+                router.clone(),
+                hot.clone(),
+                &config.coalesce,
+                timeout,
+                tasks.clone(),
+            ))
+        });
+        let orders = OrderService {
+            cluster: cluster.clone(),
+            router: router.clone(),
+            timeout,
+            tasks: tasks.clone(),
+            coalescer,
+            hot,
+        };
+        let state = Arc::new(AppState {
+            admin_token: config.server.admin_token.clone(),
+            config: config.clone(),
+            cluster,
+            router,
+            orders,
+        });
+        // Know the writable members and the routing table before the first request.
+        for g in &state.cluster.groups {
+            crate::shard::monitor::check_group(g, &state.config.failover).await;
+        }
+        refresh_table(&state).await;
+        spawn_background(&state, &background, &cancel, &tasks);
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.server.listen,
+                source,
+            })?;
+        Ok(Self {
+            listener,
+            state,
+            cancel,
+            tasks,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| self.state.config.server.listen)
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        self.state.clone()
+    }
+
+    /// A token that stops the server and its background tasks when cancelled.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Serve until the shutdown token fires, then drain background work (at most 10 s).
+    pub async fn run(self) -> std::io::Result<()> {
+        let app = crate::api::router(self.state.clone());
+        let cancel = self.cancel.clone();
+        let served = axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .await;
+        self.cancel.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background tasks did not stop within 10 s");
+        }
+        served
+    }
+}
+
+async fn refresh_table(state: &AppState) {
+    let Some((g, _)) = state.cluster.by_name(state.config.config_group()) else {
+        return;
+    };
+    match state.cluster.group(g).writer().await {
+        Ok(client) => {
+            if let Err(e) = state.router.table().refresh(&client).await {
+                tracing::warn!(error = %e, "cannot read the router-config table");
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "cannot reach the config group"),
+    }
+}
+
+/// Run `work` every `every` until cancelled.
+fn every<F, Fut>(
+    name: &'static str,
+    every: Duration,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+    work: F,
+) where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send,
+{
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        tracing::debug!(task = name, "background task started");
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = tick.tick() => work().await,
+            }
+        }
+        tracing::debug!(task = name, "background task stopped");
+    });
+}
+
+fn spawn_background(
+    state: &Arc<AppState>,
+    background: &Background,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let config = &state.config;
+    if background.monitor {
+        tasks.spawn(crate::shard::monitor::run(
+            state.cluster.clone(),
+            config.failover.clone(),
+            cancel.clone(),
+        ));
+    }
+    let s = state.clone();
+    every(
+        "router-table",
+        Duration::from_millis(config.routing.table_refresh_ms.max(50)),
+        cancel,
+        tasks,
+        move || {
+            let s = s.clone();
+            async move { refresh_table(&s).await }
+        },
+    );
+    let s = state.clone();
+    every(
+        "sold-out-refresh",
+        Duration::from_millis(config.coalesce.soldout_refresh_ms.max(50)),
+        cancel,
+        tasks,
+        move || {
+            let s = s.clone();
+            async move { s.orders.hot.soldout.refresh(&s.cluster, &s.router).await }
+        },
+    );
+    if background.sweeper {
+        let s = state.clone();
+        let batch = config.orders.sweep_batch;
+        every(
+            "expiry-sweeper",
+            Duration::from_millis(config.orders.sweep_interval_ms.max(50)),
+            cancel,
+            tasks,
+            move || {
+                let s = s.clone();
+                async move {
+                    if let Err(e) = crate::reconcile::sweep(&s.orders, batch).await {
+                        tracing::debug!(error = %e, "sweep incomplete");
+                    }
+                }
+            },
+        );
+    }
+    if background.reconciler && config.orders.reconcile_interval_ms > 0 {
+        let s = state.clone();
+        let grace = Duration::from_secs(config.orders.reconcile_grace_secs.into());
+        every(
+            "reconciler",
+            Duration::from_millis(config.orders.reconcile_interval_ms),
+            cancel,
+            tasks,
+            move || {
+                let s = s.clone();
+                async move {
+                    crate::reconcile::reconcile(&s.orders, grace).await;
+                }
+            },
+        );
+    }
+}

@@ -1,0 +1,333 @@
+//! The `seckill` command line: `dev`, `serve`, `migrate`, `shard-map`, `reconcile`, `group`.
+
+use crate::app::Application;
+use crate::config::Config;
+use crate::local::{LocalCluster, ServerTuning};
+use crate::router::KeyKind;
+use clap::{Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+#[derive(Debug, Parser)]
+#[command(name = "seckill", version, about = "Flash-sale order engine on sharded PostgreSQL")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the whole system on this machine: two local shard groups (master + streaming shadow
+    /// each), migrations, a demo sale, and the HTTP server. Ctrl-C stops everything.
+    Dev {
+        /// Folder for the servers' data (reused on the next start).
+        #[arg(long, default_value = ".seckill-dev")]
+        dir: PathBuf,
+        /// First of the four PostgreSQL ports.
+        #[arg(long, default_value_t = 54320)]
+        base_port: u16,
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        /// Serve one transaction per request instead of coalescing (for comparison).
+        #[arg(long)]
+        no_coalesce: bool,
+    },
+    /// Serve the API for the cluster described by a shards.toml.
+    Serve {
+        #[arg(long, default_value = "shards.toml")]
+        config: PathBuf,
+    },
+    /// Apply migrations to every group's master and exit.
+    Migrate {
+        #[arg(long, default_value = "shards.toml")]
+        config: PathBuf,
+    },
+    /// Check a shards.toml and print the resolved routing summary.
+    CheckConfig {
+        #[arg(long, default_value = "shards.toml")]
+        config: PathBuf,
+    },
+    /// List or change the router-config table (`shard_map`) on the config group.
+    ShardMap {
+        #[arg(long, default_value = "shards.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: ShardMapAction,
+    },
+    /// Match reservations against orders, repair mismatches, check conservation.
+    /// Exits 1 when an item breaks conservation or a group could not be checked.
+    Reconcile {
+        #[arg(long, default_value = "shards.toml")]
+        config: PathBuf,
+        /// Only reservations older than this many seconds are considered abandoned.
+        #[arg(long)]
+        grace_secs: Option<u32>,
+    },
+    /// Shard group administration.
+    Group {
+        #[arg(long, default_value = "shards.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: GroupAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ShardMapAction {
+    /// Print every entry.
+    List,
+    /// Route one key of a kind (`items` or `users`) to a group.
+    Set { kind: String, key: u64, group: String },
+    /// Remove an entry: the key falls back to hash routing.
+    Delete { kind: String, key: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GroupAction {
+    /// Every member's role, timeline, health and replication lag.
+    Status,
+    /// Planned, lossless role swap: fence the master, let the shadow catch up, promote it.
+    Switchover { group: String },
+    /// Make a fenced old master the shadow of the current master (pg_rewind, or a fresh base
+    /// backup). Runs on the old master's machine: give its data directory.
+    Rejoin {
+        group: String,
+        /// Data directory of the old master.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Its port (default: from its DSN).
+        #[arg(long)]
+        port: Option<u16>,
+    },
+}
+
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
+}
+
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("error: {msg}");
+    ExitCode::FAILURE
+}
+
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Dev {
+            dir,
+            base_port,
+            listen,
+            no_coalesce,
+        } => dev(&dir, base_port, &listen, no_coalesce).await,
+        Command::Serve { config } => serve(&config).await,
+        Command::Migrate { config } => migrate(&config).await,
+        Command::CheckConfig { config } => check_config(&config),
+        Command::ShardMap { config, action } => shard_map(&config, action).await,
+        Command::Reconcile { config, grace_secs } => return reconcile(&config, grace_secs).await,
+        Command::Group { config, action } => crate::shard::admin::run(&config, action).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+type CliResult = Result<(), Box<dyn std::error::Error>>;
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+async fn serve_until_signal(app: Application) -> CliResult {
+    let token = app.shutdown_token();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down");
+        token.cancel();
+    });
+    app.run().await?;
+    Ok(())
+}
+
+async fn serve(path: &Path) -> CliResult {
+    let config = Config::load(path)?;
+    let app = Application::build(config).await?;
+    tracing::info!(addr = %app.local_addr(), "seckill serving");
+    serve_until_signal(app).await
+}
+
+async fn migrate(path: &Path) -> CliResult {
+    let config = Config::load(path)?;
+    let cluster = crate::shard::Cluster::new(&config)?;
+    for (group, n) in crate::migrate::run(&cluster).await? {
+        println!("{group}: {n} migration(s) applied");
+    }
+    Ok(())
+}
+
+fn check_config(path: &Path) -> CliResult {
+    let config = Config::load(path)?;
+    println!(
+        "ok: {} group(s), {} slots, items by {:?}, users by {:?}, config group {}",
+        config.groups.len(),
+        config.routing.slots,
+        config.routing.items.strategy,
+        config.routing.users.strategy,
+        config.config_group()
+    );
+    Ok(())
+}
+
+async fn config_group_client(config: &Config) -> Result<deadpool_postgres::Object, Box<dyn std::error::Error>> {
+    let cluster = crate::shard::Cluster::new(config)?;
+    let (idx, group) = cluster
+        .by_name(config.config_group())
+        .ok_or("config group missing")?;
+    crate::shard::monitor::check_group(group, &crate::config::FailoverConfig { enabled: false, ..Default::default() }).await;
+    Ok(cluster.group(idx).writer().await?)
+}
+
+async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
+    let config = Config::load(path)?;
+    let client = config_group_client(&config).await?;
+    let kind = |k: &str| KeyKind::parse(k).ok_or_else(|| format!("kind must be `items` or `users`, got {k:?}"));
+    let key = |k: u64| i64::try_from(k).ok().filter(|k| *k > 0).ok_or("key must be between 1 and 2^63-1");
+    match action {
+        ShardMapAction::List => {
+            let rows = client
+                .query("SELECT kind, key, group_name, updated_at::text FROM shard_map ORDER BY kind, key", &[])
+                .await?;
+            println!("{:<6} {:>20} {:<12} updated_at", "kind", "key", "group");
+            for r in rows {
+                println!("{:<6} {:>20} {:<12} {}", r.get::<_, &str>(0), r.get::<_, i64>(1), r.get::<_, &str>(2), r.get::<_, &str>(3));
+            }
+        }
+        ShardMapAction::Set { kind: k, key: n, group } => {
+            let kind = kind(&k)?;
+            if !config.groups.iter().any(|g| g.name == group) {
+                return Err(format!("unknown group {group:?} (groups: {})", config.group_names().join(", ")).into());
+            }
+            client
+                .execute(
+                    "INSERT INTO shard_map (kind, key, group_name) VALUES ($1, $2, $3)
+                     ON CONFLICT (kind, key) DO UPDATE SET group_name = EXCLUDED.group_name, updated_at = now()",
+                    &[&kind.as_str(), &key(n)?, &group],
+                )
+                .await?;
+            println!("{} {n} -> {group} (engine nodes pick it up within routing.table_refresh_ms; existing rows are not moved)", kind.as_str());
+        }
+        ShardMapAction::Delete { kind: k, key: n } => {
+            let kind = kind(&k)?;
+            let removed = client
+                .execute("DELETE FROM shard_map WHERE kind = $1 AND key = $2", &[&kind.as_str(), &key(n)?])
+                .await?;
+            println!("{removed} entry removed");
+        }
+    }
+    Ok(())
+}
+
+async fn reconcile(path: &Path, grace_secs: Option<u32>) -> ExitCode {
+    let config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    let grace = std::time::Duration::from_secs(grace_secs.unwrap_or(config.orders.reconcile_grace_secs).into());
+    let mut config = config;
+    config.server.migrate_on_start = false;
+    let app = match Application::build_with(config, crate::app::Background { monitor: false, sweeper: false, reconciler: false }).await {
+        Ok(a) => a,
+        Err(e) => return fail(e),
+    };
+    let state = app.state();
+    let report = crate::reconcile::reconcile(&state.orders, grace).await;
+    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    if report.violations.is_empty() && report.unreachable_groups.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Admin token of the dev cluster: generated once, kept in the cluster folder.
+fn dev_token(dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
+    let file = dir.join("admin-token");
+    if let Ok(t) = std::fs::read_to_string(&file) {
+        if t.trim().len() >= 16 {
+            return Ok(t.trim().to_string());
+        }
+    }
+    let token = format!("dev-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(&file, &token)?;
+    Ok(token)
+}
+
+async fn dev(dir: &Path, base_port: u16, listen: &str, no_coalesce: bool) -> CliResult {
+    let dir = std::env::current_dir()?.join(dir);
+    let cluster = LocalCluster::layout(&dir, base_port, 2)?;
+    println!("starting 2 shard groups (master + shadow each) under {} ...", dir.display());
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.ensure_running(&ServerTuning::default())).await??;
+    let token = std::env::var("SECKILL_ADMIN_TOKEN").or_else(|_| dev_token(&dir))?;
+    let toml = cluster.shards_toml(listen, &token);
+    let toml_path = dir.join("shards.toml");
+    std::fs::write(&toml_path, &toml)?;
+    let mut config = Config::from_toml(&toml, &toml_path.display().to_string())?;
+    config.coalesce.enabled = !no_coalesce;
+    let result = async {
+        let app = Application::build(config).await?;
+        let state = app.state();
+        let sale = demo_sale(&state).await?;
+        let addr = app.local_addr();
+        println!("\nseckill dev is up on http://{addr}");
+        println!("  config:      {}", toml_path.display());
+        println!("  admin token: {token}");
+        println!("  demo sale:   {sale} (items 1001: 100 units, 1002: 1000 units, limit 2 per user)");
+        println!("\ntry:\n  curl -s -X POST http://{addr}/v1/sales/{sale}/items/1001/orders -H 'Content-Type: application/json' -d '{{\"user_id\": 42, \"quantity\": 1}}'");
+        println!("  curl -s http://{addr}/v1/sales/{sale}");
+        println!("  curl -s -H 'Authorization: Bearer {token}' http://{addr}/v1/admin/groups\n\nCtrl-C stops the engine and the servers.");
+        serve_until_signal(app).await
+    }
+    .await;
+    println!("stopping the PostgreSQL servers ...");
+    let c = cluster.clone();
+    let _ = tokio::task::spawn_blocking(move || c.stop_all("fast")).await;
+    result
+}
+
+async fn demo_sale(state: &Arc<crate::AppState>) -> Result<u64, Box<dyn std::error::Error>> {
+    let now = chrono::Utc::now();
+    let sale: crate::sale::NewSale = serde_json::from_value(serde_json::json!({
+        "name": "demo flash sale",
+        "starts_at": now.to_rfc3339(),
+        "ends_at": (now + chrono::Duration::hours(24)).to_rfc3339(),
+        "items": [
+            {"item_id": 1001, "stock": 100, "price_cents": 999, "per_user_limit": 2},
+            {"item_id": 1002, "stock": 1000, "price_cents": 4999, "per_user_limit": 2}
+        ]
+    }))?;
+    Ok(state.sales().create(&sale).await?.sale_id)
+}

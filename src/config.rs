@@ -1,0 +1,545 @@
+//! shards.toml: the engine's whole configuration, as plain data with documented defaults.
+//!
+//! One `validate()` checks everything that can be checked without a network: one master per group,
+//! unique group names and hosts, every slot of the hash slot map owned by exactly one known group,
+//! ranges that cover the whole key space without overlap. Errors name the field and the reason so a
+//! DBA can fix the file without reading code. Secrets may come from the environment:
+//! `SECKILL_ADMIN_TOKEN` overrides `server.admin_token`.
+
+use serde::Deserialize;
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Default number of hash slots (DESIGN.md). Never change it for a live cluster: keys would move.
+pub const DEFAULT_SLOTS: u32 = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid config: `{field}`: {reason}")]
+    Invalid { field: String, reason: String },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// The shard groups; at least one.
+    pub groups: Vec<GroupConfig>,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
+    pub orders: OrdersConfig,
+    #[serde(default)]
+    pub coalesce: CoalesceConfig,
+    #[serde(default)]
+    pub failover: FailoverConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// HTTP listen address. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Bearer token for `/v1/admin/*`. Default: none, which disables the admin API until
+    /// `SECKILL_ADMIN_TOKEN` is set. Must be at least 16 characters when set.
+    pub admin_token: Option<String>,
+    /// Largest accepted request body in bytes. Default 16384.
+    pub body_limit_bytes: usize,
+    /// Apply migrations to every group's master at start. Default true.
+    pub migrate_on_start: bool,
+    /// Per-request budget for database work, in milliseconds. Default 5000.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_token: None,
+            body_limit_bytes: 16 * 1024,
+            migrate_on_start: true,
+            request_timeout_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupConfig {
+    /// Unique group name, used by slot maps, ranges and the router-config table.
+    pub name: String,
+    /// libpq-style DSN of the master, e.g. `host=10.0.0.1 port=5432 user=seckill dbname=seckill`.
+    pub master: String,
+    /// DSN of the shadow (streaming replica). Optional: a group without one has no failover.
+    #[serde(default)]
+    pub shadow: Option<String>,
+    /// Connections per member in this engine node's pool. Default 16.
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+}
+
+fn default_pool_size() -> usize {
+    16
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingConfig {
+    /// Number of hash slots. Default 1024. Fixed for the life of a cluster.
+    pub slots: u32,
+    /// Group that holds the router-config table `shard_map`. Default: the first group.
+    pub config_group: Option<String>,
+    /// How often each engine node checks `shard_map` for changes, in ms. Default 1000.
+    pub table_refresh_ms: u64,
+    /// Routing of item keys (and sale ids, which live with the items' router).
+    pub items: KindRouting,
+    /// Routing of user keys.
+    pub users: KindRouting,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        Self {
+            slots: DEFAULT_SLOTS,
+            config_group: None,
+            table_refresh_ms: 1_000,
+            items: KindRouting::default(),
+            users: KindRouting::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    #[default]
+    Hash,
+    Range,
+    Table,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct KindRouting {
+    /// `hash` (default), `range` or `table`.
+    pub strategy: Strategy,
+    /// Slot -> group map for `hash` (and the fallback of `table`). Default: slots split evenly
+    /// over the groups in file order.
+    pub slot_map: Vec<SlotAssignment>,
+    /// Half-open key ranges for `range`; they must cover every key exactly once.
+    pub ranges: Vec<RangeAssignment>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlotAssignment {
+    /// Inclusive slot range `"0-511"`, or a single slot `"7"`.
+    pub slots: String,
+    pub group: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeAssignment {
+    /// First key of the range (inclusive).
+    pub start: u64,
+    /// First key after the range (exclusive). Omitted: up to the largest key.
+    #[serde(default)]
+    pub end: Option<u64>,
+    pub group: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OrdersConfig {
+    /// Payment window for sales that do not set one, in seconds. Default 900 (15 min).
+    pub payment_window_secs: u32,
+    /// How often each node's sweeper looks for expired orders, in ms. Default 1000.
+    pub sweep_interval_ms: u64,
+    /// Most orders one sweep expires per group. Default 500.
+    pub sweep_batch: i64,
+    /// How often the reconciler runs in each node, in ms (0 disables the background task). Default 30000.
+    pub reconcile_interval_ms: u64,
+    /// A reservation without an order is repaired only when older than this, in seconds. Default 60.
+    pub reconcile_grace_secs: u32,
+}
+
+impl Default for OrdersConfig {
+    fn default() -> Self {
+        Self {
+            payment_window_secs: 900,
+            sweep_interval_ms: 1_000,
+            sweep_batch: 500,
+            reconcile_interval_ms: 30_000,
+            reconcile_grace_secs: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoalesceConfig {
+    /// Serve concurrent buy requests for one item with one transaction. Default true;
+    /// `false` keeps one transaction per request (for comparison).
+    pub enabled: bool,
+    /// Most requests served by one transaction. Default 256.
+    pub max_batch: usize,
+    /// How long the first request of a batch may wait for company, in microseconds, when no
+    /// transaction is in flight for the item. Default 0: requests that arrive while one is in
+    /// flight already form the next batch, which is where the gain comes from.
+    pub max_wait_us: u64,
+    /// Admission: at most this many times the item's remaining stock may be in flight. Default 4.
+    pub inflight_per_stock: u32,
+    /// Admission: most queued requests per item, whatever the stock. Default 4096.
+    pub max_queue: usize,
+    /// How often the sold-out cache re-reads the stock of items it holds sold out, in ms. Default 500.
+    pub soldout_refresh_ms: u64,
+}
+
+impl Default for CoalesceConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_batch: 256,
+            max_wait_us: 0,
+            inflight_per_stock: 4,
+            max_queue: 4096,
+            soldout_refresh_ms: 500,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FailoverConfig {
+    /// Run the health monitor and promote shadows automatically. Default true.
+    pub enabled: bool,
+    /// Interval between health probes, in ms. Default 250.
+    pub probe_interval_ms: u64,
+    /// Timeout of one probe, in ms. Default 500.
+    pub probe_timeout_ms: u64,
+    /// Consecutive failed probes before the master is declared dead. Default 3 (about 1 s).
+    pub failures_before_promote: u32,
+    /// Synchronous replication to the shadow, so a 201 means two servers hold the order. Default true.
+    pub synchronous: bool,
+    /// What the master does when no shadow streams: `degrade` (default) to asynchronous commits
+    /// after `shadow_loss_grace_ms`, or `block` writes until a shadow is back.
+    pub shadow_loss: ShadowLossPolicy,
+    /// How long a master waits for a lost shadow before degrading, in ms. Default 3000.
+    pub shadow_loss_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ShadowLossPolicy {
+    #[default]
+    Degrade,
+    Block,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            probe_interval_ms: 250,
+            probe_timeout_ms: 500,
+            failures_before_promote: 3,
+            synchronous: true,
+            shadow_loss: ShadowLossPolicy::Degrade,
+            shadow_loss_grace_ms: 3_000,
+        }
+    }
+}
+
+impl Config {
+    /// Read, apply environment overrides, and validate.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::from_toml(&text, &path.display().to_string())
+    }
+
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: origin.to_string(),
+            source: Box::new(source),
+        })?;
+        config.apply_env();
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Environment overrides for secrets.
+    pub fn apply_env(&mut self) {
+        if let Ok(token) = std::env::var("SECKILL_ADMIN_TOKEN") {
+            if !token.is_empty() {
+                self.server.admin_token = Some(token);
+            }
+        }
+    }
+
+    pub fn config_group(&self) -> &str {
+        self.routing
+            .config_group
+            .as_deref()
+            .unwrap_or_else(|| self.groups.first().map_or("", |g| g.name.as_str()))
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.server.request_timeout_ms)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.groups.is_empty() {
+            return Err(invalid("groups", "at least one shard group is required"));
+        }
+        let mut names = HashSet::new();
+        let mut hosts: HashMap<String, String> = HashMap::new();
+        for (i, g) in self.groups.iter().enumerate() {
+            let field = format!("groups[{i}]");
+            if g.name.is_empty()
+                || !g
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    "must be non-empty letters, digits, '_' or '-'",
+                ));
+            }
+            if !names.insert(g.name.as_str()) {
+                return Err(invalid(
+                    format!("{field}.name"),
+                    format!("duplicate group name {:?}", g.name),
+                ));
+            }
+            if g.pool_size == 0 || g.pool_size > 1024 {
+                return Err(invalid(
+                    format!("{field}.pool_size"),
+                    "must be between 1 and 1024",
+                ));
+            }
+            let members = std::iter::once(("master", Some(&g.master)))
+                .chain(std::iter::once(("shadow", g.shadow.as_ref())));
+            for (role, dsn) in members {
+                let Some(dsn) = dsn else { continue };
+                let parsed: tokio_postgres::Config = dsn.parse().map_err(|e| {
+                    invalid(format!("{field}.{role}"), format!("not a valid DSN: {e}"))
+                })?;
+                let endpoint = endpoint_of(&parsed).ok_or_else(|| {
+                    invalid(format!("{field}.{role}"), "names no host and port")
+                })?;
+                if let Some(other) = hosts.insert(endpoint.clone(), format!("{field}.{role}")) {
+                    return Err(invalid(
+                        format!("{field}.{role}"),
+                        format!("server {endpoint} is already used by {other}"),
+                    ));
+                }
+            }
+        }
+        if self.routing.slots == 0 || self.routing.slots > 65_536 {
+            return Err(invalid("routing.slots", "must be between 1 and 65536"));
+        }
+        if let Some(cg) = &self.routing.config_group {
+            if !names.contains(cg.as_str()) {
+                return Err(invalid(
+                    "routing.config_group",
+                    format!("unknown group {cg:?}"),
+                ));
+            }
+        }
+        if self.server.body_limit_bytes < 256 {
+            return Err(invalid("server.body_limit_bytes", "must be at least 256"));
+        }
+        if let Some(t) = &self.server.admin_token {
+            if t.len() < 16 {
+                return Err(invalid(
+                    "server.admin_token",
+                    "must be at least 16 characters (or set SECKILL_ADMIN_TOKEN)",
+                ));
+            }
+        }
+        if self.orders.payment_window_secs == 0 {
+            return Err(invalid("orders.payment_window_secs", "must be positive"));
+        }
+        if self.orders.sweep_batch <= 0 {
+            return Err(invalid("orders.sweep_batch", "must be positive"));
+        }
+        if self.coalesce.max_batch == 0 {
+            return Err(invalid("coalesce.max_batch", "must be positive"));
+        }
+        if self.coalesce.inflight_per_stock == 0 {
+            return Err(invalid("coalesce.inflight_per_stock", "must be positive"));
+        }
+        if self.failover.failures_before_promote == 0 {
+            return Err(invalid(
+                "failover.failures_before_promote",
+                "must be positive",
+            ));
+        }
+        for (kind, routing) in [("items", &self.routing.items), ("users", &self.routing.users)] {
+            crate::router::KindRouter::build(kind, routing, self.routing.slots, &self.group_names())?;
+        }
+        Ok(())
+    }
+
+    pub fn group_names(&self) -> Vec<String> {
+        self.groups.iter().map(|g| g.name.clone()).collect()
+    }
+}
+
+/// `host:port` of the first host in a DSN, used to refuse two members on one server.
+pub fn endpoint_of(config: &tokio_postgres::Config) -> Option<String> {
+    let host = match config.get_hosts().first()? {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    Some(format!("{host}:{port}"))
+}
+
+/// Parse `"0-511"` or `"7"` into an inclusive slot range.
+pub fn parse_slot_range(text: &str) -> Option<(u32, u32)> {
+    let text = text.trim();
+    match text.split_once('-') {
+        Some((a, b)) => {
+            let (a, b) = (a.trim().parse().ok()?, b.trim().parse().ok()?);
+            (a <= b).then_some((a, b))
+        }
+        None => text.parse().ok().map(|s| (s, s)),
+    }
+}
+
+pub(crate) fn invalid_field(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    invalid(field, reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[[groups]]
+name = "g0"
+master = "host=127.0.0.1 port=5432 user=seckill dbname=seckill"
+shadow = "host=127.0.0.1 port=5433 user=seckill dbname=seckill"
+[[groups]]
+name = "g1"
+master = "host=127.0.0.1 port=5434 user=seckill dbname=seckill"
+"#;
+
+    fn err(text: &str) -> String {
+        match Config::from_toml(text, "test.toml") {
+            Ok(_) => panic!("expected an error"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = Config::from_toml(BASE, "t").unwrap();
+        assert_eq!(c.routing.slots, 1024);
+        assert_eq!(c.groups[0].pool_size, 16);
+        assert_eq!(c.config_group(), "g0");
+        assert!(c.coalesce.enabled);
+    }
+
+    #[test]
+    fn duplicate_group_names_are_named() {
+        let text = BASE.replace("name = \"g1\"", "name = \"g0\"");
+        assert!(err(&text).contains("groups[1].name"), "{}", err(&text));
+    }
+
+    #[test]
+    fn duplicate_hosts_are_refused() {
+        let text = BASE.replace("port=5434", "port=5432");
+        let e = err(&text);
+        assert!(e.contains("groups[1].master") && e.contains("already used"), "{e}");
+    }
+
+    #[test]
+    fn bad_dsn_is_named() {
+        let text = BASE.replace("host=127.0.0.1 port=5434", "host=127.0.0.1 port=notaport");
+        assert!(err(&text).contains("groups[1].master"));
+    }
+
+    #[test]
+    fn slot_map_must_cover_every_slot() {
+        let text = format!(
+            "{BASE}\n[routing.items]\nstrategy = \"hash\"\nslot_map = [{{ slots = \"0-500\", group = \"g0\" }}, {{ slots = \"502-1023\", group = \"g1\" }}]\n"
+        );
+        let e = err(&text);
+        assert!(e.contains("routing.items.slot_map") && e.contains("501"), "{e}");
+    }
+
+    #[test]
+    fn slot_map_unknown_group() {
+        let text = format!(
+            "{BASE}\n[routing.users]\nslot_map = [{{ slots = \"0-1023\", group = \"nope\" }}]\n"
+        );
+        assert!(err(&text).contains("unknown group"));
+    }
+
+    #[test]
+    fn ranges_must_not_leave_gaps() {
+        let text = format!(
+            "{BASE}\n[routing.users]\nstrategy = \"range\"\nranges = [{{ start = 0, end = 100, group = \"g0\" }}, {{ start = 200, group = \"g1\" }}]\n"
+        );
+        let e = err(&text);
+        assert!(e.contains("routing.users.ranges"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let text = format!("{BASE}\n[server]\nlisten_addr = \"1.2.3.4:1\"\n");
+        assert!(err(&text).contains("listen_addr"));
+    }
+
+    #[test]
+    fn short_admin_token_refused() {
+        let text = format!("{BASE}\n[server]\nadmin_token = \"short\"\n");
+        assert!(err(&text).contains("server.admin_token"));
+    }
+
+    #[test]
+    fn unknown_config_group() {
+        let text = format!("{BASE}\n[routing]\nconfig_group = \"g9\"\n");
+        assert!(err(&text).contains("routing.config_group"));
+    }
+
+    #[test]
+    fn no_groups() {
+        assert!(err("groups = []").contains("groups"));
+    }
+
+    #[test]
+    fn slot_range_parsing() {
+        assert_eq!(parse_slot_range("0-511"), Some((0, 511)));
+        assert_eq!(parse_slot_range(" 7 "), Some((7, 7)));
+        assert_eq!(parse_slot_range("9-3"), None);
+        assert_eq!(parse_slot_range("x"), None);
+    }
+}

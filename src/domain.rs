@@ -1,0 +1,220 @@
+//! Domain newtypes, built only from valid input ("parse, don't validate").
+//!
+//! Keys are u64 in the routing layer (DESIGN.md) but are stored as PostgreSQL `bigint`, so every id
+//! the API accepts lies in `1..=i64::MAX`; a larger or zero id is refused at the edge with
+//! `invalid_request` instead of wrapping around in the database.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// Largest quantity one buy request may ask for. Far above any sane per-user limit; it exists so a
+/// request for `u32::MAX` units is refused as malformed rather than reaching the database.
+pub const MAX_QUANTITY: u32 = 1_000;
+/// Longest accepted `request_id`.
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DomainError {
+    #[error("{field} must be between 1 and {max}, got {value}")]
+    OutOfRange {
+        field: &'static str,
+        max: u64,
+        value: i128,
+    },
+    #[error("request_id must be 1 to {MAX_REQUEST_ID_LEN} printable ASCII characters")]
+    BadRequestId,
+}
+
+macro_rules! id_type {
+    ($name:ident, $field:literal) => {
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "i128", into = "u64")]
+        pub struct $name(u64);
+
+        impl $name {
+            pub fn parse(value: i128) -> Result<Self, DomainError> {
+                if value >= 1 && value <= i64::MAX as i128 {
+                    Ok(Self(value as u64))
+                } else {
+                    Err(DomainError::OutOfRange {
+                        field: $field,
+                        max: i64::MAX as u64,
+                        value,
+                    })
+                }
+            }
+            /// The routing key (DESIGN.md: keys are u64).
+            pub fn key(self) -> u64 {
+                self.0
+            }
+            /// The database representation; lossless because of the range check.
+            pub fn db(self) -> i64 {
+                self.0 as i64
+            }
+            /// Rebuild from a database value that a constraint already guarantees to be positive.
+            pub fn from_db(value: i64) -> Self {
+                Self(value.unsigned_abs())
+            }
+        }
+
+        impl TryFrom<i128> for $name {
+            type Error = DomainError;
+            fn try_from(value: i128) -> Result<Self, DomainError> {
+                Self::parse(value)
+            }
+        }
+
+        impl From<$name> for u64 {
+            fn from(id: $name) -> u64 {
+                id.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+    };
+}
+
+id_type!(SaleId, "sale_id");
+id_type!(ItemId, "item_id");
+id_type!(UserId, "user_id");
+
+/// Units asked for in one buy request: `1..=MAX_QUANTITY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "i128", into = "u32")]
+pub struct Quantity(u32);
+
+impl Quantity {
+    pub fn parse(value: i128) -> Result<Self, DomainError> {
+        if value >= 1 && value <= MAX_QUANTITY as i128 {
+            Ok(Self(value as u32))
+        } else {
+            Err(DomainError::OutOfRange {
+                field: "quantity",
+                max: MAX_QUANTITY as u64,
+                value,
+            })
+        }
+    }
+    pub fn get(self) -> u32 {
+        self.0
+    }
+    pub fn db(self) -> i32 {
+        self.0 as i32
+    }
+}
+
+impl TryFrom<i128> for Quantity {
+    type Error = DomainError;
+    fn try_from(value: i128) -> Result<Self, DomainError> {
+        Self::parse(value)
+    }
+}
+
+impl From<Quantity> for u32 {
+    fn from(q: Quantity) -> u32 {
+        q.0
+    }
+}
+
+/// A client's idempotency key: the same key for the same (sale, item, user) returns the same order.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RequestId(String);
+
+impl RequestId {
+    pub fn parse(value: String) -> Result<Self, DomainError> {
+        let ok = !value.is_empty()
+            && value.len() <= MAX_REQUEST_ID_LEN
+            && value.bytes().all(|b| b.is_ascii_graphic());
+        if ok {
+            Ok(Self(value))
+        } else {
+            Err(DomainError::BadRequestId)
+        }
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for RequestId {
+    type Error = DomainError;
+    fn try_from(value: String) -> Result<Self, DomainError> {
+        Self::parse(value)
+    }
+}
+
+impl From<RequestId> for String {
+    fn from(r: RequestId) -> String {
+        r.0
+    }
+}
+
+/// The transaction id that follows a purchase from the click to payment; it is the reservation's
+/// primary key on the item's group and the order's `order_id` on the user's group.
+///
+/// With a `request_id` it is derived (UUID v5) from sale, item, user and request id, so a retry on any
+/// engine node lands on the same reservation and the same order; without one it is random.
+pub fn txn_id_for(
+    sale: SaleId,
+    item: ItemId,
+    user: UserId,
+    request: Option<&RequestId>,
+) -> uuid::Uuid {
+    match request {
+        Some(r) => {
+            let name = format!("{sale}/{item}/{user}/{}", r.as_str());
+            uuid::Uuid::new_v5(&TXN_NAMESPACE, name.as_bytes())
+        }
+        None => uuid::Uuid::new_v4(),
+    }
+}
+
+/// Fixed namespace for derived transaction ids; changing it would break idempotency of in-flight retries.
+const TXN_NAMESPACE: uuid::Uuid = uuid::Uuid::from_u128(0x5ec1_11e0_7a5c_4d1b_9c3e_0f1a_2b3c_4d5e);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_reject_zero_negative_and_too_large() {
+        assert!(ItemId::parse(0).is_err());
+        assert!(ItemId::parse(-5).is_err());
+        assert!(ItemId::parse(i64::MAX as i128 + 1).is_err());
+        assert_eq!(ItemId::parse(i64::MAX as i128).unwrap().db(), i64::MAX);
+    }
+
+    #[test]
+    fn quantity_bounds() {
+        assert!(Quantity::parse(0).is_err());
+        assert!(Quantity::parse(MAX_QUANTITY as i128 + 1).is_err());
+        assert_eq!(Quantity::parse(3).unwrap().get(), 3);
+    }
+
+    #[test]
+    fn request_id_rules() {
+        assert!(RequestId::parse(String::new()).is_err());
+        assert!(RequestId::parse("a b".into()).is_err());
+        assert!(RequestId::parse("x".repeat(MAX_REQUEST_ID_LEN + 1)).is_err());
+        assert!(RequestId::parse("req-1".into()).is_ok());
+    }
+
+    #[test]
+    fn derived_txn_ids_are_stable_and_scoped() {
+        let (s, i, u) = (
+            SaleId::parse(1).unwrap(),
+            ItemId::parse(2).unwrap(),
+            UserId::parse(3).unwrap(),
+        );
+        let r = RequestId::parse("abc".into()).unwrap();
+        assert_eq!(txn_id_for(s, i, u, Some(&r)), txn_id_for(s, i, u, Some(&r)));
+        let other_user = UserId::parse(4).unwrap();
+        assert_ne!(txn_id_for(s, i, u, Some(&r)), txn_id_for(s, i, other_user, Some(&r)));
+        assert_ne!(txn_id_for(s, i, u, None), txn_id_for(s, i, u, None));
+    }
+}

@@ -1,0 +1,38 @@
+//! seckill: a database-centric flash-sale order engine on sharded PostgreSQL.
+//!
+//! Data flows top to bottom (DESIGN.md):
+//!
+//! | module | concept |
+//! |---|---|
+//! | [`api`] | HTTP: routes, validation, admin auth, problem+json errors |
+//! | [`order`] | the order service: two short transactions, compensation, idempotency, pay/cancel/expiry |
+//! | [`coalesce`] | hot items: many buy requests -> one conditional decrement; sold-out fast path; admission |
+//! | [`sale`] | sales and their items across groups |
+//! | [`reconcile`] | reservations vs orders by txn_id, repairs, conservation audit, expiry sweep |
+//! | [`router`] | item/user keys -> shard group (hash slots, ranges, router-config table) |
+//! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing |
+//! | [`migrate`] | refinery migrations on every group |
+//! | [`db`] | what a database error means (surely not committed vs outcome unknown) |
+//! | [`domain`] | validated newtypes: ids, quantity, request id, txn id |
+//! | [`config`] | shards.toml |
+//! | [`app`] | startup: `Application::build`, background tasks, shutdown |
+//! | [`local`] | local PostgreSQL groups for `seckill dev` and the tests |
+//! | [`cli`] | the `seckill` command's subcommands |
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod coalesce;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod local;
+pub mod migrate;
+pub mod order;
+pub mod reconcile;
+pub mod router;
+pub mod sale;
+pub mod shard;
+
+pub use app::{AppState, Application};
+pub use config::Config;

@@ -1,0 +1,78 @@
+//! Schema migrations: refinery, embedded in the binary, applied to every group's writable master.
+//!
+//! Safe when several engine nodes start at once: each takes a session advisory lock on the master
+//! before running, so one applies the migrations and the others find them applied.
+
+use crate::shard::Cluster;
+use tokio_postgres::NoTls;
+
+mod embedded {
+    refinery::embed_migrations!("migrations");
+}
+
+/// Advisory lock key: "seckill" in ASCII.
+const LOCK_KEY: i64 = 0x0073_6563_6b69_6c6c;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error("group {group}: no writable master to migrate")]
+    NoMaster { group: String },
+    #[error("group {group}: {source}")]
+    Connect {
+        group: String,
+        source: tokio_postgres::Error,
+    },
+    #[error("group {group}: {source}")]
+    Refinery {
+        group: String,
+        source: refinery::Error,
+    },
+}
+
+/// Apply pending migrations to every group. Returns how many each group applied.
+pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError> {
+    let mut applied = Vec::new();
+    for group in &cluster.groups {
+        crate::shard::monitor::check_group(group, &crate::config::FailoverConfig {
+            enabled: false,
+            ..Default::default()
+        })
+        .await;
+        let idx = group.writer_index().ok_or_else(|| MigrateError::NoMaster {
+            group: group.name.clone(),
+        })?;
+        let connect_err = |source| MigrateError::Connect {
+            group: group.name.clone(),
+            source,
+        };
+        let (mut client, conn) = group.members[idx]
+            .pg_config
+            .connect(NoTls)
+            .await
+            .map_err(connect_err)?;
+        let conn_task = tokio::spawn(conn);
+        client
+            .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
+            .await
+            .map_err(connect_err)?;
+        let report = embedded::migrations::runner()
+            .run_async(&mut client)
+            .await
+            .map_err(|source| MigrateError::Refinery {
+                group: group.name.clone(),
+                source,
+            });
+        // Closing the session releases the advisory lock even if unlocking fails.
+        let _ = client
+            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+            .await;
+        drop(client);
+        conn_task.abort();
+        let n = report?.applied_migrations().len();
+        if n > 0 {
+            tracing::info!(group = %group.name, applied = n, "migrations applied");
+        }
+        applied.push((group.name.clone(), n));
+    }
+    Ok(applied)
+}

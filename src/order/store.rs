@@ -1,0 +1,429 @@
+//! The SQL of the order path, one function per short transaction.
+//!
+//! Transaction 1 runs on the item's group. The conditional decrement comes first: it takes the row
+//! lock on the item, so every later statement of the transaction runs while no other buyer of this
+//! item can commit. The per-user count is read by a *separate* statement after the lock, which in
+//! READ COMMITTED gets a fresh snapshot that includes every purchase committed before we got the
+//! lock: that is what makes the per-user limit exact under concurrency.
+//!
+//! Transaction 2 runs on the user's group and is a single idempotent insert
+//! (`ON CONFLICT (order_id) DO NOTHING`).
+
+use crate::db::DbError;
+use crate::domain::{ItemId, Quantity, SaleId, UserId};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::{GenericClient, Row};
+use uuid::Uuid;
+
+/// An order as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Order {
+    pub order_id: Uuid,
+    pub user_id: u64,
+    pub sale_id: u64,
+    pub item_id: u64,
+    pub quantity: i32,
+    pub amount_cents: i64,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: DateTime<Utc>,
+    pub paid_at: Option<DateTime<Utc>>,
+}
+
+pub const ORDER_COLUMNS: &str =
+    "order_id, user_id, sale_id, item_id, quantity, amount_cents, status, created_at, expires_at, paid_at";
+
+impl Order {
+    pub fn from_row(row: &Row) -> Self {
+        Self {
+            order_id: row.get(0),
+            user_id: row.get::<_, i64>(1).unsigned_abs(),
+            sale_id: row.get::<_, i64>(2).unsigned_abs(),
+            item_id: row.get::<_, i64>(3).unsigned_abs(),
+            quantity: row.get(4),
+            amount_cents: row.get(5),
+            status: row.get(6),
+            created_at: row.get(7),
+            expires_at: row.get(8),
+            paid_at: row.get(9),
+        }
+    }
+}
+
+/// What transaction 1 settled for one purchase.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reserved {
+    pub txn_id: Uuid,
+    pub quantity: i32,
+    pub price_cents: i64,
+    pub payment_window_secs: i32,
+    /// The reservation already existed (an earlier attempt with the same request_id).
+    pub existing: bool,
+}
+
+/// Why an item refused a purchase.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    NotFound,
+    NotStarted,
+    Ended,
+    SoldOut { remaining: i32 },
+    LimitExceeded { limit: i32, already: i64 },
+}
+
+/// Find out why the conditional decrement matched no row.
+pub async fn diagnose(
+    client: &impl GenericClient,
+    sale: SaleId,
+    item: ItemId,
+) -> Result<Refusal, DbError> {
+    let row = client
+        .query_opt(
+            "SELECT remaining, starts_at <= now(), now() < ends_at FROM sale_items
+             WHERE sale_id = $1 AND item_id = $2",
+            &[&sale.db(), &item.db()],
+        )
+        .await?;
+    Ok(match row {
+        None => Refusal::NotFound,
+        Some(r) if !r.get::<_, bool>(1) => Refusal::NotStarted,
+        Some(r) if !r.get::<_, bool>(2) => Refusal::Ended,
+        Some(r) => Refusal::SoldOut {
+            remaining: r.get(0),
+        },
+    })
+}
+
+/// Transaction 1 for one request: conditional decrement, per-user limit, reservation.
+pub async fn reserve_one(
+    client: &mut tokio_postgres::Client,
+    sale: SaleId,
+    item: ItemId,
+    user: UserId,
+    quantity: Quantity,
+    txn_id: Uuid,
+) -> Result<(Result<Reserved, Refusal>, Option<i32>), DbError> {
+    let tx = client.transaction().await?;
+    let decremented = tx
+        .query_opt(
+            "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
+             WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3
+               AND starts_at <= now() AND now() < ends_at
+             RETURNING per_user_limit, price_cents, payment_window_secs, remaining",
+            &[&sale.db(), &item.db(), &quantity.db()],
+        )
+        .await?;
+    let Some(row) = decremented else {
+        tx.rollback().await?;
+        let refusal = diagnose(client, sale, item).await?;
+        let remaining = match refusal {
+            Refusal::SoldOut { remaining } => Some(remaining),
+            _ => None,
+        };
+        return Ok((Err(refusal), remaining));
+    };
+    let (limit, price_cents, window): (i32, i64, i32) = (row.get(0), row.get(1), row.get(2));
+    let after: i32 = row.get(3);
+    let prior = tx
+        .query_one(
+            "SELECT coalesce(sum(quantity) FILTER (WHERE txn_id <> $4 AND state <> 'released'), 0)::bigint,
+                    max(state) FILTER (WHERE txn_id = $4),
+                    max(quantity) FILTER (WHERE txn_id = $4)
+             FROM reservations WHERE sale_id = $1 AND item_id = $2 AND user_id = $3",
+            &[&sale.db(), &item.db(), &user.db(), &txn_id],
+        )
+        .await?;
+    let already: i64 = prior.get(0);
+    let own_state: Option<String> = prior.get(1);
+    if let Some(state) = own_state.filter(|s| s != "released") {
+        // An earlier attempt with this request_id holds a live reservation: undo our decrement
+        // and let the caller finish that attempt's order.
+        tx.rollback().await?;
+        tracing::debug!(%txn_id, state, "reservation exists; resuming it");
+        let resumed = Reserved {
+            txn_id,
+            quantity: prior.get(2),
+            price_cents,
+            payment_window_secs: window,
+            existing: true,
+        };
+        return Ok((Ok(resumed), None));
+    }
+    if already + i64::from(quantity.db()) > i64::from(limit) {
+        tx.rollback().await?;
+        return Ok((Err(Refusal::LimitExceeded { limit, already }), None));
+    }
+    tx.execute(
+        "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
+         VALUES ($1, $2, $3, $4, $5, 'reserved')
+         ON CONFLICT (txn_id) DO UPDATE
+            SET state = 'reserved', quantity = EXCLUDED.quantity, created_at = now(), updated_at = now()
+            WHERE reservations.state = 'released'",
+        &[&txn_id, &sale.db(), &item.db(), &user.db(), &quantity.db()],
+    )
+    .await?;
+    tx.commit().await?;
+    let reserved = Reserved {
+        txn_id,
+        quantity: quantity.db(),
+        price_cents,
+        payment_window_secs: window,
+        existing: false,
+    };
+    Ok((Ok(reserved), Some(after)))
+}
+
+/// A new order for transaction 2.
+#[derive(Debug, Clone)]
+pub struct NewOrder {
+    pub order_id: Uuid,
+    pub user: UserId,
+    pub sale: SaleId,
+    pub item: ItemId,
+    pub quantity: i32,
+    pub amount_cents: i64,
+    pub payment_window_secs: i32,
+    pub status: &'static str,
+}
+
+/// Transaction 2: insert orders on one user group in one statement. Returns the orders this call
+/// inserted; an id missing from the answer existed already (a retry, or a reconciler tombstone).
+pub async fn insert_orders(
+    client: &impl GenericClient,
+    orders: &[NewOrder],
+) -> Result<Vec<Order>, DbError> {
+    let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
+    let users: Vec<i64> = orders.iter().map(|o| o.user.db()).collect();
+    let sales: Vec<i64> = orders.iter().map(|o| o.sale.db()).collect();
+    let items: Vec<i64> = orders.iter().map(|o| o.item.db()).collect();
+    let qty: Vec<i32> = orders.iter().map(|o| o.quantity).collect();
+    let amount: Vec<i64> = orders.iter().map(|o| o.amount_cents).collect();
+    let window: Vec<i32> = orders.iter().map(|o| o.payment_window_secs).collect();
+    let status: Vec<&str> = orders.iter().map(|o| o.status).collect();
+    let sql = format!(
+        "INSERT INTO orders (order_id, user_id, sale_id, item_id, quantity, amount_cents, status, expires_at)
+         SELECT o, u, s, i, q, a, st, now() + make_interval(secs => w)
+         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::text[], $8::int[])
+              AS t(o, u, s, i, q, a, st, w)
+         ON CONFLICT (order_id) DO NOTHING
+         RETURNING {ORDER_COLUMNS}"
+    );
+    let rows = client
+        .query(&sql, &[&ids, &users, &sales, &items, &qty, &amount, &status, &window])
+        .await?;
+    Ok(rows.iter().map(Order::from_row).collect())
+}
+
+pub async fn get_order(
+    client: &impl GenericClient,
+    user: UserId,
+    order_id: Uuid,
+) -> Result<Option<Order>, DbError> {
+    let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1 AND user_id = $2");
+    Ok(client
+        .query_opt(&sql, &[&order_id, &user.db()])
+        .await?
+        .as_ref()
+        .map(Order::from_row))
+}
+
+pub async fn get_orders_by_id(
+    client: &impl GenericClient,
+    ids: &[Uuid],
+) -> Result<Vec<Order>, DbError> {
+    let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ANY($1)");
+    Ok(client
+        .query(&sql, &[&ids])
+        .await?
+        .iter()
+        .map(Order::from_row)
+        .collect())
+}
+
+pub async fn list_orders(
+    client: &impl GenericClient,
+    user: UserId,
+    limit: i64,
+) -> Result<Vec<Order>, DbError> {
+    let sql = format!(
+        "SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, order_id LIMIT $2"
+    );
+    Ok(client
+        .query(&sql, &[&user.db(), &limit])
+        .await?
+        .iter()
+        .map(Order::from_row)
+        .collect())
+}
+
+/// Return the stock of live reservations (`reserved` or `ordered`) to their items, in one atomic
+/// statement. A reservation already released or paid is left alone, so a release can never happen
+/// twice, whoever (compensation, cancel, sweeper, reconciler) asks for it and however often.
+/// Returns `(sale_id, item_id, remaining_after)` for every item that got stock back.
+pub async fn release(
+    client: &impl GenericClient,
+    txn_ids: &[Uuid],
+) -> Result<Vec<(i64, i64, i32)>, DbError> {
+    let rows = client
+        .query(
+            "WITH r AS (
+                 UPDATE reservations SET state = 'released', updated_at = now()
+                 WHERE txn_id = ANY($1) AND state IN ('reserved', 'ordered')
+                 RETURNING sale_id, item_id, quantity),
+             s AS (SELECT sale_id, item_id, sum(quantity)::int AS q FROM r GROUP BY 1, 2)
+             UPDATE sale_items si SET remaining = si.remaining + s.q, version = si.version + 1
+             FROM s WHERE si.sale_id = s.sale_id AND si.item_id = s.item_id
+             RETURNING si.sale_id, si.item_id, si.remaining",
+            &[&txn_ids],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect())
+}
+
+/// Move live reservations forward to `ordered` or `paid` (never backwards, never out of released).
+pub async fn advance_reservations(
+    client: &impl GenericClient,
+    txn_ids: &[Uuid],
+    to: &str,
+) -> Result<u64, DbError> {
+    let from: &[&str] = match to {
+        "paid" => &["reserved", "ordered"],
+        _ => &["reserved"],
+    };
+    Ok(client
+        .execute(
+            "UPDATE reservations SET state = $2, updated_at = now()
+             WHERE txn_id = ANY($1) AND state = ANY($3)",
+            &[&txn_ids, &to, &from],
+        )
+        .await?)
+}
+
+/// One request of a coalesced batch.
+#[derive(Debug, Clone)]
+pub struct BatchAsk {
+    pub txn_id: Uuid,
+    pub user: UserId,
+    pub quantity: Quantity,
+}
+
+/// Transaction 1 for a whole batch of one item: lock the row, read the holdings of the batch's
+/// users, allocate in arrival order ([`crate::coalesce::allocate`]), then one conditional decrement
+/// and one bulk insert. Returns each request's outcome and the remaining stock after the batch.
+pub async fn reserve_batch(
+    client: &mut tokio_postgres::Client,
+    sale: SaleId,
+    item: ItemId,
+    asks: &[BatchAsk],
+) -> Result<(Vec<Result<Reserved, Refusal>>, Option<i32>), DbError> {
+    use crate::coalesce::allocate::{allocate, Ask, Decision, Holdings};
+    let tx = client.transaction().await?;
+    let row = tx
+        .query_opt(
+            "SELECT remaining, per_user_limit, price_cents, payment_window_secs,
+                    starts_at <= now(), now() < ends_at
+             FROM sale_items WHERE sale_id = $1 AND item_id = $2 FOR UPDATE",
+            &[&sale.db(), &item.db()],
+        )
+        .await?;
+    let refuse_all = |r: Refusal| asks.iter().map(|_| Err(r.clone())).collect();
+    let Some(row) = row else {
+        tx.rollback().await?;
+        return Ok((refuse_all(Refusal::NotFound), None));
+    };
+    let (remaining, limit, price_cents, window): (i32, i32, i64, i32) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    if !row.get::<_, bool>(4) || !row.get::<_, bool>(5) {
+        tx.rollback().await?;
+        let r = if row.get::<_, bool>(4) {
+            Refusal::Ended
+        } else {
+            Refusal::NotStarted
+        };
+        return Ok((refuse_all(r), Some(remaining)));
+    }
+    let users: Vec<i64> = asks.iter().map(|a| a.user.db()).collect();
+    let held = tx
+        .query(
+            "SELECT txn_id, user_id, quantity FROM reservations
+             WHERE sale_id = $1 AND item_id = $2 AND user_id = ANY($3) AND state <> 'released'",
+            &[&sale.db(), &item.db(), &users],
+        )
+        .await?;
+    let mut holdings = Holdings::default();
+    for r in &held {
+        let (txn, user, q): (Uuid, i64, i32) = (r.get(0), r.get(1), r.get(2));
+        *holdings.by_user.entry(user.unsigned_abs()).or_default() += i64::from(q);
+        holdings.live_txns.insert(txn, q);
+    }
+    let plan: Vec<Ask> = asks
+        .iter()
+        .map(|a| Ask {
+            txn_id: a.txn_id,
+            user: a.user.key(),
+            quantity: a.quantity.db(),
+        })
+        .collect();
+    let (decisions, taken) = allocate(remaining, limit, &plan, &holdings);
+    if taken > 0 {
+        let updated = tx
+            .execute(
+                "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
+                 WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3",
+                &[&sale.db(), &item.db(), &taken],
+            )
+            .await?;
+        if updated != 1 {
+            // Cannot happen while we hold the row lock; refuse rather than guess.
+            tx.rollback().await?;
+            return Err(DbError::Rejected {
+                code: "seckill".into(),
+                message: "stock changed under the row lock".into(),
+            });
+        }
+        let mut ids = Vec::new();
+        let mut users = Vec::new();
+        let mut qty = Vec::new();
+        for (a, d) in asks.iter().zip(&decisions) {
+            if let Decision::Reserve { quantity } = d {
+                ids.push(a.txn_id);
+                users.push(a.user.db());
+                qty.push(*quantity);
+            }
+        }
+        tx.execute(
+            "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
+             SELECT t, $1, $2, u, q, 'reserved' FROM unnest($3::uuid[], $4::bigint[], $5::int[]) AS x(t, u, q)
+             ON CONFLICT (txn_id) DO UPDATE
+                SET state = 'reserved', quantity = EXCLUDED.quantity, created_at = now(), updated_at = now()
+                WHERE reservations.state = 'released'",
+            &[&sale.db(), &item.db(), &ids, &users, &qty],
+        )
+        .await?;
+        tx.commit().await?;
+    } else {
+        tx.rollback().await?;
+    }
+    let outcomes = asks
+        .iter()
+        .zip(decisions)
+        .map(|(a, d)| match d {
+            Decision::Reserve { quantity } | Decision::Existing { quantity } => Ok(Reserved {
+                txn_id: a.txn_id,
+                quantity,
+                price_cents,
+                payment_window_secs: window,
+                existing: matches!(d, Decision::Existing { .. }),
+            }),
+            Decision::SoldOut { remaining } => Err(Refusal::SoldOut { remaining }),
+            Decision::LimitExceeded { limit, already } => {
+                Err(Refusal::LimitExceeded { limit, already })
+            }
+        })
+        .collect();
+    Ok((outcomes, Some(remaining - taken)))
+}

@@ -1,0 +1,307 @@
+//! Reconciliation: matching the item-side ledger (reservations) against the user-side orders by
+//! txn_id, repairing what crashes and failed follow-ups leave behind, and checking conservation.
+//!
+//! Repairs, each idempotent so several reconcilers (one per engine node, plus `seckill reconcile`)
+//! can run at once without double-releasing:
+//! - a live reservation with **no order**, older than the grace period: the reconciler first writes a
+//!   `cancelled` tombstone order with that txn_id (`ON CONFLICT DO NOTHING`), which also stops a late
+//!   transaction 2 from ever creating the order; only if the tombstone went in is the stock released;
+//! - an order that is `pending_payment` whose reservation is still `reserved`: marked `ordered`;
+//! - a `paid` order whose reservation is not `paid`: marked `paid`;
+//! - a `cancelled`/`expired` order whose reservation is live: released.
+//!
+//! Conservation per item: `stock = remaining + reserved + ordered + paid`.
+
+use crate::db::deadline;
+use crate::domain::{ItemId, SaleId, UserId};
+use crate::order::store::{self, NewOrder};
+use crate::order::{OrderError, OrderService};
+use serde::Serialize;
+use std::collections::HashMap;
+use std::time::Duration;
+use uuid::Uuid;
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ItemAudit {
+    pub sale_id: u64,
+    pub item_id: u64,
+    pub stock: i64,
+    pub remaining: i64,
+    pub reserved: i64,
+    pub ordered: i64,
+    pub paid: i64,
+    pub released: i64,
+    /// `stock == remaining + reserved + ordered + paid`.
+    pub conserved: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SaleAudit {
+    pub sale_id: u64,
+    pub conserved: bool,
+    pub items: Vec<ItemAudit>,
+}
+
+const AUDIT_SQL: &str = "SELECT si.sale_id, si.item_id, si.stock::bigint, si.remaining::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'reserved'), 0)::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'ordered'), 0)::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'paid'), 0)::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'released'), 0)::bigint
+    FROM sale_items si
+    LEFT JOIN reservations r ON r.sale_id = si.sale_id AND r.item_id = si.item_id
+    WHERE ($1::bigint IS NULL OR si.sale_id = $1) AND ($2::bigint[] IS NULL OR si.item_id = ANY($2))
+    GROUP BY si.sale_id, si.item_id, si.stock, si.remaining
+    ORDER BY si.sale_id, si.item_id";
+
+fn audit_row(r: &tokio_postgres::Row) -> ItemAudit {
+    let (stock, remaining, reserved, ordered, paid): (i64, i64, i64, i64, i64) =
+        (r.get(2), r.get(3), r.get(4), r.get(5), r.get(6));
+    ItemAudit {
+        sale_id: r.get::<_, i64>(0).unsigned_abs(),
+        item_id: r.get::<_, i64>(1).unsigned_abs(),
+        stock,
+        remaining,
+        reserved,
+        ordered,
+        paid,
+        released: r.get(7),
+        conserved: stock == remaining + reserved + ordered + paid,
+    }
+}
+
+/// The per-item conservation report of one sale.
+pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit, OrderError> {
+    let sales = crate::sale::SaleService {
+        cluster: &orders.cluster,
+        router: &orders.router,
+        timeout: orders.timeout,
+        default_window: 900,
+    };
+    let Some((_, item_ids)) = sales.header(sale).await? else {
+        return Err(OrderError::SaleNotFound(sale));
+    };
+    let mut by_group: HashMap<usize, Vec<i64>> = HashMap::new();
+    for item in &item_ids {
+        by_group
+            .entry(orders.router.item_group(*item))
+            .or_default()
+            .push(item.db());
+    }
+    let mut items = Vec::new();
+    for (g, ids) in by_group {
+        let client = orders.cluster.group(g).writer().await?;
+        let rows = deadline(orders.timeout, async {
+            Ok(client.query(AUDIT_SQL, &[&Some(sale.db()), &Some(ids)]).await?)
+        })
+        .await?;
+        items.extend(rows.iter().map(audit_row));
+    }
+    items.sort_by_key(|i| i.item_id);
+    Ok(SaleAudit {
+        sale_id: sale.key(),
+        conserved: items.iter().all(|i| i.conserved),
+        items,
+    })
+}
+
+/// What one reconciliation pass did and found.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub checked: u64,
+    pub orphans_released: u64,
+    pub marked_ordered: u64,
+    pub marked_paid: u64,
+    pub dead_orders_released: u64,
+    /// Items breaking conservation after the pass.
+    pub violations: Vec<ItemAudit>,
+    /// Groups that could not be read (the pass is incomplete for them).
+    pub unreachable_groups: Vec<String>,
+}
+
+impl ReconcileReport {
+    pub fn repairs(&self) -> u64 {
+        self.orphans_released + self.marked_ordered + self.marked_paid + self.dead_orders_released
+    }
+}
+
+const PAGE: i64 = 500;
+
+/// One full pass over every group.
+pub async fn reconcile(orders: &OrderService, grace: Duration) -> ReconcileReport {
+    let mut report = ReconcileReport::default();
+    for (g, group) in orders.cluster.groups.iter().enumerate() {
+        if let Err(e) = reconcile_group(orders, g, grace, &mut report).await {
+            tracing::warn!(group = %group.name, error = %e, "reconciliation incomplete for a group");
+            report.unreachable_groups.push(group.name.clone());
+            continue;
+        }
+        match conservation(orders, g).await {
+            Ok(bad) => report.violations.extend(bad),
+            Err(e) => {
+                tracing::warn!(group = %group.name, error = %e, "conservation check failed");
+                report.unreachable_groups.push(group.name.clone());
+            }
+        }
+    }
+    for v in &report.violations {
+        tracing::error!(sale_id = v.sale_id, item_id = v.item_id, stock = v.stock, remaining = v.remaining,
+            reserved = v.reserved, ordered = v.ordered, paid = v.paid, "conservation violated");
+    }
+    if report.repairs() > 0 {
+        tracing::warn!(?report, "reconciler repaired mismatches");
+    }
+    report
+}
+
+async fn conservation(orders: &OrderService, g: usize) -> Result<Vec<ItemAudit>, OrderError> {
+    let client = orders.cluster.group(g).writer().await?;
+    let none_sale: Option<i64> = None;
+    let none_items: Option<Vec<i64>> = None;
+    let rows = deadline(orders.timeout, async {
+        Ok(client.query(AUDIT_SQL, &[&none_sale, &none_items]).await?)
+    })
+    .await?;
+    Ok(rows.iter().map(audit_row).filter(|a| !a.conserved).collect())
+}
+
+struct Live {
+    txn_id: Uuid,
+    sale: SaleId,
+    item: ItemId,
+    user: UserId,
+    quantity: i32,
+    state: String,
+}
+
+async fn reconcile_group(
+    orders: &OrderService,
+    g: usize,
+    grace: Duration,
+    report: &mut ReconcileReport,
+) -> Result<(), OrderError> {
+    let grace_secs = grace.as_secs_f64();
+    let mut cursor: Option<Uuid> = None;
+    loop {
+        let client = orders.cluster.group(g).writer().await?;
+        let rows = deadline(orders.timeout, async {
+            Ok(client
+                .query(
+                    "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
+                     WHERE state IN ('reserved', 'ordered')
+                       AND updated_at < now() - make_interval(secs => $1)
+                       AND ($2::uuid IS NULL OR txn_id > $2)
+                     ORDER BY txn_id LIMIT $3",
+                    &[&grace_secs, &cursor, &PAGE],
+                )
+                .await?)
+        })
+        .await?;
+        drop(client);
+        let page: Vec<Live> = rows
+            .iter()
+            .map(|r| Live {
+                txn_id: r.get(0),
+                sale: SaleId::from_db(r.get(1)),
+                item: ItemId::from_db(r.get(2)),
+                user: UserId::from_db(r.get(3)),
+                quantity: r.get(4),
+                state: r.get(5),
+            })
+            .collect();
+        let Some(last) = page.last() else { return Ok(()) };
+        cursor = Some(last.txn_id);
+        report.checked += page.len() as u64;
+        repair_page(orders, g, &page, report).await?;
+        if (page.len() as i64) < PAGE {
+            return Ok(());
+        }
+    }
+}
+
+async fn repair_page(
+    orders: &OrderService,
+    item_group: usize,
+    page: &[Live],
+    report: &mut ReconcileReport,
+) -> Result<(), OrderError> {
+    let mut by_user_group: HashMap<usize, Vec<&Live>> = HashMap::new();
+    for l in page {
+        by_user_group
+            .entry(orders.router.user_group(l.user))
+            .or_default()
+            .push(l);
+    }
+    let mut release = Vec::new();
+    let mut to_ordered = Vec::new();
+    let mut to_paid = Vec::new();
+    for (ug, lives) in by_user_group {
+        let client = orders.cluster.group(ug).writer().await?;
+        let ids: Vec<Uuid> = lives.iter().map(|l| l.txn_id).collect();
+        let found = deadline(orders.timeout, store::get_orders_by_id(&**client, &ids)).await?;
+        let status: HashMap<Uuid, String> =
+            found.into_iter().map(|o| (o.order_id, o.status)).collect();
+        let missing: Vec<NewOrder> = lives
+            .iter()
+            .filter(|l| !status.contains_key(&l.txn_id))
+            .map(|l| NewOrder {
+                order_id: l.txn_id,
+                user: l.user,
+                sale: l.sale,
+                item: l.item,
+                quantity: l.quantity,
+                amount_cents: 0,
+                payment_window_secs: 1,
+                status: "cancelled",
+            })
+            .collect();
+        if !missing.is_empty() {
+            // Claim the txn ids: only those whose tombstone went in are surely order-less.
+            let inserted = deadline(orders.timeout, store::insert_orders(&**client, &missing)).await?;
+            for o in &inserted {
+                tracing::warn!(txn_id = %o.order_id, item_id = o.item_id, user_id = o.user_id,
+                    "reservation without an order: tombstoned and released");
+            }
+            report.orphans_released += inserted.len() as u64;
+            release.extend(inserted.iter().map(|o| o.order_id));
+        }
+        for l in &lives {
+            match status.get(&l.txn_id).map(String::as_str) {
+                Some("pending_payment") if l.state == "reserved" => to_ordered.push(l.txn_id),
+                Some("paid") => to_paid.push(l.txn_id),
+                Some("cancelled") | Some("expired") => {
+                    report.dead_orders_released += 1;
+                    release.push(l.txn_id);
+                }
+                _ => {}
+            }
+        }
+    }
+    if !release.is_empty() {
+        orders.release_on(item_group, &release).await?;
+    }
+    let client = orders.cluster.group(item_group).writer().await?;
+    if !to_ordered.is_empty() {
+        report.marked_ordered +=
+            deadline(orders.timeout, store::advance_reservations(&**client, &to_ordered, "ordered")).await?;
+    }
+    if !to_paid.is_empty() {
+        report.marked_paid +=
+            deadline(orders.timeout, store::advance_reservations(&**client, &to_paid, "paid")).await?;
+    }
+    Ok(())
+}
+
+/// Expire every due order on every group, in bounded batches.
+pub async fn sweep(orders: &OrderService, batch: i64) -> Result<usize, OrderError> {
+    let mut total = 0;
+    for g in 0..orders.cluster.groups.len() {
+        loop {
+            let n = orders.expire_orders(g, None, batch).await?;
+            total += n;
+            if (n as i64) < batch {
+                break;
+            }
+        }
+    }
+    Ok(total)
+}

@@ -1,0 +1,276 @@
+//! Sales and their items: creation across groups, and the public view with remaining stock.
+//!
+//! A sale row lives on the group of its sale id (items' router); each item row on the group of its
+//! item id. Creation writes the items first and the sale row last, so a sale is visible only once
+//! all of its items exist; if any write fails, the items already written are removed again.
+
+use crate::db::{deadline, DbError};
+use crate::domain::{ItemId, SaleId};
+use crate::order::OrderError;
+use crate::router::Router;
+use crate::shard::Cluster;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// Largest stock of one item.
+pub const MAX_STOCK: i64 = 1_000_000_000;
+/// Most items in one sale.
+pub const MAX_ITEMS: usize = 1_000;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewSale {
+    pub name: String,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    /// Seconds an order may stay unpaid. Default: `orders.payment_window_secs`.
+    #[serde(default)]
+    pub payment_window_secs: Option<u32>,
+    pub items: Vec<NewItem>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewItem {
+    pub item_id: ItemId,
+    pub stock: i64,
+    pub price_cents: i64,
+    /// Default 1.
+    #[serde(default = "one")]
+    pub per_user_limit: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+impl NewSale {
+    /// Everything the type system could not say. Returns the offending field and why.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        let bad = |f: &str, r: &str| Err((f.to_string(), r.to_string()));
+        if self.name.trim().is_empty() || self.name.len() > 200 {
+            return bad("name", "must be 1 to 200 characters");
+        }
+        if self.ends_at <= self.starts_at {
+            return bad("ends_at", "must be after starts_at");
+        }
+        if self.items.is_empty() || self.items.len() > MAX_ITEMS {
+            return bad("items", "a sale needs 1 to 1000 items");
+        }
+        if let Some(w) = self.payment_window_secs {
+            if w == 0 || w > 7 * 24 * 3600 {
+                return bad("payment_window_secs", "must be between 1 and 604800");
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, item) in self.items.iter().enumerate() {
+            if !seen.insert(item.item_id) {
+                return bad(&format!("items[{i}].item_id"), "duplicate item in this sale");
+            }
+            if !(0..=MAX_STOCK).contains(&item.stock) {
+                return bad(&format!("items[{i}].stock"), "must be between 0 and 1000000000");
+            }
+            if !(0..=i64::MAX / 1_000_000).contains(&item.price_cents) {
+                return bad(&format!("items[{i}].price_cents"), "must be a non-negative amount");
+            }
+            if !(1..=1_000_000).contains(&item.per_user_limit) {
+                return bad(&format!("items[{i}].per_user_limit"), "must be between 1 and 1000000");
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SaleView {
+    pub sale_id: u64,
+    pub name: String,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    pub payment_window_secs: i32,
+    pub items: Vec<ItemView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ItemView {
+    pub item_id: u64,
+    pub stock: i32,
+    pub remaining: i32,
+    pub price_cents: i64,
+    pub per_user_limit: i32,
+}
+
+pub struct SaleService<'a> {
+    pub cluster: &'a Cluster,
+    pub router: &'a Router,
+    pub timeout: Duration,
+    pub default_window: u32,
+}
+
+impl SaleService<'_> {
+    pub async fn create(&self, sale: &NewSale) -> Result<SaleView, OrderError> {
+        // Random positive 63-bit id: engine nodes need no coordination to pick one.
+        let sale_id = SaleId::from_db((uuid::Uuid::new_v4().as_u64_pair().0 >> 1).max(1) as i64);
+        let window = sale.payment_window_secs.unwrap_or(self.default_window) as i32;
+        let mut by_group: HashMap<usize, Vec<&NewItem>> = HashMap::new();
+        for item in &sale.items {
+            by_group
+                .entry(self.router.item_group(item.item_id))
+                .or_default()
+                .push(item);
+        }
+        let mut written: Vec<usize> = Vec::new();
+        let mut failure = None;
+        for (&g, items) in &by_group {
+            match self.insert_items(g, sale_id, sale, window, items).await {
+                Ok(()) => written.push(g),
+                Err(e) => {
+                    failure = Some(e);
+                    break;
+                }
+            }
+        }
+        if failure.is_none() {
+            if let Err(e) = self.insert_sale(sale_id, sale, window).await {
+                failure = Some(e);
+            }
+        }
+        if let Some(e) = failure {
+            for g in written {
+                if let Err(undo) = self.delete_items(g, sale_id).await {
+                    tracing::error!(%sale_id, error = %undo, "could not remove items of a failed sale creation");
+                }
+            }
+            return Err(e);
+        }
+        tracing::info!(%sale_id, name = %sale.name, items = sale.items.len(), "sale created");
+        self.get(sale_id).await
+    }
+
+    async fn insert_items(
+        &self,
+        g: usize,
+        sale_id: SaleId,
+        sale: &NewSale,
+        window: i32,
+        items: &[&NewItem],
+    ) -> Result<(), OrderError> {
+        let client = self.cluster.group(g).writer().await?;
+        let ids: Vec<i64> = items.iter().map(|i| i.item_id.db()).collect();
+        let stock: Vec<i32> = items.iter().map(|i| i.stock as i32).collect();
+        let price: Vec<i64> = items.iter().map(|i| i.price_cents).collect();
+        let limit: Vec<i32> = items.iter().map(|i| i.per_user_limit as i32).collect();
+        deadline(self.timeout, async {
+            client
+                .execute(
+                    "INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
+                                             starts_at, ends_at, payment_window_secs)
+                     SELECT $1, i, s, s, p, l, $6, $7, $8
+                     FROM unnest($2::bigint[], $3::int[], $4::bigint[], $5::int[]) AS t(i, s, p, l)",
+                    &[&sale_id.db(), &ids, &stock, &price, &limit, &sale.starts_at, &sale.ends_at, &window],
+                )
+                .await?;
+            Ok::<_, DbError>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_sale(&self, sale_id: SaleId, sale: &NewSale, window: i32) -> Result<(), OrderError> {
+        let client = self.cluster.group(self.router.sale_group(sale_id)).writer().await?;
+        let ids: Vec<i64> = sale.items.iter().map(|i| i.item_id.db()).collect();
+        deadline(self.timeout, async {
+            client
+                .execute(
+                    "INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs)
+                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window],
+                )
+                .await?;
+            Ok::<_, DbError>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_items(&self, g: usize, sale_id: SaleId) -> Result<(), OrderError> {
+        let client = self.cluster.group(g).writer().await?;
+        deadline(self.timeout, async {
+            client
+                .execute("DELETE FROM sale_items WHERE sale_id = $1", &[&sale_id.db()])
+                .await?;
+            Ok::<_, DbError>(())
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The sale row, or None.
+    pub async fn header(&self, sale_id: SaleId) -> Result<Option<(SaleView, Vec<ItemId>)>, OrderError> {
+        let client = self.cluster.group(self.router.sale_group(sale_id)).writer().await?;
+        let row = deadline(self.timeout, async {
+            Ok(client
+                .query_opt(
+                    "SELECT name, starts_at, ends_at, payment_window_secs, item_ids FROM sales WHERE sale_id = $1",
+                    &[&sale_id.db()],
+                )
+                .await?)
+        })
+        .await?;
+        Ok(row.map(|r| {
+            let ids: Vec<i64> = r.get(4);
+            (
+                SaleView {
+                    sale_id: sale_id.key(),
+                    name: r.get(0),
+                    starts_at: r.get(1),
+                    ends_at: r.get(2),
+                    payment_window_secs: r.get(3),
+                    items: Vec::new(),
+                },
+                ids.into_iter().map(ItemId::from_db).collect(),
+            )
+        }))
+    }
+
+    pub async fn get(&self, sale_id: SaleId) -> Result<SaleView, OrderError> {
+        let Some((mut view, item_ids)) = self.header(sale_id).await? else {
+            return Err(OrderError::SaleNotFound(sale_id));
+        };
+        let mut by_group: HashMap<usize, Vec<i64>> = HashMap::new();
+        for item in &item_ids {
+            by_group.entry(self.router.item_group(*item)).or_default().push(item.db());
+        }
+        let mut items = HashMap::new();
+        for (g, ids) in by_group {
+            let client = self.cluster.group(g).writer().await?;
+            let rows = deadline(self.timeout, async {
+                Ok(client
+                    .query(
+                        "SELECT item_id, stock, remaining, price_cents, per_user_limit FROM sale_items
+                         WHERE sale_id = $1 AND item_id = ANY($2)",
+                        &[&sale_id.db(), &ids],
+                    )
+                    .await?)
+            })
+            .await?;
+            for r in rows {
+                let id: i64 = r.get(0);
+                items.insert(
+                    id,
+                    ItemView {
+                        item_id: id.unsigned_abs(),
+                        stock: r.get(1),
+                        remaining: r.get(2),
+                        price_cents: r.get(3),
+                        per_user_limit: r.get(4),
+                    },
+                );
+            }
+        }
+        view.items = item_ids.iter().filter_map(|i| items.remove(&i.db())).collect();
+        Ok(view)
+    }
+}

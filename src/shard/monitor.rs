@@ -1,0 +1,303 @@
+//! The health monitor: one per shard group in every engine node.
+//!
+//! Every `failover.probe_interval_ms` it probes each member (`pg_is_in_recovery()`, the timeline,
+//! whether it is fenced, the replication lag) with a timeout, then decides which member to write to.
+//! Nodes never talk to each other: each asks the servers, so all nodes converge on the same master.
+//!
+//! - **Discovery**: the writable member is the one not in recovery and not fenced. If two are (an
+//!   old master came back after its shadow was promoted), the higher timeline wins and the other is
+//!   fenced: `default_transaction_read_only = on`, so nothing can commit a write on it.
+//! - **Failover**: when the current master fails `failures_before_promote` consecutive probes and
+//!   the shadow is healthy and in recovery, the shadow is promoted (`pg_promote()`); promotion is
+//!   idempotent, so two nodes doing it at once is harmless. Until a writable member is known the
+//!   group has no writer and requests get 503 `unavailable` with Retry-After.
+//! - **Synchronous replication**: with `failover.synchronous` the master commits only once the shadow
+//!   has the WAL (`synchronous_standby_names = '*'`), so a 201 means two servers hold the order. When
+//!   no standby streams (shadow down, or just after a failover) the policy `failover.shadow_loss`
+//!   decides: `degrade` (default) switches the master to asynchronous commits after
+//!   `shadow_loss_grace_ms`, keeping the sale open at the price that a *second* failure in that window
+//!   can lose orders; `block` keeps waiting, so writes stall until a shadow streams again. Right after
+//!   a promotion there is no standby at all, so the new master always starts asynchronous; it turns
+//!   synchronous again as soon as a rejoined shadow streams.
+
+use super::{Cluster, MemberStatus, ShardGroup};
+use crate::config::{FailoverConfig, ShadowLossPolicy};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
+
+/// One probe's findings.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    pub in_recovery: bool,
+    pub timeline: i64,
+    pub fenced: bool,
+    /// On a master: the largest replay lag of its standbys in bytes, and whether any streams.
+    pub standby_lag: Option<i64>,
+    pub sync_names: String,
+}
+
+const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
+    CASE WHEN pg_is_in_recovery()
+         THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver), 0)::bigint
+         ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint END,
+    current_setting('default_transaction_read_only') = 'on',
+    CASE WHEN pg_is_in_recovery() THEN NULL
+         ELSE (SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint
+               FROM pg_stat_replication WHERE state = 'streaming') END,
+    current_setting('synchronous_standby_names')";
+
+/// Probe one member over a fresh connection (not the pool: a pool would hide a dead server behind
+/// its idle connections), bounded by `timeout`.
+pub async fn probe(config: &tokio_postgres::Config, timeout: Duration) -> Result<Probe, String> {
+    let work = async {
+        let (client, conn) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+        let conn_task = tokio::spawn(conn);
+        let row = client
+            .query_one(PROBE_SQL, &[])
+            .await
+            .map_err(|e| e.to_string());
+        drop(client);
+        conn_task.abort();
+        let row = row?;
+        Ok(Probe {
+            in_recovery: row.get(0),
+            timeline: row.get(1),
+            fenced: row.get(2),
+            standby_lag: row.get(3),
+            sync_names: row.get(4),
+        })
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
+/// Run an administrative statement on one member over a fresh connection.
+pub async fn admin(config: &tokio_postgres::Config, sql: &str, timeout: Duration) -> Result<(), String> {
+    let work = async {
+        let (client, conn) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+        let conn_task = tokio::spawn(conn);
+        let r = client.batch_execute(sql).await.map_err(|e| e.to_string());
+        drop(client);
+        conn_task.abort();
+        r
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+    }
+}
+
+pub const FENCE_SQL: &str = "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf();";
+pub const UNFENCE_SQL: &str = "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf();";
+
+fn sync_sql(names: &str) -> String {
+    format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'; SELECT pg_reload_conf();")
+}
+
+/// Per-group memory of the monitor between rounds.
+#[derive(Default)]
+struct GroupState {
+    /// Since when the master has had no streaming standby.
+    no_standby_since: Option<Instant>,
+}
+
+/// One round for one group: probe, decide, act. Public so tests and `seckill group status` can
+/// drive it without the timer.
+pub async fn check_group(group: &ShardGroup, config: &FailoverConfig) {
+    let mut state = GroupState::default();
+    check_group_with(group, config, &mut state).await;
+}
+
+async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &mut GroupState) {
+    let timeout = Duration::from_millis(config.probe_timeout_ms);
+    let probes = futures::future::join_all(
+        group.members.iter().map(|m| probe(&m.pg_config, timeout)),
+    )
+    .await;
+    let writer = group.writer_index();
+
+    // Record what each member looks like.
+    group.update_status(|status| {
+        for (i, p) in probes.iter().enumerate() {
+            let s: &mut MemberStatus = &mut status[i];
+            match p {
+                Ok(p) => {
+                    s.healthy = true;
+                    s.consecutive_failures = 0;
+                    s.last_error = None;
+                    s.timeline = Some(p.timeline);
+                    s.role = if p.in_recovery {
+                        "shadow"
+                    } else if p.fenced {
+                        "fenced"
+                    } else {
+                        "master"
+                    }
+                    .into();
+                }
+                Err(e) => {
+                    s.healthy = false;
+                    s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                    s.last_error = Some(e.clone());
+                }
+            }
+        }
+        // Lag is measured on the master and shown on the standby(s).
+        let lag = probes
+            .iter()
+            .find_map(|p| p.as_ref().ok().filter(|p| !p.in_recovery && !p.fenced))
+            .and_then(|p| p.standby_lag);
+        for (i, p) in probes.iter().enumerate() {
+            if matches!(p, Ok(p) if p.in_recovery) {
+                status[i].replication_lag_bytes = lag;
+            } else {
+                status[i].replication_lag_bytes = None;
+            }
+        }
+    });
+
+    // Writable candidates: answered, not in recovery, not fenced.
+    let mut candidates: Vec<(usize, i64)> = probes
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| match p {
+            Ok(p) if !p.in_recovery && !p.fenced => Some((i, p.timeline)),
+            _ => None,
+        })
+        .collect();
+    candidates.sort_by_key(|&(i, tl)| (std::cmp::Reverse(tl), Some(i) != writer));
+
+    if let Some(&(best, best_tl)) = candidates.first() {
+        // Split brain guard: anything else writable on an older timeline is fenced.
+        for &(other, tl) in &candidates[1..] {
+            if tl < best_tl {
+                tracing::error!(group = %group.name, member = %group.members[other].endpoint,
+                    timeline = tl, current_timeline = best_tl,
+                    "old master is writable on an older timeline: fencing it");
+                if let Err(e) = admin(&group.members[other].pg_config, FENCE_SQL, timeout).await {
+                    tracing::error!(group = %group.name, error = %e, "fencing failed");
+                }
+            } else {
+                tracing::error!(group = %group.name, "two writable members on the same timeline; keeping the current one");
+            }
+        }
+        if writer != Some(best) {
+            tracing::warn!(group = %group.name, member = %group.members[best].endpoint,
+                timeline = best_tl, "writing to a new master");
+            if writer.is_some() {
+                group.count_failover();
+            }
+            group.set_writer(Some(best));
+        }
+        if let Ok(p) = &probes[best] {
+            manage_sync(group, best, p, config, state, timeout).await;
+        }
+        return;
+    }
+
+    // No writable member. Is the one we were writing to dead long enough to promote?
+    let dead_long = writer.is_none_or(|w| {
+        group.status()[w].consecutive_failures >= config.failures_before_promote
+    });
+    if writer.is_some() && dead_long {
+        group.set_writer(None);
+    }
+    if !config.enabled || !dead_long {
+        return;
+    }
+    let shadow = probes
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| matches!(p, Ok(p) if p.in_recovery).then_some(i));
+    let Some(shadow) = shadow else {
+        tracing::error!(group = %group.name, "master down and no healthy shadow to promote");
+        return;
+    };
+    let member = &group.members[shadow];
+    tracing::warn!(group = %group.name, member = %member.endpoint, "master unreachable: promoting the shadow");
+    if let Err(e) = promote(&member.pg_config, timeout).await {
+        tracing::error!(group = %group.name, error = %e, "promotion failed");
+    }
+    match probe(&member.pg_config, timeout).await {
+        Ok(p) if !p.in_recovery && !p.fenced => {
+            tracing::warn!(group = %group.name, member = %member.endpoint, timeline = p.timeline, "failover complete");
+            group.count_failover();
+            group.set_writer(Some(shadow));
+            state.no_standby_since = Some(Instant::now());
+        }
+        other => tracing::error!(group = %group.name, probe = ?other.err(), "promoted shadow is not writable yet"),
+    }
+}
+
+/// Promote a shadow and make it a usable master: not fenced (a fence may have come along from an
+/// old master through pg_rewind), and asynchronous until a new shadow streams, since none does yet.
+/// Idempotent: promoting a server that is no longer in recovery only reports that.
+pub async fn promote(config: &tokio_postgres::Config, timeout: Duration) -> Result<(), String> {
+    if let Err(e) = admin(config, "SELECT pg_promote(true, 30)", Duration::from_secs(35)).await {
+        if !e.contains("not in progress") {
+            return Err(e);
+        }
+        tracing::info!("shadow was already promoted (by another engine node)");
+    }
+    let setup = format!(
+        "ALTER SYSTEM RESET default_transaction_read_only; {}",
+        sync_sql("")
+    );
+    admin(config, &setup, timeout).await
+}
+
+/// Keep the master's synchronous replication setting in line with the policy (module docs).
+async fn manage_sync(
+    group: &ShardGroup,
+    master: usize,
+    probe: &Probe,
+    config: &FailoverConfig,
+    state: &mut GroupState,
+    timeout: Duration,
+) {
+    let streaming = probe.standby_lag.is_some();
+    let desired = if !config.synchronous {
+        ""
+    } else if streaming {
+        state.no_standby_since = None;
+        "*"
+    } else {
+        let since = *state.no_standby_since.get_or_insert_with(Instant::now);
+        let degrade = config.shadow_loss == ShadowLossPolicy::Degrade
+            && since.elapsed() >= Duration::from_millis(config.shadow_loss_grace_ms);
+        if degrade || probe.sync_names.is_empty() {
+            ""
+        } else {
+            "*"
+        }
+    };
+    if probe.sync_names != desired {
+        tracing::warn!(group = %group.name, from = %probe.sync_names, to = desired, "changing synchronous_standby_names");
+        if let Err(e) = admin(&group.members[master].pg_config, &sync_sql(desired), timeout).await {
+            tracing::error!(group = %group.name, error = %e, "cannot change synchronous replication");
+        }
+    }
+}
+
+/// Run the monitor for every group until `cancel` fires.
+pub async fn run(cluster: Arc<Cluster>, config: FailoverConfig, cancel: CancellationToken) {
+    let mut states: Vec<GroupState> = cluster.groups.iter().map(|_| GroupState::default()).collect();
+    let mut tick = tokio::time::interval(Duration::from_millis(config.probe_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let rounds = cluster
+            .groups
+            .iter()
+            .zip(states.iter_mut())
+            .map(|(g, s)| check_group_with(g, &config, s));
+        futures::future::join_all(rounds).await;
+    }
+}
