@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 #[derive(Debug, Parser)]
-#[command(name = "seckill", version, about = "Flash-sale order engine on sharded PostgreSQL")]
+#[command(
+    name = "seckill",
+    version,
+    about = "Flash-sale order engine on sharded PostgreSQL"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -78,7 +82,11 @@ pub enum ShardMapAction {
     /// Print every entry.
     List,
     /// Route one key of a kind (`items` or `users`) to a group.
-    Set { kind: String, key: u64, group: String },
+    Set {
+        kind: String,
+        key: u64,
+        group: String,
+    },
     /// Remove an entry: the key falls back to hash routing.
     Delete { kind: String, key: u64 },
 }
@@ -143,13 +151,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}
@@ -201,20 +210,36 @@ fn check_config(path: &Path) -> CliResult {
     Ok(())
 }
 
-async fn config_group_client(config: &Config) -> Result<deadpool_postgres::Object, Box<dyn std::error::Error>> {
+async fn config_group_client(
+    config: &Config,
+) -> Result<deadpool_postgres::Object, Box<dyn std::error::Error>> {
     let cluster = crate::shard::Cluster::new(config)?;
     let (idx, group) = cluster
         .by_name(config.config_group())
         .ok_or("config group missing")?;
-    crate::shard::monitor::check_group(group, &crate::config::FailoverConfig { enabled: false, ..Default::default() }).await;
+    crate::shard::monitor::check_group(
+        group,
+        &crate::config::FailoverConfig {
+            enabled: false,
+            ..Default::default()
+        },
+    )
+    .await;
     Ok(cluster.group(idx).writer().await?)
 }
 
 async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
     let config = Config::load(path)?;
     let client = config_group_client(&config).await?;
-    let kind = |k: &str| KeyKind::parse(k).ok_or_else(|| format!("kind must be `items` or `users`, got {k:?}"));
-    let key = |k: u64| i64::try_from(k).ok().filter(|k| *k > 0).ok_or("key must be between 1 and 2^63-1");
+    let kind = |k: &str| {
+        KeyKind::parse(k).ok_or_else(|| format!("kind must be `items` or `users`, got {k:?}"))
+    };
+    let key = |k: u64| {
+        i64::try_from(k)
+            .ok()
+            .filter(|k| *k > 0)
+            .ok_or("key must be between 1 and 2^63-1")
+    };
     match action {
         ShardMapAction::List => {
             let rows = client
@@ -222,13 +247,27 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
                 .await?;
             println!("{:<6} {:>20} {:<12} updated_at", "kind", "key", "group");
             for r in rows {
-                println!("{:<6} {:>20} {:<12} {}", r.get::<_, &str>(0), r.get::<_, i64>(1), r.get::<_, &str>(2), r.get::<_, &str>(3));
+                println!(
+                    "{:<6} {:>20} {:<12} {}",
+                    r.get::<_, &str>(0),
+                    r.get::<_, i64>(1),
+                    r.get::<_, &str>(2),
+                    r.get::<_, &str>(3)
+                );
             }
         }
-        ShardMapAction::Set { kind: k, key: n, group } => {
+        ShardMapAction::Set {
+            kind: k,
+            key: n,
+            group,
+        } => {
             let kind = kind(&k)?;
             if !config.groups.iter().any(|g| g.name == group) {
-                return Err(format!("unknown group {group:?} (groups: {})", config.group_names().join(", ")).into());
+                return Err(format!(
+                    "unknown group {group:?} (groups: {})",
+                    config.group_names().join(", ")
+                )
+                .into());
             }
             client
                 .execute(
@@ -242,7 +281,10 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
         ShardMapAction::Delete { kind: k, key: n } => {
             let kind = kind(&k)?;
             let removed = client
-                .execute("DELETE FROM shard_map WHERE kind = $1 AND key = $2", &[&kind.as_str(), &key(n)?])
+                .execute(
+                    "DELETE FROM shard_map WHERE kind = $1 AND key = $2",
+                    &[&kind.as_str(), &key(n)?],
+                )
                 .await?;
             println!("{removed} entry removed");
         }
@@ -255,16 +297,32 @@ async fn reconcile(path: &Path, grace_secs: Option<u32>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let grace = std::time::Duration::from_secs(grace_secs.unwrap_or(config.orders.reconcile_grace_secs).into());
+    let grace = std::time::Duration::from_secs(
+        grace_secs
+            .unwrap_or(config.orders.reconcile_grace_secs)
+            .into(),
+    );
     let mut config = config;
     config.server.migrate_on_start = false;
-    let app = match Application::build_with(config, crate::app::Background { monitor: false, sweeper: false, reconciler: false }).await {
+    let app = match Application::build_with(
+        config,
+        crate::app::Background {
+            monitor: false,
+            sweeper: false,
+            reconciler: false,
+        },
+    )
+    .await
+    {
         Ok(a) => a,
         Err(e) => return fail(e),
     };
     let state = app.state();
     let report = crate::reconcile::reconcile(&state.orders, grace).await;
-    println!("{}", serde_json::to_string_pretty(&report).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&report).unwrap_or_default()
+    );
     if report.violations.is_empty() && report.unreachable_groups.is_empty() {
         ExitCode::SUCCESS
     } else {
@@ -288,7 +346,10 @@ fn dev_token(dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
 async fn dev(dir: &Path, base_port: u16, listen: &str, no_coalesce: bool) -> CliResult {
     let dir = std::env::current_dir()?.join(dir);
     let cluster = LocalCluster::layout(&dir, base_port, 2)?;
-    println!("starting 2 shard groups (master + shadow each) under {} ...", dir.display());
+    println!(
+        "starting 2 shard groups (master + shadow each) under {} ...",
+        dir.display()
+    );
     let c = cluster.clone();
     tokio::task::spawn_blocking(move || c.ensure_running(&ServerTuning::default())).await??;
     let token = std::env::var("SECKILL_ADMIN_TOKEN").or_else(|_| dev_token(&dir))?;

@@ -349,9 +349,8 @@ impl Config {
                 let parsed: tokio_postgres::Config = dsn.parse().map_err(|e| {
                     invalid(format!("{field}.{role}"), format!("not a valid DSN: {e}"))
                 })?;
-                let endpoint = endpoint_of(&parsed).ok_or_else(|| {
-                    invalid(format!("{field}.{role}"), "names no host and port")
-                })?;
+                let endpoint = endpoint_of(&parsed)
+                    .ok_or_else(|| invalid(format!("{field}.{role}"), "names no host and port"))?;
                 if let Some(other) = hosts.insert(endpoint.clone(), format!("{field}.{role}")) {
                     return Err(invalid(
                         format!("{field}.{role}"),
@@ -388,6 +387,13 @@ impl Config {
         if self.orders.sweep_batch <= 0 {
             return Err(invalid("orders.sweep_batch", "must be positive"));
         }
+        if u64::from(self.orders.reconcile_grace_secs) * 1000 < 2 * self.server.request_timeout_ms {
+            // A shorter grace would tombstone orders whose transaction 2 is still in flight.
+            return Err(invalid(
+                "orders.reconcile_grace_secs",
+                "must be at least twice server.request_timeout_ms",
+            ));
+        }
         if self.coalesce.max_batch == 0 {
             return Err(invalid("coalesce.max_batch", "must be positive"));
         }
@@ -400,8 +406,16 @@ impl Config {
                 "must be positive",
             ));
         }
-        for (kind, routing) in [("items", &self.routing.items), ("users", &self.routing.users)] {
-            crate::router::KindRouter::build(kind, routing, self.routing.slots, &self.group_names())?;
+        for (kind, routing) in [
+            ("items", &self.routing.items),
+            ("users", &self.routing.users),
+        ] {
+            crate::router::KindRouter::build(
+                kind,
+                routing,
+                self.routing.slots,
+                &self.group_names(),
+            )?;
         }
         Ok(())
     }
@@ -477,7 +491,10 @@ master = "host=127.0.0.1 port=5434 user=seckill dbname=seckill"
     fn duplicate_hosts_are_refused() {
         let text = BASE.replace("port=5434", "port=5432");
         let e = err(&text);
-        assert!(e.contains("groups[1].master") && e.contains("already used"), "{e}");
+        assert!(
+            e.contains("groups[1].master") && e.contains("already used"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -492,7 +509,10 @@ master = "host=127.0.0.1 port=5434 user=seckill dbname=seckill"
             "{BASE}\n[routing.items]\nstrategy = \"hash\"\nslot_map = [{{ slots = \"0-500\", group = \"g0\" }}, {{ slots = \"502-1023\", group = \"g1\" }}]\n"
         );
         let e = err(&text);
-        assert!(e.contains("routing.items.slot_map") && e.contains("501"), "{e}");
+        assert!(
+            e.contains("routing.items.slot_map") && e.contains("501"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -15,6 +15,10 @@ pub enum DbError {
     /// The member is read-only: the master moved (failover) or this one is fenced. Not committed.
     #[error("the member is read-only (the master moved)")]
     ReadOnly,
+    /// A hot row's lock queue was longer than `lock_timeout` (or a serialization conflict): the
+    /// statement was refused, nothing committed; the client should retry shortly.
+    #[error("the item is too busy right now: {0}")]
+    Busy(String),
     /// The connection broke or the deadline passed mid-statement: the outcome is unknown.
     #[error("connection lost mid-statement; outcome unknown: {0}")]
     Lost(String),
@@ -31,6 +35,16 @@ impl From<tokio_postgres::Error> for DbError {
     fn from(e: tokio_postgres::Error) -> Self {
         match e.as_db_error() {
             Some(db) if *db.code() == SqlState::READ_ONLY_SQL_TRANSACTION => DbError::ReadOnly,
+            Some(db)
+                if [
+                    SqlState::LOCK_NOT_AVAILABLE,
+                    SqlState::T_R_SERIALIZATION_FAILURE,
+                    SqlState::T_R_DEADLOCK_DETECTED,
+                ]
+                .contains(db.code()) =>
+            {
+                DbError::Busy(db.message().to_string())
+            }
             // The server ends the session (shutdown, terminate): a commit waiting for the shadow
             // may already be committed locally, so the outcome is unknown.
             Some(db) if matches!(db.code().code(), "57P01" | "57P02" | "57P03") => {

@@ -27,8 +27,10 @@ pub enum DomainError {
 
 macro_rules! id_type {
     ($name:ident, $field:literal) => {
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-        #[serde(try_from = "i128", into = "u64")]
+        #[derive(
+            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+        )]
+        #[serde(try_from = "i64", into = "u64")]
         pub struct $name(u64);
 
         impl $name {
@@ -57,10 +59,10 @@ macro_rules! id_type {
             }
         }
 
-        impl TryFrom<i128> for $name {
+        impl TryFrom<i64> for $name {
             type Error = DomainError;
-            fn try_from(value: i128) -> Result<Self, DomainError> {
-                Self::parse(value)
+            fn try_from(value: i64) -> Result<Self, DomainError> {
+                Self::parse(value.into())
             }
         }
 
@@ -84,7 +86,7 @@ id_type!(UserId, "user_id");
 
 /// Units asked for in one buy request: `1..=MAX_QUANTITY`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "i128", into = "u32")]
+#[serde(try_from = "i64", into = "u32")]
 pub struct Quantity(u32);
 
 impl Quantity {
@@ -107,10 +109,10 @@ impl Quantity {
     }
 }
 
-impl TryFrom<i128> for Quantity {
+impl TryFrom<i64> for Quantity {
     type Error = DomainError;
-    fn try_from(value: i128) -> Result<Self, DomainError> {
-        Self::parse(value)
+    fn try_from(value: i64) -> Result<Self, DomainError> {
+        Self::parse(value.into())
     }
 }
 
@@ -214,7 +216,10 @@ mod tests {
         let r = RequestId::parse("abc".into()).unwrap();
         assert_eq!(txn_id_for(s, i, u, Some(&r)), txn_id_for(s, i, u, Some(&r)));
         let other_user = UserId::parse(4).unwrap();
-        assert_ne!(txn_id_for(s, i, u, Some(&r)), txn_id_for(s, i, other_user, Some(&r)));
+        assert_ne!(
+            txn_id_for(s, i, u, Some(&r)),
+            txn_id_for(s, i, other_user, Some(&r))
+        );
         assert_ne!(txn_id_for(s, i, u, None), txn_id_for(s, i, u, None));
     }
 }

@@ -79,16 +79,25 @@ pub fn running_as_root() -> bool {
 /// Make `path` (and what is under it) belong to the `postgres` user when we are root.
 pub fn hand_to_postgres(path: &Path) -> Result<(), LocalError> {
     if running_as_root() {
-        run("chown", Command::new("chown").arg("-R").arg("postgres:postgres").arg(path))?;
+        run(
+            "chown",
+            Command::new("chown")
+                .arg("-R")
+                .arg("postgres:postgres")
+                .arg(path),
+        )?;
     }
     Ok(())
 }
 
 fn run(what: &str, cmd: &mut Command) -> Result<Output, LocalError> {
-    let out = cmd.stdin(Stdio::null()).output().map_err(|e| LocalError::Command {
-        what: what.to_string(),
-        detail: e.to_string(),
-    })?;
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| LocalError::Command {
+            what: what.to_string(),
+            detail: e.to_string(),
+        })?;
     if !out.status.success() {
         return Err(LocalError::Command {
             what: what.to_string(),
@@ -191,10 +200,15 @@ impl LocalServer {
         self.prepare_dirs()?;
         run(
             &format!("initdb of {}", self.name),
-            self.cmd("initdb")
-                .arg("-D")
-                .arg(&self.data_dir)
-                .args(["-U", "seckill", "--auth=trust", "--no-locale", "-E", "UTF8", "--no-sync"]),
+            self.cmd("initdb").arg("-D").arg(&self.data_dir).args([
+                "-U",
+                "seckill",
+                "--auth=trust",
+                "--no-locale",
+                "-E",
+                "UTF8",
+                "--no-sync",
+            ]),
         )?;
         let conf = format!(
             "\n# seckill local cluster\nlisten_addresses = '127.0.0.1'\nmax_connections = {}\nshared_buffers = {}\n\
@@ -338,8 +352,26 @@ impl LocalServer {
         let out = run(
             &format!("psql on {}", self.name),
             self.cmd("psql")
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "seckill"])
-                .args(["-d", db, "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1", "-c", sql]),
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                    "-U",
+                    "seckill",
+                ])
+                .args([
+                    "-d",
+                    db,
+                    "-X",
+                    "-q",
+                    "-t",
+                    "-A",
+                    "-v",
+                    "ON_ERROR_STOP=1",
+                    "-c",
+                    sql,
+                ]),
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
@@ -467,5 +499,7 @@ impl LocalCluster {
 
 /// A free TCP port on 127.0.0.1 (best effort: another process may take it before we bind).
 pub fn free_port() -> Result<u16, LocalError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

@@ -33,10 +33,13 @@ pub enum MigrateError {
 pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError> {
     let mut applied = Vec::new();
     for group in &cluster.groups {
-        crate::shard::monitor::check_group(group, &crate::config::FailoverConfig {
-            enabled: false,
-            ..Default::default()
-        })
+        crate::shard::monitor::check_group(
+            group,
+            &crate::config::FailoverConfig {
+                enabled: false,
+                ..Default::default()
+            },
+        )
         .await;
         let idx = group.writer_index().ok_or_else(|| MigrateError::NoMaster {
             group: group.name.clone(),

@@ -91,7 +91,9 @@ pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit
     for (g, ids) in by_group {
         let client = orders.cluster.group(g).writer().await?;
         let rows = deadline(orders.timeout, async {
-            Ok(client.query(AUDIT_SQL, &[&Some(sale.db()), &Some(ids)]).await?)
+            Ok(client
+                .query(AUDIT_SQL, &[&Some(sale.db()), &Some(ids)])
+                .await?)
         })
         .await?;
         items.extend(rows.iter().map(audit_row));
@@ -144,8 +146,16 @@ pub async fn reconcile(orders: &OrderService, grace: Duration) -> ReconcileRepor
         }
     }
     for v in &report.violations {
-        tracing::error!(sale_id = v.sale_id, item_id = v.item_id, stock = v.stock, remaining = v.remaining,
-            reserved = v.reserved, ordered = v.ordered, paid = v.paid, "conservation violated");
+        tracing::error!(
+            sale_id = v.sale_id,
+            item_id = v.item_id,
+            stock = v.stock,
+            remaining = v.remaining,
+            reserved = v.reserved,
+            ordered = v.ordered,
+            paid = v.paid,
+            "conservation violated"
+        );
     }
     if report.repairs() > 0 {
         tracing::warn!(?report, "reconciler repaired mismatches");
@@ -161,7 +171,11 @@ async fn conservation(orders: &OrderService, g: usize) -> Result<Vec<ItemAudit>,
         Ok(client.query(AUDIT_SQL, &[&none_sale, &none_items]).await?)
     })
     .await?;
-    Ok(rows.iter().map(audit_row).filter(|a| !a.conserved).collect())
+    Ok(rows
+        .iter()
+        .map(audit_row)
+        .filter(|a| !a.conserved)
+        .collect())
 }
 
 struct Live {
@@ -208,7 +222,9 @@ async fn reconcile_group(
                 state: r.get(5),
             })
             .collect();
-        let Some(last) = page.last() else { return Ok(()) };
+        let Some(last) = page.last() else {
+            return Ok(());
+        };
         cursor = Some(last.txn_id);
         report.checked += page.len() as u64;
         repair_page(orders, g, &page, report).await?;
@@ -256,7 +272,8 @@ async fn repair_page(
             .collect();
         if !missing.is_empty() {
             // Claim the txn ids: only those whose tombstone went in are surely order-less.
-            let inserted = deadline(orders.timeout, store::insert_orders(&**client, &missing)).await?;
+            let inserted =
+                deadline(orders.timeout, store::insert_orders(&**client, &missing)).await?;
             for o in &inserted {
                 tracing::warn!(txn_id = %o.order_id, item_id = o.item_id, user_id = o.user_id,
                     "reservation without an order: tombstoned and released");
@@ -281,12 +298,18 @@ async fn repair_page(
     }
     let client = orders.cluster.group(item_group).writer().await?;
     if !to_ordered.is_empty() {
-        report.marked_ordered +=
-            deadline(orders.timeout, store::advance_reservations(&**client, &to_ordered, "ordered")).await?;
+        report.marked_ordered += deadline(
+            orders.timeout,
+            store::advance_reservations(&**client, &to_ordered, "ordered"),
+        )
+        .await?;
     }
     if !to_paid.is_empty() {
-        report.marked_paid +=
-            deadline(orders.timeout, store::advance_reservations(&**client, &to_paid, "paid")).await?;
+        report.marked_paid += deadline(
+            orders.timeout,
+            store::advance_reservations(&**client, &to_paid, "paid"),
+        )
+        .await?;
     }
     Ok(())
 }

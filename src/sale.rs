@@ -67,16 +67,28 @@ impl NewSale {
         let mut seen = HashSet::new();
         for (i, item) in self.items.iter().enumerate() {
             if !seen.insert(item.item_id) {
-                return bad(&format!("items[{i}].item_id"), "duplicate item in this sale");
+                return bad(
+                    &format!("items[{i}].item_id"),
+                    "duplicate item in this sale",
+                );
             }
             if !(0..=MAX_STOCK).contains(&item.stock) {
-                return bad(&format!("items[{i}].stock"), "must be between 0 and 1000000000");
+                return bad(
+                    &format!("items[{i}].stock"),
+                    "must be between 0 and 1000000000",
+                );
             }
             if !(0..=i64::MAX / 1_000_000).contains(&item.price_cents) {
-                return bad(&format!("items[{i}].price_cents"), "must be a non-negative amount");
+                return bad(
+                    &format!("items[{i}].price_cents"),
+                    "must be a non-negative amount",
+                );
             }
             if !(1..=1_000_000).contains(&item.per_user_limit) {
-                return bad(&format!("items[{i}].per_user_limit"), "must be between 1 and 1000000");
+                return bad(
+                    &format!("items[{i}].per_user_limit"),
+                    "must be between 1 and 1000000",
+                );
             }
         }
         Ok(())
@@ -178,8 +190,17 @@ impl SaleService<'_> {
         Ok(())
     }
 
-    async fn insert_sale(&self, sale_id: SaleId, sale: &NewSale, window: i32) -> Result<(), OrderError> {
-        let client = self.cluster.group(self.router.sale_group(sale_id)).writer().await?;
+    async fn insert_sale(
+        &self,
+        sale_id: SaleId,
+        sale: &NewSale,
+        window: i32,
+    ) -> Result<(), OrderError> {
+        let client = self
+            .cluster
+            .group(self.router.sale_group(sale_id))
+            .writer()
+            .await?;
         let ids: Vec<i64> = sale.items.iter().map(|i| i.item_id.db()).collect();
         deadline(self.timeout, async {
             client
@@ -199,7 +220,10 @@ impl SaleService<'_> {
         let client = self.cluster.group(g).writer().await?;
         deadline(self.timeout, async {
             client
-                .execute("DELETE FROM sale_items WHERE sale_id = $1", &[&sale_id.db()])
+                .execute(
+                    "DELETE FROM sale_items WHERE sale_id = $1",
+                    &[&sale_id.db()],
+                )
                 .await?;
             Ok::<_, DbError>(())
         })
@@ -208,8 +232,15 @@ impl SaleService<'_> {
     }
 
     /// The sale row, or None.
-    pub async fn header(&self, sale_id: SaleId) -> Result<Option<(SaleView, Vec<ItemId>)>, OrderError> {
-        let client = self.cluster.group(self.router.sale_group(sale_id)).writer().await?;
+    pub async fn header(
+        &self,
+        sale_id: SaleId,
+    ) -> Result<Option<(SaleView, Vec<ItemId>)>, OrderError> {
+        let client = self
+            .cluster
+            .group(self.router.sale_group(sale_id))
+            .writer()
+            .await?;
         let row = deadline(self.timeout, async {
             Ok(client
                 .query_opt(
@@ -241,7 +272,10 @@ impl SaleService<'_> {
         };
         let mut by_group: HashMap<usize, Vec<i64>> = HashMap::new();
         for item in &item_ids {
-            by_group.entry(self.router.item_group(*item)).or_default().push(item.db());
+            by_group
+                .entry(self.router.item_group(*item))
+                .or_default()
+                .push(item.db());
         }
         let mut items = HashMap::new();
         for (g, ids) in by_group {
@@ -270,7 +304,10 @@ impl SaleService<'_> {
                 );
             }
         }
-        view.items = item_ids.iter().filter_map(|i| items.remove(&i.db())).collect();
+        view.items = item_ids
+            .iter()
+            .filter_map(|i| items.remove(&i.db()))
+            .collect();
         Ok(view)
     }
 }

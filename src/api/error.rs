@@ -139,6 +139,12 @@ impl From<OrderError> for ApiError {
                 ApiError::new(S::SERVICE_UNAVAILABLE, "unavailable", detail).retry_after(1)
             }
             OrderError::Db(db) => match db {
+                crate::db::DbError::Busy(_) => ApiError::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "this item is busy; retry shortly",
+                )
+                .retry_after(1),
                 crate::db::DbError::Rejected { .. } => {
                     tracing::error!(error = %e, "database refused a statement");
                     ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error")

@@ -17,20 +17,51 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
+        let is_json = req
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+        if !is_json {
+            return Err(ApiError::bad_request(
+                "expected `Content-Type: application/json`",
+            ));
+        }
+        let bytes = axum::body::Bytes::from_request(req, state)
+            .await
+            .map_err(|r| {
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    too_large()
+                } else {
+                    ApiError::bad_request(r.body_text())
+                }
+            })?;
+        // serde would also take a JSON array for a struct; the API speaks objects only.
+        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&bytes);
+            return Err(match parsed {
+                Ok(_) => ApiError::invalid("the request body must be a JSON object"),
+                Err(e) => ApiError::bad_request(format!("malformed JSON: {e}")),
+            });
+        }
+        match axum::Json::<T>::from_bytes(&bytes) {
             Ok(axum::Json(v)) => Ok(Json(v)),
             Err(rejection) => Err(json_rejection(rejection)),
         }
     }
 }
 
+fn too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "request body is larger than the limit",
+    )
+}
+
 fn json_rejection(r: JsonRejection) -> ApiError {
     if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        return ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            "request body is larger than the limit",
-        );
+        return too_large();
     }
     match r {
         JsonRejection::JsonDataError(e) => ApiError::invalid(e.body_text()),
@@ -43,10 +74,14 @@ fn json_rejection(r: JsonRejection) -> ApiError {
 }
 
 /// Parse one path segment as a positive id.
-pub fn id<T>(name: &str, raw: &str, parse: impl Fn(i128) -> Result<T, crate::domain::DomainError>) -> Result<T, ApiError> {
-    let n: i128 = raw
-        .parse()
-        .map_err(|_| ApiError::invalid(format!("{name} must be a positive integer, got {raw:?}")))?;
+pub fn id<T>(
+    name: &str,
+    raw: &str,
+    parse: impl Fn(i128) -> Result<T, crate::domain::DomainError>,
+) -> Result<T, ApiError> {
+    let n: i128 = raw.parse().map_err(|_| {
+        ApiError::invalid(format!("{name} must be a positive integer, got {raw:?}"))
+    })?;
     parse(n).map_err(|e| ApiError::invalid(e.to_string()))
 }
 

@@ -109,7 +109,9 @@ async fn create_sale(
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     if !is_json {
-        return Err(ApiError::bad_request("expected `Content-Type: application/json`"));
+        return Err(ApiError::bad_request(
+            "expected `Content-Type: application/json`",
+        ));
     }
     let mut de = serde_json::Deserializer::from_slice(&body);
     let new: crate::sale::NewSale = serde_path_to_error::deserialize(&mut de).map_err(|e| {

@@ -21,11 +21,20 @@ pub struct Ask {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     /// Newly reserved: take `quantity` from the stock.
-    Reserve { quantity: i32 },
+    Reserve {
+        quantity: i32,
+    },
     /// The txn already holds a live reservation of `quantity`; nothing new is taken.
-    Existing { quantity: i32 },
-    SoldOut { remaining: i32 },
-    LimitExceeded { limit: i32, already: i64 },
+    Existing {
+        quantity: i32,
+    },
+    SoldOut {
+        remaining: i32,
+    },
+    LimitExceeded {
+        limit: i32,
+        already: i64,
+    },
 }
 
 /// What the batch transaction read under the row lock.
@@ -38,7 +47,12 @@ pub struct Holdings {
 }
 
 /// Decide every ask in order. Returns the decisions and the units taken in total.
-pub fn allocate(remaining: i32, limit: i32, asks: &[Ask], holdings: &Holdings) -> (Vec<Decision>, i32) {
+pub fn allocate(
+    remaining: i32,
+    limit: i32,
+    asks: &[Ask],
+    holdings: &Holdings,
+) -> (Vec<Decision>, i32) {
     let mut remaining = remaining;
     let mut by_user = holdings.by_user.clone();
     let mut seen: HashMap<Uuid, Decision> = HashMap::new();
@@ -104,7 +118,13 @@ mod tests {
         let asks = [ask(1, 7, 1), ask(2, 7, 1), ask(3, 7, 1)];
         let (d, taken) = allocate(10, 2, &asks, &Holdings::default());
         assert_eq!(taken, 2);
-        assert_eq!(d[2], Decision::LimitExceeded { limit: 2, already: 2 });
+        assert_eq!(
+            d[2],
+            Decision::LimitExceeded {
+                limit: 2,
+                already: 2
+            }
+        );
     }
 
     #[test]
@@ -113,7 +133,13 @@ mod tests {
         h.by_user.insert(7, 1);
         let (d, taken) = allocate(10, 1, &[ask(1, 7, 1)], &h);
         assert_eq!(taken, 0);
-        assert_eq!(d[0], Decision::LimitExceeded { limit: 1, already: 1 });
+        assert_eq!(
+            d[0],
+            Decision::LimitExceeded {
+                limit: 1,
+                already: 1
+            }
+        );
     }
 
     #[test]

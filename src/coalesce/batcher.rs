@@ -92,7 +92,9 @@ where
         loop {
             let batch: Vec<(T, oneshot::Sender<R>)> = {
                 let mut lanes = self.lanes();
-                let Some(lane) = lanes.get_mut(&key) else { return };
+                let Some(lane) = lanes.get_mut(&key) else {
+                    return;
+                };
                 if lane.queue.is_empty() {
                     lanes.remove(&key);
                     return;

@@ -47,7 +47,9 @@ pub enum BatchFailure {
 impl BatchFailure {
     fn from_order_error(e: &OrderError) -> Self {
         match e {
-            OrderError::Db(db) if !db.surely_not_committed() => BatchFailure::Unknown(e.to_string()),
+            OrderError::Db(db) if !db.surely_not_committed() => {
+                BatchFailure::Unknown(e.to_string())
+            }
             _ => BatchFailure::NotCommitted(e.to_string()),
         }
     }
@@ -78,9 +80,13 @@ impl Coalescer {
     ) -> Self {
         let max_wait = Duration::from_micros(config.max_wait_us);
         let (c, r) = (cluster.clone(), router.clone());
-        let reserve = Batcher::new(config.max_batch, max_wait, tasks.clone(), move |(sale, item): ItemKey, asks: Vec<BatchAsk>| {
-            let (cluster, router, hot) = (c.clone(), r.clone(), hot.clone());
-            async move {
+        let reserve = Batcher::new(
+            config.max_batch,
+            max_wait,
+            tasks.clone(),
+            move |(sale, item): ItemKey, asks: Vec<BatchAsk>| {
+                let (cluster, router, hot) = (c.clone(), r.clone(), hot.clone());
+                async move {
                 let n = asks.len();
                 let work = async {
                     let group = cluster.group(router.item_group(item));
@@ -105,26 +111,37 @@ impl Coalescer {
                 }
             }
             .boxed()
-        });
-        let insert = Batcher::new(config.max_batch, Duration::ZERO, tasks, move |group: usize, orders: Vec<NewOrder>| {
-            let cluster = cluster.clone();
-            async move {
-                let n = orders.len();
-                let work = async {
-                    let client = cluster.group(group).writer().await?;
-                    Ok::<_, OrderError>(deadline(timeout, store::insert_orders(&**client, &orders)).await?)
-                };
-                match work.await {
-                    Ok(inserted) => {
-                        let mut by_id: HashMap<Uuid, Order> =
-                            inserted.into_iter().map(|o| (o.order_id, o)).collect();
-                        orders.iter().map(|o| Ok(by_id.remove(&o.order_id))).collect()
+            },
+        );
+        let insert = Batcher::new(
+            config.max_batch,
+            Duration::ZERO,
+            tasks,
+            move |group: usize, orders: Vec<NewOrder>| {
+                let cluster = cluster.clone();
+                async move {
+                    let n = orders.len();
+                    let work = async {
+                        let client = cluster.group(group).writer().await?;
+                        Ok::<_, OrderError>(
+                            deadline(timeout, store::insert_orders(&**client, &orders)).await?,
+                        )
+                    };
+                    match work.await {
+                        Ok(inserted) => {
+                            let mut by_id: HashMap<Uuid, Order> =
+                                inserted.into_iter().map(|o| (o.order_id, o)).collect();
+                            orders
+                                .iter()
+                                .map(|o| Ok(by_id.remove(&o.order_id)))
+                                .collect()
+                        }
+                        Err(e) => vec![Err(BatchFailure::from_order_error(&e)); n],
                     }
-                    Err(e) => vec![Err(BatchFailure::from_order_error(&e)); n],
                 }
-            }
-            .boxed()
-        });
+                .boxed()
+            },
+        );
         Self { reserve, insert }
     }
 
@@ -147,7 +164,11 @@ impl Coalescer {
     }
 
     /// Transaction 2 through the user group's batch: the order if this call inserted it.
-    pub async fn insert(&self, user_group: usize, order: NewOrder) -> Result<Option<Order>, OrderError> {
+    pub async fn insert(
+        &self,
+        user_group: usize,
+        order: NewOrder,
+    ) -> Result<Option<Order>, OrderError> {
         match self.insert.submit(user_group, order).await {
             Ok(Ok(inserted)) => Ok(inserted),
             Ok(Err(f)) => Err(f.into_order_error()),
@@ -230,7 +251,9 @@ impl SoldOutCache {
             e.1.push(item.db());
         }
         for (g, (sales, items)) in by_group {
-            let Ok(client) = cluster.group(g).writer().await else { continue };
+            let Ok(client) = cluster.group(g).writer().await else {
+                continue;
+            };
             let rows = client
                 .query(
                     "SELECT si.sale_id, si.item_id, si.remaining FROM sale_items si
@@ -241,7 +264,11 @@ impl SoldOutCache {
             match rows {
                 Ok(rows) => {
                     for r in rows {
-                        self.observe(SaleId::from_db(r.get(0)), ItemId::from_db(r.get(1)), r.get(2));
+                        self.observe(
+                            SaleId::from_db(r.get(0)),
+                            ItemId::from_db(r.get(1)),
+                            r.get(2),
+                        );
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "sold-out refresh failed"),
@@ -340,7 +367,10 @@ mod tests {
         let (s, i) = key(5);
         a.observe(s, i, 3);
         let tickets: Vec<_> = (0..6).map(|_| a.admit(s, i).expect("room")).collect();
-        assert!(a.admit(s, i).is_none(), "7th request beyond 2 x 3 in flight");
+        assert!(
+            a.admit(s, i).is_none(),
+            "7th request beyond 2 x 3 in flight"
+        );
         drop(tickets);
         assert!(a.admit(s, i).is_some(), "room again once requests finish");
     }

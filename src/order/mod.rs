@@ -100,11 +100,18 @@ impl OrderService {
     pub async fn buy(&self, req: BuyRequest) -> Result<Bought, OrderError> {
         let txn_id = txn_id_for(req.sale, req.item, req.user, req.request_id.as_ref());
         if req.request_id.is_some() {
-            if let Some(order) = self.find_order(req.user, txn_id).await? {
-                return Ok(Bought {
-                    order,
-                    replayed: true,
-                });
+            // A replay answers from the order. If the user's group cannot be asked, go on: the
+            // reservation is keyed by txn_id and the insert is ON CONFLICT DO NOTHING, so a
+            // duplicate can still not arise.
+            match self.find_order(req.user, txn_id).await {
+                Ok(Some(order)) => {
+                    return Ok(Bought {
+                        order,
+                        replayed: true,
+                    })
+                }
+                Ok(None) => {}
+                Err(e) => tracing::debug!(error = %e, "replay lookup failed; continuing"),
             }
         }
         if self.hot.soldout.is_sold_out(req.sale, req.item) {
@@ -130,7 +137,14 @@ impl OrderService {
         let mut client = group.writer().await?;
         let (outcome, remaining) = deadline(
             self.timeout,
-            store::reserve_one(&mut client, req.sale, req.item, req.user, req.quantity, txn_id),
+            store::reserve_one(
+                &mut client,
+                req.sale,
+                req.item,
+                req.user,
+                req.quantity,
+                txn_id,
+            ),
         )
         .await?;
         if let Some(remaining) = remaining {
@@ -151,14 +165,7 @@ impl OrderService {
             payment_window_secs: r.payment_window_secs,
             status: "pending_payment",
         };
-        let user_group = self.router.user_group(req.user);
-        let outcome = match &self.coalescer {
-            Some(c) => c.insert(user_group, new).await,
-            None => self
-                .insert_orders_on(user_group, std::slice::from_ref(&new))
-                .await
-                .map(|inserted| inserted.into_iter().next()),
-        };
+        let outcome = self.insert_order_retrying(req, new).await;
         match outcome {
             Ok(inserted) => {
                 let replayed = inserted.is_none() || r.existing;
@@ -172,7 +179,56 @@ impl OrderService {
                 self.confirm_reservations(req.item, vec![r.txn_id]);
                 Ok(Bought { order, replayed })
             }
+            // A resumed reservation belongs to an earlier attempt whose order may still commit:
+            // it is never released here, only by the reconciler once the txn id is settled.
+            Err(e) if r.existing => Err(OrderError::Unavailable(format!(
+                "order not confirmed yet, retry with the same request_id: {e}"
+            ))),
             Err(e) => Err(self.compensate(req.item, &[r.txn_id], e).await),
+        }
+    }
+
+    /// Transaction 2 with retries. The insert is idempotent (`ON CONFLICT DO NOTHING`), so it is
+    /// retried while the request's deadline allows: a full pool or a moment of failover must not
+    /// cost a buyer the unit transaction 1 already reserved. The error returned is "surely not
+    /// committed" only if no attempt had an unknown outcome.
+    async fn insert_order_retrying(
+        &self,
+        req: &BuyRequest,
+        new: NewOrder,
+    ) -> Result<Option<Order>, OrderError> {
+        const ATTEMPTS: u32 = 4;
+        let user_group = self.router.user_group(req.user);
+        let started = std::time::Instant::now();
+        let mut unknown_outcome = None;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let outcome = match &self.coalescer {
+                Some(c) => c.insert(user_group, new.clone()).await,
+                None => self
+                    .insert_orders_on(user_group, std::slice::from_ref(&new))
+                    .await
+                    .map(|inserted| inserted.into_iter().next()),
+            };
+            let e = match outcome {
+                Ok(order) => return Ok(order),
+                Err(e) => e,
+            };
+            let permanent = matches!(e, OrderError::Db(DbError::Rejected { .. }));
+            if let OrderError::Db(db) = &e {
+                if !db.surely_not_committed() {
+                    unknown_outcome = Some(db.to_string());
+                }
+            }
+            if permanent || attempt >= ATTEMPTS || started.elapsed() >= self.timeout {
+                return Err(match unknown_outcome {
+                    Some(m) => OrderError::Db(DbError::Lost(m)),
+                    None => e,
+                });
+            }
+            tracing::debug!(attempt, error = %e, "order insert failed; retrying");
+            tokio::time::sleep(std::time::Duration::from_millis(25 << attempt)).await;
         }
     }
 
@@ -199,17 +255,23 @@ impl OrderService {
             OrderError::Db(e) => e.surely_not_committed(),
             // No connection to the user's group was ever made.
             OrderError::Shard(_) => true,
+            // Only raised for batch failures known not to have committed.
+            OrderError::Unavailable(_) => true,
             _ => false,
         };
         if !surely_not_committed {
             tracing::warn!(error = %cause, count = txn_ids.len(),
                 "order insert outcome unknown; leaving reservations to the reconciler");
-            return OrderError::Unavailable(format!("order outcome unknown, retry with the same request_id: {cause}"));
+            return OrderError::Unavailable(format!(
+                "order outcome unknown, retry with the same request_id: {cause}"
+            ));
         }
         tracing::warn!(error = %cause, count = txn_ids.len(), "order insert failed; returning the stock");
         match self.release_on(self.router.item_group(item), txn_ids).await {
             Ok(()) => {}
-            Err(e) => tracing::error!(error = %e, "compensation failed; the reconciler will release"),
+            Err(e) => {
+                tracing::error!(error = %e, "compensation failed; the reconciler will release")
+            }
         }
         OrderError::Unavailable(format!("the user's shard group is unavailable: {cause}"))
     }
@@ -234,10 +296,17 @@ impl OrderService {
         let timeout = self.timeout;
         self.tasks.spawn(async move {
             let work = async {
-                let client = cluster.group(group).writer().await.map_err(|e| e.to_string())?;
-                deadline(timeout, store::advance_reservations(&**client, &txn_ids, "ordered"))
+                let client = cluster
+                    .group(group)
+                    .writer()
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(|e| e.to_string())?;
+                deadline(
+                    timeout,
+                    store::advance_reservations(&**client, &txn_ids, "ordered"),
+                )
+                .await
+                .map_err(|e| e.to_string())
             };
             if let Err(e) = work.await {
                 tracing::debug!(error = %e, "could not mark reservations ordered; reconciler will");
@@ -245,7 +314,11 @@ impl OrderService {
         });
     }
 
-    pub async fn find_order(&self, user: UserId, order_id: Uuid) -> Result<Option<Order>, OrderError> {
+    pub async fn find_order(
+        &self,
+        user: UserId,
+        order_id: Uuid,
+    ) -> Result<Option<Order>, OrderError> {
         let group = self.cluster.group(self.router.user_group(user));
         let client = group.writer().await?;
         Ok(deadline(self.timeout, store::get_order(&**client, user, order_id)).await?)
@@ -306,7 +379,11 @@ impl OrderService {
         let item_group = self.cluster.group(self.router.item_group(item));
         let follow = async {
             let client = item_group.writer().await?;
-            deadline(self.timeout, store::advance_reservations(&**client, &[order_id], "paid")).await?;
+            deadline(
+                self.timeout,
+                store::advance_reservations(&**client, &[order_id], "paid"),
+            )
+            .await?;
             Ok::<_, OrderError>(())
         };
         if let Err(e) = follow.await {
@@ -344,7 +421,10 @@ impl OrderService {
             }
         };
         let item = ItemId::from_db(order.item_id as i64);
-        if let Err(e) = self.release_on(self.router.item_group(item), &[order_id]).await {
+        if let Err(e) = self
+            .release_on(self.router.item_group(item), &[order_id])
+            .await
+        {
             tracing::warn!(%order_id, error = %e, "stock not returned yet; the reconciler will");
         }
         Ok(order)

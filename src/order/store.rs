@@ -175,7 +175,7 @@ pub async fn reserve_one(
 }
 
 /// A new order for transaction 2.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct NewOrder {
     pub order_id: Uuid,
     pub user: UserId,
@@ -210,7 +210,12 @@ pub async fn insert_orders(
          RETURNING {ORDER_COLUMNS}"
     );
     let rows = client
-        .query(&sql, &[&ids, &users, &sales, &items, &qty, &amount, &status, &window])
+        .query(
+            &sql,
+            &[
+                &ids, &users, &sales, &items, &qty, &amount, &status, &window,
+            ],
+        )
         .await?;
     Ok(rows.iter().map(Order::from_row).collect())
 }

@@ -344,7 +344,10 @@ mod tests {
         table.replace(1, vec![(KeyKind::Items, 0, "g1".into())]);
         assert_eq!(router.route(KeyKind::Items, 0), 1);
         // A key the table does not name still follows the hash.
-        assert_eq!(router.route(KeyKind::Items, 1), router.kind(KeyKind::Items).by_hash(1));
+        assert_eq!(
+            router.route(KeyKind::Items, 1),
+            router.kind(KeyKind::Items).by_hash(1)
+        );
         // The users kind uses hash: the table does not apply to it.
         table.replace(2, vec![(KeyKind::Users, 0, "g1".into())]);
         assert_eq!(router.route(KeyKind::Users, 0), 0);

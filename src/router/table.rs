@@ -80,7 +80,10 @@ impl TableCache {
     }
 
     /// Re-read the table from the config group if its version moved. Returns whether it changed.
-    pub async fn refresh(&self, client: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    pub async fn refresh(
+        &self,
+        client: &tokio_postgres::Client,
+    ) -> Result<bool, tokio_postgres::Error> {
         let version: i64 = client
             .query_one("SELECT version FROM shard_map_version WHERE id = 1", &[])
             .await?

@@ -27,7 +27,10 @@ pub async fn run(config_path: &Path, action: GroupAction) -> Result<()> {
     }
     match action {
         GroupAction::Status => {
-            println!("{}", serde_json::to_string_pretty(&super::groups_report(&cluster))?);
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&super::groups_report(&cluster))?
+            );
             Ok(())
         }
         GroupAction::Switchover { group } => switchover(&cluster, &group).await,
@@ -54,7 +57,9 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
         .by_name(name)
         .ok_or_else(|| format!("no group named {name:?}"))?;
     let timeout = Duration::from_secs(5);
-    let master = group.writer_index().ok_or("the group has no writable master")?;
+    let master = group
+        .writer_index()
+        .ok_or("the group has no writable master")?;
     let shadow = (0..group.members.len())
         .find(|&i| i != master)
         .ok_or("the group has no shadow")?;
@@ -65,20 +70,34 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
     }
     println!("fencing {} (no new commits) ...", m.endpoint);
     admin(&m.pg_config, FENCE_SQL, timeout).await?;
-    let target = lsn(&m.pg_config, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint").await?;
+    let target = lsn(
+        &m.pg_config,
+        "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
+    )
+    .await?;
     let start = Instant::now();
     loop {
-        let replayed = lsn(&s.pg_config, "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint").await?;
+        let replayed = lsn(
+            &s.pg_config,
+            "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint",
+        )
+        .await?;
         if replayed >= target {
             break;
         }
         if start.elapsed() > Duration::from_secs(30) {
             admin(&m.pg_config, UNFENCE_SQL, timeout).await?;
-            return Err("the shadow did not catch up within 30 s; switchover aborted, master unfenced".into());
+            return Err(
+                "the shadow did not catch up within 30 s; switchover aborted, master unfenced"
+                    .into(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    println!("shadow {} has replayed everything; promoting ...", s.endpoint);
+    println!(
+        "shadow {} has replayed everything; promoting ...",
+        s.endpoint
+    );
     super::monitor::promote(&s.pg_config, timeout).await?;
     println!(
         "done: {} is the master of {name}; {} stays fenced until `seckill group rejoin {name} --data-dir ...`",
@@ -88,11 +107,18 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
 }
 
 /// Turn the group's non-writable member into a standby of the current master.
-pub async fn rejoin(cluster: &Cluster, name: &str, data_dir: &Path, port: Option<u16>) -> Result<()> {
+pub async fn rejoin(
+    cluster: &Cluster,
+    name: &str,
+    data_dir: &Path,
+    port: Option<u16>,
+) -> Result<()> {
     let (_, group) = cluster
         .by_name(name)
         .ok_or_else(|| format!("no group named {name:?}"))?;
-    let master = group.writer_index().ok_or("the group has no writable master to follow")?;
+    let master = group
+        .writer_index()
+        .ok_or("the group has no writable master to follow")?;
     let old = (0..group.members.len())
         .find(|&i| i != master)
         .ok_or("the group has only one member")?;
@@ -106,7 +132,10 @@ pub async fn rejoin(cluster: &Cluster, name: &str, data_dir: &Path, port: Option
     let (mhost, mport) = host_port(&group.members[master].pg_config);
     let (_, oport) = host_port(&group.members[old].pg_config);
     let server = LocalServer::at(&PgBin::locate()?, data_dir, port.unwrap_or(oport));
-    println!("rejoining {} as the shadow of {mhost}:{mport} ...", group.members[old].endpoint);
+    println!(
+        "rejoining {} as the shadow of {mhost}:{mport} ...",
+        group.members[old].endpoint
+    );
     tokio::task::spawn_blocking(move || server.rejoin(&mhost, mport)).await??;
     println!("done: it streams from the master; the engine turns synchronous replication back on");
     Ok(())

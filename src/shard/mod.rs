@@ -10,7 +10,9 @@ pub mod admin;
 pub mod monitor;
 
 use crate::config::{Config, GroupConfig};
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+};
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -66,7 +68,15 @@ pub struct ShardGroup {
 }
 
 impl ShardGroup {
-    pub fn new(config: &GroupConfig, connect_timeout: Duration) -> Result<Self, ShardError> {
+    /// `lock_timeout` bounds how long a statement of ours may queue for a row lock: a hot item's
+    /// lock queue turns into a clean, surely-not-committed refusal instead of a client-side
+    /// deadline whose outcome is unknown. (Not `statement_timeout`: cancelling a COMMIT that waits
+    /// for the synchronous shadow would acknowledge a commit the shadow does not have.)
+    pub fn new(
+        config: &GroupConfig,
+        connect_timeout: Duration,
+        lock_timeout: Duration,
+    ) -> Result<Self, ShardError> {
         let mut members = Vec::new();
         let dsns = std::iter::once(("master", &config.master))
             .chain(config.shadow.iter().map(|s| ("shadow", s)));
@@ -81,6 +91,9 @@ impl ShardGroup {
             }
             if pg_config.get_application_name().is_none() {
                 pg_config.application_name("seckill");
+            }
+            if pg_config.get_options().is_none() {
+                pg_config.options(format!("-c lock_timeout={}", lock_timeout.as_millis()));
             }
             let manager = Manager::from_config(
                 pg_config.clone(),
@@ -184,10 +197,11 @@ pub struct Cluster {
 impl Cluster {
     pub fn new(config: &Config) -> Result<Self, ShardError> {
         let timeout = Duration::from_millis(config.failover.probe_timeout_ms.max(1_000));
+        let lock_timeout = config.request_timeout() * 3 / 5;
         let groups = config
             .groups
             .iter()
-            .map(|g| ShardGroup::new(g, timeout))
+            .map(|g| ShardGroup::new(g, timeout, lock_timeout))
             .collect::<Result<_, _>>()?;
         Ok(Self { groups })
     }

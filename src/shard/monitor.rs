@@ -76,7 +76,11 @@ pub async fn probe(config: &tokio_postgres::Config, timeout: Duration) -> Result
 }
 
 /// Run an administrative statement on one member over a fresh connection.
-pub async fn admin(config: &tokio_postgres::Config, sql: &str, timeout: Duration) -> Result<(), String> {
+pub async fn admin(
+    config: &tokio_postgres::Config,
+    sql: &str,
+    timeout: Duration,
+) -> Result<(), String> {
     let work = async {
         let (client, conn) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
         let conn_task = tokio::spawn(conn);
@@ -91,8 +95,10 @@ pub async fn admin(config: &tokio_postgres::Config, sql: &str, timeout: Duration
     }
 }
 
-pub const FENCE_SQL: &str = "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf();";
-pub const UNFENCE_SQL: &str = "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf();";
+pub const FENCE_SQL: &str =
+    "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf();";
+pub const UNFENCE_SQL: &str =
+    "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf();";
 
 fn sync_sql(names: &str) -> String {
     format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'; SELECT pg_reload_conf();")
@@ -114,10 +120,8 @@ pub async fn check_group(group: &ShardGroup, config: &FailoverConfig) {
 
 async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &mut GroupState) {
     let timeout = Duration::from_millis(config.probe_timeout_ms);
-    let probes = futures::future::join_all(
-        group.members.iter().map(|m| probe(&m.pg_config, timeout)),
-    )
-    .await;
+    let probes =
+        futures::future::join_all(group.members.iter().map(|m| probe(&m.pg_config, timeout))).await;
     let writer = group.writer_index();
 
     // Record what each member looks like.
@@ -200,9 +204,8 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
     }
 
     // No writable member. Is the one we were writing to dead long enough to promote?
-    let dead_long = writer.is_none_or(|w| {
-        group.status()[w].consecutive_failures >= config.failures_before_promote
-    });
+    let dead_long = writer
+        .is_none_or(|w| group.status()[w].consecutive_failures >= config.failures_before_promote);
     if writer.is_some() && dead_long {
         group.set_writer(None);
     }
@@ -229,7 +232,9 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
             group.set_writer(Some(shadow));
             state.no_standby_since = Some(Instant::now());
         }
-        other => tracing::error!(group = %group.name, probe = ?other.err(), "promoted shadow is not writable yet"),
+        other => {
+            tracing::error!(group = %group.name, probe = ?other.err(), "promoted shadow is not writable yet")
+        }
     }
 }
 
@@ -237,7 +242,13 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
 /// old master through pg_rewind), and asynchronous until a new shadow streams, since none does yet.
 /// Idempotent: promoting a server that is no longer in recovery only reports that.
 pub async fn promote(config: &tokio_postgres::Config, timeout: Duration) -> Result<(), String> {
-    if let Err(e) = admin(config, "SELECT pg_promote(true, 30)", Duration::from_secs(35)).await {
+    if let Err(e) = admin(
+        config,
+        "SELECT pg_promote(true, 30)",
+        Duration::from_secs(35),
+    )
+    .await
+    {
         if !e.contains("not in progress") {
             return Err(e);
         }
@@ -277,7 +288,13 @@ async fn manage_sync(
     };
     if probe.sync_names != desired {
         tracing::warn!(group = %group.name, from = %probe.sync_names, to = desired, "changing synchronous_standby_names");
-        if let Err(e) = admin(&group.members[master].pg_config, &sync_sql(desired), timeout).await {
+        if let Err(e) = admin(
+            &group.members[master].pg_config,
+            &sync_sql(desired),
+            timeout,
+        )
+        .await
+        {
             tracing::error!(group = %group.name, error = %e, "cannot change synchronous replication");
         }
     }
@@ -285,7 +302,11 @@ async fn manage_sync(
 
 /// Run the monitor for every group until `cancel` fires.
 pub async fn run(cluster: Arc<Cluster>, config: FailoverConfig, cancel: CancellationToken) {
-    let mut states: Vec<GroupState> = cluster.groups.iter().map(|_| GroupState::default()).collect();
+    let mut states: Vec<GroupState> = cluster
+        .groups
+        .iter()
+        .map(|_| GroupState::default())
+        .collect();
     let mut tick = tokio::time::interval(Duration::from_millis(config.probe_interval_ms));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

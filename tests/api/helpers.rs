@@ -1,0 +1,326 @@
+#![allow(dead_code)] // shared by several test binaries, each using a part
+
+//! Test harness: real PostgreSQL shard groups started by the tests themselves, and the engine
+//! spawned per test on port 0.
+//!
+//! One cluster (two groups, each a master and a streaming shadow) is started per test binary, on
+//! free ports in a temporary folder, and stopped at process exit. Tests share it safely because
+//! every test creates its own sale with item ids nobody else uses.
+
+use reqwest::StatusCode;
+use seckill::app::{Application, Background};
+use seckill::local::{LocalCluster, ServerTuning};
+use seckill::Config;
+use serde_json::{json, Value};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub const TOKEN: &str = "test-admin-token-0123456789";
+
+static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
+
+extern "C" fn stop_cluster_at_exit() {
+    if let Some(c) = CLUSTER.get() {
+        c.stop_all("immediate");
+        let _ = std::fs::remove_dir_all(&c.root);
+    }
+}
+
+/// A base port with `n` free ports after it.
+pub fn free_port_block(n: u16) -> u16 {
+    for _ in 0..200 {
+        let base = 20_000 + (rand_u64() % 30_000) as u16;
+        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no block of {n} free ports found");
+}
+
+fn rand_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+/// Start a fresh local cluster of `groups` groups in a temporary folder.
+pub fn start_cluster(groups: usize) -> LocalCluster {
+    let root = std::env::temp_dir().join(format!(
+        "seckill-test-{}-{}",
+        std::process::id(),
+        rand_u64() % 1_000_000
+    ));
+    let base = free_port_block(2 * groups as u16);
+    let cluster =
+        LocalCluster::layout(&root, base, groups).expect("PostgreSQL binaries (run scripts/test)");
+    let tuning = ServerTuning {
+        fsync: false,
+        shared_buffers: "32MB",
+        max_connections: 400,
+    };
+    cluster
+        .ensure_running(&tuning)
+        .expect("local cluster starts");
+    cluster
+}
+
+pub fn cluster() -> &'static LocalCluster {
+    CLUSTER.get_or_init(|| {
+        let c = start_cluster(2);
+        // SAFETY: registering a plain extern "C" function with atexit.
+        unsafe {
+            libc::atexit(stop_cluster_at_exit);
+        }
+        c
+    })
+}
+
+/// The configuration the dev cluster would use, listening on port 0, with fast background loops.
+pub fn base_config(cluster: &LocalCluster) -> Config {
+    let mut config = Config::from_toml(&cluster.shards_toml("127.0.0.1:0", TOKEN), "test")
+        .expect("valid config");
+    config.routing.table_refresh_ms = 100;
+    config.coalesce.soldout_refresh_ms = 200;
+    config.orders.sweep_interval_ms = 200;
+    config.failover.probe_interval_ms = 100;
+    // Tests that need the reconciler drive it themselves (tests/reconcile.rs).
+    config.orders.reconcile_interval_ms = 0;
+    config
+}
+
+pub struct TestApp {
+    pub addr: String,
+    pub http: reqwest::Client,
+    pub state: Arc<seckill::AppState>,
+    cancel: tokio_util::sync::CancellationToken,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    let mut config = base_config(cluster());
+    tweak(&mut config);
+    spawn_config(
+        config,
+        Background {
+            monitor: false,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+pub async fn spawn_config(config: Config, background: Background) -> TestApp {
+    let app = Application::build_with(config, background)
+        .await
+        .expect("app builds");
+    let addr = format!("http://{}", app.local_addr());
+    let state = app.state();
+    let cancel = app.shutdown_token();
+    tokio::spawn(app.run());
+    TestApp {
+        addr,
+        http: reqwest::Client::builder()
+            .pool_max_idle_per_host(512)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("http client"),
+        state,
+        cancel,
+    }
+}
+
+static NEXT_ITEM: AtomicU64 = AtomicU64::new(0);
+
+/// An item id no other test (or earlier run) uses.
+pub fn fresh_item() -> u64 {
+    let base = NEXT_ITEM.fetch_add(1, Ordering::SeqCst);
+    (rand_u64() % (1 << 40)) * 1000 + base + 1
+}
+
+/// A fresh item id that the default hash routing puts in group `group`.
+pub fn fresh_item_in(app: &TestApp, group: usize) -> u64 {
+    loop {
+        let id = fresh_item();
+        if app.state.router.route(seckill::router::KeyKind::Items, id) == group {
+            return id;
+        }
+    }
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Resp {
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or("")
+    }
+}
+
+impl TestApp {
+    pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status();
+        let headers = resp.headers().clone();
+        let text = resp.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Resp {
+            status,
+            body,
+            headers,
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Resp {
+        self.send(self.http.post(format!("{}{path}", self.addr)).json(&body))
+            .await
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.send(self.http.get(format!("{}{path}", self.addr)))
+            .await
+    }
+
+    pub async fn admin_get(&self, path: &str) -> Resp {
+        self.send(
+            self.http
+                .get(format!("{}{path}", self.addr))
+                .bearer_auth(TOKEN),
+        )
+        .await
+    }
+
+    /// Create a sale that is open now (unless times are given) and return its id.
+    pub async fn create_sale(&self, items: Value) -> u64 {
+        let now = chrono::Utc::now();
+        self.create_sale_at(
+            items,
+            now - chrono::Duration::minutes(1),
+            now + chrono::Duration::hours(1),
+            None,
+        )
+        .await
+    }
+
+    pub async fn create_sale_at(
+        &self,
+        items: Value,
+        starts: chrono::DateTime<chrono::Utc>,
+        ends: chrono::DateTime<chrono::Utc>,
+        window: Option<u32>,
+    ) -> u64 {
+        let mut body = json!({"name": "test sale", "starts_at": starts.to_rfc3339(), "ends_at": ends.to_rfc3339(), "items": items});
+        if let Some(w) = window {
+            body["payment_window_secs"] = json!(w);
+        }
+        let r = self
+            .send(
+                self.http
+                    .post(format!("{}/v1/admin/sales", self.addr))
+                    .bearer_auth(TOKEN)
+                    .json(&body),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "create sale: {:?}", r.body);
+        r.body["sale_id"].as_u64().expect("sale_id")
+    }
+
+    pub async fn buy(
+        &self,
+        sale: u64,
+        item: u64,
+        user: u64,
+        quantity: u32,
+        request_id: Option<&str>,
+    ) -> Resp {
+        let mut body = json!({"user_id": user, "quantity": quantity});
+        if let Some(r) = request_id {
+            body["request_id"] = json!(r);
+        }
+        self.post(&format!("/v1/sales/{sale}/items/{item}/orders"), body)
+            .await
+    }
+
+    /// Buy as a well-behaved client does: one request_id for the purchase, retried with that same
+    /// id while the engine answers 503 (so an attempt whose outcome was unknown is settled).
+    pub async fn buy_retrying(
+        &self,
+        sale: u64,
+        item: u64,
+        user: u64,
+        quantity: u32,
+        request_id: Option<&str>,
+    ) -> Resp {
+        let own_id = uuid::Uuid::new_v4().to_string();
+        let request_id = Some(request_id.unwrap_or(&own_id));
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            let r = self.buy(sale, item, user, quantity, request_id).await;
+            if r.status != StatusCode::SERVICE_UNAVAILABLE {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("still 503 after 60 s");
+    }
+
+    pub async fn remaining(&self, sale: u64, item: u64) -> i64 {
+        let r = self.get(&format!("/v1/sales/{sale}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        r.body["items"]
+            .as_array()
+            .expect("items")
+            .iter()
+            .find(|i| i["item_id"].as_u64() == Some(item))
+            .expect("item in sale")["remaining"]
+            .as_i64()
+            .expect("remaining")
+    }
+
+    pub async fn audit(&self, sale: u64) -> Value {
+        let r = self
+            .admin_get(&format!("/v1/admin/sales/{sale}/audit"))
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        r.body
+    }
+
+    /// Run SQL on a group's master directly (bypassing the engine) and return the first column
+    /// of the first row as i64.
+    pub async fn sql_i64(&self, group: usize, sql: &str) -> i64 {
+        let client = self
+            .state
+            .cluster
+            .group(group)
+            .writer()
+            .await
+            .expect("connection");
+        client.query_one(sql, &[]).await.expect("query").get(0)
+    }
+}
+
+/// Poll `check` every 50 ms until it returns true or `limit` passes.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while start.elapsed() < limit {
+        if check().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}

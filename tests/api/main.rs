@@ -1,0 +1,9 @@
+//! Integration tests against real PostgreSQL shard groups (see helpers.rs).
+
+mod helpers;
+
+mod coalescing;
+mod lifecycle;
+mod orders;
+mod routing;
+mod validation;
