@@ -52,12 +52,12 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
 /// its idle connections), bounded by `timeout`.
 pub async fn probe(config: &tokio_postgres::Config, timeout: Duration) -> Result<Probe, String> {
     let work = async {
-        let (client, conn) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+        let (client, conn) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
         let conn_task = tokio::spawn(conn);
         let row = client
             .query_one(PROBE_SQL, &[])
             .await
-            .map_err(|e| e.to_string());
+            .map_err(|e| describe(&e));
         drop(client);
         conn_task.abort();
         let row = row?;
@@ -75,16 +75,34 @@ pub async fn probe(config: &tokio_postgres::Config, timeout: Duration) -> Result
     }
 }
 
-/// Run an administrative statement on one member over a fresh connection.
+/// The server's own words for an error, not just "db error".
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        },
+    }
+}
+
+/// Run administrative statements on one member over a fresh connection, one at a time (several
+/// in one simple query would form a transaction block, which ALTER SYSTEM refuses).
 pub async fn admin(
     config: &tokio_postgres::Config,
     sql: &str,
     timeout: Duration,
 ) -> Result<(), String> {
     let work = async {
-        let (client, conn) = config.connect(NoTls).await.map_err(|e| e.to_string())?;
+        let (client, conn) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
         let conn_task = tokio::spawn(conn);
-        let r = client.batch_execute(sql).await.map_err(|e| e.to_string());
+        let mut r = Ok(());
+        for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
+            if let Err(e) = client.batch_execute(statement).await {
+                r = Err(describe(&e));
+                break;
+            }
+        }
         drop(client);
         conn_task.abort();
         r
