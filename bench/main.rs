@@ -1,1 +1,163 @@
-fn main() {}
+//! seckill-bench: the load bench for testers.
+//!
+//! It creates its own sale through the API, drives N concurrent virtual users over keep-alive HTTP
+//! connections, reports attempts/s, successful orders/s, HDR latency percentiles and the breakdown by
+//! status/code, then verifies the outcome through the API (and directly in the shards when given
+//! DSNs): no oversell, sold == stock when demand exceeds stock, nobody above the per-user limit,
+//! every acknowledged order present. `--against URL` runs the same scenario against a second engine
+//! and prints the ratio; `--baseline` measures a trivial endpoint (GET /v1/time) at the same
+//! concurrency; `--kill-master GROUP@SECONDS` SIGKILLs a local master mid-run and reports the outage.
+
+mod chaos;
+mod run;
+mod verify;
+
+use clap::{Parser, ValueEnum};
+use serde::Serialize;
+use std::path::PathBuf;
+
+#[derive(Debug, Clone, Copy, ValueEnum, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Scenario {
+    /// One item, demand far above stock (every attempt a new buyer).
+    Hot,
+    /// Many items across the groups.
+    Spread,
+    /// Sell one item out, then a storm of buyers after the sell-out.
+    Soldout,
+    /// Hot item, spread items and sale reads together.
+    Mixed,
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "seckill-bench", about = "Load bench for the seckill engine")]
+pub struct Args {
+    /// Scenario to run.
+    #[arg(long, value_enum, default_value = "hot")]
+    pub scenario: Scenario,
+    /// Engine base URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// A second engine: run the same scenario against it too and print the ratio (first / second
+    /// is reported as "A vs B").
+    #[arg(long)]
+    pub against: Option<String>,
+    /// Concurrent virtual users (one keep-alive connection each).
+    #[arg(long, short = 'c', default_value_t = 256)]
+    pub concurrency: usize,
+    /// Longest run time in seconds (a hot run also ends when the stock is sold out).
+    #[arg(long, short = 'd', default_value_t = 15.0)]
+    pub duration: f64,
+    /// Stock of the hot item (hot, mixed), or of each item (spread).
+    #[arg(long, default_value_t = 20_000)]
+    pub stock: i64,
+    /// Items in the spread and mixed scenarios.
+    #[arg(long, default_value_t = 64)]
+    pub items: usize,
+    /// Per-user limit of every item.
+    #[arg(long, default_value_t = 1)]
+    pub limit: i64,
+    /// Potential buyers per unit of stock (demand = this x stock).
+    #[arg(long, default_value_t = 100)]
+    pub demand: u64,
+    /// Also measure GET /v1/time at the same concurrency, as a bare-handler baseline.
+    #[arg(long)]
+    pub baseline: bool,
+    /// Admin token (default: $SECKILL_ADMIN_TOKEN, else .seckill-dev/admin-token).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// DSNs of group masters to verify directly in the shards (repeatable).
+    #[arg(long)]
+    pub dsn: Vec<String>,
+    /// Read back every acknowledged order through the API after the run.
+    #[arg(long)]
+    pub verify_orders: bool,
+    /// SIGKILL the master of GROUP after SECONDS (local dev cluster), e.g. g0@5.
+    #[arg(long)]
+    pub kill_master: Option<String>,
+    /// The local cluster folder (for --kill-master).
+    #[arg(long, default_value = ".seckill-dev")]
+    pub cluster_dir: PathBuf,
+    /// Write the report(s) as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn token(args: &Args) -> Result<String, String> {
+    if let Some(t) = &args.token {
+        return Ok(t.clone());
+    }
+    if let Ok(t) = std::env::var("SECKILL_ADMIN_TOKEN") {
+        return Ok(t);
+    }
+    std::fs::read_to_string(args.cluster_dir.join("admin-token"))
+        .map(|t| t.trim().to_string())
+        .map_err(|_| "no admin token: pass --token or set SECKILL_ADMIN_TOKEN".to_string())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    match real_main(args).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("verification FAILED");
+            std::process::ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+async fn real_main(args: Args) -> Result<bool, String> {
+    let token = token(&args)?;
+    let mut reports = Vec::new();
+    let mut all_ok = true;
+    let mut urls = vec![args.url.clone()];
+    urls.extend(args.against.clone());
+    for url in &urls {
+        let report = run::run_scenario(&args, url, &token).await?;
+        report.print();
+        all_ok &= report.verification.ok;
+        reports.push(report);
+    }
+    let mut summary = serde_json::json!({ "runs": reports });
+    if let [a, b] = &reports[..] {
+        let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::INFINITY };
+        let orders = ratio(a.orders_per_s, b.orders_per_s);
+        let rejections = ratio(a.rejections_per_s, b.rejections_per_s);
+        println!("\n== {} vs {} ==", a.url, b.url);
+        println!("successful orders/s ratio: {orders:.1}x");
+        println!("rejections/s ratio:        {rejections:.2}x");
+        summary["ratio"] =
+            serde_json::json!({ "orders_per_s": orders, "rejections_per_s": rejections });
+    }
+    if args.baseline {
+        let base = run::baseline(&args, &args.url).await?;
+        let storm = reports[0].rejections_per_s;
+        println!(
+            "\n== baseline GET /v1/time, {} connections ==",
+            args.concurrency
+        );
+        println!("requests/s: {:.0}", base);
+        if storm > 0.0 {
+            println!(
+                "sold-out rejections/s vs baseline: {:.0}%",
+                100.0 * storm / base
+            );
+        }
+        summary["baseline_requests_per_s"] = serde_json::json!(base);
+        summary["rejections_vs_baseline"] = serde_json::json!(storm / base);
+    }
+    if let Some(path) = &args.json {
+        let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("\nJSON report written to {}", path.display());
+    }
+    Ok(all_ok)
+}

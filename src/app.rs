@@ -103,7 +103,14 @@ impl Application {
                 tasks.clone(),
             ))
         });
+        let confirmer = OrderService::confirm_batcher(
+            cluster.clone(),
+            timeout,
+            config.coalesce.max_batch.max(64),
+            tasks.clone(),
+        );
         let orders = OrderService {
+            confirmer,
             cluster: cluster.clone(),
             router: router.clone(),
             timeout,

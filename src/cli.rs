@@ -41,6 +41,12 @@ pub enum Command {
     Serve {
         #[arg(long, default_value = "shards.toml")]
         config: PathBuf,
+        /// Listen here instead of `server.listen`.
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+        /// One transaction per request instead of coalescing (`coalesce.enabled = false`).
+        #[arg(long)]
+        no_coalesce: bool,
     },
     /// Apply migrations to every group's master and exit.
     Migrate {
@@ -132,7 +138,11 @@ pub async fn run(cli: Cli) -> ExitCode {
             listen,
             no_coalesce,
         } => dev(&dir, base_port, &listen, no_coalesce).await,
-        Command::Serve { config } => serve(&config).await,
+        Command::Serve {
+            config,
+            listen,
+            no_coalesce,
+        } => serve(&config, listen, no_coalesce).await,
         Command::Migrate { config } => migrate(&config).await,
         Command::CheckConfig { config } => check_config(&config),
         Command::ShardMap { config, action } => shard_map(&config, action).await,
@@ -181,8 +191,14 @@ async fn serve_until_signal(app: Application) -> CliResult {
     Ok(())
 }
 
-async fn serve(path: &Path) -> CliResult {
-    let config = Config::load(path)?;
+async fn serve(path: &Path, listen: Option<std::net::SocketAddr>, no_coalesce: bool) -> CliResult {
+    let mut config = Config::load(path)?;
+    if let Some(addr) = listen {
+        config.server.listen = addr;
+    }
+    if no_coalesce {
+        config.coalesce.enabled = false;
+    }
     let app = Application::build(config).await?;
     tracing::info!(addr = %app.local_addr(), "seckill serving");
     serve_until_signal(app).await

@@ -92,7 +92,10 @@ pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit
         let client = orders.cluster.group(g).writer().await?;
         let rows = deadline(orders.timeout, async {
             Ok(client
-                .query(AUDIT_SQL, &[&Some(sale.db()), &Some(ids)])
+                .query(
+                    &client.prepare_cached(AUDIT_SQL).await?,
+                    &[&Some(sale.db()), &Some(ids)],
+                )
                 .await?)
         })
         .await?;
@@ -168,7 +171,12 @@ async fn conservation(orders: &OrderService, g: usize) -> Result<Vec<ItemAudit>,
     let none_sale: Option<i64> = None;
     let none_items: Option<Vec<i64>> = None;
     let rows = deadline(orders.timeout, async {
-        Ok(client.query(AUDIT_SQL, &[&none_sale, &none_items]).await?)
+        Ok(client
+            .query(
+                &client.prepare_cached(AUDIT_SQL).await?,
+                &[&none_sale, &none_items],
+            )
+            .await?)
     })
     .await?;
     Ok(rows
@@ -200,11 +208,11 @@ async fn reconcile_group(
         let rows = deadline(orders.timeout, async {
             Ok(client
                 .query(
-                    "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
+                    &client.prepare_cached("SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
                      WHERE state IN ('reserved', 'ordered')
                        AND updated_at < now() - make_interval(secs => $1)
                        AND ($2::uuid IS NULL OR txn_id > $2)
-                     ORDER BY txn_id LIMIT $3",
+                     ORDER BY txn_id LIMIT $3").await?,
                     &[&grace_secs, &cursor, &PAGE],
                 )
                 .await?)
@@ -253,7 +261,7 @@ async fn repair_page(
     for (ug, lives) in by_user_group {
         let client = orders.cluster.group(ug).writer().await?;
         let ids: Vec<Uuid> = lives.iter().map(|l| l.txn_id).collect();
-        let found = deadline(orders.timeout, store::get_orders_by_id(&**client, &ids)).await?;
+        let found = deadline(orders.timeout, store::get_orders_by_id(&client, &ids)).await?;
         let status: HashMap<Uuid, String> =
             found.into_iter().map(|o| (o.order_id, o.status)).collect();
         let missing: Vec<NewOrder> = lives
@@ -273,7 +281,7 @@ async fn repair_page(
         if !missing.is_empty() {
             // Claim the txn ids: only those whose tombstone went in are surely order-less.
             let inserted =
-                deadline(orders.timeout, store::insert_orders(&**client, &missing)).await?;
+                deadline(orders.timeout, store::insert_orders(&client, &missing)).await?;
             for o in &inserted {
                 tracing::warn!(txn_id = %o.order_id, item_id = o.item_id, user_id = o.user_id,
                     "reservation without an order: tombstoned and released");
@@ -300,14 +308,14 @@ async fn repair_page(
     if !to_ordered.is_empty() {
         report.marked_ordered += deadline(
             orders.timeout,
-            store::advance_reservations(&**client, &to_ordered, "ordered"),
+            store::advance_reservations(&client, &to_ordered, "ordered"),
         )
         .await?;
     }
     if !to_paid.is_empty() {
         report.marked_paid += deadline(
             orders.timeout,
-            store::advance_reservations(&**client, &to_paid, "paid"),
+            store::advance_reservations(&client, &to_paid, "paid"),
         )
         .await?;
     }

@@ -177,10 +177,10 @@ impl SaleService<'_> {
         deadline(self.timeout, async {
             client
                 .execute(
-                    "INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
+                    &client.prepare_cached("INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
                                              starts_at, ends_at, payment_window_secs)
                      SELECT $1, i, s, s, p, l, $6, $7, $8
-                     FROM unnest($2::bigint[], $3::int[], $4::bigint[], $5::int[]) AS t(i, s, p, l)",
+                     FROM unnest($2::bigint[], $3::int[], $4::bigint[], $5::int[]) AS t(i, s, p, l)").await?,
                     &[&sale_id.db(), &ids, &stock, &price, &limit, &sale.starts_at, &sale.ends_at, &window],
                 )
                 .await?;
@@ -205,8 +205,8 @@ impl SaleService<'_> {
         deadline(self.timeout, async {
             client
                 .execute(
-                    "INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs)
-                     VALUES ($1, $2, $3, $4, $5, $6)",
+                    &client.prepare_cached("INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs)
+                     VALUES ($1, $2, $3, $4, $5, $6)").await?,
                     &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window],
                 )
                 .await?;
@@ -221,7 +221,9 @@ impl SaleService<'_> {
         deadline(self.timeout, async {
             client
                 .execute(
-                    "DELETE FROM sale_items WHERE sale_id = $1",
+                    &client
+                        .prepare_cached("DELETE FROM sale_items WHERE sale_id = $1")
+                        .await?,
                     &[&sale_id.db()],
                 )
                 .await?;
@@ -244,7 +246,7 @@ impl SaleService<'_> {
         let row = deadline(self.timeout, async {
             Ok(client
                 .query_opt(
-                    "SELECT name, starts_at, ends_at, payment_window_secs, item_ids FROM sales WHERE sale_id = $1",
+                    &client.prepare_cached("SELECT name, starts_at, ends_at, payment_window_secs, item_ids FROM sales WHERE sale_id = $1").await?,
                     &[&sale_id.db()],
                 )
                 .await?)
@@ -283,8 +285,8 @@ impl SaleService<'_> {
             let rows = deadline(self.timeout, async {
                 Ok(client
                     .query(
-                        "SELECT item_id, stock, remaining, price_cents, per_user_limit FROM sale_items
-                         WHERE sale_id = $1 AND item_id = ANY($2)",
+                        &client.prepare_cached("SELECT item_id, stock, remaining, price_cents, per_user_limit FROM sale_items
+                         WHERE sale_id = $1 AND item_id = ANY($2)").await?,
                         &[&sale_id.db(), &ids],
                     )
                     .await?)

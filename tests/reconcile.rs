@@ -95,7 +95,7 @@ async fn reconciler_repairs_a_crash_between_the_two_transactions() {
         payment_window_secs: 900,
         status: "pending_payment",
     };
-    let inserted = seckill::order::store::insert_orders(&**client, &[late])
+    let inserted = seckill::order::store::insert_orders(&client, &[late])
         .await
         .unwrap();
     assert!(inserted.is_empty());

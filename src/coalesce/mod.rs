@@ -88,6 +88,7 @@ impl Coalescer {
                 let (cluster, router, hot) = (c.clone(), r.clone(), hot.clone());
                 async move {
                 let n = asks.len();
+                let started = std::time::Instant::now();
                 let work = async {
                     let group = cluster.group(router.item_group(item));
                     let mut client = group.writer().await?;
@@ -100,7 +101,7 @@ impl Coalescer {
                         if let Some(rem) = remaining {
                             hot.observe(sale, item, rem);
                         }
-                        tracing::trace!(%item, batch = n, "coalesced reserve");
+                        tracing::trace!(%item, batch = n, micros = started.elapsed().as_micros() as u64, "coalesced reserve");
                         outcomes.into_iter().map(Ok).collect()
                     }
                     Err(e) => {
@@ -124,7 +125,7 @@ impl Coalescer {
                     let work = async {
                         let client = cluster.group(group).writer().await?;
                         Ok::<_, OrderError>(
-                            deadline(timeout, store::insert_orders(&**client, &orders)).await?,
+                            deadline(timeout, store::insert_orders(&client, &orders)).await?,
                         )
                     };
                     match work.await {
@@ -254,13 +255,12 @@ impl SoldOutCache {
             let Ok(client) = cluster.group(g).writer().await else {
                 continue;
             };
-            let rows = client
-                .query(
-                    "SELECT si.sale_id, si.item_id, si.remaining FROM sale_items si
-                     JOIN unnest($1::bigint[], $2::bigint[]) AS k(s, i) ON si.sale_id = k.s AND si.item_id = k.i",
-                    &[&sales, &items],
-                )
-                .await;
+            const SQL: &str = "SELECT si.sale_id, si.item_id, si.remaining FROM sale_items si
+                 JOIN unnest($1::bigint[], $2::bigint[]) AS k(s, i) ON si.sale_id = k.s AND si.item_id = k.i";
+            let rows = match client.prepare_cached(SQL).await {
+                Ok(stmt) => client.query(&stmt, &[&sales, &items]).await,
+                Err(e) => Err(e),
+            };
             match rows {
                 Ok(rows) => {
                     for r in rows {

@@ -93,6 +93,7 @@ pub struct OrderService {
     pub tasks: tokio_util::task::TaskTracker,
     pub coalescer: Option<Arc<crate::coalesce::Coalescer>>,
     pub hot: Arc<crate::coalesce::HotPath>,
+    pub confirmer: Arc<crate::coalesce::batcher::Batcher<usize, Uuid, ()>>,
 }
 
 impl OrderService {
@@ -240,7 +241,7 @@ impl OrderService {
     ) -> Result<Vec<Order>, OrderError> {
         let group = self.cluster.group(user_group);
         let client = group.writer().await?;
-        Ok(deadline(self.timeout, store::insert_orders(&**client, orders)).await?)
+        Ok(deadline(self.timeout, store::insert_orders(&client, orders)).await?)
     }
 
     /// Transaction 2 failed: release the reservations if the orders surely do not exist, and
@@ -280,7 +281,7 @@ impl OrderService {
     pub async fn release_on(&self, item_group: usize, txn_ids: &[Uuid]) -> Result<(), OrderError> {
         let group = self.cluster.group(item_group);
         let client = group.writer().await?;
-        let back = deadline(self.timeout, store::release(&**client, txn_ids)).await?;
+        let back = deadline(self.timeout, store::release(&client, txn_ids)).await?;
         for (sale, item, remaining) in back {
             self.hot
                 .observe(SaleId::from_db(sale), ItemId::from_db(item), remaining);
@@ -288,30 +289,55 @@ impl OrderService {
         Ok(())
     }
 
-    /// Mark reservations `ordered` after their orders committed. Off the request path: the state
-    /// is informational until the reconciler needs it, and it repairs what this misses.
+    /// Mark a reservation `ordered` after its order committed. Off the request path and batched
+    /// per item group (one UPDATE for many orders): the state is informational until the
+    /// reconciler needs it, and the reconciler repairs what this misses.
     pub(crate) fn confirm_reservations(&self, item: ItemId, txn_ids: Vec<Uuid>) {
-        let cluster = self.cluster.clone();
         let group = self.router.item_group(item);
-        let timeout = self.timeout;
+        let confirmer = self.confirmer.clone();
         self.tasks.spawn(async move {
-            let work = async {
-                let client = cluster
-                    .group(group)
-                    .writer()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                deadline(
-                    timeout,
-                    store::advance_reservations(&**client, &txn_ids, "ordered"),
-                )
-                .await
-                .map_err(|e| e.to_string())
-            };
-            if let Err(e) = work.await {
-                tracing::debug!(error = %e, "could not mark reservations ordered; reconciler will");
+            for txn in txn_ids {
+                // Ignored on failure by design (see above).
+                let _ = confirmer.submit(group, txn).await;
             }
         });
+    }
+
+    /// The batcher behind [`Self::confirm_reservations`].
+    pub fn confirm_batcher(
+        cluster: Arc<Cluster>,
+        timeout: Duration,
+        max_batch: usize,
+        tasks: tokio_util::task::TaskTracker,
+    ) -> Arc<crate::coalesce::batcher::Batcher<usize, Uuid, ()>> {
+        crate::coalesce::batcher::Batcher::new(
+            max_batch,
+            Duration::ZERO,
+            tasks,
+            move |group: usize, txn_ids: Vec<Uuid>| {
+                let cluster = cluster.clone();
+                Box::pin(async move {
+                    let n = txn_ids.len();
+                    let work = async {
+                        let client = cluster
+                            .group(group)
+                            .writer()
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        deadline(
+                            timeout,
+                            store::advance_reservations(&client, &txn_ids, "ordered"),
+                        )
+                        .await
+                        .map_err(|e| e.to_string())
+                    };
+                    if let Err(e) = work.await {
+                        tracing::debug!(error = %e, "could not mark reservations ordered; reconciler will");
+                    }
+                    vec![(); n]
+                })
+            },
+        )
     }
 
     pub async fn find_order(
@@ -321,7 +347,7 @@ impl OrderService {
     ) -> Result<Option<Order>, OrderError> {
         let group = self.cluster.group(self.router.user_group(user));
         let client = group.writer().await?;
-        Ok(deadline(self.timeout, store::get_order(&**client, user, order_id)).await?)
+        Ok(deadline(self.timeout, store::get_order(&client, user, order_id)).await?)
     }
 
     pub async fn get_order(&self, user: UserId, order_id: Uuid) -> Result<Order, OrderError> {
@@ -333,7 +359,7 @@ impl OrderService {
     pub async fn list_orders(&self, user: UserId, limit: i64) -> Result<Vec<Order>, OrderError> {
         let group = self.cluster.group(self.router.user_group(user));
         let client = group.writer().await?;
-        Ok(deadline(self.timeout, store::list_orders(&**client, user, limit)).await?)
+        Ok(deadline(self.timeout, store::list_orders(&client, user, limit)).await?)
     }
 
     /// Payment callback: pending -> paid; a repeated callback returns the paid order unchanged.
@@ -347,7 +373,12 @@ impl OrderService {
             store::ORDER_COLUMNS
         );
         let paid = deadline(self.timeout, async {
-            Ok(client.query_opt(&sql, &[&order_id, &user.db()]).await?)
+            Ok(client
+                .query_opt(
+                    &client.prepare_cached(&sql).await?,
+                    &[&order_id, &user.db()],
+                )
+                .await?)
         })
         .await?;
         drop(client);
@@ -381,7 +412,7 @@ impl OrderService {
             let client = item_group.writer().await?;
             deadline(
                 self.timeout,
-                store::advance_reservations(&**client, &[order_id], "paid"),
+                store::advance_reservations(&client, &[order_id], "paid"),
             )
             .await?;
             Ok::<_, OrderError>(())
@@ -403,7 +434,12 @@ impl OrderService {
             store::ORDER_COLUMNS
         );
         let cancelled = deadline(self.timeout, async {
-            Ok(client.query_opt(&sql, &[&order_id, &user.db()]).await?)
+            Ok(client
+                .query_opt(
+                    &client.prepare_cached(&sql).await?,
+                    &[&order_id, &user.db()],
+                )
+                .await?)
         })
         .await?;
         drop(client);
@@ -445,7 +481,9 @@ impl OrderService {
         let rows = deadline(self.timeout, async {
             Ok(client
                 .query(
-                    "WITH due AS (
+                    &client
+                        .prepare_cached(
+                            "WITH due AS (
                          SELECT order_id FROM orders
                          WHERE status = 'pending_payment' AND expires_at <= now()
                            AND ($1::uuid IS NULL OR order_id = $1)
@@ -454,6 +492,8 @@ impl OrderService {
                      UPDATE orders o SET status = 'expired', updated_at = now()
                      FROM due WHERE o.order_id = due.order_id
                      RETURNING o.order_id, o.item_id",
+                        )
+                        .await?,
                     &[&only, &batch],
                 )
                 .await?)

@@ -12,8 +12,10 @@
 use crate::db::DbError;
 use crate::domain::{ItemId, Quantity, SaleId, UserId};
 use chrono::{DateTime, Utc};
+use deadpool_postgres::ClientWrapper;
 use serde::Serialize;
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 use uuid::Uuid;
 
 /// An order as the API shows it.
@@ -74,14 +76,18 @@ pub enum Refusal {
 
 /// Find out why the conditional decrement matched no row.
 pub async fn diagnose(
-    client: &impl GenericClient,
+    client: &ClientWrapper,
     sale: SaleId,
     item: ItemId,
 ) -> Result<Refusal, DbError> {
     let row = client
         .query_opt(
-            "SELECT remaining, starts_at <= now(), now() < ends_at FROM sale_items
+            &client
+                .prepare_cached(
+                    "SELECT remaining, starts_at <= now(), now() < ends_at FROM sale_items
              WHERE sale_id = $1 AND item_id = $2",
+                )
+                .await?,
             &[&sale.db(), &item.db()],
         )
         .await?;
@@ -97,7 +103,7 @@ pub async fn diagnose(
 
 /// Transaction 1 for one request: conditional decrement, per-user limit, reservation.
 pub async fn reserve_one(
-    client: &mut tokio_postgres::Client,
+    client: &mut ClientWrapper,
     sale: SaleId,
     item: ItemId,
     user: UserId,
@@ -107,10 +113,13 @@ pub async fn reserve_one(
     let tx = client.transaction().await?;
     let decremented = tx
         .query_opt(
-            "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
+            &tx.prepare_cached(
+                "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
              WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3
                AND starts_at <= now() AND now() < ends_at
              RETURNING per_user_limit, price_cents, payment_window_secs, remaining",
+            )
+            .await?,
             &[&sale.db(), &item.db(), &quantity.db()],
         )
         .await?;
@@ -127,10 +136,10 @@ pub async fn reserve_one(
     let after: i32 = row.get(3);
     let prior = tx
         .query_one(
-            "SELECT coalesce(sum(quantity) FILTER (WHERE txn_id <> $4 AND state <> 'released'), 0)::bigint,
+            &tx.prepare_cached("SELECT coalesce(sum(quantity) FILTER (WHERE txn_id <> $4 AND state <> 'released'), 0)::bigint,
                     max(state) FILTER (WHERE txn_id = $4),
                     max(quantity) FILTER (WHERE txn_id = $4)
-             FROM reservations WHERE sale_id = $1 AND item_id = $2 AND user_id = $3",
+             FROM reservations WHERE sale_id = $1 AND item_id = $2 AND user_id = $3").await?,
             &[&sale.db(), &item.db(), &user.db(), &txn_id],
         )
         .await?;
@@ -155,11 +164,11 @@ pub async fn reserve_one(
         return Ok((Err(Refusal::LimitExceeded { limit, already }), None));
     }
     tx.execute(
-        "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
+        &tx.prepare_cached("INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
          VALUES ($1, $2, $3, $4, $5, 'reserved')
          ON CONFLICT (txn_id) DO UPDATE
             SET state = 'reserved', quantity = EXCLUDED.quantity, created_at = now(), updated_at = now()
-            WHERE reservations.state = 'released'",
+            WHERE reservations.state = 'released'").await?,
         &[&txn_id, &sale.db(), &item.db(), &user.db(), &quantity.db()],
     )
     .await?;
@@ -190,7 +199,7 @@ pub struct NewOrder {
 /// Transaction 2: insert orders on one user group in one statement. Returns the orders this call
 /// inserted; an id missing from the answer existed already (a retry, or a reconciler tombstone).
 pub async fn insert_orders(
-    client: &impl GenericClient,
+    client: &ClientWrapper,
     orders: &[NewOrder],
 ) -> Result<Vec<Order>, DbError> {
     let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
@@ -211,7 +220,7 @@ pub async fn insert_orders(
     );
     let rows = client
         .query(
-            &sql,
+            &client.prepare_cached(&sql).await?,
             &[
                 &ids, &users, &sales, &items, &qty, &amount, &status, &window,
             ],
@@ -221,25 +230,25 @@ pub async fn insert_orders(
 }
 
 pub async fn get_order(
-    client: &impl GenericClient,
+    client: &ClientWrapper,
     user: UserId,
     order_id: Uuid,
 ) -> Result<Option<Order>, DbError> {
     let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = $1 AND user_id = $2");
     Ok(client
-        .query_opt(&sql, &[&order_id, &user.db()])
+        .query_opt(
+            &client.prepare_cached(&sql).await?,
+            &[&order_id, &user.db()],
+        )
         .await?
         .as_ref()
         .map(Order::from_row))
 }
 
-pub async fn get_orders_by_id(
-    client: &impl GenericClient,
-    ids: &[Uuid],
-) -> Result<Vec<Order>, DbError> {
+pub async fn get_orders_by_id(client: &ClientWrapper, ids: &[Uuid]) -> Result<Vec<Order>, DbError> {
     let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ANY($1)");
     Ok(client
-        .query(&sql, &[&ids])
+        .query(&client.prepare_cached(&sql).await?, &[&ids])
         .await?
         .iter()
         .map(Order::from_row)
@@ -247,7 +256,7 @@ pub async fn get_orders_by_id(
 }
 
 pub async fn list_orders(
-    client: &impl GenericClient,
+    client: &ClientWrapper,
     user: UserId,
     limit: i64,
 ) -> Result<Vec<Order>, DbError> {
@@ -255,7 +264,7 @@ pub async fn list_orders(
         "SELECT {ORDER_COLUMNS} FROM orders WHERE user_id = $1 ORDER BY created_at DESC, order_id LIMIT $2"
     );
     Ok(client
-        .query(&sql, &[&user.db(), &limit])
+        .query(&client.prepare_cached(&sql).await?, &[&user.db(), &limit])
         .await?
         .iter()
         .map(Order::from_row)
@@ -267,12 +276,14 @@ pub async fn list_orders(
 /// twice, whoever (compensation, cancel, sweeper, reconciler) asks for it and however often.
 /// Returns `(sale_id, item_id, remaining_after)` for every item that got stock back.
 pub async fn release(
-    client: &impl GenericClient,
+    client: &ClientWrapper,
     txn_ids: &[Uuid],
 ) -> Result<Vec<(i64, i64, i32)>, DbError> {
     let rows = client
         .query(
-            "WITH r AS (
+            &client
+                .prepare_cached(
+                    "WITH r AS (
                  UPDATE reservations SET state = 'released', updated_at = now()
                  WHERE txn_id = ANY($1) AND state IN ('reserved', 'ordered')
                  RETURNING sale_id, item_id, quantity),
@@ -280,6 +291,8 @@ pub async fn release(
              UPDATE sale_items si SET remaining = si.remaining + s.q, version = si.version + 1
              FROM s WHERE si.sale_id = s.sale_id AND si.item_id = s.item_id
              RETURNING si.sale_id, si.item_id, si.remaining",
+                )
+                .await?,
             &[&txn_ids],
         )
         .await?;
@@ -291,7 +304,7 @@ pub async fn release(
 
 /// Move live reservations forward to `ordered` or `paid` (never backwards, never out of released).
 pub async fn advance_reservations(
-    client: &impl GenericClient,
+    client: &ClientWrapper,
     txn_ids: &[Uuid],
     to: &str,
 ) -> Result<u64, DbError> {
@@ -301,8 +314,12 @@ pub async fn advance_reservations(
     };
     Ok(client
         .execute(
-            "UPDATE reservations SET state = $2, updated_at = now()
+            &client
+                .prepare_cached(
+                    "UPDATE reservations SET state = $2, updated_at = now()
              WHERE txn_id = ANY($1) AND state = ANY($3)",
+                )
+                .await?,
             &[&txn_ids, &to, &from],
         )
         .await?)
@@ -320,21 +337,37 @@ pub struct BatchAsk {
 /// users, allocate in arrival order ([`crate::coalesce::allocate`]), then one conditional decrement
 /// and one bulk insert. Returns each request's outcome and the remaining stock after the batch.
 pub async fn reserve_batch(
-    client: &mut tokio_postgres::Client,
+    client: &mut ClientWrapper,
     sale: SaleId,
     item: ItemId,
     asks: &[BatchAsk],
 ) -> Result<(Vec<Result<Reserved, Refusal>>, Option<i32>), DbError> {
     use crate::coalesce::allocate::{allocate, Ask, Decision, Holdings};
     let tx = client.transaction().await?;
-    let row = tx
-        .query_opt(
+    let lock_stmt = tx
+        .prepare_cached(
             "SELECT remaining, per_user_limit, price_cents, payment_window_secs,
                     starts_at <= now(), now() < ends_at
              FROM sale_items WHERE sale_id = $1 AND item_id = $2 FOR UPDATE",
-            &[&sale.db(), &item.db()],
         )
         .await?;
+    let held_stmt = tx
+        .prepare_cached(
+            "SELECT txn_id, user_id, quantity FROM reservations
+             WHERE sale_id = $1 AND item_id = $2 AND user_id = ANY($3) AND state <> 'released'",
+        )
+        .await?;
+    let (sale_db, item_db) = (sale.db(), item.db());
+    let users: Vec<i64> = asks.iter().map(|a| a.user.db()).collect();
+    // Pipelined in one round trip. The server runs them in order, and in READ COMMITTED the
+    // holdings read takes its snapshot after the row lock is granted, so it sees every purchase
+    // committed before ours.
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&sale_db, &item_db];
+    let held_params: [&(dyn ToSql + Sync); 3] = [&sale_db, &item_db, &users];
+    let (row, held) = futures::try_join!(
+        tx.query_opt(&lock_stmt, &lock_params),
+        tx.query(&held_stmt, &held_params),
+    )?;
     let refuse_all = |r: Refusal| asks.iter().map(|_| Err(r.clone())).collect();
     let Some(row) = row else {
         tx.rollback().await?;
@@ -351,14 +384,6 @@ pub async fn reserve_batch(
         };
         return Ok((refuse_all(r), Some(remaining)));
     }
-    let users: Vec<i64> = asks.iter().map(|a| a.user.db()).collect();
-    let held = tx
-        .query(
-            "SELECT txn_id, user_id, quantity FROM reservations
-             WHERE sale_id = $1 AND item_id = $2 AND user_id = ANY($3) AND state <> 'released'",
-            &[&sale.db(), &item.db(), &users],
-        )
-        .await?;
     let mut holdings = Holdings::default();
     for r in &held {
         let (txn, user, q): (Uuid, i64, i32) = (r.get(0), r.get(1), r.get(2));
@@ -375,21 +400,6 @@ pub async fn reserve_batch(
         .collect();
     let (decisions, taken) = allocate(remaining, limit, &plan, &holdings);
     if taken > 0 {
-        let updated = tx
-            .execute(
-                "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
-                 WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3",
-                &[&sale.db(), &item.db(), &taken],
-            )
-            .await?;
-        if updated != 1 {
-            // Cannot happen while we hold the row lock; refuse rather than guess.
-            tx.rollback().await?;
-            return Err(DbError::Rejected {
-                code: "seckill".into(),
-                message: "stock changed under the row lock".into(),
-            });
-        }
         let mut ids = Vec::new();
         let mut users = Vec::new();
         let mut qty = Vec::new();
@@ -400,15 +410,36 @@ pub async fn reserve_batch(
                 qty.push(*quantity);
             }
         }
-        tx.execute(
-            "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
-             SELECT t, $1, $2, u, q, 'reserved' FROM unnest($3::uuid[], $4::bigint[], $5::int[]) AS x(t, u, q)
-             ON CONFLICT (txn_id) DO UPDATE
-                SET state = 'reserved', quantity = EXCLUDED.quantity, created_at = now(), updated_at = now()
-                WHERE reservations.state = 'released'",
-            &[&sale.db(), &item.db(), &ids, &users, &qty],
-        )
-        .await?;
+        let update_stmt = tx
+            .prepare_cached(
+                "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
+                 WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3",
+            )
+            .await?;
+        let insert_stmt = tx
+            .prepare_cached(
+                "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
+                 SELECT t, $1, $2, u, q, 'reserved' FROM unnest($3::uuid[], $4::bigint[], $5::int[]) AS x(t, u, q)
+                 ON CONFLICT (txn_id) DO UPDATE
+                    SET state = 'reserved', quantity = EXCLUDED.quantity, created_at = now(), updated_at = now()
+                    WHERE reservations.state = 'released'",
+            )
+            .await?;
+        // One round trip for both; the UPDATE keeps its condition as a last guard.
+        let update_params: [&(dyn ToSql + Sync); 3] = [&sale_db, &item_db, &taken];
+        let insert_params: [&(dyn ToSql + Sync); 5] = [&sale_db, &item_db, &ids, &users, &qty];
+        let (updated, _) = futures::try_join!(
+            tx.execute(&update_stmt, &update_params),
+            tx.execute(&insert_stmt, &insert_params),
+        )?;
+        if updated != 1 {
+            // Cannot happen while we hold the row lock; refuse rather than guess.
+            tx.rollback().await?;
+            return Err(DbError::Rejected {
+                code: "seckill".into(),
+                message: "stock changed under the row lock".into(),
+            });
+        }
         tx.commit().await?;
     } else {
         tx.rollback().await?;

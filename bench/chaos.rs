@@ -1,0 +1,123 @@
+//! `--kill-master GROUP@SECONDS`: SIGKILL the current master of a local dev-cluster group mid-run,
+//! then measure the write outage from the acknowledged orders' timestamps.
+
+use crate::run::Acked;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub group: String,
+    pub cluster_dir: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Kill {
+    pub member: String,
+    pub at_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Outage {
+    pub member: String,
+    pub killed_at_s: f64,
+    /// The longest time without an acknowledged order from the kill on.
+    pub outage_s: f64,
+    pub failures_after_kill: usize,
+}
+
+pub fn parse(spec: &str, dir: &Path) -> Result<(f64, Target), String> {
+    let (group, at) = spec
+        .split_once('@')
+        .ok_or_else(|| format!("--kill-master wants GROUP@SECONDS, got {spec:?}"))?;
+    let at: f64 = at.parse().map_err(|_| format!("bad seconds in {spec:?}"))?;
+    Ok((
+        at,
+        Target {
+            group: group.to_string(),
+            cluster_dir: dir.to_path_buf(),
+        },
+    ))
+}
+
+/// Find the writable member of the group through the engine, then the local server listening on
+/// that port (postmaster.pid line 4 is the port), and SIGKILL its postmaster.
+pub async fn kill_master(
+    url: &str,
+    target: &Target,
+    http: &reqwest::Client,
+    now_s: f64,
+) -> Result<Kill, String> {
+    let token = std::env::var("SECKILL_ADMIN_TOKEN")
+        .ok()
+        .or_else(|| std::fs::read_to_string(target.cluster_dir.join("admin-token")).ok())
+        .unwrap_or_default();
+    let groups: serde_json::Value = http
+        .get(format!("{url}/v1/admin/groups"))
+        .bearer_auth(token.trim())
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .json()
+        .await
+        .map_err(|e| e.to_string())?;
+    let endpoint = groups["groups"]
+        .as_array()
+        .and_then(|gs| gs.iter().find(|g| g["name"] == target.group.as_str()))
+        .and_then(|g| g["writable_master"].as_str())
+        .ok_or_else(|| format!("group {} has no writable master to kill", target.group))?
+        .to_string();
+    let port = endpoint.rsplit(':').next().unwrap_or("").to_string();
+    let entries = std::fs::read_dir(&target.cluster_dir)
+        .map_err(|e| format!("{}: {e}", target.cluster_dir.display()))?;
+    for entry in entries.flatten() {
+        let pid_file = entry.path().join("data").join("postmaster.pid");
+        let Ok(text) = std::fs::read_to_string(&pid_file) else {
+            continue;
+        };
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.get(3).map(|l| l.trim()) == Some(port.as_str()) {
+            let pid: i32 = lines[0]
+                .trim()
+                .parse()
+                .map_err(|_| "bad postmaster.pid".to_string())?;
+            // SAFETY: kill(2) on the pid the server wrote into its own pid file.
+            if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+                return Err(format!("kill {pid}: {}", std::io::Error::last_os_error()));
+            }
+            println!(
+                "\n*** killed master {endpoint} of {} (pid {pid}) at {now_s:.2} s ***",
+                target.group
+            );
+            return Ok(Kill {
+                member: endpoint,
+                at_s: now_s,
+            });
+        }
+    }
+    Err(format!(
+        "no local server listening on port {port} under {}",
+        target.cluster_dir.display()
+    ))
+}
+
+pub fn outage(kill: &Kill, acked: &[Acked], failures: &[f64]) -> Outage {
+    let mut times: Vec<f64> = acked
+        .iter()
+        .map(|a| a.at_s)
+        .filter(|&t| t >= kill.at_s)
+        .collect();
+    times.sort_by(f64::total_cmp);
+    let mut last = kill.at_s;
+    let mut longest = 0.0f64;
+    for t in times {
+        longest = longest.max(t - last);
+        last = t;
+    }
+    Outage {
+        member: kill.member.clone(),
+        killed_at_s: kill.at_s,
+        outage_s: longest,
+        failures_after_kill: failures.iter().filter(|&&t| t >= kill.at_s).count(),
+    }
+}

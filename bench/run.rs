@@ -1,0 +1,482 @@
+//! Running one scenario against one engine and reporting it.
+
+use crate::{chaos, verify, Args, Scenario};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct Latency {
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    fn of(h: &Histogram<u64>) -> Self {
+        let ms = |v: u64| v as f64 / 1000.0;
+        Self {
+            p50_ms: ms(h.value_at_quantile(0.5)),
+            p90_ms: ms(h.value_at_quantile(0.9)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// One acknowledged order.
+#[derive(Debug, Clone)]
+pub struct Acked {
+    pub item: u64,
+    pub user: u64,
+    pub quantity: i64,
+    pub order_id: String,
+    pub at_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub scenario: Scenario,
+    pub url: String,
+    pub concurrency: usize,
+    pub sale_id: u64,
+    pub elapsed_s: f64,
+    pub attempts: u64,
+    pub attempts_per_s: f64,
+    pub orders: u64,
+    /// Orders per second over the selling window (start to the last acknowledged order).
+    pub orders_per_s: f64,
+    pub sell_window_s: f64,
+    /// 409 sold_out answers, per second of the run (the storm phase for `soldout`).
+    pub rejections_per_s: f64,
+    pub by_status: BTreeMap<String, u64>,
+    pub latency_all: Latency,
+    pub latency_orders: Latency,
+    pub outage: Option<chaos::Outage>,
+    pub verification: verify::Verification,
+}
+
+impl Report {
+    pub fn print(&self) {
+        println!(
+            "\n== {:?} on {} ({} connections, sale {}) ==",
+            self.scenario, self.url, self.concurrency, self.sale_id
+        );
+        println!("elapsed            {:.2} s", self.elapsed_s);
+        println!(
+            "attempts           {} ({:.0}/s)",
+            self.attempts, self.attempts_per_s
+        );
+        println!(
+            "successful orders  {} ({:.0}/s over a {:.2} s selling window)",
+            self.orders, self.orders_per_s, self.sell_window_s
+        );
+        println!("sold_out answers   {:.0}/s", self.rejections_per_s);
+        let l = &self.latency_all;
+        println!(
+            "latency, all       p50 {:.2} ms  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+        );
+        let l = &self.latency_orders;
+        println!(
+            "latency, accepted  p50 {:.2} ms  p90 {:.2}  p99 {:.2}  p99.9 {:.2}  max {:.2}",
+            l.p50_ms, l.p90_ms, l.p99_ms, l.p999_ms, l.max_ms
+        );
+        println!("by status/code:");
+        for (k, v) in &self.by_status {
+            println!("  {k:<32} {v}");
+        }
+        if let Some(o) = &self.outage {
+            println!(
+                "kill-master: {} killed at {:.2} s; write outage {:.2} s; {} failed attempts after the kill",
+                o.member, o.killed_at_s, o.outage_s, o.failures_after_kill
+            );
+        }
+        self.verification.print();
+    }
+}
+
+pub struct Setup {
+    pub sale_id: u64,
+    /// (item id, stock)
+    pub items: Vec<(u64, i64)>,
+    pub user_base: u64,
+}
+
+fn rand_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+pub fn client(concurrency: usize) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(concurrency)
+        .tcp_nodelay(true)
+        .timeout(Duration::from_secs(30))
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+async fn create_sale(
+    http: &reqwest::Client,
+    url: &str,
+    token: &str,
+    items: &[(u64, i64)],
+    limit: i64,
+) -> Result<u64, String> {
+    let now = chrono::Utc::now();
+    let body = serde_json::json!({
+        "name": "seckill-bench",
+        "starts_at": (now - chrono::Duration::seconds(5)).to_rfc3339(),
+        "ends_at": (now + chrono::Duration::hours(2)).to_rfc3339(),
+        "items": items.iter().map(|(id, stock)| serde_json::json!({
+            "item_id": id, "stock": stock, "price_cents": 100, "per_user_limit": limit
+        })).collect::<Vec<_>>(),
+    });
+    let resp = http
+        .post(format!("{url}/v1/admin/sales"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach {url}: {e}"))?;
+    let status = resp.status();
+    let v: serde_json::Value = resp.json().await.map_err(|e| e.to_string())?;
+    if status != reqwest::StatusCode::CREATED {
+        return Err(format!("creating the sale failed: {status} {v}"));
+    }
+    v["sale_id"]
+        .as_u64()
+        .ok_or_else(|| "no sale_id in answer".to_string())
+}
+
+/// Shared counters of a run.
+struct Tally {
+    attempts: AtomicU64,
+    orders: AtomicU64,
+    sold_out: AtomicU64,
+    stop: AtomicBool,
+    by_status: Mutex<HashMap<String, u64>>,
+    all: Mutex<Histogram<u64>>,
+    accepted: Mutex<Histogram<u64>>,
+    acked: Mutex<Vec<Acked>>,
+    failures: Mutex<Vec<f64>>,
+}
+
+impl Tally {
+    fn new() -> Result<Self, String> {
+        let h = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string());
+        Ok(Self {
+            attempts: AtomicU64::new(0),
+            orders: AtomicU64::new(0),
+            sold_out: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            by_status: Mutex::new(HashMap::new()),
+            all: Mutex::new(h()?),
+            accepted: Mutex::new(h()?),
+            acked: Mutex::new(Vec::new()),
+            failures: Mutex::new(Vec::new()),
+        })
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// What one virtual user does next.
+enum Step {
+    Buy { item: u64, user: u64 },
+    ReadSale,
+}
+
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        // xorshift64*: plenty for picking users and items.
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+fn next_step(scenario: Scenario, setup: &Setup, demand: u64, rng: &mut Rng) -> Step {
+    let buyers = demand.max(1);
+    let user = setup.user_base + rng.next() % buyers;
+    match scenario {
+        Scenario::Hot | Scenario::Soldout => Step::Buy {
+            item: setup.items[0].0,
+            user,
+        },
+        Scenario::Spread => Step::Buy {
+            item: setup.items[(rng.next() % setup.items.len() as u64) as usize].0,
+            user,
+        },
+        Scenario::Mixed => match rng.next() % 10 {
+            0..=3 => Step::Buy {
+                item: setup.items[0].0,
+                user,
+            },
+            4..=7 => Step::Buy {
+                item: setup.items[1 + (rng.next() % (setup.items.len() as u64 - 1)) as usize].0,
+                user,
+            },
+            _ => Step::ReadSale,
+        },
+    }
+}
+
+/// One phase of a run.
+struct Phase {
+    duration: Duration,
+    /// End at the first sold_out answer.
+    until_sold_out: bool,
+    /// Count this phase in the report (the sell-out before a storm is not counted).
+    record: bool,
+    chaos_at: Option<(f64, chaos::Target)>,
+}
+
+/// Drive `concurrency` virtual users through one phase.
+async fn drive(
+    args: &Args,
+    url: &str,
+    http: &reqwest::Client,
+    setup: &Arc<Setup>,
+    phase: Phase,
+) -> Result<(Arc<Tally>, f64, Option<chaos::Kill>), String> {
+    let Phase {
+        duration,
+        until_sold_out,
+        record,
+        chaos_at,
+    } = phase;
+    let tally = Arc::new(Tally::new()?);
+    let start = Instant::now();
+    let demand = args.demand
+        * setup
+            .items
+            .iter()
+            .map(|(_, s)| *s as u64)
+            .sum::<u64>()
+            .max(1);
+    let bar = if args.quiet || !record {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new((duration.as_secs_f64() * 10.0) as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} [{elapsed_precise}] {bar:30} {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    };
+    let mut handles = Vec::new();
+    for _ in 0..args.concurrency {
+        let (http, url, setup, tally) =
+            (http.clone(), url.to_string(), setup.clone(), tally.clone());
+        let scenario = args.scenario;
+        let mut rng = Rng(rand_u64() | 1);
+        handles.push(tokio::spawn(async move {
+            while !tally.stop.load(Ordering::Relaxed) && start.elapsed() < duration {
+                let step = next_step(scenario, &setup, demand, &mut rng);
+                let t0 = Instant::now();
+                let resp = match &step {
+                    Step::Buy { item, user } => {
+                        http.post(format!(
+                            "{url}/v1/sales/{}/items/{item}/orders",
+                            setup.sale_id
+                        ))
+                        .json(&serde_json::json!({ "user_id": user, "quantity": 1 }))
+                        .send()
+                        .await
+                    }
+                    Step::ReadSale => {
+                        http.get(format!("{url}/v1/sales/{}", setup.sale_id))
+                            .send()
+                            .await
+                    }
+                };
+                let (status, body) = match resp {
+                    Ok(r) => {
+                        let s = r.status();
+                        (s.as_u16(), r.bytes().await.unwrap_or_default())
+                    }
+                    Err(_) => (0, Default::default()),
+                };
+                let micros = t0.elapsed().as_micros().max(1) as u64;
+                if !record {
+                    if status == 409 && until_sold_out {
+                        tally.stop.store(true, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                tally.attempts.fetch_add(1, Ordering::Relaxed);
+                let _ = lock(&tally.all).record(micros);
+                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let code = v["code"].as_str().unwrap_or("").to_string();
+                *lock(&tally.by_status)
+                    .entry(format!("{status} {code}").trim().to_string())
+                    .or_default() += 1;
+                match (&step, status) {
+                    (Step::Buy { item, user }, 201) => {
+                        tally.orders.fetch_add(1, Ordering::Relaxed);
+                        let _ = lock(&tally.accepted).record(micros);
+                        lock(&tally.acked).push(Acked {
+                            item: *item,
+                            user: *user,
+                            quantity: v["quantity"].as_i64().unwrap_or(1),
+                            order_id: v["order_id"].as_str().unwrap_or("").to_string(),
+                            at_s: start.elapsed().as_secs_f64(),
+                        });
+                    }
+                    (Step::Buy { .. }, 409) if code == "sold_out" => {
+                        tally.sold_out.fetch_add(1, Ordering::Relaxed);
+                        if until_sold_out {
+                            tally.stop.store(true, Ordering::Relaxed);
+                        }
+                    }
+                    (Step::Buy { .. }, 409) => {}
+                    (Step::ReadSale, 200) => {}
+                    _ => lock(&tally.failures).push(start.elapsed().as_secs_f64()),
+                }
+            }
+        }));
+    }
+    // The ticker: progress, and the kill when one is scheduled.
+    let mut kill = None;
+    let mut pending_chaos = chaos_at;
+    while handles.iter().any(|h| !h.is_finished()) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let t = start.elapsed().as_secs_f64();
+        bar.set_position((t * 10.0) as u64);
+        bar.set_message(format!(
+            "{} attempts, {} orders",
+            tally.attempts.load(Ordering::Relaxed),
+            tally.orders.load(Ordering::Relaxed)
+        ));
+        if let Some((at, target)) = &pending_chaos {
+            if t >= *at {
+                kill = Some(chaos::kill_master(url, target, http, t).await?);
+                pending_chaos = None;
+            }
+        }
+    }
+    for h in handles {
+        h.await.map_err(|e| e.to_string())?;
+    }
+    bar.finish_and_clear();
+    Ok((tally, start.elapsed().as_secs_f64(), kill))
+}
+
+pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report, String> {
+    let http = client(args.concurrency)?;
+    let base = rand_u64() % (1 << 50) + 1;
+    let items: Vec<(u64, i64)> = match args.scenario {
+        Scenario::Hot => vec![(base, args.stock)],
+        Scenario::Soldout => vec![(base, args.stock.min(1_000))],
+        Scenario::Spread => (0..args.items as u64)
+            .map(|i| (base + i, args.stock))
+            .collect(),
+        Scenario::Mixed => (0..args.items.max(2) as u64)
+            .map(|i| (base + i, args.stock))
+            .collect(),
+    };
+    let sale_id = create_sale(&http, url, token, &items, args.limit).await?;
+    let setup = Arc::new(Setup {
+        sale_id,
+        items,
+        user_base: rand_u64() % (1 << 52) + 1,
+    });
+    let duration = Duration::from_secs_f64(args.duration);
+    if args.scenario == Scenario::Soldout {
+        // Sell the item out first, unrecorded.
+        let sell_out = Phase {
+            duration: Duration::from_secs(300),
+            until_sold_out: true,
+            record: false,
+            chaos_at: None,
+        };
+        drive(args, url, &http, &setup, sell_out).await?;
+    }
+    let chaos_at = match &args.kill_master {
+        Some(spec) => Some(chaos::parse(spec, &args.cluster_dir)?),
+        None => None,
+    };
+    let until_sold_out = args.scenario == Scenario::Hot && chaos_at.is_none();
+    let phase = Phase {
+        duration,
+        until_sold_out,
+        record: true,
+        chaos_at,
+    };
+    let (tally, elapsed, kill) = drive(args, url, &http, &setup, phase).await?;
+
+    let acked = std::mem::take(&mut *lock(&tally.acked));
+    let orders = acked.len() as u64;
+    let window = acked.iter().map(|a| a.at_s).fold(0.0, f64::max);
+    let attempts = tally.attempts.load(Ordering::Relaxed);
+    let outage = kill.map(|k| chaos::outage(&k, &acked, &lock(&tally.failures)));
+    let reached_sellout =
+        tally.sold_out.load(Ordering::Relaxed) > 0 || args.scenario == Scenario::Soldout;
+    let verification =
+        verify::verify(args, url, token, &http, &setup, &acked, reached_sellout).await;
+    let by_status: BTreeMap<String, u64> = lock(&tally.by_status)
+        .iter()
+        .map(|(k, v)| (k.clone(), *v))
+        .collect();
+    let latency_all = Latency::of(&lock(&tally.all));
+    let latency_orders = Latency::of(&lock(&tally.accepted));
+    Ok(Report {
+        scenario: args.scenario,
+        url: url.to_string(),
+        concurrency: args.concurrency,
+        sale_id,
+        elapsed_s: elapsed,
+        attempts,
+        attempts_per_s: attempts as f64 / elapsed,
+        orders,
+        orders_per_s: if window > 0.0 {
+            orders as f64 / window
+        } else {
+            0.0
+        },
+        sell_window_s: window,
+        rejections_per_s: tally.sold_out.load(Ordering::Relaxed) as f64 / elapsed,
+        by_status,
+        latency_all,
+        latency_orders,
+        outage,
+        verification,
+    })
+}
+
+/// Requests per second of GET /v1/time at the run's concurrency for the run's duration (at most 10 s).
+pub async fn baseline(args: &Args, url: &str) -> Result<f64, String> {
+    let http = client(args.concurrency)?;
+    let count = Arc::new(AtomicU64::new(0));
+    let duration = Duration::from_secs_f64(args.duration.min(10.0));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..args.concurrency)
+        .map(|_| {
+            let (http, url, count) = (http.clone(), url.to_string(), count.clone());
+            tokio::spawn(async move {
+                while start.elapsed() < duration {
+                    if let Ok(r) = http.get(format!("{url}/v1/time")).send().await {
+                        let _ = r.bytes().await;
+                        count.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.map_err(|e| e.to_string())?;
+    }
+    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+}

@@ -1,0 +1,113 @@
+-- schema/seckill.sql: the seckill schema as plain SQL, for DBAs who bootstrap shard groups by hand.
+--
+-- It mirrors the refinery migrations embedded in the engine: everything below this header is
+-- migrations/V1__init.sql, unchanged. When a migration is added or changed, update this file too.
+--
+-- Apply it to the MASTER of EVERY shard group, in the database the DSNs in shards.toml name
+-- (normally `seckill`). Shadows receive it through streaming replication; never apply it to a
+-- shadow. Every group gets the whole schema, shard_map included, so any group can be the config group.
+--
+--     psql "host=<master> port=5432 user=seckill dbname=seckill" -v ON_ERROR_STOP=1 -1 -f schema/seckill.sql
+--
+-- Choose ONE of two ways to create the schema, per cluster, and stay with it:
+--
+-- 1. Engine-managed (the normal path). Do not apply this file. `seckill migrate --config shards.toml`,
+--    or `seckill serve` with `[server] migrate_on_start = true` (the default), applies the embedded
+--    migrations to every group's master and records them in the table refinery_schema_history.
+--    Later releases apply their new migrations the same way.
+--
+-- 2. By hand. Apply this file to every master and set `[server] migrate_on_start = false` in
+--    shards.toml; do not run `seckill migrate` against these groups afterwards. Refinery finds no
+--    record of version 1 in refinery_schema_history, runs it again, and stops at
+--    `relation "sales" already exists`: nothing changes (each migration runs in a transaction),
+--    but `seckill migrate` fails and `seckill serve` refuses to start. A hand-applied schema cannot
+--    be recorded for refinery by hand: each history row carries a checksum of the migration that
+--    only the engine computes. Later migrations (migrations/V2__*.sql, ...) must then be applied
+--    by hand as well, in order, on every master.
+--
+-- Which way a master went: a refinery_schema_history table with a row for version 1 means
+-- engine-managed; the tables below without refinery_schema_history mean applied by hand.
+
+-- seckill schema: the same on every shard group (DESIGN.md "Data model").
+-- Ids are positive bigints; the engine refuses anything else at the API.
+
+CREATE TABLE sales (
+    sale_id             bigint PRIMARY KEY CHECK (sale_id > 0),
+    name                text        NOT NULL,
+    starts_at           timestamptz NOT NULL,
+    ends_at             timestamptz NOT NULL,
+    item_ids            bigint[]    NOT NULL,
+    payment_window_secs integer     NOT NULL CHECK (payment_window_secs > 0),
+    created_at          timestamptz NOT NULL DEFAULT now(),
+    CHECK (ends_at > starts_at)
+);
+
+-- One row per item of a sale, on the item's group. The window is copied from the sale so the
+-- conditional decrement checks it in the same row; remaining >= 0 is the last line against oversell.
+CREATE TABLE sale_items (
+    sale_id             bigint      NOT NULL,
+    item_id             bigint      NOT NULL CHECK (item_id > 0),
+    stock               integer     NOT NULL CHECK (stock >= 0),
+    remaining           integer     NOT NULL CHECK (remaining >= 0 AND remaining <= stock),
+    price_cents         bigint      NOT NULL CHECK (price_cents >= 0),
+    per_user_limit      integer     NOT NULL CHECK (per_user_limit > 0),
+    starts_at           timestamptz NOT NULL,
+    ends_at             timestamptz NOT NULL,
+    payment_window_secs integer     NOT NULL CHECK (payment_window_secs > 0),
+    version             bigint      NOT NULL DEFAULT 0,
+    PRIMARY KEY (sale_id, item_id)
+);
+
+-- The item-side ledger: one row per purchase, keyed by the transaction id that is also the order id.
+CREATE TABLE reservations (
+    txn_id     uuid        PRIMARY KEY,
+    sale_id    bigint      NOT NULL,
+    item_id    bigint      NOT NULL,
+    user_id    bigint      NOT NULL,
+    quantity   integer     NOT NULL CHECK (quantity > 0),
+    state      text        NOT NULL CHECK (state IN ('reserved', 'ordered', 'paid', 'released')),
+    created_at timestamptz NOT NULL DEFAULT now(),
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX reservations_by_buyer ON reservations (sale_id, item_id, user_id);
+CREATE INDEX reservations_unconfirmed ON reservations (created_at) WHERE state = 'reserved';
+
+-- The user-side record, on the user's group.
+CREATE TABLE orders (
+    order_id     uuid        PRIMARY KEY,
+    user_id      bigint      NOT NULL,
+    sale_id      bigint      NOT NULL,
+    item_id      bigint      NOT NULL,
+    quantity     integer     NOT NULL CHECK (quantity > 0),
+    amount_cents bigint      NOT NULL CHECK (amount_cents >= 0),
+    status       text        NOT NULL CHECK (status IN ('pending_payment', 'paid', 'cancelled', 'expired')),
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    expires_at   timestamptz NOT NULL,
+    paid_at      timestamptz,
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX orders_by_user ON orders (user_id, created_at);
+CREATE INDEX orders_pending_expiry ON orders (expires_at) WHERE status = 'pending_payment';
+
+-- The router-config table. Only the copy on the config group is read; every group has the table
+-- so any group can be made the config group.
+CREATE TABLE shard_map (
+    kind       text   NOT NULL CHECK (kind IN ('items', 'users')),
+    key        bigint NOT NULL CHECK (key > 0),
+    group_name text   NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, key)
+);
+CREATE TABLE shard_map_version (
+    id      integer PRIMARY KEY CHECK (id = 1),
+    version bigint  NOT NULL
+);
+INSERT INTO shard_map_version VALUES (1, 0);
+
+CREATE FUNCTION shard_map_bump() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    UPDATE shard_map_version SET version = version + 1 WHERE id = 1;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER shard_map_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON shard_map
+    FOR EACH STATEMENT EXECUTE FUNCTION shard_map_bump();
