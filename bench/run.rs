@@ -311,7 +311,8 @@ async fn drive(
                 };
                 let micros = t0.elapsed().as_micros().max(1) as u64;
                 if !record {
-                    if status == 409 && until_sold_out {
+                    let sold_out = status == 409 && body.windows(8).any(|w| w == b"sold_out");
+                    if sold_out && until_sold_out {
                         tally.stop.store(true, Ordering::Relaxed);
                     }
                     continue;

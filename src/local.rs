@@ -258,20 +258,35 @@ impl LocalServer {
         hand_to_postgres(&self.data_dir)
     }
 
+    /// The postmaster's pid from its lock file, if the file exists.
+    fn postmaster_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.data_dir.join("postmaster.pid"))
+            .ok()?
+            .lines()
+            .next()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// True while the postmaster lives. A killed postmaster whose parent does not reap it stays
+    /// a zombie: `kill(pid, 0)` (and so `pg_ctl status`) still finds it, so /proc decides.
     pub fn is_running(&self) -> bool {
-        self.cmd("pg_ctl")
-            .arg("status")
-            .arg("-D")
-            .arg(&self.data_dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
+        self.postmaster_pid().is_some_and(process_alive)
     }
 
     pub fn start(&self) -> Result<(), LocalError> {
         if self.is_running() {
             return Ok(());
+        }
+        if self.postmaster_pid().is_some() {
+            // Left by a crash; PostgreSQL would refuse to start while a zombie holds the pid
+            // named in its lock files.
+            std::fs::remove_file(self.data_dir.join("postmaster.pid"))?;
+            let socket_lock = self.socket_dir.join(format!(".s.PGSQL.{}.lock", self.port));
+            if socket_lock.exists() {
+                std::fs::remove_file(socket_lock)?;
+            }
         }
         std::fs::create_dir_all(&self.socket_dir)?;
         hand_to_postgres(&self.socket_dir)?;
@@ -397,6 +412,20 @@ impl LocalServer {
             }
         }
         self.start()
+    }
+}
+
+/// Whether `pid` is a live process (not a zombie).
+fn process_alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) if std::path::Path::new("/proc/self").exists() => false,
+        // SAFETY: kill(2) with signal 0 only checks that the pid exists.
+        Err(_) => unsafe { libc::kill(pid, 0) == 0 },
     }
 }
 

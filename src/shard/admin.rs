@@ -70,6 +70,22 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
     }
     println!("fencing {} (no new commits) ...", m.endpoint);
     admin(&m.pg_config, FENCE_SQL, timeout).await?;
+    // Transactions that were already writing when the fence went up may still commit; wait for
+    // them so the catch-up target below includes them.
+    let start = Instant::now();
+    while lsn(
+        &m.pg_config,
+        "SELECT count(*) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()",
+    )
+    .await?
+        > 0
+    {
+        if start.elapsed() > Duration::from_secs(10) {
+            admin(&m.pg_config, UNFENCE_SQL, timeout).await?;
+            return Err("writing transactions did not finish within 10 s; switchover aborted, master unfenced".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let target = lsn(
         &m.pg_config,
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
