@@ -344,7 +344,14 @@ async fn drive(
                     }
                     (Step::Buy { .. }, 409) => {}
                     (Step::ReadSale, 200) => {}
-                    _ => lock(&tally.failures).push(start.elapsed().as_secs_f64()),
+                    _ => {
+                        lock(&tally.failures).push(start.elapsed().as_secs_f64());
+                        if status == 503 {
+                            // Back off as a client honouring Retry-After would, but briefly,
+                            // so the outage is still measured to ~50 ms.
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
                 }
             }
         }));

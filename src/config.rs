@@ -212,6 +212,8 @@ pub struct CoalesceConfig {
     pub inflight_per_stock: u32,
     /// Admission: most queued requests per item, whatever the stock. Default 4096.
     pub max_queue: usize,
+    /// Admission: most buy requests in flight in this node over all items. Default 20000.
+    pub max_inflight_total: usize,
     /// How often the sold-out cache re-reads the stock of items it holds sold out, in ms. Default 500.
     pub soldout_refresh_ms: u64,
 }
@@ -224,6 +226,7 @@ impl Default for CoalesceConfig {
             max_wait_us: 0,
             inflight_per_stock: 4,
             max_queue: 4096,
+            max_inflight_total: 20_000,
             soldout_refresh_ms: 500,
         }
     }
@@ -396,6 +399,12 @@ impl Config {
         }
         if self.coalesce.max_batch == 0 {
             return Err(invalid("coalesce.max_batch", "must be positive"));
+        }
+        if self.coalesce.max_queue == 0 || self.coalesce.max_inflight_total == 0 {
+            return Err(invalid(
+                "coalesce.max_queue",
+                "max_queue and max_inflight_total must be positive",
+            ));
         }
         if self.coalesce.inflight_per_stock == 0 {
             return Err(invalid("coalesce.inflight_per_stock", "must be positive"));

@@ -281,7 +281,9 @@ impl SoldOutCache {
 pub struct Admission {
     per_stock: u32,
     max_queue: usize,
+    max_total: usize,
     items: Mutex<HashMap<ItemKey, Gate>>,
+    total: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Default)]
@@ -298,6 +300,9 @@ pub struct Ticket<'a> {
 
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
+        self.admission
+            .total
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         let mut items = self.admission.lock();
         if let Some(g) = items.get_mut(&self.key) {
             g.inflight = g.inflight.saturating_sub(1);
@@ -313,7 +318,9 @@ impl Admission {
         Self {
             per_stock: config.inflight_per_stock,
             max_queue: config.max_queue,
+            max_total: config.max_inflight_total,
             items: Mutex::new(HashMap::new()),
+            total: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -332,10 +339,14 @@ impl Admission {
             .remaining
             .map(|r| (r.max(1) as usize).saturating_mul(self.per_stock as usize))
             .unwrap_or(usize::MAX);
-        if gate.inflight >= by_stock.min(self.max_queue) {
+        if gate.inflight >= by_stock.min(self.max_queue)
+            || self.total.load(std::sync::atomic::Ordering::Relaxed) >= self.max_total
+        {
             return None;
         }
         gate.inflight += 1;
+        self.total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(Ticket {
             admission: self,
             key: (sale, item),
@@ -386,6 +397,23 @@ mod tests {
         let _t1 = a.admit(s, i).unwrap();
         let _t2 = a.admit(s, i).unwrap();
         assert!(a.admit(s, i).is_none());
+    }
+
+    #[test]
+    fn admission_bounds_the_node_over_all_items() {
+        let cfg = crate::config::CoalesceConfig {
+            max_inflight_total: 3,
+            ..Default::default()
+        };
+        let a = Admission::new(&cfg);
+        let tickets: Vec<_> = (10..13)
+            .map(key)
+            .map(|(s, i)| a.admit(s, i).expect("room"))
+            .collect();
+        let (s, i) = key(20);
+        assert!(a.admit(s, i).is_none(), "a fourth item finds the node full");
+        drop(tickets);
+        assert!(a.admit(s, i).is_some());
     }
 
     #[test]
