@@ -27,6 +27,58 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// Connect to the shard groups, apply migrations (when configured) and find the writable
+    /// members and the routing table; no listener, no background tasks. Used by the server and by
+    /// one-shot commands such as `seckill reconcile`.
+    pub async fn connect(config: Config, tasks: &TaskTracker) -> Result<Arc<Self>, StartError> {
+        let config = Arc::new(config);
+        let cluster = Arc::new(Cluster::new(&config)?);
+        let router = Arc::new(Router::from_config(&config)?);
+        if config.server.migrate_on_start {
+            crate::migrate::run(&cluster).await?;
+        }
+        let timeout = config.request_timeout();
+        let hot = Arc::new(crate::coalesce::HotPath::new(&config.coalesce));
+        let coalescer = config.coalesce.enabled.then(|| {
+            Arc::new(crate::coalesce::Coalescer::new(
+                cluster.clone(),
+                router.clone(),
+                hot.clone(),
+                &config.coalesce,
+                timeout,
+                tasks.clone(),
+            ))
+        });
+        let confirmer = OrderService::confirm_batcher(
+            cluster.clone(),
+            timeout,
+            config.coalesce.max_batch.max(64),
+            tasks.clone(),
+        );
+        let orders = OrderService {
+            confirmer,
+            cluster: cluster.clone(),
+            router: router.clone(),
+            timeout,
+            tasks: tasks.clone(),
+            coalescer,
+            hot,
+        };
+        let state = Arc::new(AppState {
+            admin_token: config.server.admin_token.clone(),
+            config: config.clone(),
+            cluster,
+            router,
+            orders,
+        });
+        // Know the writable members and the routing table before the first request.
+        for g in &state.cluster.groups {
+            crate::shard::monitor::check_group(g, &state.config.failover).await;
+        }
+        refresh_table(&state).await;
+        Ok(state)
+    }
+
     pub fn sales(&self) -> crate::sale::SaleService<'_> {
         crate::sale::SaleService {
             cluster: &self.cluster,
@@ -83,60 +135,17 @@ impl Application {
     }
 
     pub async fn build_with(config: Config, background: Background) -> Result<Self, StartError> {
-        let config = Arc::new(config);
-        let cluster = Arc::new(Cluster::new(&config)?);
-        let router = Arc::new(Router::from_config(&config)?);
-        if config.server.migrate_on_start {
-            crate::migrate::run(&cluster).await?;
-        }
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
-        let timeout = config.request_timeout();
-        let hot = Arc::new(crate::coalesce::HotPath::new(&config.coalesce));
-        let coalescer = config.coalesce.enabled.then(|| {
-            Arc::new(crate::coalesce::Coalescer::new(
-                cluster.clone(),
-                router.clone(),
-                hot.clone(),
-                &config.coalesce,
-                timeout,
-                tasks.clone(),
-            ))
-        });
-        let confirmer = OrderService::confirm_batcher(
-            cluster.clone(),
-            timeout,
-            config.coalesce.max_batch.max(64),
-            tasks.clone(),
-        );
-        let orders = OrderService {
-            confirmer,
-            cluster: cluster.clone(),
-            router: router.clone(),
-            timeout,
-            tasks: tasks.clone(),
-            coalescer,
-            hot,
-        };
-        let state = Arc::new(AppState {
-            admin_token: config.server.admin_token.clone(),
-            config: config.clone(),
-            cluster,
-            router,
-            orders,
-        });
-        // Know the writable members and the routing table before the first request.
-        for g in &state.cluster.groups {
-            crate::shard::monitor::check_group(g, &state.config.failover).await;
-        }
-        refresh_table(&state).await;
-        spawn_background(&state, &background, &cancel, &tasks);
+        let state = AppState::connect(config, &tasks).await?;
+        let config = state.config.clone();
         let listener = TcpListener::bind(config.server.listen)
             .await
             .map_err(|source| StartError::Bind {
                 addr: config.server.listen,
                 source,
             })?;
+        spawn_background(&state, &background, &cancel, &tasks);
         Ok(Self {
             listener,
             state,

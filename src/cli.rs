@@ -320,20 +320,11 @@ async fn reconcile(path: &Path, grace_secs: Option<u32>) -> ExitCode {
     );
     let mut config = config;
     config.server.migrate_on_start = false;
-    let app = match Application::build_with(
-        config,
-        crate::app::Background {
-            monitor: false,
-            sweeper: false,
-            reconciler: false,
-        },
-    )
-    .await
-    {
-        Ok(a) => a,
+    let tasks = tokio_util::task::TaskTracker::new();
+    let state = match crate::app::AppState::connect(config, &tasks).await {
+        Ok(s) => s,
         Err(e) => return fail(e),
     };
-    let state = app.state();
     let report = crate::reconcile::reconcile(&state.orders, grace).await;
     println!(
         "{}",

@@ -40,7 +40,7 @@ pub enum ShardError {
 /// What one member looked like at its last probe.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct MemberStatus {
-    /// `master`, `shadow`, `fenced` (an old master kept read-only) or `unknown`.
+    /// `master`, `shadow`, `fenced` (an old master kept read-only), or `down` (last probe failed).
     pub role: String,
     pub healthy: bool,
     pub timeline: Option<i64>,
@@ -65,6 +65,7 @@ pub struct ShardGroup {
     writer: AtomicUsize,
     status: Mutex<Vec<MemberStatus>>,
     failovers: AtomicU64,
+    probed: std::sync::atomic::AtomicBool,
 }
 
 impl ShardGroup {
@@ -134,6 +135,7 @@ impl ShardGroup {
             writer: AtomicUsize::new(0),
             status: Mutex::new(status),
             failovers: AtomicU64::new(0),
+            probed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -175,6 +177,11 @@ impl ShardGroup {
 
     pub fn failovers(&self) -> u64 {
         self.failovers.load(Ordering::Relaxed)
+    }
+
+    /// Record that the monitor has looked at this group; true if it had before.
+    pub(crate) fn mark_probed(&self) -> bool {
+        self.probed.swap(true, Ordering::AcqRel)
     }
 
     pub(crate) fn count_failover(&self) {

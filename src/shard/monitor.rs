@@ -162,6 +162,7 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
                     .into();
                 }
                 Err(e) => {
+                    s.role = "down".into();
                     s.healthy = false;
                     s.consecutive_failures = s.consecutive_failures.saturating_add(1);
                     s.last_error = Some(e.clone());
@@ -208,13 +209,19 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
             }
         }
         if writer != Some(best) {
-            tracing::warn!(group = %group.name, member = %group.members[best].endpoint,
-                timeline = best_tl, "writing to a new master");
-            if writer.is_some() {
+            // The first round of a process only discovers where the master is (it may have moved
+            // before this process started); later changes are failovers this node follows.
+            if group.mark_probed() {
+                tracing::warn!(group = %group.name, member = %group.members[best].endpoint,
+                    timeline = best_tl, "writing to a new master");
                 group.count_failover();
+            } else {
+                tracing::info!(group = %group.name, member = %group.members[best].endpoint,
+                    timeline = best_tl, "the writable member is not the configured master");
             }
             group.set_writer(Some(best));
         }
+        group.mark_probed();
         if let Ok(p) = &probes[best] {
             manage_sync(group, best, p, config, state, timeout).await;
         }
