@@ -16,15 +16,7 @@ static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// An engine whose sweeper and reconciler only run when a test calls them.
 async fn quiet_app() -> TestApp {
     let config = base_config(cluster());
-    spawn_config(
-        config,
-        seckill::app::Background {
-            monitor: false,
-            sweeper: false,
-            reconciler: false,
-        },
-    )
-    .await
+    spawn_config(config, quiet()).await
 }
 
 /// Transaction 1 committed, then the engine "crashed" before transaction 2: the reservation has no

@@ -362,28 +362,29 @@ impl OrderService {
         Ok(deadline(self.timeout, store::list_orders(&client, user, limit)).await?)
     }
 
-    /// Payment callback: pending -> paid; a repeated callback returns the paid order unchanged.
-    pub async fn pay(&self, user: UserId, order_id: Uuid) -> Result<Order, OrderError> {
+    /// Run a status transition on the order's own (user) group.
+    async fn transition(
+        &self,
+        user: UserId,
+        order_id: Uuid,
+        transition: store::Transition,
+    ) -> Result<Option<Order>, OrderError> {
         let group = self.cluster.group(self.router.user_group(user));
         let client = group.writer().await?;
-        let sql = format!(
-            "UPDATE orders SET status = 'paid', paid_at = now(), updated_at = now()
-             WHERE order_id = $1 AND user_id = $2 AND status = 'pending_payment' AND expires_at > now()
-             RETURNING {}",
-            store::ORDER_COLUMNS
-        );
-        let paid = deadline(self.timeout, async {
-            Ok(client
-                .query_opt(
-                    &client.prepare_cached(&sql).await?,
-                    &[&order_id, &user.db()],
-                )
-                .await?)
-        })
-        .await?;
-        drop(client);
+        Ok(deadline(
+            self.timeout,
+            store::transition_order(&client, user, order_id, transition),
+        )
+        .await?)
+    }
+
+    /// Payment callback: pending -> paid; a repeated callback returns the paid order unchanged.
+    pub async fn pay(&self, user: UserId, order_id: Uuid) -> Result<Order, OrderError> {
+        let paid = self
+            .transition(user, order_id, store::Transition::Pay)
+            .await?;
         let order = match paid {
-            Some(row) => Order::from_row(&row),
+            Some(order) => order,
             None => {
                 let order = self.get_order(user, order_id).await?;
                 match order.status.as_str() {
@@ -425,26 +426,11 @@ impl OrderService {
 
     /// Cancel an unpaid order; its stock returns to the item.
     pub async fn cancel(&self, user: UserId, order_id: Uuid) -> Result<Order, OrderError> {
-        let group = self.cluster.group(self.router.user_group(user));
-        let client = group.writer().await?;
-        let sql = format!(
-            "UPDATE orders SET status = 'cancelled', updated_at = now()
-             WHERE order_id = $1 AND user_id = $2 AND status = 'pending_payment'
-             RETURNING {}",
-            store::ORDER_COLUMNS
-        );
-        let cancelled = deadline(self.timeout, async {
-            Ok(client
-                .query_opt(
-                    &client.prepare_cached(&sql).await?,
-                    &[&order_id, &user.db()],
-                )
-                .await?)
-        })
-        .await?;
-        drop(client);
+        let cancelled = self
+            .transition(user, order_id, store::Transition::Cancel)
+            .await?;
         let order = match cancelled {
-            Some(row) => Order::from_row(&row),
+            Some(order) => order,
             None => {
                 let order = self.get_order(user, order_id).await?;
                 if order.status == "cancelled" {

@@ -33,8 +33,52 @@ pub struct Order {
     pub paid_at: Option<DateTime<Utc>>,
 }
 
-pub const ORDER_COLUMNS: &str =
-    "order_id, user_id, sale_id, item_id, quantity, amount_cents, status, created_at, expires_at, paid_at";
+macro_rules! order_columns {
+    () => {
+        "order_id, user_id, sale_id, item_id, quantity, amount_cents, status, created_at, expires_at, paid_at"
+    };
+}
+
+pub const ORDER_COLUMNS: &str = order_columns!();
+
+/// A status change of a pending order, made on the user's group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// pending_payment -> paid, only within the payment window.
+    Pay,
+    /// pending_payment -> cancelled.
+    Cancel,
+}
+
+/// Apply a transition if the order is in a state that allows it; None when it is not (or the
+/// order does not exist): the caller then reads the order to tell which.
+pub async fn transition_order(
+    client: &ClientWrapper,
+    user: UserId,
+    order_id: Uuid,
+    transition: Transition,
+) -> Result<Option<Order>, DbError> {
+    let sql = match transition {
+        Transition::Pay => concat!(
+            "UPDATE orders SET status = 'paid', paid_at = now(), updated_at = now()
+             WHERE order_id = $1 AND user_id = $2 AND status = 'pending_payment' AND expires_at > now()
+             RETURNING ",
+            order_columns!()
+        ),
+        Transition::Cancel => concat!(
+            "UPDATE orders SET status = 'cancelled', updated_at = now()
+             WHERE order_id = $1 AND user_id = $2 AND status = 'pending_payment'
+             RETURNING ",
+            order_columns!()
+        ),
+    };
+    let stmt = client.prepare_cached(sql).await?;
+    Ok(client
+        .query_opt(&stmt, &[&order_id, &user.db()])
+        .await?
+        .as_ref()
+        .map(Order::from_row))
+}
 
 impl Order {
     pub fn from_row(row: &Row) -> Self {

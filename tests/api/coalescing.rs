@@ -8,26 +8,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-async fn fire(
-    app: &Arc<TestApp>,
-    sale: u64,
-    item: u64,
-    asks: Vec<(u64, u32)>,
-) -> Vec<(u64, u32, Resp)> {
-    let handles: Vec<_> = asks
-        .into_iter()
-        .map(|(u, q)| {
-            let app = app.clone();
-            tokio::spawn(async move { (u, q, app.buy_retrying(sale, item, u, q, None).await) })
-        })
-        .collect();
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.unwrap());
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn small_batches_partial_fill_and_duplicates_stay_exact() {
     // Batches of at most 4: hundreds of requests cross many batch boundaries.
@@ -44,7 +24,7 @@ async fn small_batches_partial_fill_and_duplicates_stay_exact() {
     let asks: Vec<(u64, u32)> = (0..240u64)
         .map(|n| (base + n % 40, 1 + (n % 2) as u32))
         .collect();
-    let results = fire(&app, sale, item, asks).await;
+    let results = buy_all(&app, sale, item, asks).await;
     let mut per_user: HashMap<u64, u64> = HashMap::new();
     let mut sold = 0;
     for (u, q, r) in &results {
@@ -82,7 +62,7 @@ async fn partial_fill_when_stock_runs_out_mid_batch() {
         .map(|n| (base + n, 3))
         .chain((60..80).map(|n| (base + n, 1)))
         .collect();
-    let results = fire(&app, sale, item, asks).await;
+    let results = buy_all(&app, sale, item, asks).await;
     let sold: u64 = results
         .iter()
         .filter(|(_, _, r)| r.status == StatusCode::CREATED)
@@ -105,29 +85,8 @@ async fn a_failing_order_insert_compensates_only_its_own_requests() {
             json!([{"item_id": item, "stock": stock, "price_cents": 1, "per_user_limit": 1}]),
         )
         .await;
-    let dead_port = free_port_block(1);
-    let cluster = cluster();
     let boundary = 1_000_000u64;
-    let toml = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\nmigrate_on_start = false\n\
-         [[groups]]\nname = \"g0\"\nmaster = \"{}\"\n\
-         [[groups]]\nname = \"gone\"\nmaster = \"host=127.0.0.1 port={dead_port} user=seckill dbname=seckill connect_timeout=1\"\n\
-         [routing.items]\nstrategy = \"range\"\nranges = [{{ start = 0, group = \"g0\" }}]\n\
-         [routing.users]\nstrategy = \"range\"\nranges = [{{ start = 0, end = {boundary}, group = \"g0\" }}, {{ start = {boundary}, group = \"gone\" }}]\n",
-        cluster.groups[0].master.dsn()
-    );
-    let config = seckill::Config::from_toml(&toml, "test").unwrap();
-    let app = Arc::new(
-        spawn_config(
-            config,
-            seckill::app::Background {
-                monitor: false,
-                sweeper: false,
-                reconciler: false,
-            },
-        )
-        .await,
-    );
+    let app = Arc::new(spawn_with_dead_users(boundary, true).await);
     let base = fresh_item() % 1000;
     let handles: Vec<_> = (0..80u64)
         .map(|n| {

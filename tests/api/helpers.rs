@@ -100,6 +100,60 @@ impl Drop for TestApp {
     }
 }
 
+/// No background work: tests drive the sweeper and reconciler themselves.
+pub fn quiet() -> Background {
+    Background {
+        monitor: false,
+        sweeper: false,
+        reconciler: false,
+    }
+}
+
+/// An engine on the shared cluster's g0 for items, whose users from `dead_from` up live on a
+/// group whose server is gone (users below it on g0): transaction 2 fails for them.
+pub async fn spawn_with_dead_users(dead_from: u64, coalesce: bool) -> TestApp {
+    let dead_port = free_port_block(1);
+    let user_ranges = if dead_from == 0 {
+        "{ start = 0, group = \"gone\" }".to_string()
+    } else {
+        format!("{{ start = 0, end = {dead_from}, group = \"g0\" }}, {{ start = {dead_from}, group = \"gone\" }}")
+    };
+    let toml = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\nmigrate_on_start = false\n\
+         [[groups]]\nname = \"g0\"\nmaster = \"{}\"\n\
+         [[groups]]\nname = \"gone\"\nmaster = \"host=127.0.0.1 port={dead_port} user=seckill dbname=seckill connect_timeout=1\"\n\
+         [routing.items]\nstrategy = \"range\"\nranges = [{{ start = 0, group = \"g0\" }}]\n\
+         [routing.users]\nstrategy = \"range\"\nranges = [{user_ranges}]\n\
+         [coalesce]\nenabled = {coalesce}\n",
+        cluster().groups[0].master.dsn()
+    );
+    let config = Config::from_toml(&toml, "test").expect("config");
+    spawn_config(config, quiet()).await
+}
+
+/// Fire every (user, quantity) purchase at once, each a well-behaved client (buy_retrying).
+pub async fn buy_all(
+    app: &Arc<TestApp>,
+    sale: u64,
+    item: u64,
+    asks: Vec<(u64, u32)>,
+) -> Vec<(u64, u32, Resp)> {
+    let handles: Vec<_> = asks
+        .into_iter()
+        .map(|(user, q)| {
+            let app = app.clone();
+            tokio::spawn(
+                async move { (user, q, app.buy_retrying(sale, item, user, q, None).await) },
+            )
+        })
+        .collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.expect("buyer task"));
+    }
+    out
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }

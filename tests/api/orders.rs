@@ -7,29 +7,6 @@ use serde_json::json;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-/// Fire all requests at once; returns (user, quantity, response) per request.
-async fn storm(
-    app: &Arc<TestApp>,
-    sale: u64,
-    item: u64,
-    asks: Vec<(u64, u32)>,
-) -> Vec<(u64, u32, Resp)> {
-    let handles: Vec<_> = asks
-        .into_iter()
-        .map(|(user, q)| {
-            let app = app.clone();
-            tokio::spawn(
-                async move { (user, q, app.buy_retrying(sale, item, user, q, None).await) },
-            )
-        })
-        .collect();
-    let mut out = Vec::new();
-    for h in handles {
-        out.push(h.await.expect("task"));
-    }
-    out
-}
-
 /// 2,000 concurrent requests from 1,500 users (some repeating) for 200 units, limit 1.
 async fn race_limit_one(app: Arc<TestApp>) {
     let item = fresh_item();
@@ -41,7 +18,7 @@ async fn race_limit_one(app: Arc<TestApp>) {
     let base = fresh_item() * 10;
     let mut asks: Vec<(u64, u32)> = (0..1500).map(|u| (base + u, 1)).collect();
     asks.extend((0..500).map(|i| (base + (i * 7) % 1500, 1)));
-    let results = storm(&app, sale, item, asks).await;
+    let results = buy_all(&app, sale, item, asks).await;
 
     let created: Vec<&(u64, u32, Resp)> = results
         .iter()
@@ -118,7 +95,7 @@ async fn race_multi_quantity(app: Arc<TestApp>) {
     let asks: Vec<(u64, u32)> = (0..900u64)
         .map(|i| (base + i % 400, (i % 3) as u32 + 1))
         .collect();
-    let results = storm(&app, sale, item, asks).await;
+    let results = buy_all(&app, sale, item, asks).await;
     let mut sold = 0u64;
     let mut per_user: HashMap<u64, u64> = HashMap::new();
     for (u, q, r) in &results {
@@ -262,30 +239,9 @@ async fn a_failed_order_insert_returns_the_stock() {
         .create_sale(json!([{"item_id": item, "stock": 5, "price_cents": 10, "per_user_limit": 2}]))
         .await;
     let user = fresh_item();
-    let dead_port = free_port_block(1);
-
     for coalesce in [true, false] {
         // The same cluster, except that every user routes to a group whose server is gone.
-        let cluster = cluster();
-        let toml = format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\nmigrate_on_start = false\n\
-             [[groups]]\nname = \"g0\"\nmaster = \"{}\"\n\
-             [[groups]]\nname = \"gone\"\nmaster = \"host=127.0.0.1 port={dead_port} user=seckill dbname=seckill connect_timeout=1\"\n\
-             [routing.items]\nstrategy = \"range\"\nranges = [{{ start = 0, group = \"g0\" }}]\n\
-             [routing.users]\nstrategy = \"range\"\nranges = [{{ start = 0, group = \"gone\" }}]\n\
-             [coalesce]\nenabled = {coalesce}\n",
-            cluster.groups[0].master.dsn()
-        );
-        let config = seckill::Config::from_toml(&toml, "test").expect("config");
-        let broken = spawn_config(
-            config,
-            seckill::app::Background {
-                monitor: false,
-                sweeper: false,
-                reconciler: false,
-            },
-        )
-        .await;
+        let broken = spawn_with_dead_users(0, coalesce).await;
         let r = broken.buy(sale, item, user, 2, Some("retry-me")).await;
         assert_eq!(
             (r.status, r.code()),
