@@ -230,17 +230,10 @@ async fn config_group_client(
     config: &Config,
 ) -> Result<deadpool_postgres::Object, Box<dyn std::error::Error>> {
     let cluster = crate::shard::Cluster::new(config)?;
-    let (idx, group) = cluster
+    let (idx, _) = cluster
         .by_name(config.config_group())
         .ok_or("config group missing")?;
-    crate::shard::monitor::check_group(
-        group,
-        &crate::config::FailoverConfig {
-            enabled: false,
-            ..Default::default()
-        },
-    )
-    .await;
+    cluster.discover().await;
     Ok(cluster.group(idx).writer().await?)
 }
 

@@ -32,15 +32,8 @@ pub enum MigrateError {
 /// Apply pending migrations to every group. Returns how many each group applied.
 pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError> {
     let mut applied = Vec::new();
+    cluster.discover().await;
     for group in &cluster.groups {
-        crate::shard::monitor::check_group(
-            group,
-            &crate::config::FailoverConfig {
-                enabled: false,
-                ..Default::default()
-            },
-        )
-        .await;
         let idx = group.writer_index().ok_or_else(|| MigrateError::NoMaster {
             group: group.name.clone(),
         })?;

@@ -7,7 +7,7 @@
 use super::monitor::{admin, probe, FENCE_SQL, UNFENCE_SQL};
 use super::Cluster;
 use crate::cli::GroupAction;
-use crate::config::{Config, FailoverConfig};
+use crate::config::Config;
 use crate::local::{LocalServer, PgBin};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -18,13 +18,7 @@ type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 pub async fn run(config_path: &Path, action: GroupAction) -> Result<()> {
     let config = Config::load(config_path)?;
     let cluster = Cluster::new(&config)?;
-    let quiet = FailoverConfig {
-        enabled: false,
-        ..config.failover.clone()
-    };
-    for g in &cluster.groups {
-        super::monitor::check_group(g, &quiet).await;
-    }
+    cluster.discover().await;
     match action {
         GroupAction::Status => {
             println!(

@@ -199,6 +199,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// Every shard group of the configuration, indexed like `Config::groups`.
 pub struct Cluster {
     pub groups: Vec<ShardGroup>,
+    failover: crate::config::FailoverConfig,
 }
 
 impl Cluster {
@@ -210,7 +211,22 @@ impl Cluster {
             .iter()
             .map(|g| ShardGroup::new(g, timeout, lock_timeout))
             .collect::<Result<_, _>>()?;
-        Ok(Self { groups })
+        Ok(Self {
+            groups,
+            failover: config.failover.clone(),
+        })
+    }
+
+    /// Probe every group once to find its writable member, never promoting anything: what
+    /// one-shot commands and start-up need before they touch a group.
+    pub async fn discover(&self) {
+        let quiet = crate::config::FailoverConfig {
+            enabled: false,
+            ..self.failover.clone()
+        };
+        for g in &self.groups {
+            monitor::check_group(g, &quiet).await;
+        }
     }
 
     pub fn group(&self, idx: usize) -> &ShardGroup {
