@@ -80,10 +80,17 @@ mod tests {
     #[test]
     fn hand_schema_matches_the_migrations() {
         let schema = include_str!("../schema/seckill.sql");
-        let migration = include_str!("../migrations/V1__init.sql");
-        assert!(
-            schema.contains(migration.trim()),
-            "schema/seckill.sql no longer contains migrations/V1__init.sql verbatim"
-        );
+        for (name, migration) in [
+            ("V1__init.sql", include_str!("../migrations/V1__init.sql")),
+            (
+                "V2__attempts.sql",
+                include_str!("../migrations/V2__attempts.sql"),
+            ),
+        ] {
+            assert!(
+                schema.contains(migration.trim()),
+                "schema/seckill.sql no longer contains migrations/{name} verbatim"
+            );
+        }
     }
 }

@@ -302,7 +302,7 @@ async fn repair_page(
         }
     }
     if !release.is_empty() {
-        orders.release_on(item_group, &release).await?;
+        orders.release_on(item_group, &release, &[]).await?;
     }
     let client = orders.cluster.group(item_group).writer().await?;
     if !to_ordered.is_empty() {

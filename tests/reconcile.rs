@@ -45,6 +45,7 @@ async fn reconciler_repairs_a_crash_between_the_two_transactions() {
             user,
             Quantity::parse(3).unwrap(),
             txn,
+            false,
         )
         .await
         .unwrap();
@@ -133,6 +134,7 @@ async fn concurrent_reconcilers_and_sweepers_never_double_release() {
                 user,
                 Quantity::parse(1).unwrap(),
                 uuid::Uuid::new_v4(),
+                false,
             )
             .await
             .unwrap();

@@ -116,6 +116,13 @@ impl OrderService {
             }
         }
         if self.hot.soldout.is_sold_out(req.sale, req.item) {
+            // A retry whose earlier attempt holds a live reservation resumes it: it must not be
+            // told "sold out" while it holds the stock.
+            if req.request_id.is_some() {
+                if let Some(resumed) = self.resume(&req, txn_id).await? {
+                    return self.place_order(&req, resumed).await;
+                }
+            }
             return Err(OrderError::SoldOut { remaining: 0 });
         }
         let Some(_ticket) = self.hot.admission.admit(req.sale, req.item) else {
@@ -127,6 +134,16 @@ impl OrderService {
         };
         let reserved = reserved.map_err(|r| OrderError::from_refusal(r, req.sale, req.item))?;
         self.place_order(&req, reserved).await
+    }
+
+    async fn resume(&self, req: &BuyRequest, txn_id: Uuid) -> Result<Option<Reserved>, OrderError> {
+        let group = self.cluster.group(self.router.item_group(req.item));
+        let client = group.writer().await?;
+        Ok(deadline(
+            self.timeout,
+            store::resume(&client, req.sale, req.item, txn_id),
+        )
+        .await?)
     }
 
     async fn reserve_plain(
@@ -145,6 +162,7 @@ impl OrderService {
                 req.user,
                 req.quantity,
                 txn_id,
+                req.request_id.is_some(),
             ),
         )
         .await?;
@@ -177,7 +195,22 @@ impl OrderService {
                         .await?
                         .ok_or(OrderError::OrderNotFound(r.txn_id))?,
                 };
-                self.confirm_reservations(req.item, vec![r.txn_id]);
+                if matches!(order.status.as_str(), "cancelled" | "expired") && !r.existing {
+                    // This attempt made a reservation live for a purchase that had already
+                    // ended (cancelled, expired, or tombstoned by the reconciler): give it back.
+                    if let Err(e) = self
+                        .release_on(
+                            self.router.item_group(req.item),
+                            &[r.txn_id],
+                            &[Some(r.attempt)],
+                        )
+                        .await
+                    {
+                        tracing::warn!(txn_id = %r.txn_id, error = %e, "stock not returned yet; the reconciler will");
+                    }
+                } else {
+                    self.confirm_reservations(req.item, vec![r.txn_id]);
+                }
                 Ok(Bought { order, replayed })
             }
             // A resumed reservation belongs to an earlier attempt whose order may still commit:
@@ -185,7 +218,7 @@ impl OrderService {
             Err(e) if r.existing => Err(OrderError::Unavailable(format!(
                 "order not confirmed yet, retry with the same request_id: {e}"
             ))),
-            Err(e) => Err(self.compensate(req.item, &[r.txn_id], e).await),
+            Err(e) => Err(self.compensate(req.item, r.txn_id, r.attempt, e).await),
         }
     }
 
@@ -249,7 +282,8 @@ impl OrderService {
     pub(crate) async fn compensate(
         &self,
         item: ItemId,
-        txn_ids: &[Uuid],
+        txn_id: Uuid,
+        attempt: i32,
         cause: OrderError,
     ) -> OrderError {
         let surely_not_committed = match &cause {
@@ -261,27 +295,35 @@ impl OrderService {
             _ => false,
         };
         if !surely_not_committed {
-            tracing::warn!(error = %cause, count = txn_ids.len(),
-                "order insert outcome unknown; leaving reservations to the reconciler");
+            tracing::warn!(error = %cause, %txn_id,
+                "order insert outcome unknown; leaving the reservation to the reconciler");
             return OrderError::Unavailable(format!(
                 "order outcome unknown, retry with the same request_id: {cause}"
             ));
         }
-        tracing::warn!(error = %cause, count = txn_ids.len(), "order insert failed; returning the stock");
-        match self.release_on(self.router.item_group(item), txn_ids).await {
-            Ok(()) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "compensation failed; the reconciler will release")
-            }
+        tracing::warn!(error = %cause, %txn_id, "order insert failed; returning the stock");
+        // Only while the reservation still carries this attempt: a retry that resumed it meanwhile
+        // owns it now, and its order may commit.
+        let release = self
+            .release_on(self.router.item_group(item), &[txn_id], &[Some(attempt)])
+            .await;
+        if let Err(e) = release {
+            tracing::error!(error = %e, "compensation failed; the reconciler will release");
         }
         OrderError::Unavailable(format!("the user's shard group is unavailable: {cause}"))
     }
 
     /// Release reservations on one item group and tell the sold-out cache.
-    pub async fn release_on(&self, item_group: usize, txn_ids: &[Uuid]) -> Result<(), OrderError> {
+    /// `attempts` as in [`store::release`] (empty: whatever the attempt).
+    pub async fn release_on(
+        &self,
+        item_group: usize,
+        txn_ids: &[Uuid],
+        attempts: &[Option<i32>],
+    ) -> Result<(), OrderError> {
         let group = self.cluster.group(item_group);
         let client = group.writer().await?;
-        let back = deadline(self.timeout, store::release(&client, txn_ids)).await?;
+        let back = deadline(self.timeout, store::release(&client, txn_ids, attempts)).await?;
         for (sale, item, remaining) in back {
             self.hot
                 .observe(SaleId::from_db(sale), ItemId::from_db(item), remaining);
@@ -444,7 +486,7 @@ impl OrderService {
         };
         let item = ItemId::from_db(order.item_id as i64);
         if let Err(e) = self
-            .release_on(self.router.item_group(item), &[order_id])
+            .release_on(self.router.item_group(item), &[order_id], &[])
             .await
         {
             tracing::warn!(%order_id, error = %e, "stock not returned yet; the reconciler will");
@@ -495,7 +537,7 @@ impl OrderService {
                 .push(r.get(0));
         }
         for (g, ids) in by_group {
-            if let Err(e) = self.release_on(g, &ids).await {
+            if let Err(e) = self.release_on(g, &ids, &[]).await {
                 tracing::warn!(error = %e, count = ids.len(), "expired orders' stock not returned yet; the reconciler will");
             }
         }

@@ -14,6 +14,7 @@ use crate::domain::{ItemId, Quantity, SaleId, UserId};
 use chrono::{DateTime, Utc};
 use deadpool_postgres::ClientWrapper;
 use serde::Serialize;
+use std::collections::HashMap;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -106,6 +107,8 @@ pub struct Reserved {
     pub payment_window_secs: i32,
     /// The reservation already existed (an earlier attempt with the same request_id).
     pub existing: bool,
+    /// This attempt's number on the reservation; compensation releases only while it still holds.
+    pub attempt: i32,
 }
 
 /// Why an item refused a purchase.
@@ -146,6 +149,10 @@ pub async fn diagnose(
 }
 
 /// Transaction 1 for one request: conditional decrement, per-user limit, reservation.
+///
+/// With `resumable` (the txn id was derived from a request_id) a live reservation of the same
+/// txn — an earlier attempt of this request — is taken over instead: its `attempt` is bumped (so
+/// that attempt can no longer compensate it) and nothing is decremented again.
 pub async fn reserve_one(
     client: &mut ClientWrapper,
     sale: SaleId,
@@ -153,7 +160,13 @@ pub async fn reserve_one(
     user: UserId,
     quantity: Quantity,
     txn_id: Uuid,
+    resumable: bool,
 ) -> Result<(Result<Reserved, Refusal>, Option<i32>), DbError> {
+    if resumable {
+        if let Some(resumed) = resume(client, sale, item, txn_id).await? {
+            return Ok((Ok(resumed), None));
+        }
+    }
     let tx = client.transaction().await?;
     let decremented = tx
         .query_opt(
@@ -181,41 +194,42 @@ pub async fn reserve_one(
     let prior = tx
         .query_one(
             &tx.prepare_cached("SELECT coalesce(sum(quantity) FILTER (WHERE txn_id <> $4 AND state <> 'released'), 0)::bigint,
-                    max(state) FILTER (WHERE txn_id = $4),
-                    max(quantity) FILTER (WHERE txn_id = $4)
+                    bool_or(state <> 'released') FILTER (WHERE txn_id = $4)
              FROM reservations WHERE sale_id = $1 AND item_id = $2 AND user_id = $3").await?,
             &[&sale.db(), &item.db(), &user.db(), &txn_id],
         )
         .await?;
     let already: i64 = prior.get(0);
-    let own_state: Option<String> = prior.get(1);
-    if let Some(state) = own_state.filter(|s| s != "released") {
-        // An earlier attempt with this request_id holds a live reservation: undo our decrement
-        // and let the caller finish that attempt's order.
+    if prior.get::<_, Option<bool>>(1) == Some(true) {
+        // A concurrent attempt of this same request made the reservation live after our resume
+        // check: undo our decrement; the retry will resume it.
         tx.rollback().await?;
-        tracing::debug!(%txn_id, state, "reservation exists; resuming it");
-        let resumed = Reserved {
-            txn_id,
-            quantity: prior.get(2),
-            price_cents,
-            payment_window_secs: window,
-            existing: true,
-        };
-        return Ok((Ok(resumed), None));
+        return Err(DbError::Busy(
+            "a concurrent attempt of this request is in progress".into(),
+        ));
     }
     if already + i64::from(quantity.db()) > i64::from(limit) {
         tx.rollback().await?;
         return Ok((Err(Refusal::LimitExceeded { limit, already }), None));
     }
-    tx.execute(
-        &tx.prepare_cached("INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
+    let attempt = tx
+        .query_opt(
+            &tx.prepare_cached("INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
          VALUES ($1, $2, $3, $4, $5, 'reserved')
          ON CONFLICT (txn_id) DO UPDATE
-            SET state = 'reserved', quantity = EXCLUDED.quantity, created_at = now(), updated_at = now()
-            WHERE reservations.state = 'released'").await?,
-        &[&txn_id, &sale.db(), &item.db(), &user.db(), &quantity.db()],
-    )
-    .await?;
+            SET state = 'reserved', quantity = EXCLUDED.quantity, attempt = reservations.attempt + 1,
+                created_at = now(), updated_at = now()
+            WHERE reservations.state = 'released'
+         RETURNING attempt").await?,
+            &[&txn_id, &sale.db(), &item.db(), &user.db(), &quantity.db()],
+        )
+        .await?;
+    let Some(attempt) = attempt.map(|r| r.get::<_, i32>(0)) else {
+        tx.rollback().await?;
+        return Err(DbError::Busy(
+            "a concurrent attempt of this request is in progress".into(),
+        ));
+    };
     tx.commit().await?;
     let reserved = Reserved {
         txn_id,
@@ -223,8 +237,43 @@ pub async fn reserve_one(
         price_cents,
         payment_window_secs: window,
         existing: false,
+        attempt,
     };
     Ok((Ok(reserved), Some(after)))
+}
+
+/// Take over a live reservation of `txn_id` (an earlier attempt of the same request), bumping its
+/// attempt. None when there is none.
+pub async fn resume(
+    client: &ClientWrapper,
+    sale: SaleId,
+    item: ItemId,
+    txn_id: Uuid,
+) -> Result<Option<Reserved>, DbError> {
+    let stmt = client
+        .prepare_cached(
+            "WITH r AS (
+                 UPDATE reservations SET attempt = attempt + 1, updated_at = now()
+                 WHERE txn_id = $1 AND sale_id = $2 AND item_id = $3 AND state <> 'released'
+                 RETURNING quantity, attempt)
+             SELECT r.quantity, r.attempt, si.price_cents, si.payment_window_secs
+             FROM r JOIN sale_items si ON si.sale_id = $2 AND si.item_id = $3",
+        )
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&txn_id, &sale.db(), &item.db()])
+        .await?;
+    Ok(row.map(|r| {
+        tracing::debug!(%txn_id, "reservation exists; resuming it");
+        Reserved {
+            txn_id,
+            quantity: r.get(0),
+            attempt: r.get(1),
+            price_cents: r.get(2),
+            payment_window_secs: r.get(3),
+            existing: true,
+        }
+    }))
 }
 
 /// A new order for transaction 2.
@@ -318,28 +367,34 @@ pub async fn list_orders(
 /// Return the stock of live reservations (`reserved` or `ordered`) to their items, in one atomic
 /// statement. A reservation already released or paid is left alone, so a release can never happen
 /// twice, whoever (compensation, cancel, sweeper, reconciler) asks for it and however often.
+/// `attempts[i]`, when given, restricts the release of `txn_ids[i]` to that attempt (compensation).
 /// Returns `(sale_id, item_id, remaining_after)` for every item that got stock back.
 pub async fn release(
     client: &ClientWrapper,
     txn_ids: &[Uuid],
+    attempts: &[Option<i32>],
 ) -> Result<Vec<(i64, i64, i32)>, DbError> {
-    let rows = client
-        .query(
-            &client
-                .prepare_cached(
-                    "WITH r AS (
-                 UPDATE reservations SET state = 'released', updated_at = now()
-                 WHERE txn_id = ANY($1) AND state IN ('reserved', 'ordered')
-                 RETURNING sale_id, item_id, quantity),
+    let attempts: Vec<Option<i32>> = if attempts.is_empty() {
+        vec![None; txn_ids.len()]
+    } else {
+        attempts.to_vec()
+    };
+    let stmt = client
+        .prepare_cached(
+            "WITH k AS (SELECT * FROM unnest($1::uuid[], $2::int[]) AS k(t, a)),
+             r AS (
+                 UPDATE reservations res SET state = 'released', updated_at = now()
+                 FROM k
+                 WHERE res.txn_id = k.t AND (k.a IS NULL OR res.attempt = k.a)
+                   AND res.state IN ('reserved', 'ordered')
+                 RETURNING res.sale_id, res.item_id, res.quantity),
              s AS (SELECT sale_id, item_id, sum(quantity)::int AS q FROM r GROUP BY 1, 2)
              UPDATE sale_items si SET remaining = si.remaining + s.q, version = si.version + 1
              FROM s WHERE si.sale_id = s.sale_id AND si.item_id = s.item_id
              RETURNING si.sale_id, si.item_id, si.remaining",
-                )
-                .await?,
-            &[&txn_ids],
         )
         .await?;
+    let rows = client.query(&stmt, &[&txn_ids, &attempts]).await?;
     Ok(rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -443,17 +498,26 @@ pub async fn reserve_batch(
         })
         .collect();
     let (decisions, taken) = allocate(remaining, limit, &plan, &holdings);
-    if taken > 0 {
-        let mut ids = Vec::new();
-        let mut users = Vec::new();
-        let mut qty = Vec::new();
-        for (a, d) in asks.iter().zip(&decisions) {
-            if let Decision::Reserve { quantity } = d {
+    let mut ids = Vec::new();
+    let mut users = Vec::new();
+    let mut qty = Vec::new();
+    let mut resumed = Vec::new();
+    for (a, d) in asks.iter().zip(&decisions) {
+        match d {
+            Decision::Reserve { quantity } => {
                 ids.push(a.txn_id);
                 users.push(a.user.db());
                 qty.push(*quantity);
             }
+            Decision::Existing { .. } => resumed.push(a.txn_id),
+            _ => {}
         }
+    }
+    // Attempt numbers: of the reservations this batch created or revived, and of those it resumed
+    // (earlier attempts of the same requests, which can then no longer compensate them).
+    let mut created_attempt: HashMap<Uuid, i32> = HashMap::new();
+    let mut resumed_attempt: HashMap<Uuid, i32> = HashMap::new();
+    if taken > 0 || !resumed.is_empty() {
         let update_stmt = tx
             .prepare_cached(
                 "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
@@ -465,18 +529,30 @@ pub async fn reserve_batch(
                 "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
                  SELECT t, $1, $2, u, q, 'reserved' FROM unnest($3::uuid[], $4::bigint[], $5::int[]) AS x(t, u, q)
                  ON CONFLICT (txn_id) DO UPDATE
-                    SET state = 'reserved', quantity = EXCLUDED.quantity, created_at = now(), updated_at = now()
-                    WHERE reservations.state = 'released'",
+                    SET state = 'reserved', quantity = EXCLUDED.quantity, attempt = reservations.attempt + 1,
+                        created_at = now(), updated_at = now()
+                    WHERE reservations.state = 'released'
+                 RETURNING txn_id, attempt",
             )
             .await?;
-        // One round trip for both; the UPDATE keeps its condition as a last guard.
+        let resume_stmt = tx
+            .prepare_cached(
+                "UPDATE reservations SET attempt = attempt + 1, updated_at = now()
+                 WHERE txn_id = ANY($1) AND state <> 'released'
+                 RETURNING txn_id, attempt",
+            )
+            .await?;
+        // One round trip for all three; the server runs them in this order. The UPDATE keeps its
+        // condition as a last guard.
         let update_params: [&(dyn ToSql + Sync); 3] = [&sale_db, &item_db, &taken];
         let insert_params: [&(dyn ToSql + Sync); 5] = [&sale_db, &item_db, &ids, &users, &qty];
-        let (updated, _) = futures::try_join!(
+        let resume_params: [&(dyn ToSql + Sync); 1] = [&resumed];
+        let (updated, inserted, bumped) = futures::try_join!(
             tx.execute(&update_stmt, &update_params),
-            tx.execute(&insert_stmt, &insert_params),
+            tx.query(&insert_stmt, &insert_params),
+            tx.query(&resume_stmt, &resume_params),
         )?;
-        if updated != 1 {
+        if updated != 1 && taken > 0 {
             // Cannot happen while we hold the row lock; refuse rather than guess.
             tx.rollback().await?;
             return Err(DbError::Rejected {
@@ -484,6 +560,16 @@ pub async fn reserve_batch(
                 message: "stock changed under the row lock".into(),
             });
         }
+        created_attempt.extend(
+            inserted
+                .iter()
+                .map(|r| (r.get::<_, Uuid>(0), r.get::<_, i32>(1))),
+        );
+        resumed_attempt.extend(
+            bumped
+                .iter()
+                .map(|r| (r.get::<_, Uuid>(0), r.get::<_, i32>(1))),
+        );
         tx.commit().await?;
     } else {
         tx.rollback().await?;
@@ -492,13 +578,22 @@ pub async fn reserve_batch(
         .iter()
         .zip(decisions)
         .map(|(a, d)| match d {
-            Decision::Reserve { quantity } | Decision::Existing { quantity } => Ok(Reserved {
-                txn_id: a.txn_id,
-                quantity,
-                price_cents,
-                payment_window_secs: window,
-                existing: matches!(d, Decision::Existing { .. }),
-            }),
+            Decision::Reserve { quantity } | Decision::Existing { quantity } => {
+                let existing = matches!(d, Decision::Existing { .. });
+                let attempts = if existing {
+                    &resumed_attempt
+                } else {
+                    &created_attempt
+                };
+                Ok(Reserved {
+                    txn_id: a.txn_id,
+                    quantity,
+                    price_cents,
+                    payment_window_secs: window,
+                    existing,
+                    attempt: attempts.get(&a.txn_id).copied().unwrap_or(1),
+                })
+            }
             Decision::SoldOut { remaining } => Err(Refusal::SoldOut { remaining }),
             Decision::LimitExceeded { limit, already } => {
                 Err(Refusal::LimitExceeded { limit, already })

@@ -296,3 +296,56 @@ async fn a_failed_order_insert_returns_the_stock() {
     assert_eq!(copies, 1, "exactly one order row across all groups");
     assert_eq!(healthy.audit(sale).await["conserved"], true);
 }
+
+/// Attempt A made the reservation, a retry B of the same request resumed it; A then gives up and
+/// compensates. A's release must not touch B's reservation (B's order may be committing), and B's
+/// retry of a sold-out item resumes its reservation instead of hearing "sold out".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_attempt_never_releases_a_reservation_a_retry_resumed() {
+    use seckill::domain::{txn_id_for, ItemId, Quantity, RequestId, SaleId, UserId};
+    use seckill::order::store;
+    let app = spawn_app().await;
+    let item = fresh_item();
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 1, "price_cents": 5}]))
+        .await;
+    let (s, i) = (
+        SaleId::parse(sale.into()).unwrap(),
+        ItemId::parse(item.into()).unwrap(),
+    );
+    let user = UserId::parse(fresh_item().into()).unwrap();
+    let request = RequestId::parse("checkout-7".into()).unwrap();
+    let txn = txn_id_for(s, i, user, Some(&request));
+    let group = app.state.router.item_group(i);
+    let mut client = app.state.cluster.group(group).writer().await.unwrap();
+    let q = Quantity::parse(1).unwrap();
+
+    let (a, _) = store::reserve_one(&mut client, s, i, user, q, txn, true)
+        .await
+        .unwrap();
+    let a = a.expect("attempt A reserves");
+    assert!(!a.existing);
+    let (b, _) = store::reserve_one(&mut client, s, i, user, q, txn, true)
+        .await
+        .unwrap();
+    let b = b.expect("attempt B resumes");
+    assert!(b.existing && b.attempt > a.attempt, "{a:?} {b:?}");
+    assert_eq!(app.remaining(sale, item).await, 0, "stock taken once");
+
+    // A's compensation comes too late: nothing is released.
+    let back = store::release(&client, &[txn], &[Some(a.attempt)])
+        .await
+        .unwrap();
+    assert!(back.is_empty(), "a stale attempt released stock: {back:?}");
+    assert_eq!(app.remaining(sale, item).await, 0);
+    drop(client);
+
+    // The node has seen the item sold out; the same request still gets its order.
+    let other = app.buy(sale, item, fresh_item(), 1, None).await;
+    assert_eq!(other.code(), "sold_out");
+    let r = app.buy(sale, item, user.key(), 1, Some("checkout-7")).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(r.body["order_id"], txn.to_string());
+    assert_eq!(app.remaining(sale, item).await, 0);
+    assert_eq!(app.audit(sale).await["conserved"], true);
+}
