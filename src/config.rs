@@ -245,8 +245,8 @@ pub struct FailoverConfig {
     pub failures_before_promote: u32,
     /// Synchronous replication to the shadow, so a 201 means two servers hold the order. Default true.
     pub synchronous: bool,
-    /// What the master does when no shadow streams: `degrade` (default) to asynchronous commits
-    /// after `shadow_loss_grace_ms`, or `block` writes until a shadow is back.
+    /// What the master does when no shadow streams: `block` (default) keeps commits waiting until
+    /// a shadow is back; `degrade` switches to asynchronous commits after `shadow_loss_grace_ms`.
     pub shadow_loss: ShadowLossPolicy,
     /// How long a master waits for a lost shadow before degrading, in ms. Default 3000.
     pub shadow_loss_grace_ms: u64,
@@ -255,8 +255,8 @@ pub struct FailoverConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ShadowLossPolicy {
-    #[default]
     Degrade,
+    #[default]
     Block,
 }
 
@@ -268,7 +268,7 @@ impl Default for FailoverConfig {
             probe_timeout_ms: 500,
             failures_before_promote: 3,
             synchronous: true,
-            shadow_loss: ShadowLossPolicy::Degrade,
+            shadow_loss: ShadowLossPolicy::Block,
             shadow_loss_grace_ms: 3_000,
         }
     }

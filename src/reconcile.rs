@@ -3,9 +3,10 @@
 //!
 //! Repairs, each idempotent so several reconcilers (one per engine node, plus `seckill reconcile`)
 //! can run at once without double-releasing:
-//! - a live reservation with **no order**, older than the grace period: the reconciler first writes a
-//!   `cancelled` tombstone order with that txn_id (`ON CONFLICT DO NOTHING`), which also stops a late
-//!   transaction 2 from ever creating the order; only if the tombstone went in is the stock released;
+//! - a live reservation with **no order** on any group, older than the grace period: the reconciler
+//!   first writes a `cancelled` tombstone order with that txn_id on the user's group
+//!   (`ON CONFLICT DO NOTHING`), which also stops a late transaction 2 from ever creating the order;
+//!   only if the tombstone went in is the stock released;
 //! - an order that is `pending_payment` whose reservation is still `reserved`: marked `ordered`;
 //! - a `paid` order whose reservation is not `paid`: marked `paid`;
 //! - a `cancelled`/`expired` order whose reservation is live: released.
@@ -262,8 +263,29 @@ async fn repair_page(
         let client = orders.cluster.group(ug).writer().await?;
         let ids: Vec<Uuid> = lives.iter().map(|l| l.txn_id).collect();
         let found = deadline(orders.timeout, store::get_orders_by_id(&client, &ids)).await?;
-        let status: HashMap<Uuid, String> =
+        let mut status: HashMap<Uuid, String> =
             found.into_iter().map(|o| (o.order_id, o.status)).collect();
+        // An order may live on another group than its user routes to now (a router-config change
+        // moved the user; rows are not moved). Look there before calling a reservation orphaned;
+        // if a group cannot be asked, nothing here is tombstoned (the error ends the pass).
+        let unseen: Vec<Uuid> = ids
+            .iter()
+            .filter(|id| !status.contains_key(id))
+            .copied()
+            .collect();
+        if !unseen.is_empty() {
+            for (other, group) in orders.cluster.groups.iter().enumerate() {
+                if other == ug {
+                    continue;
+                }
+                let c = group.writer().await?;
+                for o in deadline(orders.timeout, store::get_orders_by_id(&c, &unseen)).await? {
+                    tracing::warn!(order_id = %o.order_id, user_id = o.user_id, group = %group.name,
+                        "order lives on a group its user no longer routes to");
+                    status.insert(o.order_id, o.status);
+                }
+            }
+        }
         let missing: Vec<NewOrder> = lives
             .iter()
             .filter(|l| !status.contains_key(&l.txn_id))

@@ -401,3 +401,50 @@ async fn planned_switchover_loses_nothing() {
     println!("switchover under load: {counts:?}");
     assert_nothing_lost(&app, sale, item, stock, &outcome).await;
 }
+
+/// A node cut off from a live master (here: it has a wrong address for it) must not promote the
+/// shadow: the shadow still streams from the master, so promoting would make two masters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_a_live_master_does_not_promote() {
+    let cluster = own_cluster();
+    let group = &cluster.0.groups[0];
+    let unreachable = free_port_block(1);
+    let mut config = base_config(&cluster.0);
+    config.groups[0].master =
+        format!("host=127.0.0.1 port={unreachable} user=seckill dbname=seckill connect_timeout=1");
+    config.server.migrate_on_start = false;
+    config.failover.probe_interval_ms = 100;
+    config.failover.probe_timeout_ms = 300;
+    let app = spawn_config(
+        config,
+        Background {
+            monitor: true,
+            sweeper: false,
+            reconciler: false,
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        group
+            .shadow
+            .psql("seckill", "SELECT pg_is_in_recovery()")
+            .unwrap(),
+        "t",
+        "the shadow was not promoted"
+    );
+    assert_eq!(app.state.cluster.group(0).failovers(), 0);
+    let ready = app.get("/readyz").await;
+    assert_eq!(
+        (ready.status, ready.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+    );
+    // The real master is untouched and still the master.
+    assert_eq!(
+        group
+            .master
+            .psql("seckill", "SELECT pg_is_in_recovery()")
+            .unwrap(),
+        "f"
+    );
+}

@@ -63,7 +63,7 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
             .cluster
             .groups
             .iter()
-            .filter(|g| g.writer_index().is_none_or(|i| !g.status()[i].healthy))
+            .filter(|g| g.writer_index().is_none())
             .map(|g| g.name.as_str())
             .collect();
         ApiError::new(

@@ -86,6 +86,30 @@ where
     }
 
     async fn drain(self: Arc<Self>, key: K) {
+        // If the runner panics, this task unwinds: the guard removes the lane, so its waiting
+        // requests get `Lost` (their senders drop) and the next request starts a fresh drain
+        // instead of queueing forever behind a lane marked draining.
+        struct LaneGuard<'a, K: Hash + Eq, T, R> {
+            batcher: &'a Batcher<K, T, R>,
+            key: Option<K>,
+        }
+        impl<K: Hash + Eq, T, R> Drop for LaneGuard<'_, K, T, R> {
+            fn drop(&mut self) {
+                if let Some(key) = self.key.take() {
+                    if std::thread::panicking() {
+                        let mut lanes = match self.batcher.lanes.lock() {
+                            Ok(g) => g,
+                            Err(p) => p.into_inner(),
+                        };
+                        lanes.remove(&key);
+                    }
+                }
+            }
+        }
+        let _guard = LaneGuard {
+            batcher: &self,
+            key: Some(key.clone()),
+        };
         if !self.max_wait.is_zero() {
             tokio::time::sleep(self.max_wait).await;
         }

@@ -59,9 +59,17 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
         .ok_or("the group has no shadow")?;
     let (m, s) = (&group.members[master], &group.members[shadow]);
     let sp = probe(&s.pg_config, timeout).await?;
-    if !sp.in_recovery {
+    if !sp.in_recovery || !sp.receiver_streaming {
         return Err(format!("{} is not a streaming shadow", s.endpoint).into());
     }
+    // Commit synchronously from here on (the shadow streams), so every commit that slips in
+    // before the fence takes hold is on the shadow before it is acknowledged.
+    admin(
+        &m.pg_config,
+        "ALTER SYSTEM SET synchronous_standby_names = '*'; SELECT pg_reload_conf()",
+        timeout,
+    )
+    .await?;
     println!("fencing {} (no new commits) ...", m.endpoint);
     admin(&m.pg_config, FENCE_SQL, timeout).await?;
     // Transactions that were already writing when the fence went up may still commit; wait for

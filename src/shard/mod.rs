@@ -237,12 +237,11 @@ impl Cluster {
         self.groups.iter().enumerate().find(|(_, g)| g.name == name)
     }
 
-    /// True when every group has a member it writes to and that member answered its last probe.
+    /// True when every group has a member it writes to. The monitor clears a group's writer only
+    /// once its master has failed `failures_before_promote` probes in a row (or turns out not to
+    /// be writable), so one slow probe does not flip readiness.
     pub fn all_writable(&self) -> bool {
-        self.groups.iter().all(|g| match g.writer_index() {
-            Some(i) => g.status().get(i).is_some_and(|s| s.healthy),
-            None => false,
-        })
+        self.groups.iter().all(|g| g.writer_index().is_some())
     }
 }
 

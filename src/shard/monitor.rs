@@ -1,24 +1,30 @@
-//! The health monitor: one per shard group in every engine node.
+//! The health monitor: one loop per shard group in every engine node.
 //!
 //! Every `failover.probe_interval_ms` it probes each member (`pg_is_in_recovery()`, the timeline,
-//! whether it is fenced, the replication lag) with a timeout, then decides which member to write to.
-//! Nodes never talk to each other: each asks the servers, so all nodes converge on the same master.
+//! whether it is fenced, its WAL receiver, the replication lag) with a timeout, then decides which
+//! member to write to. Nodes never talk to each other: each asks the servers, so all nodes converge
+//! on the same master.
 //!
 //! - **Discovery**: the writable member is the one not in recovery and not fenced. If two are (an
 //!   old master came back after its shadow was promoted), the higher timeline wins and the other is
 //!   fenced: `default_transaction_read_only = on`, so nothing can commit a write on it.
-//! - **Failover**: when the current master fails `failures_before_promote` consecutive probes and
-//!   the shadow is healthy and in recovery, the shadow is promoted (`pg_promote()`); promotion is
-//!   idempotent, so two nodes doing it at once is harmless. Until a writable member is known the
-//!   group has no writer and requests get 503 `unavailable` with Retry-After.
+//! - **Failover**: only a member that gives *no answer* counts as failing (a server replying with
+//!   an error, e.g. out of connection slots, is alive). When the master has failed
+//!   `failures_before_promote` consecutive probes, the shadow is promoted (`pg_promote()`) — but only
+//!   if the shadow itself has lost its WAL stream from the master. A shadow that still streams proves
+//!   the master alive: this node is merely cut off from it, and promoting would make two masters.
+//!   Promotion is idempotent, so two nodes doing it at once is harmless. Until a writable member is
+//!   known the group has no writer and requests get 503 `unavailable` with Retry-After.
 //! - **Synchronous replication**: with `failover.synchronous` the master commits only once the shadow
 //!   has the WAL (`synchronous_standby_names = '*'`), so a 201 means two servers hold the order. When
-//!   no standby streams (shadow down, or just after a failover) the policy `failover.shadow_loss`
-//!   decides: `degrade` (default) switches the master to asynchronous commits after
-//!   `shadow_loss_grace_ms`, keeping the sale open at the price that a *second* failure in that window
-//!   can lose orders; `block` keeps waiting, so writes stall until a shadow streams again. Right after
-//!   a promotion there is no standby at all, so the new master always starts asynchronous; it turns
-//!   synchronous again as soon as a rejoined shadow streams.
+//!   no standby streams, `failover.shadow_loss` decides. `block` (default) keeps commits waiting until
+//!   a shadow streams again: a dead shadow stalls writes, but an old master cut off from engines and
+//!   shadow can never acknowledge an order that the promoted shadow does not have, so no split brain
+//!   can sell the same stock twice. `degrade` switches the master to asynchronous commits after
+//!   `shadow_loss_grace_ms`: the sale stays open when the shadow dies, at the price that a second
+//!   failure in that window loses orders, and that under a network partition both sides may accept
+//!   writes. Right after a promotion there is no standby at all, so the new master starts
+//!   asynchronous; it turns synchronous again as soon as a rejoined shadow streams.
 
 use super::{Cluster, MemberStatus, ShardGroup};
 use crate::config::{FailoverConfig, ShadowLossPolicy};
@@ -36,6 +42,30 @@ pub struct Probe {
     /// On a master: the largest replay lag of its standbys in bytes, and whether any streams.
     pub standby_lag: Option<i64>,
     pub sync_names: String,
+    /// On a standby: its WAL receiver is streaming from a master right now.
+    pub receiver_streaming: bool,
+}
+
+/// A probe that failed. `answered` tells a server that replied with an error (alive, e.g. out of
+/// connection slots) from one that gave no answer; only the latter counts towards a failover.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct ProbeError {
+    pub message: String,
+    pub answered: bool,
+}
+
+impl ProbeError {
+    fn from_pg(e: &tokio_postgres::Error) -> Self {
+        // A server starting up or shutting down (57P0x) answers but does not serve.
+        let answered = e
+            .as_db_error()
+            .is_some_and(|db| !db.code().code().starts_with("57P"));
+        Self {
+            message: describe(e),
+            answered,
+        }
+    }
 }
 
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
@@ -46,18 +76,25 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
     CASE WHEN pg_is_in_recovery() THEN NULL
          ELSE (SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint
                FROM pg_stat_replication WHERE state = 'streaming') END,
-    current_setting('synchronous_standby_names')";
+    current_setting('synchronous_standby_names'),
+    coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
 
 /// Probe one member over a fresh connection (not the pool: a pool would hide a dead server behind
 /// its idle connections), bounded by `timeout`.
-pub async fn probe(config: &tokio_postgres::Config, timeout: Duration) -> Result<Probe, String> {
+pub async fn probe(
+    config: &tokio_postgres::Config,
+    timeout: Duration,
+) -> Result<Probe, ProbeError> {
     let work = async {
-        let (client, conn) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
+        let (client, conn) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| ProbeError::from_pg(&e))?;
         let conn_task = tokio::spawn(conn);
         let row = client
             .query_one(PROBE_SQL, &[])
             .await
-            .map_err(|e| describe(&e));
+            .map_err(|e| ProbeError::from_pg(&e));
         drop(client);
         conn_task.abort();
         let row = row?;
@@ -67,11 +104,15 @@ pub async fn probe(config: &tokio_postgres::Config, timeout: Duration) -> Result
             fenced: row.get(2),
             standby_lag: row.get(3),
             sync_names: row.get(4),
+            receiver_streaming: row.get(5),
         })
     };
     match tokio::time::timeout(timeout, work).await {
         Ok(r) => r,
-        Err(_) => Err(format!("no answer within {} ms", timeout.as_millis())),
+        Err(_) => Err(ProbeError {
+            message: format!("no answer within {} ms", timeout.as_millis()),
+            answered: false,
+        }),
     }
 }
 
@@ -162,10 +203,12 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
                     .into();
                 }
                 Err(e) => {
-                    s.role = "down".into();
                     s.healthy = false;
-                    s.consecutive_failures = s.consecutive_failures.saturating_add(1);
-                    s.last_error = Some(e.clone());
+                    s.last_error = Some(e.message.clone());
+                    if !e.answered {
+                        s.role = "down".into();
+                        s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                    }
                 }
             }
         }
@@ -228,21 +271,47 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
         return;
     }
 
-    // No writable member. Is the one we were writing to dead long enough to promote?
-    let dead_long = writer
-        .is_none_or(|w| group.status()[w].consecutive_failures >= config.failures_before_promote);
-    if writer.is_some() && dead_long {
+    // No writable member. A writer that answers but is a standby or fenced (a stale view, or a
+    // switchover in progress) is dropped at once: requests get 503 rather than read-only errors.
+    if let Some(w) = writer {
+        if probes[w].is_ok() {
+            group.set_writer(None);
+        }
+    }
+    // The master is dead when every member that gives no answer has failed long enough.
+    let failures: Vec<u32> = group
+        .status()
+        .iter()
+        .map(|s| s.consecutive_failures)
+        .collect();
+    let silent: Vec<usize> = probes
+        .iter()
+        .enumerate()
+        .filter(|(_, p)| matches!(p, Err(e) if !e.answered))
+        .map(|(i, _)| i)
+        .collect();
+    let dead_long = !silent.is_empty()
+        && silent
+            .iter()
+            .all(|&i| failures[i] >= config.failures_before_promote);
+    if dead_long {
         group.set_writer(None);
     }
     if !config.enabled || !dead_long {
         return;
     }
-    let shadow = probes
-        .iter()
-        .enumerate()
-        .find_map(|(i, p)| matches!(p, Ok(p) if p.in_recovery).then_some(i));
+    // Promote only a shadow that has itself lost the master: if its WAL receiver still streams,
+    // the master is alive and only this node cannot reach it (a partition), and promoting would
+    // make two masters.
+    let shadow = probes.iter().enumerate().find_map(|(i, p)| {
+        matches!(p, Ok(p) if p.in_recovery && !p.receiver_streaming).then_some(i)
+    });
     let Some(shadow) = shadow else {
-        tracing::error!(group = %group.name, "master down and no healthy shadow to promote");
+        if probes.iter().any(|p| matches!(p, Ok(p) if p.in_recovery)) {
+            tracing::error!(group = %group.name, "master unreachable from this node but its shadow still streams from it: not promoting");
+        } else {
+            tracing::error!(group = %group.name, "master down and no healthy shadow to promote");
+        }
         return;
     };
     let member = &group.members[shadow];
@@ -325,25 +394,23 @@ async fn manage_sync(
     }
 }
 
-/// Run the monitor for every group until `cancel` fires.
+/// Run the monitor for every group until `cancel` fires. Each group has its own loop, so a slow
+/// promotion in one group never delays the probes of another.
 pub async fn run(cluster: Arc<Cluster>, config: FailoverConfig, cancel: CancellationToken) {
-    let mut states: Vec<GroupState> = cluster
-        .groups
-        .iter()
-        .map(|_| GroupState::default())
-        .collect();
-    let mut tick = tokio::time::interval(Duration::from_millis(config.probe_interval_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+    let loops = (0..cluster.groups.len()).map(|g| {
+        let (cluster, config, cancel) = (cluster.clone(), config.clone(), cancel.clone());
+        async move {
+            let mut state = GroupState::default();
+            let mut tick = tokio::time::interval(Duration::from_millis(config.probe_interval_ms));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                check_group_with(cluster.group(g), &config, &mut state).await;
+            }
         }
-        let rounds = cluster
-            .groups
-            .iter()
-            .zip(states.iter_mut())
-            .map(|(g, s)| check_group_with(g, &config, s));
-        futures::future::join_all(rounds).await;
-    }
+    });
+    futures::future::join_all(loops).await;
 }
