@@ -94,7 +94,16 @@ impl ShardGroup {
                 pg_config.application_name("seckill");
             }
             if pg_config.get_options().is_none() {
-                pg_config.options(format!("-c lock_timeout={}", lock_timeout.as_millis()));
+                // Every statement of the engine is built around an index. On the empty tables of
+                // a new deployment the planner picks sequential scans, and a prepared statement
+                // keeps such a cached generic plan while the table grows during the first sale,
+                // until autovacuum's ANALYZE replaces it a minute later: full scans of
+                // reservations on the hot row's critical path. Sequential scans stay possible
+                // where no index applies; they are only priced out.
+                pg_config.options(format!(
+                    "-c lock_timeout={} -c enable_seqscan=off",
+                    lock_timeout.as_millis()
+                ));
             }
             let manager = Manager::from_config(
                 pg_config.clone(),
