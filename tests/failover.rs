@@ -114,6 +114,24 @@ async fn buy_storm(
     outcome
 }
 
+/// Stock far above what the buyers can take in a test: every purchase should succeed.
+const STORM_STOCK: i64 = 100_000;
+
+/// A sale of one item with `STORM_STOCK` units on `apps[0]`, and `buyers` buying it through
+/// `apps` for `run_for` in the background. Returns (sale, item, the storm's handle).
+async fn sale_under_storm(
+    apps: Vec<Arc<TestApp>>,
+    buyers: u64,
+    run_for: Duration,
+) -> (u64, u64, tokio::task::JoinHandle<Arc<Mutex<Outcome>>>) {
+    let item = fresh_item();
+    let sale = apps[0]
+        .create_sale(json!([{"item_id": item, "stock": STORM_STOCK, "price_cents": 1}]))
+        .await;
+    let storm = tokio::spawn(buy_storm(apps, sale, item, buyers, run_for));
+    (sale, item, storm)
+}
+
 /// Every acknowledged order is readable, nothing is sold twice, and stock is conserved.
 async fn assert_nothing_lost(app: &TestApp, sale: u64, item: u64, stock: i64, outcome: &Outcome) {
     for (user, id, _) in &outcome.acked {
@@ -151,19 +169,7 @@ async fn wait_for<F: Fn() -> bool>(limit: Duration, f: F) -> bool {
 async fn killing_the_master_mid_sale_loses_no_acknowledged_order() {
     let cluster = own_cluster();
     let app = engine(&cluster.0).await;
-    let item = fresh_item();
-    let stock = 100_000;
-    let sale = app
-        .create_sale(json!([{"item_id": item, "stock": stock, "price_cents": 1}]))
-        .await;
-
-    let storm = tokio::spawn(buy_storm(
-        vec![app.clone()],
-        sale,
-        item,
-        32,
-        Duration::from_secs(6),
-    ));
+    let (sale, item, storm) = sale_under_storm(vec![app.clone()], 32, Duration::from_secs(6)).await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let killed_at = Instant::now();
     cluster.0.groups[0]
@@ -200,7 +206,7 @@ async fn killing_the_master_mid_sale_loses_no_acknowledged_order() {
         "the shadow is the master"
     );
     assert_eq!(app.state.cluster.group(0).failovers(), 1);
-    assert_nothing_lost(&app, sale, item, stock, &outcome).await;
+    assert_nothing_lost(&app, sale, item, STORM_STOCK, &outcome).await;
     assert_eq!(app.get("/readyz").await.status, StatusCode::OK);
 }
 
@@ -337,18 +343,8 @@ async fn old_master_is_fenced_then_rejoins_and_a_second_failover_works() {
 async fn two_engine_nodes_both_follow_a_failover() {
     let cluster = own_cluster();
     let (n1, n2) = (engine(&cluster.0).await, engine(&cluster.0).await);
-    let item = fresh_item();
-    let stock = 100_000;
-    let sale = n1
-        .create_sale(json!([{"item_id": item, "stock": stock, "price_cents": 1}]))
-        .await;
-    let storm = tokio::spawn(buy_storm(
-        vec![n1.clone(), n2.clone()],
-        sale,
-        item,
-        16,
-        Duration::from_secs(5),
-    ));
+    let (sale, item, storm) =
+        sale_under_storm(vec![n1.clone(), n2.clone()], 16, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     cluster.0.groups[0].master.kill9().expect("kill");
     let outcome = storm.await.unwrap();
@@ -360,25 +356,14 @@ async fn two_engine_nodes_both_follow_a_failover() {
         );
     }
     let outcome = std::mem::take(&mut *outcome.lock().unwrap());
-    assert_nothing_lost(&n2, sale, item, stock, &outcome).await;
+    assert_nothing_lost(&n2, sale, item, STORM_STOCK, &outcome).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn planned_switchover_loses_nothing() {
     let cluster = own_cluster();
     let app = engine(&cluster.0).await;
-    let item = fresh_item();
-    let stock = 100_000;
-    let sale = app
-        .create_sale(json!([{"item_id": item, "stock": stock, "price_cents": 1}]))
-        .await;
-    let storm = tokio::spawn(buy_storm(
-        vec![app.clone()],
-        sale,
-        item,
-        16,
-        Duration::from_secs(4),
-    ));
+    let (sale, item, storm) = sale_under_storm(vec![app.clone()], 16, Duration::from_secs(4)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     seckill::shard::admin::switchover(&app.state.cluster, "g0")
         .await
@@ -399,7 +384,7 @@ async fn planned_switchover_loses_nothing() {
     let counts: HashMap<&str, usize> =
         HashMap::from([("acked", outcome.acked.len()), ("503", outcome.unavailable)]);
     println!("switchover under load: {counts:?}");
-    assert_nothing_lost(&app, sale, item, stock, &outcome).await;
+    assert_nothing_lost(&app, sale, item, STORM_STOCK, &outcome).await;
 }
 
 /// A node cut off from a live master (here: it has a wrong address for it) must not promote the
