@@ -34,6 +34,8 @@ impl AppState {
         let config = Arc::new(config);
         let cluster = Arc::new(Cluster::new(&config)?);
         let router = Arc::new(Router::from_config(&config)?);
+        // Know the writable members before migrating and before the first request.
+        cluster.discover().await;
         if config.server.migrate_on_start {
             crate::migrate::run(&cluster).await?;
         }
@@ -71,10 +73,6 @@ impl AppState {
             router,
             orders,
         });
-        // Know the writable members and the routing table before the first request.
-        for g in &state.cluster.groups {
-            crate::shard::monitor::check_group(g, &state.config.failover).await;
-        }
         refresh_table(&state).await;
         Ok(state)
     }

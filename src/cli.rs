@@ -207,6 +207,7 @@ async fn serve(path: &Path, listen: Option<std::net::SocketAddr>, no_coalesce: b
 async fn migrate(path: &Path) -> CliResult {
     let config = Config::load(path)?;
     let cluster = crate::shard::Cluster::new(&config)?;
+    cluster.discover().await;
     for (group, n) in crate::migrate::run(&cluster).await? {
         println!("{group}: {n} migration(s) applied");
     }

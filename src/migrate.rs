@@ -29,10 +29,10 @@ pub enum MigrateError {
     },
 }
 
-/// Apply pending migrations to every group. Returns how many each group applied.
+/// Apply pending migrations to every group's writable member, as found by the last
+/// [`Cluster::discover`] (or monitor round). Returns how many each group applied.
 pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError> {
     let mut applied = Vec::new();
-    cluster.discover().await;
     for group in &cluster.groups {
         let idx = group.writer_index().ok_or_else(|| MigrateError::NoMaster {
             group: group.name.clone(),

@@ -170,9 +170,8 @@ struct GroupState {
     no_standby_since: Option<Instant>,
 }
 
-/// One round for one group: probe, decide, act. Public so tests and `seckill group status` can
-/// drive it without the timer.
-pub async fn check_group(group: &ShardGroup, config: &FailoverConfig) {
+/// One round for one group, without the timer: what [`Cluster::discover`] runs.
+pub(crate) async fn check_group(group: &ShardGroup, config: &FailoverConfig) {
     let mut state = GroupState::default();
     check_group_with(group, config, &mut state).await;
 }
