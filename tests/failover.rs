@@ -150,7 +150,13 @@ async fn assert_nothing_lost(app: &TestApp, sale: u64, item: u64, stock: i64, ou
 }
 
 fn writer_port(app: &TestApp) -> Option<String> {
-    let g = app.state.cluster.group(0);
+    writer_of(&app.state)
+}
+
+/// The endpoint group 0 writes to. A probe that times out on the loaded test machine can leave a
+/// node briefly without a writer, so tests wait (bounded) for it rather than read one instant.
+fn writer_of(state: &seckill::AppState) -> Option<String> {
+    let g = state.cluster.group(0);
     g.writer_index().map(|i| g.members[i].endpoint.clone())
 }
 
@@ -244,11 +250,17 @@ async fn old_master_is_fenced_then_rejoins_and_a_second_failover_works() {
     for n in 5..10 {
         acked.push(buy(app.clone(), n).await);
     }
-    assert!(writer_port(&app).is_some_and(|e| e.ends_with(&b.port.to_string())));
+    let state = app.state.clone();
+    let b_port = b.port.to_string();
+    assert!(
+        wait_for(Duration::from_secs(5), || writer_of(&state)
+            .is_some_and(|e| e.ends_with(&b_port)))
+        .await,
+        "b is the master"
+    );
 
     // a comes back as a stale master on the old timeline: it is fenced, never written to.
     a.start().expect("restart a");
-    let state = app.state.clone();
     assert!(
         wait_for(Duration::from_secs(10), || state.cluster.group(0).status()
             [0]
@@ -324,7 +336,13 @@ async fn old_master_is_fenced_then_rejoins_and_a_second_failover_works() {
     for n in 15..20 {
         acked.push(buy(app.clone(), n).await);
     }
-    assert!(writer_port(&app).is_some_and(|e| e.ends_with(&a.port.to_string())));
+    let a_port = a.port.to_string();
+    assert!(
+        wait_for(Duration::from_secs(5), || writer_of(&state)
+            .is_some_and(|e| e.ends_with(&a_port)))
+        .await,
+        "a is the master again"
+    );
     assert_eq!(app.state.cluster.group(0).failovers(), 2);
     let outcome = Outcome {
         acked,
