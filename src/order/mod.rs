@@ -209,7 +209,7 @@ impl OrderService {
                         tracing::warn!(txn_id = %r.txn_id, error = %e, "stock not returned yet; the reconciler will");
                     }
                 } else {
-                    self.confirm_reservations(req.item, vec![r.txn_id]);
+                    self.confirm_reservation(req.item, r.txn_id);
                 }
                 Ok(Bought { order, replayed })
             }
@@ -334,18 +334,16 @@ impl OrderService {
     /// Mark a reservation `ordered` after its order committed. Off the request path and batched
     /// per item group (one UPDATE for many orders): the state is informational until the
     /// reconciler needs it, and the reconciler repairs what this misses.
-    pub(crate) fn confirm_reservations(&self, item: ItemId, txn_ids: Vec<Uuid>) {
+    pub(crate) fn confirm_reservation(&self, item: ItemId, txn_id: Uuid) {
         let group = self.router.item_group(item);
         let confirmer = self.confirmer.clone();
         self.tasks.spawn(async move {
-            for txn in txn_ids {
-                // Ignored on failure by design (see above).
-                let _ = confirmer.submit(group, txn).await;
-            }
+            // Ignored on failure by design (see above).
+            let _ = confirmer.submit(group, txn_id).await;
         });
     }
 
-    /// The batcher behind [`Self::confirm_reservations`].
+    /// The batcher behind [`Self::confirm_reservation`].
     pub fn confirm_batcher(
         cluster: Arc<Cluster>,
         timeout: Duration,
