@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 pub struct Target {
     pub group: String,
     pub cluster_dir: PathBuf,
+    /// Admin token, to ask the engine which member is the master.
+    pub token: String,
 }
 
 #[derive(Debug, Clone)]
@@ -26,7 +28,7 @@ pub struct Outage {
     pub failures_after_kill: usize,
 }
 
-pub fn parse(spec: &str, dir: &Path) -> Result<(f64, Target), String> {
+pub fn parse(spec: &str, dir: &Path, token: &str) -> Result<(f64, Target), String> {
     let (group, at) = spec
         .split_once('@')
         .ok_or_else(|| format!("--kill-master wants GROUP@SECONDS, got {spec:?}"))?;
@@ -36,6 +38,7 @@ pub fn parse(spec: &str, dir: &Path) -> Result<(f64, Target), String> {
         Target {
             group: group.to_string(),
             cluster_dir: dir.to_path_buf(),
+            token: token.to_string(),
         },
     ))
 }
@@ -48,13 +51,9 @@ pub async fn kill_master(
     http: &reqwest::Client,
     now_s: f64,
 ) -> Result<Kill, String> {
-    let token = std::env::var("SECKILL_ADMIN_TOKEN")
-        .ok()
-        .or_else(|| std::fs::read_to_string(target.cluster_dir.join("admin-token")).ok())
-        .unwrap_or_default();
     let groups: serde_json::Value = http
         .get(format!("{url}/v1/admin/groups"))
-        .bearer_auth(token.trim())
+        .bearer_auth(&target.token)
         .send()
         .await
         .map_err(|e| e.to_string())?

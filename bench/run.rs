@@ -413,7 +413,7 @@ pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report,
         drive(args, url, &http, &setup, sell_out).await?;
     }
     let chaos_at = match &args.kill_master {
-        Some(spec) => Some(chaos::parse(spec, &args.cluster_dir)?),
+        Some(spec) => Some(chaos::parse(spec, &args.cluster_dir, token)?),
         None => None,
     };
     let until_sold_out = args.scenario == Scenario::Hot && chaos_at.is_none();
