@@ -450,14 +450,24 @@ pub async fn reserve_batch(
              FROM sale_items WHERE sale_id = $1 AND item_id = $2 FOR UPDATE",
         )
         .await?;
+    // One index probe per distinct user, on all three columns of `reservations_by_buyer`. The
+    // plainer `user_id = ANY($3)` lets the planner keep the array as a filter over every
+    // reservation of the item: a sale's ids are new to the table statistics, so it expects one
+    // row there, and each batch would then read the item's whole history under the row lock.
+    // `OFFSET 0` keeps the subquery from being flattened into a join it could reorder.
     let held_stmt = tx
         .prepare_cached(
-            "SELECT txn_id, user_id, quantity FROM reservations
-             WHERE sale_id = $1 AND item_id = $2 AND user_id = ANY($3) AND state <> 'released'",
+            "SELECT r.txn_id, r.user_id, r.quantity FROM unnest($3::bigint[]) AS u(id)
+             CROSS JOIN LATERAL (
+                 SELECT txn_id, user_id, quantity FROM reservations
+                 WHERE sale_id = $1 AND item_id = $2 AND user_id = u.id AND state <> 'released'
+                 OFFSET 0) AS r",
         )
         .await?;
     let (sale_db, item_db) = (sale.db(), item.db());
-    let users: Vec<i64> = asks.iter().map(|a| a.user.db()).collect();
+    let mut users: Vec<i64> = asks.iter().map(|a| a.user.db()).collect();
+    users.sort_unstable();
+    users.dedup();
     // Pipelined in one round trip. The server runs them in order, and in READ COMMITTED the
     // holdings read takes its snapshot after the row lock is granted, so it sees every purchase
     // committed before ours.
