@@ -57,6 +57,7 @@ pub struct Member {
     pub endpoint: String,
     pub pg_config: tokio_postgres::Config,
     pub pool: Pool,
+    pub probe_session: monitor::ProbeSession,
 }
 
 pub struct ShardGroup {
@@ -129,6 +130,7 @@ impl ShardGroup {
                 endpoint: crate::config::endpoint_of(&pg_config).unwrap_or_default(),
                 pg_config,
                 pool,
+                probe_session: Default::default(),
             });
         }
         let status = members

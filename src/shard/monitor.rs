@@ -79,40 +79,121 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
     current_setting('synchronous_standby_names'),
     coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
 
-/// Probe one member over a fresh connection (not the pool: a pool would hide a dead server behind
-/// its idle connections), bounded by `timeout`.
+/// Probe one member over a fresh connection, bounded by `timeout`.
 pub async fn probe(
     config: &tokio_postgres::Config,
     timeout: Duration,
 ) -> Result<Probe, ProbeError> {
     let work = async {
-        let (client, conn) = config
-            .connect(NoTls)
-            .await
-            .map_err(|e| ProbeError::from_pg(&e))?;
-        let conn_task = tokio::spawn(conn);
-        let row = client
-            .query_one(PROBE_SQL, &[])
-            .await
-            .map_err(|e| ProbeError::from_pg(&e));
+        let (client, conn_task) = connect_probe(config).await?;
+        let row = client.query_one(PROBE_SQL, &[]).await;
         drop(client);
         conn_task.abort();
-        let row = row?;
-        Ok(Probe {
+        Ok(Probe::from_row(&row.map_err(|e| ProbeError::from_pg(&e))?))
+    };
+    match tokio::time::timeout(timeout, work).await {
+        Ok(r) => r,
+        Err(_) => Err(silence(timeout)),
+    }
+}
+
+async fn connect_probe(
+    config: &tokio_postgres::Config,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), ProbeError> {
+    let (client, conn) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| ProbeError::from_pg(&e))?;
+    let task = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok((client, task))
+}
+
+fn silence(timeout: Duration) -> ProbeError {
+    ProbeError {
+        message: format!("no answer within {} ms", timeout.as_millis()),
+        answered: false,
+    }
+}
+
+/// The monitor's own session with one member, kept between probes.
+///
+/// Not the pool: a pool would hide a dead server behind its idle connections and queue probes
+/// behind the sale's queries. One dedicated session per member and node instead of a fresh
+/// connection per probe: a fresh connection forks a backend on the server four times a second per
+/// node, which under a storm costs the servers measurable CPU. It detects the same failures: a
+/// dead or restarted server breaks the session, and a broken session is replaced by a fresh
+/// connection within the same probe, so only a server that cannot be reached anew counts as silent.
+#[derive(Default)]
+pub struct ProbeSession {
+    session: tokio::sync::Mutex<Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>>,
+}
+
+impl ProbeSession {
+    pub async fn probe(
+        &self,
+        config: &tokio_postgres::Config,
+        timeout: Duration,
+    ) -> Result<Probe, ProbeError> {
+        let mut slot = self.session.lock().await;
+        let work = async {
+            if let Some((client, _)) = slot.as_ref().filter(|(c, _)| !c.is_closed()) {
+                match client.query_one(PROBE_SQL, &[]).await {
+                    Ok(row) => return Ok(Probe::from_row(&row)),
+                    // The server answered with an error: it is alive; start afresh next time.
+                    Err(e) if e.as_db_error().is_some() => {
+                        Self::close(&mut slot);
+                        return Err(ProbeError::from_pg(&e));
+                    }
+                    // The session broke (a restart, a dead server): try a fresh one now.
+                    Err(_) => {}
+                }
+            }
+            Self::close(&mut slot);
+            let (client, task) = connect_probe(config).await?;
+            let row = client
+                .query_one(PROBE_SQL, &[])
+                .await
+                .map_err(|e| ProbeError::from_pg(&e));
+            match row {
+                Ok(row) => {
+                    *slot = Some((client, task));
+                    Ok(Probe::from_row(&row))
+                }
+                Err(e) => {
+                    task.abort();
+                    Err(e)
+                }
+            }
+        };
+        let outcome = tokio::time::timeout(timeout, work).await;
+        match outcome {
+            Ok(r) => r,
+            Err(_) => {
+                Self::close(&mut slot);
+                Err(silence(timeout))
+            }
+        }
+    }
+
+    fn close(slot: &mut Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>) {
+        if let Some((_, task)) = slot.take() {
+            task.abort();
+        }
+    }
+}
+
+impl Probe {
+    fn from_row(row: &tokio_postgres::Row) -> Self {
+        Probe {
             in_recovery: row.get(0),
             timeline: row.get(1),
             fenced: row.get(2),
             standby_lag: row.get(3),
             sync_names: row.get(4),
             receiver_streaming: row.get(5),
-        })
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(ProbeError {
-            message: format!("no answer within {} ms", timeout.as_millis()),
-            answered: false,
-        }),
+        }
     }
 }
 
@@ -178,8 +259,13 @@ pub(crate) async fn check_group(group: &ShardGroup, config: &FailoverConfig) {
 
 async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &mut GroupState) {
     let timeout = Duration::from_millis(config.probe_timeout_ms);
-    let probes =
-        futures::future::join_all(group.members.iter().map(|m| probe(&m.pg_config, timeout))).await;
+    let probes = futures::future::join_all(
+        group
+            .members
+            .iter()
+            .map(|m| m.probe_session.probe(&m.pg_config, timeout)),
+    )
+    .await;
     let writer = group.writer_index();
 
     // Record what each member looks like.
@@ -318,7 +404,7 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
     if let Err(e) = promote(&member.pg_config, timeout).await {
         tracing::error!(group = %group.name, error = %e, "promotion failed");
     }
-    match probe(&member.pg_config, timeout).await {
+    match member.probe_session.probe(&member.pg_config, timeout).await {
         Ok(p) if !p.in_recovery && !p.fenced => {
             tracing::warn!(group = %group.name, member = %member.endpoint, timeline = p.timeline, "failover complete");
             group.count_failover();
