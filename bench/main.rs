@@ -9,6 +9,7 @@
 //! concurrency; `--kill-master GROUP@SECONDS` SIGKILLs a local master mid-run and reports the outage.
 
 mod chaos;
+mod conn;
 mod run;
 mod verify;
 

@@ -1,11 +1,11 @@
 //! Running one scenario against one engine and reporting it.
 
-use crate::{chaos, verify, Args, Scenario};
+use crate::{chaos, conn, verify, Args, Scenario};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Serialize, Default)]
@@ -155,38 +155,58 @@ async fn create_sale(
         .ok_or_else(|| "no sale_id in answer".to_string())
 }
 
-/// Shared counters of a run.
+/// Counters of a run shared by all virtual users (progress, stopping at the sell-out).
 struct Tally {
     attempts: AtomicU64,
     orders: AtomicU64,
     sold_out: AtomicU64,
     stop: AtomicBool,
-    by_status: Mutex<HashMap<String, u64>>,
-    all: Mutex<Histogram<u64>>,
-    accepted: Mutex<Histogram<u64>>,
-    acked: Mutex<Vec<Acked>>,
-    failures: Mutex<Vec<f64>>,
 }
 
-impl Tally {
+/// What one virtual user saw, merged after the run (no locks on the request path).
+struct Seen {
+    by_status: HashMap<(u16, String), u64>,
+    all: Histogram<u64>,
+    accepted: Histogram<u64>,
+    acked: Vec<Acked>,
+    failures: Vec<f64>,
+}
+
+impl Seen {
     fn new() -> Result<Self, String> {
         let h = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).map_err(|e| e.to_string());
         Ok(Self {
-            attempts: AtomicU64::new(0),
-            orders: AtomicU64::new(0),
-            sold_out: AtomicU64::new(0),
-            stop: AtomicBool::new(false),
-            by_status: Mutex::new(HashMap::new()),
-            all: Mutex::new(h()?),
-            accepted: Mutex::new(h()?),
-            acked: Mutex::new(Vec::new()),
-            failures: Mutex::new(Vec::new()),
+            by_status: HashMap::new(),
+            all: h()?,
+            accepted: h()?,
+            acked: Vec::new(),
+            failures: Vec::new(),
         })
+    }
+
+    fn merge(&mut self, other: Seen) -> Result<(), String> {
+        for (k, v) in other.by_status {
+            *self.by_status.entry(k).or_default() += v;
+        }
+        self.all.add(&other.all).map_err(|e| e.to_string())?;
+        self.accepted
+            .add(&other.accepted)
+            .map_err(|e| e.to_string())?;
+        self.acked.extend(other.acked);
+        self.failures.extend(other.failures);
+        Ok(())
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// The fields of an answer the bench looks at.
+#[derive(serde::Deserialize, Default)]
+struct Answer<'a> {
+    #[serde(borrow, default)]
+    code: Option<&'a str>,
+    #[serde(borrow, default)]
+    order_id: Option<&'a str>,
+    #[serde(default)]
+    quantity: Option<i64>,
 }
 
 /// What one virtual user does next.
@@ -250,14 +270,20 @@ async fn drive(
     http: &reqwest::Client,
     setup: &Arc<Setup>,
     phase: Phase,
-) -> Result<(Arc<Tally>, f64, Option<chaos::Kill>), String> {
+) -> Result<(Arc<Tally>, Seen, f64, Option<chaos::Kill>), String> {
     let Phase {
         duration,
         until_sold_out,
         record,
         chaos_at,
     } = phase;
-    let tally = Arc::new(Tally::new()?);
+    let target = conn::Target::parse(url)?;
+    let tally = Arc::new(Tally {
+        attempts: AtomicU64::new(0),
+        orders: AtomicU64::new(0),
+        sold_out: AtomicU64::new(0),
+        stop: AtomicBool::new(false),
+    });
     let start = Instant::now();
     let demand = args.demand
         * setup
@@ -276,10 +302,12 @@ async fn drive(
         );
         bar
     };
+    let sale_path = format!("/v1/sales/{}", setup.sale_id);
     let mut handles = Vec::new();
     for _ in 0..args.concurrency {
-        let (http, url, setup, tally) =
-            (http.clone(), url.to_string(), setup.clone(), tally.clone());
+        let (setup, tally, sale_path) = (setup.clone(), tally.clone(), sale_path.clone());
+        let mut conn = conn::Conn::new(target.clone());
+        let mut seen = Seen::new()?;
         let scenario = args.scenario;
         let mut rng = Rng(rand_u64() | 1);
         handles.push(tokio::spawn(async move {
@@ -288,51 +316,47 @@ async fn drive(
                 let t0 = Instant::now();
                 let resp = match &step {
                     Step::Buy { item, user } => {
-                        http.post(format!(
-                            "{url}/v1/sales/{}/items/{item}/orders",
-                            setup.sale_id
-                        ))
-                        .json(&serde_json::json!({ "user_id": user, "quantity": 1 }))
-                        .send()
+                        let body = format!(r#"{{"user_id":{user},"quantity":1}}"#);
+                        conn.send(
+                            hyper::Method::POST,
+                            &format!("{sale_path}/items/{item}/orders"),
+                            Some(body.into()),
+                        )
                         .await
                     }
-                    Step::ReadSale => {
-                        http.get(format!("{url}/v1/sales/{}", setup.sale_id))
-                            .send()
-                            .await
-                    }
+                    Step::ReadSale => conn.send(hyper::Method::GET, &sale_path, None).await,
                 };
-                let (status, body) = match resp {
-                    Ok(r) => {
-                        let s = r.status();
-                        (s.as_u16(), r.bytes().await.unwrap_or_default())
-                    }
-                    Err(_) => (0, Default::default()),
-                };
+                let (status, body) = resp.unwrap_or_default();
                 let micros = t0.elapsed().as_micros().max(1) as u64;
+                let answer: Answer = if status >= 300 || matches!(step, Step::Buy { .. }) {
+                    serde_json::from_slice(&body).unwrap_or_default()
+                } else {
+                    Answer::default()
+                };
+                let code = answer.code.unwrap_or("");
                 if !record {
-                    let sold_out = status == 409 && body.windows(8).any(|w| w == b"sold_out");
-                    if sold_out && until_sold_out {
+                    if status == 409 && code == "sold_out" && until_sold_out {
                         tally.stop.store(true, Ordering::Relaxed);
                     }
                     continue;
                 }
                 tally.attempts.fetch_add(1, Ordering::Relaxed);
-                let _ = lock(&tally.all).record(micros);
-                let v: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-                let code = v["code"].as_str().unwrap_or("").to_string();
-                *lock(&tally.by_status)
-                    .entry(format!("{status} {code}").trim().to_string())
-                    .or_default() += 1;
+                let _ = seen.all.record(micros);
+                match seen.by_status.get_mut(&(status, code.to_string())) {
+                    Some(n) => *n += 1,
+                    None => {
+                        seen.by_status.insert((status, code.to_string()), 1);
+                    }
+                }
                 match (&step, status) {
                     (Step::Buy { item, user }, 201) => {
                         tally.orders.fetch_add(1, Ordering::Relaxed);
-                        let _ = lock(&tally.accepted).record(micros);
-                        lock(&tally.acked).push(Acked {
+                        let _ = seen.accepted.record(micros);
+                        seen.acked.push(Acked {
                             item: *item,
                             user: *user,
-                            quantity: v["quantity"].as_i64().unwrap_or(1),
-                            order_id: v["order_id"].as_str().unwrap_or("").to_string(),
+                            quantity: answer.quantity.unwrap_or(1),
+                            order_id: answer.order_id.unwrap_or("").to_string(),
                             at_s: start.elapsed().as_secs_f64(),
                         });
                     }
@@ -345,7 +369,7 @@ async fn drive(
                     (Step::Buy { .. }, 409) => {}
                     (Step::ReadSale, 200) => {}
                     _ => {
-                        lock(&tally.failures).push(start.elapsed().as_secs_f64());
+                        seen.failures.push(start.elapsed().as_secs_f64());
                         if status == 503 {
                             // Back off as a client honouring Retry-After would, but briefly,
                             // so the outage is still measured to ~50 ms.
@@ -354,6 +378,7 @@ async fn drive(
                     }
                 }
             }
+            seen
         }));
     }
     // The ticker: progress, and the kill when one is scheduled.
@@ -375,11 +400,12 @@ async fn drive(
             }
         }
     }
+    let mut seen = Seen::new()?;
     for h in handles {
-        h.await.map_err(|e| e.to_string())?;
+        seen.merge(h.await.map_err(|e| e.to_string())?)?;
     }
     bar.finish_and_clear();
-    Ok((tally, start.elapsed().as_secs_f64(), kill))
+    Ok((tally, seen, start.elapsed().as_secs_f64(), kill))
 }
 
 pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report, String> {
@@ -423,23 +449,24 @@ pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report,
         record: true,
         chaos_at,
     };
-    let (tally, elapsed, kill) = drive(args, url, &http, &setup, phase).await?;
+    let (tally, seen, elapsed, kill) = drive(args, url, &http, &setup, phase).await?;
 
-    let acked = std::mem::take(&mut *lock(&tally.acked));
+    let acked = seen.acked;
     let orders = acked.len() as u64;
     let window = acked.iter().map(|a| a.at_s).fold(0.0, f64::max);
     let attempts = tally.attempts.load(Ordering::Relaxed);
-    let outage = kill.map(|k| chaos::outage(&k, &acked, &lock(&tally.failures)));
+    let outage = kill.map(|k| chaos::outage(&k, &acked, &seen.failures));
     let reached_sellout =
         tally.sold_out.load(Ordering::Relaxed) > 0 || args.scenario == Scenario::Soldout;
     let verification =
         verify::verify(args, url, token, &http, &setup, &acked, reached_sellout).await;
-    let by_status: BTreeMap<String, u64> = lock(&tally.by_status)
+    let by_status: BTreeMap<String, u64> = seen
+        .by_status
         .iter()
-        .map(|(k, v)| (k.clone(), *v))
+        .map(|((status, code), n)| (format!("{status} {code}").trim().to_string(), *n))
         .collect();
-    let latency_all = Latency::of(&lock(&tally.all));
-    let latency_orders = Latency::of(&lock(&tally.accepted));
+    let latency_all = Latency::of(&seen.all);
+    let latency_orders = Latency::of(&seen.accepted);
     Ok(Report {
         scenario: args.scenario,
         url: url.to_string(),
@@ -466,17 +493,16 @@ pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report,
 
 /// Requests per second of GET /v1/time at the run's concurrency for the run's duration (at most 10 s).
 pub async fn baseline(args: &Args, url: &str) -> Result<f64, String> {
-    let http = client(args.concurrency)?;
+    let target = conn::Target::parse(url)?;
     let count = Arc::new(AtomicU64::new(0));
     let duration = Duration::from_secs_f64(args.duration.min(10.0));
     let start = Instant::now();
     let handles: Vec<_> = (0..args.concurrency)
         .map(|_| {
-            let (http, url, count) = (http.clone(), url.to_string(), count.clone());
+            let (mut conn, count) = (conn::Conn::new(target.clone()), count.clone());
             tokio::spawn(async move {
                 while start.elapsed() < duration {
-                    if let Ok(r) = http.get(format!("{url}/v1/time")).send().await {
-                        let _ = r.bytes().await;
+                    if let Ok((200, _)) = conn.send(hyper::Method::GET, "/v1/time", None).await {
                         count.fetch_add(1, Ordering::Relaxed);
                     }
                 }
