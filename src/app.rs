@@ -284,15 +284,18 @@ fn spawn_background(
     if background.reconciler && config.orders.reconcile_interval_ms > 0 {
         let s = state.clone();
         let grace = Duration::from_secs(config.orders.reconcile_grace_secs.into());
+        let reconciler = Arc::new(tokio::sync::Mutex::new(
+            crate::reconcile::Reconciler::default(),
+        ));
         every(
             "reconciler",
             Duration::from_millis(config.orders.reconcile_interval_ms),
             cancel,
             tasks,
             move || {
-                let s = s.clone();
+                let (s, reconciler) = (s.clone(), reconciler.clone());
                 async move {
-                    crate::reconcile::reconcile(&s.orders, grace).await;
+                    reconciler.lock().await.pass(&s.orders, grace).await;
                 }
             },
         );

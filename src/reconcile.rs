@@ -12,6 +12,19 @@
 //! - a `cancelled`/`expired` order whose reservation is live: released.
 //!
 //! Conservation per item: `stock = remaining + reserved + ordered + paid`.
+//!
+//! A full pass ([`reconcile`], what `seckill reconcile` runs) reads every live reservation and
+//! audits every item. The background pass of each engine node ([`Reconciler::pass`]) is bounded so
+//! that it costs little in the middle of a storm, whatever the history in the tables:
+//! - unconfirmed (`reserved`) reservations past the grace period, the ones a crash between the two
+//!   transactions leaves, are all checked on every pass;
+//! - `ordered` reservations only disagree with their order when a cancel or expiry could not
+//!   release them; they are checked [`ORDERED_PAGES_PER_PASS`] pages at a time, continuing where the
+//!   previous pass stopped and starting over at the end, so each is seen every few passes;
+//! - conservation is audited for the items whose `version` moved since this node last found them
+//!   conserved (every decrement and every release moves it; a state change between reserved,
+//!   ordered and paid cannot change the sum). An item found in violation is audited again on every
+//!   pass, so the error keeps being logged until someone repairs it.
 
 use crate::db::deadline;
 use crate::domain::{ItemId, SaleId, UserId};
@@ -53,6 +66,18 @@ const AUDIT_SQL: &str = "SELECT si.sale_id, si.item_id, si.stock::bigint, si.rem
     WHERE ($1::bigint IS NULL OR si.sale_id = $1) AND ($2::bigint[] IS NULL OR si.item_id = ANY($2))
     GROUP BY si.sale_id, si.item_id, si.stock, si.remaining
     ORDER BY si.sale_id, si.item_id";
+
+/// [`AUDIT_SQL`] for a list of (sale, item) pairs.
+const AUDIT_ITEMS_SQL: &str =
+    "SELECT si.sale_id, si.item_id, si.stock::bigint, si.remaining::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'reserved'), 0)::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'ordered'), 0)::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'paid'), 0)::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'released'), 0)::bigint
+    FROM unnest($1::bigint[], $2::bigint[]) AS k(s, i)
+    JOIN sale_items si ON si.sale_id = k.s AND si.item_id = k.i
+    LEFT JOIN reservations r ON r.sale_id = si.sale_id AND r.item_id = si.item_id
+    GROUP BY si.sale_id, si.item_id, si.stock, si.remaining";
 
 fn audit_row(r: &tokio_postgres::Row) -> ItemAudit {
     let (stock, remaining, reserved, ordered, paid): (i64, i64, i64, i64, i64) =
@@ -134,37 +159,158 @@ const PAGE: i64 = 500;
 
 /// One full pass over every group.
 pub async fn reconcile(orders: &OrderService, grace: Duration) -> ReconcileReport {
-    let mut report = ReconcileReport::default();
-    for (g, group) in orders.cluster.groups.iter().enumerate() {
-        if let Err(e) = reconcile_group(orders, g, grace, &mut report).await {
-            tracing::warn!(group = %group.name, error = %e, "reconciliation incomplete for a group");
-            report.unreachable_groups.push(group.name.clone());
-            continue;
-        }
-        match conservation(orders, g).await {
-            Ok(bad) => report.violations.extend(bad),
-            Err(e) => {
-                tracing::warn!(group = %group.name, error = %e, "conservation check failed");
+    Reconciler::default().run(orders, grace, false).await
+}
+
+/// How many pages of `ordered` reservations a background pass checks per group.
+pub const ORDERED_PAGES_PER_PASS: usize = 4;
+
+/// The background reconciler of one engine node: what it remembers between passes.
+#[derive(Default)]
+pub struct Reconciler {
+    /// Per group: the txn id the last pass stopped at among `ordered` reservations.
+    ordered_cursor: HashMap<usize, Uuid>,
+    /// Per group and item: the version at which the item was last found conserved.
+    audited: HashMap<(usize, i64, i64), i64>,
+}
+
+impl Reconciler {
+    /// One bounded pass (module docs).
+    pub async fn pass(&mut self, orders: &OrderService, grace: Duration) -> ReconcileReport {
+        self.run(orders, grace, true).await
+    }
+
+    async fn run(
+        &mut self,
+        orders: &OrderService,
+        grace: Duration,
+        bounded: bool,
+    ) -> ReconcileReport {
+        let mut report = ReconcileReport::default();
+        for (g, group) in orders.cluster.groups.iter().enumerate() {
+            let checked = if bounded {
+                self.reconcile_bounded(orders, g, grace, &mut report).await
+            } else {
+                reconcile_group(orders, g, grace, LiveSet::All, None, None, &mut report)
+                    .await
+                    .map(|_| ())
+            };
+            if let Err(e) = checked {
+                tracing::warn!(group = %group.name, error = %e, "reconciliation incomplete for a group");
                 report.unreachable_groups.push(group.name.clone());
+                continue;
+            }
+            let audited = if bounded {
+                self.conservation_of_changed(orders, g).await
+            } else {
+                conservation(orders, g).await
+            };
+            match audited {
+                Ok(bad) => report.violations.extend(bad),
+                Err(e) => {
+                    tracing::warn!(group = %group.name, error = %e, "conservation check failed");
+                    report.unreachable_groups.push(group.name.clone());
+                }
             }
         }
+        for v in &report.violations {
+            tracing::error!(
+                sale_id = v.sale_id,
+                item_id = v.item_id,
+                stock = v.stock,
+                remaining = v.remaining,
+                reserved = v.reserved,
+                ordered = v.ordered,
+                paid = v.paid,
+                "conservation violated"
+            );
+        }
+        if report.repairs() > 0 {
+            tracing::warn!(?report, "reconciler repaired mismatches");
+        }
+        report
     }
-    for v in &report.violations {
-        tracing::error!(
-            sale_id = v.sale_id,
-            item_id = v.item_id,
-            stock = v.stock,
-            remaining = v.remaining,
-            reserved = v.reserved,
-            ordered = v.ordered,
-            paid = v.paid,
-            "conservation violated"
-        );
+
+    async fn reconcile_bounded(
+        &mut self,
+        orders: &OrderService,
+        g: usize,
+        grace: Duration,
+        report: &mut ReconcileReport,
+    ) -> Result<(), OrderError> {
+        reconcile_group(orders, g, grace, LiveSet::Reserved, None, None, report).await?;
+        let from = self.ordered_cursor.get(&g).copied();
+        let stopped = reconcile_group(
+            orders,
+            g,
+            grace,
+            LiveSet::Ordered,
+            from,
+            Some(ORDERED_PAGES_PER_PASS),
+            report,
+        )
+        .await?;
+        match stopped {
+            Some(cursor) => self.ordered_cursor.insert(g, cursor),
+            None => self.ordered_cursor.remove(&g),
+        };
+        Ok(())
     }
-    if report.repairs() > 0 {
-        tracing::warn!(?report, "reconciler repaired mismatches");
+
+    async fn conservation_of_changed(
+        &mut self,
+        orders: &OrderService,
+        g: usize,
+    ) -> Result<Vec<ItemAudit>, OrderError> {
+        let client = orders.cluster.group(g).writer().await?;
+        let versions = deadline(orders.timeout, async {
+            Ok(client
+                .query(
+                    &client
+                        .prepare_cached("SELECT sale_id, item_id, version FROM sale_items")
+                        .await?,
+                    &[],
+                )
+                .await?)
+        })
+        .await?;
+        let mut sales = Vec::new();
+        let mut items = Vec::new();
+        let mut seen_at = HashMap::new();
+        for r in &versions {
+            let (sale, item, version): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
+            if self.audited.get(&(g, sale, item)) != Some(&version) {
+                sales.push(sale);
+                items.push(item);
+                seen_at.insert((sale, item), version);
+            }
+        }
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = deadline(orders.timeout, async {
+            Ok(client
+                .query(
+                    &client.prepare_cached(AUDIT_ITEMS_SQL).await?,
+                    &[&sales, &items],
+                )
+                .await?)
+        })
+        .await?;
+        let mut bad = Vec::new();
+        for audit in rows.iter().map(audit_row) {
+            let key = (audit.sale_id as i64, audit.item_id as i64);
+            if audit.conserved {
+                if let Some(v) = seen_at.get(&key) {
+                    self.audited.insert((g, key.0, key.1), *v);
+                }
+            } else {
+                self.audited.remove(&(g, key.0, key.1));
+                bad.push(audit);
+            }
+        }
+        Ok(bad)
     }
-    report
 }
 
 async fn conservation(orders: &OrderService, g: usize) -> Result<Vec<ItemAudit>, OrderError> {
@@ -196,24 +342,67 @@ struct Live {
     state: String,
 }
 
+/// Which live reservations a sweep of [`reconcile_group`] reads. The states are spelled out in
+/// the SQL so the planner can use the partial index on live reservations.
+#[derive(Clone, Copy)]
+enum LiveSet {
+    All,
+    Reserved,
+    Ordered,
+}
+
+impl LiveSet {
+    fn sql(self) -> &'static str {
+        match self {
+            LiveSet::All => {
+                "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
+                     WHERE state IN ('reserved', 'ordered')
+                       AND updated_at < now() - make_interval(secs => $1)
+                       AND ($2::uuid IS NULL OR txn_id > $2)
+                     ORDER BY txn_id LIMIT $3"
+            }
+            LiveSet::Reserved => {
+                "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
+                     WHERE state = 'reserved'
+                       AND updated_at < now() - make_interval(secs => $1)
+                       AND ($2::uuid IS NULL OR txn_id > $2)
+                     ORDER BY txn_id LIMIT $3"
+            }
+            LiveSet::Ordered => {
+                "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
+                     WHERE state = 'ordered'
+                       AND updated_at < now() - make_interval(secs => $1)
+                       AND ($2::uuid IS NULL OR txn_id > $2)
+                     ORDER BY txn_id LIMIT $3"
+            }
+        }
+    }
+}
+
+/// Check live reservations of one group page by page, from after `from`, for at most `max_pages`
+/// pages. Returns where it stopped, or None when it reached the end.
 async fn reconcile_group(
     orders: &OrderService,
     g: usize,
     grace: Duration,
+    which: LiveSet,
+    from: Option<Uuid>,
+    max_pages: Option<usize>,
     report: &mut ReconcileReport,
-) -> Result<(), OrderError> {
+) -> Result<Option<Uuid>, OrderError> {
     let grace_secs = grace.as_secs_f64();
-    let mut cursor: Option<Uuid> = None;
+    let mut cursor: Option<Uuid> = from;
+    let mut pages = 0;
     loop {
+        if max_pages.is_some_and(|max| pages >= max) {
+            return Ok(cursor);
+        }
+        pages += 1;
         let client = orders.cluster.group(g).writer().await?;
         let rows = deadline(orders.timeout, async {
             Ok(client
                 .query(
-                    &client.prepare_cached("SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
-                     WHERE state IN ('reserved', 'ordered')
-                       AND updated_at < now() - make_interval(secs => $1)
-                       AND ($2::uuid IS NULL OR txn_id > $2)
-                     ORDER BY txn_id LIMIT $3").await?,
+                    &client.prepare_cached(which.sql()).await?,
                     &[&grace_secs, &cursor, &PAGE],
                 )
                 .await?)
@@ -232,13 +421,13 @@ async fn reconcile_group(
             })
             .collect();
         let Some(last) = page.last() else {
-            return Ok(());
+            return Ok(None);
         };
         cursor = Some(last.txn_id);
         report.checked += page.len() as u64;
         repair_page(orders, g, &page, report).await?;
         if (page.len() as i64) < PAGE {
-            return Ok(());
+            return Ok(None);
         }
     }
 }

@@ -191,3 +191,102 @@ async fn concurrent_reconcilers_and_sweepers_never_double_release() {
         "all stock back, none twice"
     );
 }
+
+/// The background pass is bounded but still finds what matters: an `ordered` reservation whose
+/// order was cancelled behind its back is released, and an item whose stock moved out of balance is
+/// reported on every pass until repaired, while unchanged conserved items are not audited again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn background_pass_repairs_dead_orders_and_keeps_reporting_violations() {
+    let _serial = SERIAL.lock().await;
+    let app = quiet_app().await;
+    let item = fresh_item();
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 10, "price_cents": 7, "per_user_limit": 5}]))
+        .await;
+    let i = ItemId::parse(item.into()).unwrap();
+    let user = UserId::parse(fresh_item().into()).unwrap();
+    let bought = app.buy(sale, item, user.key(), 2, None).await;
+    assert_eq!(bought.status, StatusCode::CREATED);
+    let order_id: uuid::Uuid = bought.body["order_id"].as_str().unwrap().parse().unwrap();
+    // The confirmation runs off the request path: wait until the reservation says `ordered`.
+    let item_group = app.state.cluster.group(app.state.router.item_group(i));
+    let state = || async {
+        let c = item_group.writer().await.unwrap();
+        c.query_one(
+            "SELECT state FROM reservations WHERE txn_id = $1",
+            &[&order_id],
+        )
+        .await
+        .unwrap()
+        .get::<_, String>(0)
+    };
+    let waited = std::time::Instant::now();
+    while state().await != "ordered" {
+        assert!(waited.elapsed() < Duration::from_secs(5), "never confirmed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Cancel the order on the user's side only, as a cancel whose release failed would leave it.
+    let user_group = app.state.cluster.group(app.state.router.user_group(user));
+    user_group
+        .writer()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE orders SET status = 'cancelled' WHERE order_id = $1",
+            &[&order_id],
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    let mut reconciler = seckill::reconcile::Reconciler::default();
+    let report = reconciler
+        .pass(&app.state.orders, Duration::from_secs(1))
+        .await;
+    assert_eq!(report.dead_orders_released, 1, "{report:?}");
+    assert_eq!(state().await, "released");
+    assert_eq!(app.remaining(sale, item).await, 10);
+    assert!(report.violations.is_empty(), "{report:?}");
+
+    // Stock lost without a trace in the ledger: reported now and on the next pass too.
+    item_group
+        .writer()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE sale_items SET remaining = remaining - 1, version = version + 1
+             WHERE sale_id = $1 AND item_id = $2",
+            &[&i64::try_from(sale).unwrap(), &i64::try_from(item).unwrap()],
+        )
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let report = reconciler
+            .pass(&app.state.orders, Duration::from_secs(1))
+            .await;
+        let bad: Vec<u64> = report.violations.iter().map(|v| v.item_id).collect();
+        assert!(bad.contains(&u64::try_from(item).unwrap()), "{report:?}");
+    }
+    // Repaired: the next pass finds the item conserved again.
+    item_group
+        .writer()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE sale_items SET remaining = remaining + 1, version = version + 1
+             WHERE sale_id = $1 AND item_id = $2",
+            &[&i64::try_from(sale).unwrap(), &i64::try_from(item).unwrap()],
+        )
+        .await
+        .unwrap();
+    let report = reconciler
+        .pass(&app.state.orders, Duration::from_secs(1))
+        .await;
+    assert!(
+        !report
+            .violations
+            .iter()
+            .any(|v| v.item_id == u64::try_from(item).unwrap()),
+        "{report:?}"
+    );
+}
