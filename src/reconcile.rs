@@ -63,11 +63,11 @@ const AUDIT_SQL: &str = "SELECT si.sale_id, si.item_id, si.stock::bigint, si.rem
         coalesce(sum(r.quantity) FILTER (WHERE r.state = 'released'), 0)::bigint
     FROM sale_items si
     LEFT JOIN reservations r ON r.sale_id = si.sale_id AND r.item_id = si.item_id
-    WHERE ($1::bigint IS NULL OR si.sale_id = $1) AND ($2::bigint[] IS NULL OR si.item_id = ANY($2))
     GROUP BY si.sale_id, si.item_id, si.stock, si.remaining
     ORDER BY si.sale_id, si.item_id";
 
-/// [`AUDIT_SQL`] for a list of (sale, item) pairs.
+/// [`AUDIT_SQL`] for a list of (sale, item) pairs. (Not one statement with optional filters: a
+/// prepared `$1 IS NULL OR sale_id = $1` gets a generic plan that aggregates every sale.)
 const AUDIT_ITEMS_SQL: &str =
     "SELECT si.sale_id, si.item_id, si.stock::bigint, si.remaining::bigint,
         coalesce(sum(r.quantity) FILTER (WHERE r.state = 'reserved'), 0)::bigint,
@@ -119,8 +119,8 @@ pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit
         let rows = deadline(orders.timeout, async {
             Ok(client
                 .query(
-                    &client.prepare_cached(AUDIT_SQL).await?,
-                    &[&Some(sale.db()), &Some(ids)],
+                    &client.prepare_cached(AUDIT_ITEMS_SQL).await?,
+                    &[&vec![sale.db(); ids.len()], &ids],
                 )
                 .await?)
         })
@@ -315,14 +315,9 @@ impl Reconciler {
 
 async fn conservation(orders: &OrderService, g: usize) -> Result<Vec<ItemAudit>, OrderError> {
     let client = orders.cluster.group(g).writer().await?;
-    let none_sale: Option<i64> = None;
-    let none_items: Option<Vec<i64>> = None;
     let rows = deadline(orders.timeout, async {
         Ok(client
-            .query(
-                &client.prepare_cached(AUDIT_SQL).await?,
-                &[&none_sale, &none_items],
-            )
+            .query(&client.prepare_cached(AUDIT_SQL).await?, &[])
             .await?)
     })
     .await?;

@@ -265,7 +265,7 @@ async fn background_pass_repairs_dead_orders_and_keeps_reporting_violations() {
             .pass(&app.state.orders, Duration::from_secs(1))
             .await;
         let bad: Vec<u64> = report.violations.iter().map(|v| v.item_id).collect();
-        assert!(bad.contains(&u64::try_from(item).unwrap()), "{report:?}");
+        assert!(bad.contains(&item), "{report:?}");
     }
     // Repaired: the next pass finds the item conserved again.
     item_group
@@ -283,10 +283,7 @@ async fn background_pass_repairs_dead_orders_and_keeps_reporting_violations() {
         .pass(&app.state.orders, Duration::from_secs(1))
         .await;
     assert!(
-        !report
-            .violations
-            .iter()
-            .any(|v| v.item_id == u64::try_from(item).unwrap()),
+        !report.violations.iter().any(|v| v.item_id == item),
         "{report:?}"
     );
 }
