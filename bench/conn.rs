@@ -66,6 +66,14 @@ impl Conn {
         Ok(sender)
     }
 
+    /// Open the connection ahead of the first request.
+    pub async fn connect_now(&mut self) -> Result<(), String> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            self.sender = Some(self.connect().await?);
+        }
+        Ok(())
+    }
+
     /// Send one request and read the whole answer: the status and the body.
     pub async fn send(
         &mut self,

@@ -284,7 +284,11 @@ async fn drive(
         sold_out: AtomicU64::new(0),
         stop: AtomicBool::new(false),
     });
-    let start = Instant::now();
+    // Every virtual user connects first; the clock starts when all are connected, so the figures
+    // measure the engine, not a burst of simultaneous TCP handshakes (which on one host can hit the
+    // listen backlog and cost a one-second SYN retransmission).
+    let ready = Arc::new(tokio::sync::Barrier::new(args.concurrency + 1));
+    let started = Arc::new(std::sync::OnceLock::<Instant>::new());
     let demand = args.demand
         * setup
             .items
@@ -310,7 +314,12 @@ async fn drive(
         let mut seen = Seen::new()?;
         let scenario = args.scenario;
         let mut rng = Rng(rand_u64() | 1);
+        let (ready, started) = (ready.clone(), started.clone());
         handles.push(tokio::spawn(async move {
+            // A failure here shows up as failed attempts: each request connects again.
+            let _ = conn.connect_now().await;
+            ready.wait().await;
+            let start = *started.get_or_init(Instant::now);
             while !tally.stop.load(Ordering::Relaxed) && start.elapsed() < duration {
                 let step = next_step(scenario, &setup, demand, &mut rng);
                 let t0 = Instant::now();
@@ -381,6 +390,8 @@ async fn drive(
             seen
         }));
     }
+    ready.wait().await;
+    let start = *started.get_or_init(Instant::now);
     // The ticker: progress, and the kill when one is scheduled.
     let mut kill = None;
     let mut pending_chaos = chaos_at;
