@@ -346,30 +346,26 @@ enum LiveSet {
     Ordered,
 }
 
+/// The page query of [`reconcile_group`] for one state condition.
+macro_rules! live_page_sql {
+    ($states:literal) => {
+        concat!(
+            "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
+             WHERE ",
+            $states,
+            " AND updated_at < now() - make_interval(secs => $1)
+               AND ($2::uuid IS NULL OR txn_id > $2)
+             ORDER BY txn_id LIMIT $3"
+        )
+    };
+}
+
 impl LiveSet {
     fn sql(self) -> &'static str {
         match self {
-            LiveSet::All => {
-                "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
-                     WHERE state IN ('reserved', 'ordered')
-                       AND updated_at < now() - make_interval(secs => $1)
-                       AND ($2::uuid IS NULL OR txn_id > $2)
-                     ORDER BY txn_id LIMIT $3"
-            }
-            LiveSet::Reserved => {
-                "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
-                     WHERE state = 'reserved'
-                       AND updated_at < now() - make_interval(secs => $1)
-                       AND ($2::uuid IS NULL OR txn_id > $2)
-                     ORDER BY txn_id LIMIT $3"
-            }
-            LiveSet::Ordered => {
-                "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
-                     WHERE state = 'ordered'
-                       AND updated_at < now() - make_interval(secs => $1)
-                       AND ($2::uuid IS NULL OR txn_id > $2)
-                     ORDER BY txn_id LIMIT $3"
-            }
+            LiveSet::All => live_page_sql!("state IN ('reserved', 'ordered')"),
+            LiveSet::Reserved => live_page_sql!("state = 'reserved'"),
+            LiveSet::Ordered => live_page_sql!("state = 'ordered'"),
         }
     }
 }
