@@ -79,22 +79,12 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
     current_setting('synchronous_standby_names'),
     coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
 
-/// Probe one member over a fresh connection, bounded by `timeout`.
+/// Probe one member over a fresh connection, bounded by `timeout` (a session used once).
 pub async fn probe(
     config: &tokio_postgres::Config,
     timeout: Duration,
 ) -> Result<Probe, ProbeError> {
-    let work = async {
-        let (client, conn_task) = connect_probe(config).await?;
-        let row = client.query_one(PROBE_SQL, &[]).await;
-        drop(client);
-        conn_task.abort();
-        Ok(Probe::from_row(&row.map_err(|e| ProbeError::from_pg(&e))?))
-    };
-    match tokio::time::timeout(timeout, work).await {
-        Ok(r) => r,
-        Err(_) => Err(silence(timeout)),
-    }
+    ProbeSession::default().probe(config, timeout).await
 }
 
 async fn connect_probe(
@@ -181,6 +171,12 @@ impl ProbeSession {
         if let Some((_, task)) = slot.take() {
             task.abort();
         }
+    }
+}
+
+impl Drop for ProbeSession {
+    fn drop(&mut self) {
+        Self::close(self.session.get_mut());
     }
 }
 
