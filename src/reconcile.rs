@@ -56,28 +56,35 @@ pub struct SaleAudit {
     pub items: Vec<ItemAudit>,
 }
 
-const AUDIT_SQL: &str = "SELECT si.sale_id, si.item_id, si.stock::bigint, si.remaining::bigint,
+/// The audit of items: [`audit_row`] reads its columns. `$from` names the items (`si`).
+macro_rules! audit_sql {
+    ($from:literal, $tail:literal) => {
+        concat!(
+            "SELECT si.sale_id, si.item_id, si.stock::bigint, si.remaining::bigint,
         coalesce(sum(r.quantity) FILTER (WHERE r.state = 'reserved'), 0)::bigint,
         coalesce(sum(r.quantity) FILTER (WHERE r.state = 'ordered'), 0)::bigint,
         coalesce(sum(r.quantity) FILTER (WHERE r.state = 'paid'), 0)::bigint,
         coalesce(sum(r.quantity) FILTER (WHERE r.state = 'released'), 0)::bigint
-    FROM sale_items si
+    FROM ",
+            $from,
+            "
     LEFT JOIN reservations r ON r.sale_id = si.sale_id AND r.item_id = si.item_id
-    GROUP BY si.sale_id, si.item_id, si.stock, si.remaining
-    ORDER BY si.sale_id, si.item_id";
+    GROUP BY si.sale_id, si.item_id, si.stock, si.remaining",
+            $tail
+        )
+    };
+}
 
-/// [`AUDIT_SQL`] for a list of (sale, item) pairs. (Not one statement with optional filters: a
-/// prepared `$1 IS NULL OR sale_id = $1` gets a generic plan that aggregates every sale.)
-const AUDIT_ITEMS_SQL: &str =
-    "SELECT si.sale_id, si.item_id, si.stock::bigint, si.remaining::bigint,
-        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'reserved'), 0)::bigint,
-        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'ordered'), 0)::bigint,
-        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'paid'), 0)::bigint,
-        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'released'), 0)::bigint
-    FROM unnest($1::bigint[], $2::bigint[]) AS k(s, i)
-    JOIN sale_items si ON si.sale_id = k.s AND si.item_id = k.i
-    LEFT JOIN reservations r ON r.sale_id = si.sale_id AND r.item_id = si.item_id
-    GROUP BY si.sale_id, si.item_id, si.stock, si.remaining";
+/// Every item of a group.
+const AUDIT_SQL: &str = audit_sql!("sale_items si", " ORDER BY si.sale_id, si.item_id");
+
+/// A list of (sale, item) pairs. (Not one statement with optional filters: a prepared
+/// `$1 IS NULL OR sale_id = $1` gets a generic plan that aggregates every sale.)
+const AUDIT_ITEMS_SQL: &str = audit_sql!(
+    "unnest($1::bigint[], $2::bigint[]) AS k(s, i)
+    JOIN sale_items si ON si.sale_id = k.s AND si.item_id = k.i",
+    ""
+);
 
 fn audit_row(r: &tokio_postgres::Row) -> ItemAudit {
     let (stock, remaining, reserved, ordered, paid): (i64, i64, i64, i64, i64) =
