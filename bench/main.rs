@@ -14,13 +14,13 @@ mod run;
 mod verify;
 
 use clap::{Parser, ValueEnum};
-
-/// mimalloc instead of the system allocator: every request allocates (headers, JSON, batch vectors),
-/// and glibc malloc showed as a tenth of the process's CPU under a storm.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use serde::Serialize;
 use std::path::PathBuf;
+
+/// mimalloc instead of the system allocator, as in the engine: the load generator shares the CPUs
+/// with what it measures.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Debug, Clone, Copy, ValueEnum, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]

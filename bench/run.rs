@@ -351,12 +351,10 @@ async fn drive(
                 }
                 tally.attempts.fetch_add(1, Ordering::Relaxed);
                 let _ = seen.all.record(micros);
-                match seen.by_status.get_mut(&(status, code.to_string())) {
-                    Some(n) => *n += 1,
-                    None => {
-                        seen.by_status.insert((status, code.to_string()), 1);
-                    }
-                }
+                *seen
+                    .by_status
+                    .entry((status, code.to_string()))
+                    .or_default() += 1;
                 match (&step, status) {
                     (Step::Buy { item, user }, 201) => {
                         tally.orders.fetch_add(1, Ordering::Relaxed);
