@@ -17,12 +17,16 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+/// A release recorded in the outbox is left to the request that recorded it for this long before
+/// the drainer takes over.
+const OUTBOX_GRACE: Duration = Duration::from_secs(2);
+
 /// Everything handlers share.
 pub struct AppState {
     pub config: Arc<Config>,
     pub cluster: Arc<Cluster>,
     pub router: Arc<Router>,
-    pub orders: OrderService,
+    pub orders: Arc<OrderService>,
     pub admin_token: Option<String>,
 }
 
@@ -39,33 +43,7 @@ impl AppState {
         if config.server.migrate_on_start {
             crate::migrate::run(&cluster).await?;
         }
-        let timeout = config.request_timeout();
-        let hot = Arc::new(crate::coalesce::HotPath::new(&config.coalesce));
-        let coalescer = config.coalesce.enabled.then(|| {
-            Arc::new(crate::coalesce::Coalescer::new(
-                cluster.clone(),
-                router.clone(),
-                hot.clone(),
-                &config.coalesce,
-                timeout,
-                tasks.clone(),
-            ))
-        });
-        let confirmer = OrderService::confirm_batcher(
-            cluster.clone(),
-            timeout,
-            config.coalesce.max_batch.max(64),
-            tasks.clone(),
-        );
-        let orders = OrderService {
-            confirmer,
-            cluster: cluster.clone(),
-            router: router.clone(),
-            timeout,
-            tasks: tasks.clone(),
-            coalescer,
-            hot,
-        };
+        let orders = OrderService::new(cluster.clone(), router.clone(), &config, tasks.clone());
         let state = Arc::new(AppState {
             admin_token: config.server.admin_token.clone(),
             config: config.clone(),
@@ -190,13 +168,18 @@ async fn refresh_table(state: &AppState) {
     let Some((g, _)) = state.cluster.by_name(state.config.config_group()) else {
         return;
     };
-    match state.cluster.group(g).writer().await {
-        Ok(client) => {
-            if let Err(e) = state.router.table().refresh(&client).await {
-                tracing::warn!(error = %e, "cannot read the router-config table");
-            }
-        }
-        Err(e) => tracing::warn!(error = %e, "cannot reach the config group"),
+    let table = state.router.table();
+    let read = state
+        .cluster
+        .group(g)
+        .run::<_, crate::order::OrderError>(
+            crate::shard::Work::Settle,
+            state.config.request_timeout(),
+            async |c| Ok(table.refresh(c).await?),
+        )
+        .await;
+    if let Err(e) = read {
+        tracing::warn!(error = %e, "cannot read the router-config table");
     }
 }
 
@@ -253,17 +236,37 @@ fn spawn_background(
         },
     );
     let s = state.clone();
-    every(
-        "sold-out-refresh",
-        Duration::from_millis(config.coalesce.soldout_refresh_ms.max(50)),
-        cancel,
-        tasks,
-        move || {
-            let s = s.clone();
-            async move { s.orders.hot.soldout.refresh(&s.cluster, &s.router).await }
-        },
-    );
+    let refresh = Duration::from_millis(config.coalesce.soldout_refresh_ms.max(50));
+    let stop = cancel.clone();
+    tasks.spawn(async move {
+        // On every tick, and at once when an item sells out (to read its holders).
+        let mut tick = tokio::time::interval(refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+                _ = s.orders.sold_out_changed() => {}
+            }
+            s.orders.refresh_sold_out().await;
+        }
+    });
     if background.sweeper {
+        let s = state.clone();
+        every(
+            "release-outbox",
+            Duration::from_millis(config.orders.sweep_interval_ms.max(50)),
+            cancel,
+            tasks,
+            move || {
+                let s = s.clone();
+                async move {
+                    if let Err(e) = s.orders.drain_releases(OUTBOX_GRACE).await {
+                        tracing::debug!(error = %e, "release outbox not drained");
+                    }
+                }
+            },
+        );
         let s = state.clone();
         let batch = config.orders.sweep_batch;
         every(

@@ -235,14 +235,25 @@ impl Default for CoalesceConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FailoverConfig {
-    /// Run the health monitor and promote shadows automatically. Default true.
+    /// `builtin` (default): the engine promotes shadows, fences old masters and manages
+    /// synchronous replication. `external`: an HA manager (Patroni, pg_auto_failover, a managed
+    /// service) does all of that; the engine only finds and follows the writable member.
+    pub mode: FailoverMode,
+    /// Promote shadows automatically (built-in mode). Default true.
     pub enabled: bool,
     /// Interval between health probes, in ms. Default 250.
     pub probe_interval_ms: u64,
     /// Timeout of one probe, in ms. Default 500.
     pub probe_timeout_ms: u64,
-    /// Consecutive failed probes before the master is declared dead. Default 3 (about 1 s).
+    /// Consecutive failed probes before the master is declared dead. Default 3 (about 1.5 s).
     pub failures_before_promote: u32,
+    /// A shadow counts as having lost its master after this long without a message from it, in
+    /// ms. The engine sets the shadow's `wal_receiver_timeout` to it and the master's
+    /// `wal_sender_timeout` to twice it. Default 1500.
+    pub stream_timeout_ms: u64,
+    /// The `application_name` the shadows connect to their master with (in their
+    /// `primary_conninfo`); `synchronous_standby_names` names exactly it. Default `shadow`.
+    pub shadow_name: String,
     /// Synchronous replication to the shadow, so a 201 means two servers hold the order. Default true.
     pub synchronous: bool,
     /// What the master does when no shadow streams: `block` (default) keeps commits waiting until
@@ -250,6 +261,14 @@ pub struct FailoverConfig {
     pub shadow_loss: ShadowLossPolicy,
     /// How long a master waits for a lost shadow before degrading, in ms. Default 3000.
     pub shadow_loss_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum FailoverMode {
+    #[default]
+    Builtin,
+    External,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -263,10 +282,13 @@ pub enum ShadowLossPolicy {
 impl Default for FailoverConfig {
     fn default() -> Self {
         Self {
+            mode: FailoverMode::Builtin,
             enabled: true,
             probe_interval_ms: 250,
             probe_timeout_ms: 500,
             failures_before_promote: 3,
+            stream_timeout_ms: 1_500,
+            shadow_name: "shadow".to_string(),
             synchronous: true,
             shadow_loss: ShadowLossPolicy::Block,
             shadow_loss_grace_ms: 3_000,

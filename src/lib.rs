@@ -5,13 +5,13 @@
 //! | module | concept |
 //! |---|---|
 //! | [`api`] | HTTP: routes, validation, admin auth, problem+json errors |
-//! | [`order`] | the order service: two short transactions, compensation, idempotency, pay/cancel/expiry |
-//! | [`coalesce`] | hot items: many buy requests -> one conditional decrement; sold-out fast path; admission |
+//! | [`order`] | the order service: sold-out fast path and admission, coalescing, the two short transactions, compensation, idempotency, pay/cancel/expiry |
 //! | [`sale`] | sales and their items across groups |
 //! | [`reconcile`] | reservations vs orders by txn_id, repairs, conservation audit, expiry sweep |
 //! | [`router`] | item/user keys -> shard group (hash slots, ranges, router-config table) |
 //! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing |
 //! | [`migrate`] | refinery migrations on every group |
+//! | [`batcher`] | a generic per-key batching queue (no crate imports): the mechanism of coalescing |
 //! | [`db`] | what a database error means (surely not committed vs outcome unknown) |
 //! | [`domain`] | validated newtypes: ids, quantity, request id, txn id |
 //! | [`config`] | shards.toml |
@@ -21,8 +21,8 @@
 
 pub mod api;
 pub mod app;
+pub mod batcher;
 pub mod cli;
-pub mod coalesce;
 pub mod config;
 pub mod db;
 pub mod domain;

@@ -214,6 +214,7 @@ impl LocalServer {
             "\n# seckill local cluster\nlisten_addresses = '127.0.0.1'\nmax_connections = {}\nshared_buffers = {}\n\
              wal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\nwal_keep_size = '512MB'\n\
              hot_standby = on\nwal_log_hints = on\nfsync = {}\nfull_page_writes = {}\n\
+             wal_sender_timeout = '3000ms'\nwal_receiver_timeout = '1500ms'\nwal_retrieve_retry_interval = '1s'\n\
              log_min_messages = warning\nlog_line_prefix = '%m [%p] '\n",
             tuning.max_connections,
             tuning.shared_buffers,
@@ -251,7 +252,8 @@ impl LocalServer {
         append(
             &self.data_dir.join("postgresql.auto.conf"),
             &format!(
-                "primary_conninfo = 'host={host} port={port} user=seckill application_name=shadow'\n"
+                "primary_conninfo = 'host={host} port={port} user=seckill application_name=shadow \
+                 connect_timeout=2 keepalives_idle=1 keepalives_interval=1 keepalives_count=3'\n"
             ),
         )?;
         std::fs::write(self.data_dir.join("standby.signal"), b"")?;

@@ -26,10 +26,10 @@
 //!   ordered and paid cannot change the sum). An item found in violation is audited again on every
 //!   pass, so the error keeps being logged until someone repairs it.
 
-use crate::db::deadline;
 use crate::domain::{ItemId, SaleId, UserId};
-use crate::order::store::{self, NewOrder};
+use crate::order::store::{self, NewOrder, OrderStatus, ReservationState};
 use crate::order::{OrderError, OrderService};
+use crate::shard::Work;
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -122,16 +122,19 @@ pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit
     }
     let mut items = Vec::new();
     for (g, ids) in by_group {
-        let client = orders.cluster.group(g).writer().await?;
-        let rows = deadline(orders.timeout, async {
-            Ok(client
-                .query(
-                    &client.prepare_cached(AUDIT_ITEMS_SQL).await?,
-                    &[&vec![sale.db(); ids.len()], &ids],
-                )
-                .await?)
-        })
-        .await?;
+        let sales = vec![sale.db(); ids.len()];
+        let rows = orders
+            .cluster
+            .group(g)
+            .run::<_, OrderError>(Work::Read, orders.timeout, async |client| {
+                Ok(client
+                    .query(
+                        &client.prepare_cached(AUDIT_ITEMS_SQL).await?,
+                        &[&sales, &ids],
+                    )
+                    .await?)
+            })
+            .await?;
         items.extend(rows.iter().map(audit_row));
     }
     items.sort_by_key(|i| i.item_id);
@@ -269,18 +272,30 @@ impl Reconciler {
         orders: &OrderService,
         g: usize,
     ) -> Result<Vec<ItemAudit>, OrderError> {
-        let client = orders.cluster.group(g).writer().await?;
-        let versions = deadline(orders.timeout, async {
-            Ok(client
-                .query(
-                    &client
-                        .prepare_cached("SELECT sale_id, item_id, version FROM sale_items")
-                        .await?,
-                    &[],
-                )
-                .await?)
-        })
-        .await?;
+        let group = orders.cluster.group(g);
+        // Items whose sale ended long ago (window and payment window over, plus an hour) no
+        // longer change: they are not audited, and forgotten, so this map does not grow with
+        // history.
+        let versions = group
+            .run::<_, OrderError>(Work::Settle, orders.timeout, async |client| {
+                Ok(client
+                    .query(
+                        &client
+                            .prepare_cached(
+                                "SELECT sale_id, item_id, version FROM sale_items
+                                 WHERE ends_at + make_interval(secs => payment_window_secs)
+                                       > now() - interval '1 hour'",
+                            )
+                            .await?,
+                        &[],
+                    )
+                    .await?)
+            })
+            .await?;
+        let current: std::collections::HashSet<(i64, i64)> =
+            versions.iter().map(|r| (r.get(0), r.get(1))).collect();
+        self.audited
+            .retain(|(gg, s, i), _| *gg != g || current.contains(&(*s, *i)));
         let mut sales = Vec::new();
         let mut items = Vec::new();
         let mut seen_at = HashMap::new();
@@ -295,15 +310,16 @@ impl Reconciler {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = deadline(orders.timeout, async {
-            Ok(client
-                .query(
-                    &client.prepare_cached(AUDIT_ITEMS_SQL).await?,
-                    &[&sales, &items],
-                )
-                .await?)
-        })
-        .await?;
+        let rows = group
+            .run::<_, OrderError>(Work::Settle, orders.timeout, async |client| {
+                Ok(client
+                    .query(
+                        &client.prepare_cached(AUDIT_ITEMS_SQL).await?,
+                        &[&sales, &items],
+                    )
+                    .await?)
+            })
+            .await?;
         let mut bad = Vec::new();
         for audit in rows.iter().map(audit_row) {
             let key = (audit.sale_id as i64, audit.item_id as i64);
@@ -321,13 +337,15 @@ impl Reconciler {
 }
 
 async fn conservation(orders: &OrderService, g: usize) -> Result<Vec<ItemAudit>, OrderError> {
-    let client = orders.cluster.group(g).writer().await?;
-    let rows = deadline(orders.timeout, async {
-        Ok(client
-            .query(&client.prepare_cached(AUDIT_SQL).await?, &[])
-            .await?)
-    })
-    .await?;
+    let rows = orders
+        .cluster
+        .group(g)
+        .run::<_, OrderError>(Work::Settle, orders.timeout, async |client| {
+            Ok(client
+                .query(&client.prepare_cached(AUDIT_SQL).await?, &[])
+                .await?)
+        })
+        .await?;
     Ok(rows
         .iter()
         .map(audit_row)
@@ -341,7 +359,7 @@ struct Live {
     item: ItemId,
     user: UserId,
     quantity: i32,
-    state: String,
+    state: ReservationState,
 }
 
 /// Which live reservations a sweep of [`reconcile_group`] reads. The states are spelled out in
@@ -396,17 +414,18 @@ async fn reconcile_group(
             return Ok(cursor);
         }
         pages += 1;
-        let client = orders.cluster.group(g).writer().await?;
-        let rows = deadline(orders.timeout, async {
-            Ok(client
-                .query(
-                    &client.prepare_cached(which.sql()).await?,
-                    &[&grace_secs, &cursor, &PAGE],
-                )
-                .await?)
-        })
-        .await?;
-        drop(client);
+        let rows = orders
+            .cluster
+            .group(g)
+            .run::<_, OrderError>(Work::Settle, orders.timeout, async |client| {
+                Ok(client
+                    .query(
+                        &client.prepare_cached(which.sql()).await?,
+                        &[&grace_secs, &cursor, &PAGE],
+                    )
+                    .await?)
+            })
+            .await?;
         let page: Vec<Live> = rows
             .iter()
             .map(|r| Live {
@@ -415,7 +434,7 @@ async fn reconcile_group(
                 item: ItemId::from_db(r.get(2)),
                 user: UserId::from_db(r.get(3)),
                 quantity: r.get(4),
-                state: r.get(5),
+                state: ReservationState::from_db(r.get(5)),
             })
             .collect();
         let Some(last) = page.last() else {
@@ -428,6 +447,94 @@ async fn reconcile_group(
             return Ok(None);
         }
     }
+}
+
+/// Read orders by id on one group.
+async fn orders_on(
+    orders: &OrderService,
+    group: usize,
+    ids: &[Uuid],
+) -> Result<Vec<store::Order>, OrderError> {
+    orders
+        .cluster
+        .group(group)
+        .run(Work::Settle, orders.timeout, async |c| {
+            store::get_orders_by_id(c, ids).await
+        })
+        .await
+}
+
+/// The status of each live reservation's order: on the user's group, else on any other group
+/// (a router-config change may have moved the user; rows are not moved). If a group cannot be
+/// asked, the error ends the pass, so nothing is ever called orphaned on partial knowledge.
+async fn order_status(
+    orders: &OrderService,
+    user_group: usize,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, OrderStatus>, OrderError> {
+    let mut status: HashMap<Uuid, OrderStatus> = orders_on(orders, user_group, ids)
+        .await?
+        .into_iter()
+        .map(|o| (o.order_id, o.status))
+        .collect();
+    let unseen: Vec<Uuid> = ids
+        .iter()
+        .filter(|id| !status.contains_key(id))
+        .copied()
+        .collect();
+    if unseen.is_empty() {
+        return Ok(status);
+    }
+    for (other, group) in orders.cluster.groups.iter().enumerate() {
+        if other == user_group {
+            continue;
+        }
+        for o in orders_on(orders, other, &unseen).await? {
+            tracing::warn!(order_id = %o.order_id, user_id = o.user_id, group = %group.name,
+                "order lives on a group its user no longer routes to");
+            status.insert(o.order_id, o.status);
+        }
+    }
+    Ok(status)
+}
+
+/// Tombstone (a `cancelled` order) every reservation of `lives` that has no order; returns the
+/// txn ids whose tombstone went in: only those are surely order-less.
+async fn tombstone(
+    orders: &OrderService,
+    user_group: usize,
+    lives: &[&Live],
+    status: &HashMap<Uuid, OrderStatus>,
+) -> Result<Vec<Uuid>, OrderError> {
+    let missing: Vec<NewOrder> = lives
+        .iter()
+        .filter(|l| !status.contains_key(&l.txn_id))
+        .map(|l| NewOrder {
+            order_id: l.txn_id,
+            user: l.user,
+            sale: l.sale,
+            item: l.item,
+            quantity: l.quantity,
+            amount_cents: 0,
+            payment_window_secs: 1,
+            status: OrderStatus::Cancelled,
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(Vec::new());
+    }
+    let inserted = orders
+        .cluster
+        .group(user_group)
+        .run::<_, OrderError>(Work::Settle, orders.timeout, async |c| {
+            store::insert_orders(c, &missing).await
+        })
+        .await?;
+    for o in &inserted {
+        tracing::warn!(txn_id = %o.order_id, item_id = o.item_id, user_id = o.user_id,
+            "reservation without an order: tombstoned and released");
+    }
+    Ok(inserted.iter().map(|o| o.order_id).collect())
 }
 
 async fn repair_page(
@@ -447,62 +554,18 @@ async fn repair_page(
     let mut to_ordered = Vec::new();
     let mut to_paid = Vec::new();
     for (ug, lives) in by_user_group {
-        let client = orders.cluster.group(ug).writer().await?;
         let ids: Vec<Uuid> = lives.iter().map(|l| l.txn_id).collect();
-        let found = deadline(orders.timeout, store::get_orders_by_id(&client, &ids)).await?;
-        let mut status: HashMap<Uuid, String> =
-            found.into_iter().map(|o| (o.order_id, o.status)).collect();
-        // An order may live on another group than its user routes to now (a router-config change
-        // moved the user; rows are not moved). Look there before calling a reservation orphaned;
-        // if a group cannot be asked, nothing here is tombstoned (the error ends the pass).
-        let unseen: Vec<Uuid> = ids
-            .iter()
-            .filter(|id| !status.contains_key(id))
-            .copied()
-            .collect();
-        if !unseen.is_empty() {
-            for (other, group) in orders.cluster.groups.iter().enumerate() {
-                if other == ug {
-                    continue;
-                }
-                let c = group.writer().await?;
-                for o in deadline(orders.timeout, store::get_orders_by_id(&c, &unseen)).await? {
-                    tracing::warn!(order_id = %o.order_id, user_id = o.user_id, group = %group.name,
-                        "order lives on a group its user no longer routes to");
-                    status.insert(o.order_id, o.status);
-                }
-            }
-        }
-        let missing: Vec<NewOrder> = lives
-            .iter()
-            .filter(|l| !status.contains_key(&l.txn_id))
-            .map(|l| NewOrder {
-                order_id: l.txn_id,
-                user: l.user,
-                sale: l.sale,
-                item: l.item,
-                quantity: l.quantity,
-                amount_cents: 0,
-                payment_window_secs: 1,
-                status: "cancelled",
-            })
-            .collect();
-        if !missing.is_empty() {
-            // Claim the txn ids: only those whose tombstone went in are surely order-less.
-            let inserted =
-                deadline(orders.timeout, store::insert_orders(&client, &missing)).await?;
-            for o in &inserted {
-                tracing::warn!(txn_id = %o.order_id, item_id = o.item_id, user_id = o.user_id,
-                    "reservation without an order: tombstoned and released");
-            }
-            report.orphans_released += inserted.len() as u64;
-            release.extend(inserted.iter().map(|o| o.order_id));
-        }
+        let status = order_status(orders, ug, &ids).await?;
+        let orphans = tombstone(orders, ug, &lives, &status).await?;
+        report.orphans_released += orphans.len() as u64;
+        release.extend(orphans);
         for l in &lives {
-            match status.get(&l.txn_id).map(String::as_str) {
-                Some("pending_payment") if l.state == "reserved" => to_ordered.push(l.txn_id),
-                Some("paid") => to_paid.push(l.txn_id),
-                Some("cancelled") | Some("expired") => {
+            match status.get(&l.txn_id) {
+                Some(OrderStatus::PendingPayment) if l.state == ReservationState::Reserved => {
+                    to_ordered.push(l.txn_id)
+                }
+                Some(OrderStatus::Paid) => to_paid.push(l.txn_id),
+                Some(OrderStatus::Cancelled | OrderStatus::Expired) => {
                     report.dead_orders_released += 1;
                     release.push(l.txn_id);
                 }
@@ -513,20 +576,24 @@ async fn repair_page(
     if !release.is_empty() {
         orders.release_on(item_group, &release, &[]).await?;
     }
-    let client = orders.cluster.group(item_group).writer().await?;
-    if !to_ordered.is_empty() {
-        report.marked_ordered += deadline(
-            orders.timeout,
-            store::advance_reservations(&client, &to_ordered, "ordered"),
-        )
-        .await?;
-    }
-    if !to_paid.is_empty() {
-        report.marked_paid += deadline(
-            orders.timeout,
-            store::advance_reservations(&client, &to_paid, "paid"),
-        )
-        .await?;
+    for (txns, to, count) in [
+        (
+            to_ordered,
+            ReservationState::Ordered,
+            &mut report.marked_ordered,
+        ),
+        (to_paid, ReservationState::Paid, &mut report.marked_paid),
+    ] {
+        if txns.is_empty() {
+            continue;
+        }
+        *count += orders
+            .cluster
+            .group(item_group)
+            .run::<_, OrderError>(Work::Settle, orders.timeout, async |c| {
+                store::advance_reservations(c, &txns, to).await
+            })
+            .await?;
     }
     Ok(())
 }

@@ -4,11 +4,11 @@
 //! item id. Creation writes the items first and the sale row last, so a sale is visible only once
 //! all of its items exist; if any write fails, the items already written are removed again.
 
-use crate::db::{deadline, DbError};
+use crate::db::DbError;
 use crate::domain::{ItemId, SaleId};
 use crate::order::OrderError;
 use crate::router::Router;
-use crate::shard::Cluster;
+use crate::shard::{Cluster, Work};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -50,8 +50,14 @@ impl NewSale {
     /// Everything the type system could not say. Returns the offending field and why.
     pub fn check(&self) -> Result<(), (String, String)> {
         let bad = |f: &str, r: &str| Err((f.to_string(), r.to_string()));
-        if self.name.trim().is_empty() || self.name.len() > 200 {
+        if self.name.trim().is_empty() || self.name.chars().count() > 200 {
             return bad("name", "must be 1 to 200 characters");
+        }
+        if self.name.chars().any(char::is_control) {
+            return bad(
+                "name",
+                "must not contain control characters (NUL, newlines, ...)",
+            );
         }
         if self.ends_at <= self.starts_at {
             return bad("ends_at", "must be after starts_at");
@@ -169,25 +175,25 @@ impl SaleService<'_> {
         window: i32,
         items: &[&NewItem],
     ) -> Result<(), OrderError> {
-        let client = self.cluster.group(g).writer().await?;
         let ids: Vec<i64> = items.iter().map(|i| i.item_id.db()).collect();
         let stock: Vec<i32> = items.iter().map(|i| i.stock as i32).collect();
         let price: Vec<i64> = items.iter().map(|i| i.price_cents).collect();
         let limit: Vec<i32> = items.iter().map(|i| i.per_user_limit as i32).collect();
-        deadline(self.timeout, async {
-            client
-                .execute(
-                    &client.prepare_cached("INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
-                                             starts_at, ends_at, payment_window_secs)
-                     SELECT $1, i, s, s, p, l, $6, $7, $8
-                     FROM unnest($2::bigint[], $3::int[], $4::bigint[], $5::int[]) AS t(i, s, p, l)").await?,
-                    &[&sale_id.db(), &ids, &stock, &price, &limit, &sale.starts_at, &sale.ends_at, &window],
-                )
-                .await?;
-            Ok::<_, DbError>(())
-        })
-        .await?;
-        Ok(())
+        self.cluster
+            .group(g)
+            .run(Work::Settle, self.timeout, async |client| {
+                client
+                    .execute(
+                        &client.prepare_cached("INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
+                                                 starts_at, ends_at, payment_window_secs)
+                         SELECT $1, i, s, s, p, l, $6, $7, $8
+                         FROM unnest($2::bigint[], $3::int[], $4::bigint[], $5::int[]) AS t(i, s, p, l)").await?,
+                        &[&sale_id.db(), &ids, &stock, &price, &limit, &sale.starts_at, &sale.ends_at, &window],
+                    )
+                    .await?;
+                Ok::<_, DbError>(())
+            })
+            .await
     }
 
     async fn insert_sale(
@@ -196,41 +202,37 @@ impl SaleService<'_> {
         sale: &NewSale,
         window: i32,
     ) -> Result<(), OrderError> {
-        let client = self
-            .cluster
-            .group(self.router.sale_group(sale_id))
-            .writer()
-            .await?;
         let ids: Vec<i64> = sale.items.iter().map(|i| i.item_id.db()).collect();
-        deadline(self.timeout, async {
-            client
-                .execute(
-                    &client.prepare_cached("INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs)
-                     VALUES ($1, $2, $3, $4, $5, $6)").await?,
-                    &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window],
-                )
-                .await?;
-            Ok::<_, DbError>(())
-        })
-        .await?;
-        Ok(())
+        self.cluster
+            .group(self.router.sale_group(sale_id))
+            .run(Work::Settle, self.timeout, async |client| {
+                client
+                    .execute(
+                        &client.prepare_cached("INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs)
+                         VALUES ($1, $2, $3, $4, $5, $6)").await?,
+                        &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window],
+                    )
+                    .await?;
+                Ok::<_, DbError>(())
+            })
+            .await
     }
 
     async fn delete_items(&self, g: usize, sale_id: SaleId) -> Result<(), OrderError> {
-        let client = self.cluster.group(g).writer().await?;
-        deadline(self.timeout, async {
-            client
-                .execute(
-                    &client
-                        .prepare_cached("DELETE FROM sale_items WHERE sale_id = $1")
-                        .await?,
-                    &[&sale_id.db()],
-                )
-                .await?;
-            Ok::<_, DbError>(())
-        })
-        .await?;
-        Ok(())
+        self.cluster
+            .group(g)
+            .run(Work::Settle, self.timeout, async |client| {
+                client
+                    .execute(
+                        &client
+                            .prepare_cached("DELETE FROM sale_items WHERE sale_id = $1")
+                            .await?,
+                        &[&sale_id.db()],
+                    )
+                    .await?;
+                Ok::<_, DbError>(())
+            })
+            .await
     }
 
     /// The sale row, or None.
@@ -238,20 +240,18 @@ impl SaleService<'_> {
         &self,
         sale_id: SaleId,
     ) -> Result<Option<(SaleView, Vec<ItemId>)>, OrderError> {
-        let client = self
+        let row = self
             .cluster
             .group(self.router.sale_group(sale_id))
-            .writer()
+            .run::<_, OrderError>(Work::Read, self.timeout, async |client| {
+                Ok(client
+                    .query_opt(
+                        &client.prepare_cached("SELECT name, starts_at, ends_at, payment_window_secs, item_ids FROM sales WHERE sale_id = $1").await?,
+                        &[&sale_id.db()],
+                    )
+                    .await?)
+            })
             .await?;
-        let row = deadline(self.timeout, async {
-            Ok(client
-                .query_opt(
-                    &client.prepare_cached("SELECT name, starts_at, ends_at, payment_window_secs, item_ids FROM sales WHERE sale_id = $1").await?,
-                    &[&sale_id.db()],
-                )
-                .await?)
-        })
-        .await?;
         Ok(row.map(|r| {
             let ids: Vec<i64> = r.get(4);
             (
@@ -281,17 +281,19 @@ impl SaleService<'_> {
         }
         let mut items = HashMap::new();
         for (g, ids) in by_group {
-            let client = self.cluster.group(g).writer().await?;
-            let rows = deadline(self.timeout, async {
-                Ok(client
-                    .query(
-                        &client.prepare_cached("SELECT item_id, stock, remaining, price_cents, per_user_limit FROM sale_items
-                         WHERE sale_id = $1 AND item_id = ANY($2)").await?,
-                        &[&sale_id.db(), &ids],
-                    )
-                    .await?)
-            })
-            .await?;
+            let rows = self
+                .cluster
+                .group(g)
+                .run::<_, OrderError>(Work::Read, self.timeout, async |client| {
+                    Ok(client
+                        .query(
+                            &client.prepare_cached("SELECT item_id, stock, remaining, price_cents, per_user_limit FROM sale_items
+                             WHERE sale_id = $1 AND item_id = ANY($2)").await?,
+                            &[&sale_id.db(), &ids],
+                        )
+                        .await?)
+                })
+                .await?;
             for r in rows {
                 let id: i64 = r.get(0);
                 items.insert(

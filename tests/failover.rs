@@ -265,7 +265,7 @@ async fn old_master_is_fenced_then_rejoins_and_a_second_failover_works() {
         wait_for(Duration::from_secs(10), || state.cluster.group(0).status()
             [0]
         .role
-            == "fenced")
+            == seckill::shard::Role::Fenced)
         .await,
         "the old master is fenced: {:?}",
         app.state.cluster.group(0).status()
@@ -312,7 +312,7 @@ async fn old_master_is_fenced_then_rejoins_and_a_second_failover_works() {
         wait_for(Duration::from_secs(15), || state.cluster.group(0).status()
             [0]
         .role
-            == "shadow")
+            == seckill::shard::Role::Shadow)
         .await,
         "a is a shadow again: {:?}",
         app.state.cluster.group(0).status()
@@ -323,7 +323,7 @@ async fn old_master_is_fenced_then_rejoins_and_a_second_failover_works() {
             let b2 = b2.clone();
             async move {
                 b2.psql("seckill", "SHOW synchronous_standby_names")
-                    .map(|v| v == "*")
+                    .map(|v| v == "\"shadow\"")
                     .unwrap_or(false)
             }
         })

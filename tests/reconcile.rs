@@ -86,7 +86,7 @@ async fn reconciler_repairs_a_crash_between_the_two_transactions() {
         quantity: 3,
         amount_cents: 21,
         payment_window_secs: 900,
-        status: "pending_payment",
+        status: seckill::order::store::OrderStatus::PendingPayment,
     };
     let inserted = seckill::order::store::insert_orders(&client, &[late])
         .await

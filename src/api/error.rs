@@ -15,6 +15,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub detail: String,
     pub retry_after_secs: Option<u32>,
+    /// Problem-details extension members (RFC 9457 §3.2), e.g. the order a refusal is about.
+    pub extensions: Vec<(&'static str, serde_json::Value)>,
 }
 
 #[derive(Serialize)]
@@ -25,6 +27,8 @@ struct Problem<'a> {
     status: u16,
     code: &'a str,
     detail: &'a str,
+    #[serde(flatten)]
+    extensions: serde_json::Map<String, serde_json::Value>,
 }
 
 impl ApiError {
@@ -34,7 +38,13 @@ impl ApiError {
             code,
             detail: detail.into(),
             retry_after_secs: None,
+            extensions: Vec::new(),
         }
+    }
+
+    pub fn with(mut self, name: &'static str, value: serde_json::Value) -> Self {
+        self.extensions.push((name, value));
+        self
     }
 
     pub fn invalid(detail: impl Into<String>) -> Self {
@@ -88,6 +98,11 @@ impl IntoResponse for ApiError {
             status: self.status.as_u16(),
             code: self.code,
             detail: &self.detail,
+            extensions: self
+                .extensions
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut resp = (self.status, bytes).into_response();
@@ -100,6 +115,18 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
+    }
+}
+
+/// The refusal code for an order in a state that forbids what was asked.
+fn status_code(status: crate::order::store::OrderStatus) -> &'static str {
+    use crate::order::store::OrderStatus as O;
+    match status {
+        O::Paid => "order_paid",
+        O::Cancelled => "order_cancelled",
+        O::Expired => "order_expired",
+        // Not a refusal reason (only a dead or paid order refuses); kept total.
+        O::PendingPayment => "invalid_request",
     }
 }
 
@@ -117,15 +144,22 @@ impl From<OrderError> for ApiError {
                 ApiError::new(S::CONFLICT, "limit_exceeded", e.to_string())
             }
             OrderError::WrongState { status, .. } => {
-                let code = match status.as_str() {
-                    "paid" => "order_paid",
-                    "cancelled" => "order_cancelled",
-                    _ => "order_expired",
-                };
-                ApiError::new(S::CONFLICT, code, e.to_string())
+                ApiError::new(S::CONFLICT, status_code(*status), e.to_string())
+            }
+            OrderError::DeadOrder(order) => {
+                ApiError::new(S::CONFLICT, status_code(order.status), e.to_string())
+                    .with("order", serde_json::to_value(order).unwrap_or_default())
             }
             OrderError::Overloaded => {
                 ApiError::new(S::SERVICE_UNAVAILABLE, "overloaded", e.to_string()).retry_after(1)
+            }
+            OrderError::Shard(ShardError::Busy { .. } | ShardError::Exhausted { .. }) => {
+                ApiError::new(
+                    S::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "the database is busy; retry shortly",
+                )
+                .retry_after(1)
             }
             OrderError::Unavailable(_) | OrderError::Shard(_) => {
                 tracing::warn!(error = %e, "request failed: shard group unavailable");

@@ -2,30 +2,51 @@
 //! (pay, cancel, expiry).
 //!
 //! A purchase:
-//! 1. transaction 1 on the item's group ([`store::reserve_one`], or a coalesced batch through
-//!    [`crate::coalesce`]) decrements the stock and writes the reservation;
-//! 2. transaction 2 on the user's group inserts the order (`order_id = txn_id`);
-//! 3. if transaction 2 surely did not commit, a compensating release on the item's group returns the
+//! 1. the hot path answers from memory what it can ([`hot`]: sold out, overloaded);
+//! 2. transaction 1 on the item's group ([`store::reserve_one`], or a coalesced batch through
+//!    [`coalesce`]) decrements the stock and writes the reservation;
+//! 3. transaction 2 on the user's group inserts the order (`order_id = txn_id`);
+//! 4. if transaction 2 surely did not commit, a compensating release on the item's group returns the
 //!    stock; if its outcome is unknown (connection lost mid-commit) nothing is undone: the reservation
 //!    stays and the reconciler settles it by txn_id, while a retry with the same `request_id`
 //!    finishes it.
 //!
+//! **A purchase finishes what it started, whatever the client does.** Once admitted, steps 2-4 run
+//! as a task of their own that the HTTP handler merely awaits: a client that disconnects (hyper
+//! then drops the handler) leaves the purchase running to its end — an order, or its stock back —
+//! and its admission ticket is held until then, so a flood of send-and-close requests is bounded
+//! like any other.
+//!
+//! **Replays.** The reservation row, keyed by txn_id, is the idempotency record: a retry with the
+//! same `request_id` finds it in transaction 1 and resumes it, and its order is then read back.
+//! No lookup runs before transaction 1, so a request id costs nothing on the way in. An order read
+//! back for a replay is read durably ([`store::get_order_durable`]): never an order the shadow
+//! does not hold yet. A replay of an order that was cancelled or has expired is refused with
+//! `order_cancelled` / `order_expired` (the order in the body), never answered 201.
+//!
 //! Once an order exists, the order row on the user's group is the source of truth for its state;
-//! the reservation follows it (pay -> `paid`, cancel/expiry -> `released`). When following fails,
-//! the reconciler repairs the reservation later.
+//! the reservation follows it (pay -> `paid`, cancel/expiry -> `released`). A cancel or an expiry
+//! records the stock it must return in `release_outbox` in the same transaction as the status
+//! change; the release follows at once, and when the item's group cannot be reached then (failing
+//! over, say) every node's drainer retries it within seconds ([`OrderService::drain_releases`]).
 
+pub mod allocate;
+pub mod coalesce;
+pub mod hot;
 pub mod store;
 
-use crate::db::{deadline, DbError};
+use crate::batcher::Batcher;
+use crate::db::DbError;
 use crate::domain::{txn_id_for, ItemId, Quantity, RequestId, SaleId, UserId};
 use crate::router::Router;
-use crate::shard::{Cluster, ShardError};
+use crate::shard::{Cluster, ShardError, Work};
+use hot::{HotPath, Verdict};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use store::{NewOrder, Order, Refusal, Reserved};
+use store::{NewOrder, Order, OrderStatus, Refusal, Reserved};
+use tokio_util::task::TaskTracker;
 use uuid::Uuid;
-
-pub use store::Order as OrderView;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrderError {
@@ -44,7 +65,10 @@ pub enum OrderError {
     #[error("per-user limit {limit} reached ({already} already bought)")]
     LimitExceeded { limit: i32, already: i64 },
     #[error("order {order_id} is {status}")]
-    WrongState { order_id: Uuid, status: String },
+    WrongState { order_id: Uuid, status: OrderStatus },
+    /// A replayed purchase whose order was cancelled or has expired.
+    #[error("this purchase's order {} is {}", .0.order_id, .0.status)]
+    DeadOrder(Box<Order>),
     #[error("too many requests in flight for this item")]
     Overloaded,
     #[error("shard group temporarily unavailable: {0}")]
@@ -87,63 +111,84 @@ pub struct Bought {
 }
 
 pub struct OrderService {
-    pub cluster: Arc<Cluster>,
-    pub router: Arc<Router>,
-    pub timeout: Duration,
-    pub tasks: tokio_util::task::TaskTracker,
-    pub coalescer: Option<Arc<crate::coalesce::Coalescer>>,
-    pub hot: Arc<crate::coalesce::HotPath>,
-    pub confirmer: Arc<crate::coalesce::batcher::Batcher<usize, Uuid, ()>>,
+    pub(crate) cluster: Arc<Cluster>,
+    pub(crate) router: Arc<Router>,
+    pub(crate) timeout: Duration,
+    tasks: TaskTracker,
+    coalescer: Option<coalesce::Coalescer>,
+    pub hot: Arc<HotPath>,
+    confirmer: Arc<Batcher<usize, Uuid, ()>>,
 }
 
+/// How many outbox entries one drain handles per group.
+const DRAIN_BATCH: i64 = 500;
+
 impl OrderService {
-    /// Buy: the whole order path of DESIGN.md.
-    pub async fn buy(&self, req: BuyRequest) -> Result<Bought, OrderError> {
-        let txn_id = txn_id_for(req.sale, req.item, req.user, req.request_id.as_ref());
-        if req.request_id.is_some() {
-            // A replay answers from the order. If the user's group cannot be asked, go on: the
-            // reservation is keyed by txn_id and the insert is ON CONFLICT DO NOTHING, so a
-            // duplicate can still not arise.
-            match self.find_order(req.user, txn_id).await {
-                Ok(Some(order)) => {
-                    return Ok(Bought {
-                        order,
-                        replayed: true,
-                    })
-                }
-                Ok(None) => {}
-                Err(e) => tracing::debug!(error = %e, "replay lookup failed; continuing"),
-            }
-        }
-        if self.hot.soldout.is_sold_out(req.sale, req.item) {
-            // A retry whose earlier attempt holds a live reservation resumes it: it must not be
-            // told "sold out" while it holds the stock.
-            if req.request_id.is_some() {
-                if let Some(resumed) = self.resume(&req, txn_id).await? {
-                    return self.place_order(&req, resumed).await;
-                }
-            }
-            return Err(OrderError::SoldOut { remaining: 0 });
-        }
-        let Some(_ticket) = self.hot.admission.admit(req.sale, req.item) else {
-            return Err(OrderError::Overloaded);
-        };
-        let reserved = match &self.coalescer {
-            Some(c) => c.reserve(&req, txn_id).await?,
-            None => self.reserve_plain(&req, txn_id).await?,
-        };
-        let reserved = reserved.map_err(|r| OrderError::from_refusal(r, req.sale, req.item))?;
-        self.place_order(&req, reserved).await
+    pub fn new(
+        cluster: Arc<Cluster>,
+        router: Arc<Router>,
+        config: &crate::config::Config,
+        tasks: TaskTracker,
+    ) -> Arc<Self> {
+        let timeout = config.request_timeout();
+        let hot = Arc::new(HotPath::new(&config.coalesce));
+        let coalescer = config.coalesce.enabled.then(|| {
+            coalesce::Coalescer::new(
+                cluster.clone(),
+                router.clone(),
+                hot.clone(),
+                &config.coalesce,
+                timeout,
+                tasks.clone(),
+            )
+        });
+        let confirmer = confirm_batcher(
+            cluster.clone(),
+            timeout,
+            config.coalesce.max_batch.max(64),
+            tasks.clone(),
+        );
+        Arc::new(Self {
+            cluster,
+            router,
+            timeout,
+            tasks,
+            coalescer,
+            hot,
+            confirmer,
+        })
     }
 
-    async fn resume(&self, req: &BuyRequest, txn_id: Uuid) -> Result<Option<Reserved>, OrderError> {
-        let group = self.cluster.group(self.router.item_group(req.item));
-        let client = group.writer().await?;
-        Ok(deadline(
-            self.timeout,
-            store::resume(&client, req.sale, req.item, txn_id),
-        )
-        .await?)
+    /// Buy: the whole order path of DESIGN.md (module docs).
+    pub async fn buy(self: &Arc<Self>, req: BuyRequest) -> Result<Bought, OrderError> {
+        let txn_id = txn_id_for(req.sale, req.item, req.user, req.request_id.as_ref());
+        let retry = req.request_id.as_ref().map(|_| txn_id);
+        if self.hot.soldout.verdict(req.sale, req.item, retry) == Verdict::SoldOut {
+            return Err(OrderError::SoldOut { remaining: 0 });
+        }
+        let ticket = self
+            .hot
+            .admission
+            .admit(req.sale, req.item)
+            .ok_or(OrderError::Overloaded)?;
+        let this = self.clone();
+        let purchase = self.tasks.spawn(async move {
+            let _ticket = ticket;
+            this.purchase(&req, txn_id).await
+        });
+        purchase
+            .await
+            .map_err(|e| OrderError::Db(DbError::Lost(format!("the purchase task failed: {e}"))))?
+    }
+
+    /// Transaction 1, then the order (or the stock back).
+    async fn purchase(&self, req: &BuyRequest, txn_id: Uuid) -> Result<Bought, OrderError> {
+        let reserved = match &self.coalescer {
+            Some(c) => c.reserve(req, txn_id).await?,
+            None => self.reserve_plain(req, txn_id).await?,
+        };
+        let reserved = reserved.map_err(|r| OrderError::from_refusal(r, req.sale, req.item))?;
+        self.place_order(req, reserved).await
     }
 
     async fn reserve_plain(
@@ -152,20 +197,21 @@ impl OrderService {
         txn_id: Uuid,
     ) -> Result<Result<Reserved, Refusal>, OrderError> {
         let group = self.cluster.group(self.router.item_group(req.item));
-        let mut client = group.writer().await?;
-        let (outcome, remaining) = deadline(
-            self.timeout,
-            store::reserve_one(
-                &mut client,
-                req.sale,
-                req.item,
-                req.user,
-                req.quantity,
-                txn_id,
-                req.request_id.is_some(),
-            ),
-        )
-        .await?;
+        let resumable = req.request_id.is_some();
+        let (outcome, remaining) = group
+            .run::<_, OrderError>(Work::Reserve, self.timeout, async |c| {
+                store::reserve_one(
+                    c,
+                    req.sale,
+                    req.item,
+                    req.user,
+                    req.quantity,
+                    txn_id,
+                    resumable,
+                )
+                .await
+            })
+            .await?;
         if let Some(remaining) = remaining {
             self.hot.observe(req.sale, req.item, remaining);
         }
@@ -182,44 +228,50 @@ impl OrderService {
             quantity: r.quantity,
             amount_cents: r.price_cents * i64::from(r.quantity),
             payment_window_secs: r.payment_window_secs,
-            status: "pending_payment",
+            status: OrderStatus::PendingPayment,
         };
-        let outcome = self.insert_order_retrying(req, new).await;
-        match outcome {
-            Ok(inserted) => {
-                let replayed = inserted.is_none() || r.existing;
-                let order = match inserted {
-                    Some(order) => order,
-                    None => self
-                        .find_order(req.user, r.txn_id)
-                        .await?
-                        .ok_or(OrderError::OrderNotFound(r.txn_id))?,
-                };
-                if matches!(order.status.as_str(), "cancelled" | "expired") && !r.existing {
-                    // This attempt made a reservation live for a purchase that had already
-                    // ended (cancelled, expired, or tombstoned by the reconciler): give it back.
-                    if let Err(e) = self
-                        .release_on(
-                            self.router.item_group(req.item),
-                            &[r.txn_id],
-                            &[Some(r.attempt)],
-                        )
-                        .await
-                    {
-                        tracing::warn!(txn_id = %r.txn_id, error = %e, "stock not returned yet; the reconciler will");
-                    }
-                } else {
-                    self.confirm_reservation(req.item, r.txn_id);
-                }
-                Ok(Bought { order, replayed })
-            }
+        let inserted = match self.insert_order_retrying(req, new).await {
+            Ok(inserted) => inserted,
             // A resumed reservation belongs to an earlier attempt whose order may still commit:
             // it is never released here, only by the reconciler once the txn id is settled.
-            Err(e) if r.existing => Err(OrderError::Unavailable(format!(
-                "order not confirmed yet, retry with the same request_id: {e}"
-            ))),
-            Err(e) => Err(self.compensate(req.item, r.txn_id, r.attempt, e).await),
+            Err(e) if r.existing => {
+                return Err(OrderError::Unavailable(format!(
+                    "order not confirmed yet, retry with the same request_id: {e}"
+                )))
+            }
+            Err(e) => return Err(self.compensate(req.item, r.txn_id, r.attempt, e).await),
+        };
+        if let Some(order) = inserted {
+            self.confirm_reservation(req.item, r.txn_id);
+            return Ok(Bought {
+                order,
+                replayed: r.existing,
+            });
         }
+        // The order existed already: an earlier attempt of this purchase made it.
+        let order = self
+            .find_order_durable(req.user, r.txn_id)
+            .await?
+            .ok_or(OrderError::OrderNotFound(r.txn_id))?;
+        if order.status.is_dead() {
+            if !r.existing {
+                // This attempt made a reservation live for a purchase that had already ended
+                // (cancelled, expired, or tombstoned by the reconciler): give it back.
+                let group = self.router.item_group(req.item);
+                if let Err(e) = self
+                    .release_on(group, &[r.txn_id], &[Some(r.attempt)])
+                    .await
+                {
+                    tracing::warn!(txn_id = %r.txn_id, error = %e, "stock not returned yet; the reconciler will");
+                }
+            }
+            return Err(OrderError::DeadOrder(Box::new(order)));
+        }
+        self.confirm_reservation(req.item, r.txn_id);
+        Ok(Bought {
+            order,
+            replayed: true,
+        })
     }
 
     /// Transaction 2 with retries. The insert is idempotent (`ON CONFLICT DO NOTHING`), so it is
@@ -262,24 +314,27 @@ impl OrderService {
                 });
             }
             tracing::debug!(attempt, error = %e, "order insert failed; retrying");
-            tokio::time::sleep(std::time::Duration::from_millis(25 << attempt)).await;
+            tokio::time::sleep(Duration::from_millis(25 << attempt)).await;
         }
     }
 
     /// Insert orders on one user group; the error says whether they surely did not commit.
-    pub(crate) async fn insert_orders_on(
+    async fn insert_orders_on(
         &self,
         user_group: usize,
         orders: &[NewOrder],
     ) -> Result<Vec<Order>, OrderError> {
-        let group = self.cluster.group(user_group);
-        let client = group.writer().await?;
-        Ok(deadline(self.timeout, store::insert_orders(&client, orders)).await?)
+        self.cluster
+            .group(user_group)
+            .run(Work::Settle, self.timeout, async |c| {
+                store::insert_orders(c, orders).await
+            })
+            .await
     }
 
     /// Transaction 2 failed: release the reservations if the orders surely do not exist, and
     /// return the error the client should see (503, retry later).
-    pub(crate) async fn compensate(
+    async fn compensate(
         &self,
         item: ItemId,
         txn_id: Uuid,
@@ -321,9 +376,13 @@ impl OrderService {
         txn_ids: &[Uuid],
         attempts: &[Option<i32>],
     ) -> Result<(), OrderError> {
-        let group = self.cluster.group(item_group);
-        let client = group.writer().await?;
-        let back = deadline(self.timeout, store::release(&client, txn_ids, attempts)).await?;
+        let back = self
+            .cluster
+            .group(item_group)
+            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                store::release(c, txn_ids, attempts).await
+            })
+            .await?;
         for (sale, item, remaining) in back {
             self.hot
                 .observe(SaleId::from_db(sale), ItemId::from_db(item), remaining);
@@ -334,7 +393,7 @@ impl OrderService {
     /// Mark a reservation `ordered` after its order committed. Off the request path and batched
     /// per item group (one UPDATE for many orders): the state is informational until the
     /// reconciler needs it, and the reconciler repairs what this misses.
-    pub(crate) fn confirm_reservation(&self, item: ItemId, txn_id: Uuid) {
+    fn confirm_reservation(&self, item: ItemId, txn_id: Uuid) {
         let group = self.router.item_group(item);
         let confirmer = self.confirmer.clone();
         self.tasks.spawn(async move {
@@ -343,51 +402,31 @@ impl OrderService {
         });
     }
 
-    /// The batcher behind [`Self::confirm_reservation`].
-    pub fn confirm_batcher(
-        cluster: Arc<Cluster>,
-        timeout: Duration,
-        max_batch: usize,
-        tasks: tokio_util::task::TaskTracker,
-    ) -> Arc<crate::coalesce::batcher::Batcher<usize, Uuid, ()>> {
-        crate::coalesce::batcher::Batcher::new(
-            max_batch,
-            Duration::ZERO,
-            tasks,
-            move |group: usize, txn_ids: Vec<Uuid>| {
-                let cluster = cluster.clone();
-                Box::pin(async move {
-                    let n = txn_ids.len();
-                    let work = async {
-                        let client = cluster
-                            .group(group)
-                            .writer()
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        deadline(
-                            timeout,
-                            store::advance_reservations(&client, &txn_ids, "ordered"),
-                        )
-                        .await
-                        .map_err(|e| e.to_string())
-                    };
-                    if let Err(e) = work.await {
-                        tracing::debug!(error = %e, "could not mark reservations ordered; reconciler will");
-                    }
-                    vec![(); n]
-                })
-            },
-        )
-    }
-
     pub async fn find_order(
         &self,
         user: UserId,
         order_id: Uuid,
     ) -> Result<Option<Order>, OrderError> {
-        let group = self.cluster.group(self.router.user_group(user));
-        let client = group.writer().await?;
-        Ok(deadline(self.timeout, store::get_order(&client, user, order_id)).await?)
+        self.cluster
+            .group(self.router.user_group(user))
+            .run(Work::Read, self.timeout, async |c| {
+                store::get_order(c, user, order_id).await
+            })
+            .await
+    }
+
+    /// The order, once the shadow holds it too (for replays).
+    async fn find_order_durable(
+        &self,
+        user: UserId,
+        order_id: Uuid,
+    ) -> Result<Option<Order>, OrderError> {
+        self.cluster
+            .group(self.router.user_group(user))
+            .run(Work::Settle, self.timeout, async |c| {
+                store::get_order_durable(c, user, order_id).await
+            })
+            .await
     }
 
     pub async fn get_order(&self, user: UserId, order_id: Uuid) -> Result<Order, OrderError> {
@@ -397,9 +436,12 @@ impl OrderService {
     }
 
     pub async fn list_orders(&self, user: UserId, limit: i64) -> Result<Vec<Order>, OrderError> {
-        let group = self.cluster.group(self.router.user_group(user));
-        let client = group.writer().await?;
-        Ok(deadline(self.timeout, store::list_orders(&client, user, limit)).await?)
+        self.cluster
+            .group(self.router.user_group(user))
+            .run(Work::Read, self.timeout, async |c| {
+                store::list_orders(c, user, limit).await
+            })
+            .await
     }
 
     /// Run a status transition on the order's own (user) group.
@@ -409,13 +451,12 @@ impl OrderService {
         order_id: Uuid,
         transition: store::Transition,
     ) -> Result<Option<Order>, OrderError> {
-        let group = self.cluster.group(self.router.user_group(user));
-        let client = group.writer().await?;
-        Ok(deadline(
-            self.timeout,
-            store::transition_order(&client, user, order_id, transition),
-        )
-        .await?)
+        self.cluster
+            .group(self.router.user_group(user))
+            .run(Work::Settle, self.timeout, async |c| {
+                store::transition_order(c, user, order_id, transition).await
+            })
+            .await
     }
 
     /// Payment callback: pending -> paid; a repeated callback returns the paid order unchanged.
@@ -427,38 +468,30 @@ impl OrderService {
             Some(order) => order,
             None => {
                 let order = self.get_order(user, order_id).await?;
-                match order.status.as_str() {
-                    "paid" => order,
-                    "pending_payment" => {
+                match order.status {
+                    OrderStatus::Paid => order,
+                    OrderStatus::PendingPayment => {
                         // Past its window but not swept yet: expire it now, then refuse.
                         self.expire_orders(self.router.user_group(user), Some(order_id), 1)
                             .await?;
                         return Err(OrderError::WrongState {
                             order_id,
-                            status: "expired".into(),
+                            status: OrderStatus::Expired,
                         });
                     }
-                    other => {
-                        return Err(OrderError::WrongState {
-                            order_id,
-                            status: other.to_string(),
-                        })
-                    }
+                    status => return Err(OrderError::WrongState { order_id, status }),
                 }
             }
         };
         let item = ItemId::from_db(order.item_id as i64);
-        let item_group = self.cluster.group(self.router.item_group(item));
-        let follow = async {
-            let client = item_group.writer().await?;
-            deadline(
-                self.timeout,
-                store::advance_reservations(&client, &[order_id], "paid"),
-            )
-            .await?;
-            Ok::<_, OrderError>(())
-        };
-        if let Err(e) = follow.await {
+        let follow = self
+            .cluster
+            .group(self.router.item_group(item))
+            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                store::advance_reservations(c, &[order_id], store::ReservationState::Paid).await
+            })
+            .await;
+        if let Err(e) = follow {
             tracing::warn!(%order_id, error = %e, "reservation not marked paid yet; the reconciler will");
         }
         Ok(order)
@@ -473,7 +506,7 @@ impl OrderService {
             Some(order) => order,
             None => {
                 let order = self.get_order(user, order_id).await?;
-                if order.status == "cancelled" {
+                if order.status == OrderStatus::Cancelled {
                     return Ok(order);
                 }
                 return Err(OrderError::WrongState {
@@ -482,66 +515,200 @@ impl OrderService {
                 });
             }
         };
-        let item = ItemId::from_db(order.item_id as i64);
-        if let Err(e) = self
-            .release_on(self.router.item_group(item), &[order_id], &[])
-            .await
-        {
-            tracing::warn!(%order_id, error = %e, "stock not returned yet; the reconciler will");
-        }
+        let group = self.router.user_group(user);
+        let item = order.item_id as i64;
+        self.return_stock(group, vec![(order_id, item)]).await;
         Ok(order)
     }
 
     /// Expire due unpaid orders on one user group (at most `batch`), then return their stock.
-    /// `only` restricts it to one order. Safe with several nodes: rows are claimed with
-    /// `FOR UPDATE SKIP LOCKED` and the status change is conditional, so each order expires once,
-    /// and the release is idempotent anyway. Returns how many orders expired.
+    /// `only` restricts it to one order. Safe with several nodes ([`store::expire_due`]).
+    /// Returns how many orders expired.
     pub async fn expire_orders(
         &self,
         user_group: usize,
         only: Option<Uuid>,
         batch: i64,
     ) -> Result<usize, OrderError> {
-        let group = self.cluster.group(user_group);
-        let client = group.writer().await?;
-        let rows = deadline(self.timeout, async {
-            Ok(client
-                .query(
-                    &client
-                        .prepare_cached(
-                            "WITH due AS (
-                         SELECT order_id FROM orders
-                         WHERE status = 'pending_payment' AND expires_at <= now()
-                           AND ($1::uuid IS NULL OR order_id = $1)
-                         ORDER BY expires_at LIMIT $2
-                         FOR UPDATE SKIP LOCKED)
-                     UPDATE orders o SET status = 'expired', updated_at = now()
-                     FROM due WHERE o.order_id = due.order_id
-                     RETURNING o.order_id, o.item_id",
-                        )
-                        .await?,
-                    &[&only, &batch],
-                )
-                .await?)
-        })
-        .await?;
-        drop(client);
-        let mut by_group: std::collections::HashMap<usize, Vec<Uuid>> = Default::default();
-        for r in &rows {
-            let item = ItemId::from_db(r.get(1));
-            by_group
-                .entry(self.router.item_group(item))
-                .or_default()
-                .push(r.get(0));
+        let expired = self
+            .cluster
+            .group(user_group)
+            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                store::expire_due(c, only, batch).await
+            })
+            .await?;
+        let n = expired.len();
+        if n > 0 {
+            tracing::info!(group = %self.cluster.group(user_group).name, expired = n, "expired unpaid orders");
+            self.return_stock(user_group, expired).await;
         }
+        Ok(n)
+    }
+
+    /// Return the stock of dead orders recorded in `user_group`'s outbox, then forget the entries.
+    /// What fails stays in the outbox for [`Self::drain_releases`].
+    async fn return_stock(&self, user_group: usize, dead: Vec<(Uuid, i64)>) {
+        let mut by_group: HashMap<usize, Vec<Uuid>> = HashMap::new();
+        for (order_id, item) in dead {
+            by_group
+                .entry(self.router.item_group(ItemId::from_db(item)))
+                .or_default()
+                .push(order_id);
+        }
+        let mut done = Vec::new();
         for (g, ids) in by_group {
-            if let Err(e) = self.release_on(g, &ids, &[]).await {
-                tracing::warn!(error = %e, count = ids.len(), "expired orders' stock not returned yet; the reconciler will");
+            match self.release_on(g, &ids, &[]).await {
+                Ok(()) => done.extend(ids),
+                Err(e) => tracing::warn!(error = %e, count = ids.len(),
+                    "stock of dead orders not returned yet; the outbox drainer will"),
             }
         }
-        if !rows.is_empty() {
-            tracing::info!(group = %group.name, expired = rows.len(), "expired unpaid orders");
+        if done.is_empty() {
+            return;
         }
-        Ok(rows.len())
+        let forgot = self
+            .cluster
+            .group(user_group)
+            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                store::forget_releases(c, &done).await
+            })
+            .await;
+        if let Err(e) = forgot {
+            // Harmless: releasing again is a no-op.
+            tracing::debug!(error = %e, "outbox entries not forgotten yet");
+        }
     }
+
+    /// Retry the releases recorded in every group's outbox that are older than `min_age`.
+    /// Returns how many entries were handled.
+    pub async fn drain_releases(&self, min_age: Duration) -> Result<usize, OrderError> {
+        let mut handled = 0;
+        for g in 0..self.cluster.groups.len() {
+            let pending = self
+                .cluster
+                .group(g)
+                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                    store::pending_releases(c, min_age, DRAIN_BATCH).await
+                })
+                .await?;
+            handled += pending.len();
+            if !pending.is_empty() {
+                tracing::info!(group = %self.cluster.group(g).name, count = pending.len(), "draining the release outbox");
+                self.return_stock(g, pending).await;
+            }
+        }
+        Ok(handled)
+    }
+
+    /// Re-read the stock of every item held sold out, one query per group; read the holders of
+    /// items whose version moved; drop items that ended or vanished ([`hot`] module docs).
+    pub async fn refresh_sold_out(&self) {
+        let mut by_group: HashMap<usize, (Vec<i64>, Vec<i64>)> = HashMap::new();
+        let known: HashMap<hot::ItemKey, Option<i64>> =
+            self.hot.soldout.sold_out_items().into_iter().collect();
+        for (sale, item) in known.keys() {
+            let e = by_group.entry(self.router.item_group(*item)).or_default();
+            e.0.push(sale.db());
+            e.1.push(item.db());
+        }
+        for (g, (sales, items)) in by_group {
+            let group = self.cluster.group(g);
+            let rows = group
+                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                    store::stock_versions(c, &sales, &items).await
+                })
+                .await;
+            let rows = match rows {
+                Ok(rows) => rows,
+                Err(e) => {
+                    tracing::debug!(error = %e, "sold-out refresh failed");
+                    continue;
+                }
+            };
+            let mut seen = std::collections::HashSet::new();
+            let mut gone = Vec::new();
+            for s in rows {
+                let key = (SaleId::from_db(s.sale), ItemId::from_db(s.item));
+                seen.insert(key);
+                if s.ended {
+                    gone.push(key);
+                    continue;
+                }
+                self.hot.observe(key.0, key.1, s.remaining);
+                if s.remaining <= 0 && known.get(&key).copied().flatten() != Some(s.version) {
+                    self.load_holders(g, key).await;
+                }
+            }
+            gone.extend(sales.iter().zip(&items).filter_map(|(s, i)| {
+                let key = (SaleId::from_db(*s), ItemId::from_db(*i));
+                (!seen.contains(&key)).then_some(key)
+            }));
+            self.hot.soldout.forget(&gone);
+        }
+        self.hot.admission.sweep();
+    }
+
+    async fn load_holders(&self, group: usize, key: hot::ItemKey) {
+        let limit = hot::MAX_HOLDERS as i64 + 1;
+        let read = self
+            .cluster
+            .group(group)
+            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                store::holders(c, key.0, key.1, limit).await
+            })
+            .await;
+        match read {
+            Ok(Some((remaining, version, txns))) if remaining <= 0 => {
+                let holders = if txns.len() > hot::MAX_HOLDERS {
+                    hot::Holders::TooMany { version }
+                } else {
+                    hot::Holders::Known {
+                        version,
+                        txns: Arc::new(txns.into_iter().collect()),
+                    }
+                };
+                self.hot.soldout.set_holders(key, holders);
+            }
+            Ok(Some((remaining, _, _))) => self.hot.observe(key.0, key.1, remaining),
+            Ok(None) => self.hot.soldout.forget(&[key]),
+            Err(e) => tracing::debug!(error = %e, "cannot read a sold-out item's holders"),
+        }
+    }
+
+    /// Wait for an item to sell out somewhere, then read its holders at once (the background
+    /// sold-out task runs this between its ticks).
+    pub async fn sold_out_changed(&self) {
+        self.hot.soldout.wake.notified().await;
+    }
+}
+
+/// The batcher behind [`OrderService::confirm_reservation`].
+fn confirm_batcher(
+    cluster: Arc<Cluster>,
+    timeout: Duration,
+    max_batch: usize,
+    tasks: TaskTracker,
+) -> Arc<Batcher<usize, Uuid, ()>> {
+    Batcher::new(
+        max_batch,
+        Duration::ZERO,
+        tasks,
+        move |group: usize, txn_ids: Vec<Uuid>| {
+            let cluster = cluster.clone();
+            Box::pin(async move {
+                let n = txn_ids.len();
+                let work = cluster
+                    .group(group)
+                    .run::<_, OrderError>(Work::Settle, timeout, async |c| {
+                        store::advance_reservations(c, &txn_ids, store::ReservationState::Ordered)
+                            .await
+                    })
+                    .await;
+                if let Err(e) = work {
+                    tracing::debug!(error = %e, "could not mark reservations ordered; reconciler will");
+                }
+                vec![(); n]
+            })
+        },
+    )
 }

@@ -19,6 +19,50 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
+/// Where an order is in its life (DESIGN.md "Data model"); the text is what the `orders.status`
+/// column and the API carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    PendingPayment,
+    Paid,
+    Cancelled,
+    Expired,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::PendingPayment => "pending_payment",
+            OrderStatus::Paid => "paid",
+            OrderStatus::Cancelled => "cancelled",
+            OrderStatus::Expired => "expired",
+        }
+    }
+
+    /// The column's text; the table's CHECK constraint allows nothing else, so anything else is
+    /// read as cancelled (it is certainly not payable).
+    pub fn from_db(text: &str) -> Self {
+        match text {
+            "pending_payment" => OrderStatus::PendingPayment,
+            "paid" => OrderStatus::Paid,
+            "expired" => OrderStatus::Expired,
+            _ => OrderStatus::Cancelled,
+        }
+    }
+
+    /// Cancelled or expired: its stock went (or goes) back to the item.
+    pub fn is_dead(self) -> bool {
+        matches!(self, OrderStatus::Cancelled | OrderStatus::Expired)
+    }
+}
+
+impl std::fmt::Display for OrderStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// An order as the API shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Order {
@@ -28,7 +72,7 @@ pub struct Order {
     pub item_id: u64,
     pub quantity: i32,
     pub amount_cents: i64,
-    pub status: String,
+    pub status: OrderStatus,
     pub created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub paid_at: Option<DateTime<Utc>>,
@@ -66,11 +110,15 @@ pub async fn transition_order(
              RETURNING ",
             order_columns!()
         ),
+        // The stock to return is recorded with the status change (migrations/V3).
         Transition::Cancel => concat!(
-            "UPDATE orders SET status = 'cancelled', updated_at = now()
-             WHERE order_id = $1 AND user_id = $2 AND status = 'pending_payment'
-             RETURNING ",
-            order_columns!()
+            "WITH o AS (
+                 UPDATE orders SET status = 'cancelled', updated_at = now()
+                 WHERE order_id = $1 AND user_id = $2 AND status = 'pending_payment'
+                 RETURNING ",
+            order_columns!(),
+            "), ob AS (INSERT INTO release_outbox (order_id, item_id) SELECT order_id, item_id FROM o)
+             SELECT * FROM o"
         ),
     };
     let stmt = client.prepare_cached(sql).await?;
@@ -90,7 +138,7 @@ impl Order {
             item_id: row.get::<_, i64>(3).unsigned_abs(),
             quantity: row.get(4),
             amount_cents: row.get(5),
-            status: row.get(6),
+            status: OrderStatus::from_db(row.get(6)),
             created_at: row.get(7),
             expires_at: row.get(8),
             paid_at: row.get(9),
@@ -131,7 +179,7 @@ pub async fn diagnose(
         .query_opt(
             &client
                 .prepare_cached(
-                    "SELECT remaining, starts_at <= now(), now() < ends_at FROM sale_items
+                    "SELECT remaining, starts_at <= clock_timestamp(), clock_timestamp() < ends_at FROM sale_items
              WHERE sale_id = $1 AND item_id = $2",
                 )
                 .await?,
@@ -173,7 +221,7 @@ pub async fn reserve_one(
             &tx.prepare_cached(
                 "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
              WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3
-               AND starts_at <= now() AND now() < ends_at
+               AND starts_at <= clock_timestamp() AND clock_timestamp() < ends_at
              RETURNING per_user_limit, price_cents, payment_window_secs, remaining",
             )
             .await?,
@@ -286,7 +334,7 @@ pub struct NewOrder {
     pub quantity: i32,
     pub amount_cents: i64,
     pub payment_window_secs: i32,
-    pub status: &'static str,
+    pub status: OrderStatus,
 }
 
 /// Transaction 2: insert orders on one user group in one statement. Returns the orders this call
@@ -302,7 +350,7 @@ pub async fn insert_orders(
     let qty: Vec<i32> = orders.iter().map(|o| o.quantity).collect();
     let amount: Vec<i64> = orders.iter().map(|o| o.amount_cents).collect();
     let window: Vec<i32> = orders.iter().map(|o| o.payment_window_secs).collect();
-    let status: Vec<&str> = orders.iter().map(|o| o.status).collect();
+    let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
     let sql = format!(
         "INSERT INTO orders (order_id, user_id, sale_id, item_id, quantity, amount_cents, status, expires_at)
          SELECT o, u, s, i, q, a, st, now() + make_interval(secs => w)
@@ -336,6 +384,140 @@ pub async fn get_order(
         .await?
         .as_ref()
         .map(Order::from_row))
+}
+
+/// The order, but only once the shadow holds it too: the lookup runs in a transaction that takes
+/// a transaction id, so its COMMIT waits for synchronous replication like any write, and that
+/// commit comes after the order's own. A replay must never report an order that a failover could
+/// still lose (e.g. one whose commit waited for the shadow and was cancelled by a DBA).
+pub async fn get_order_durable(
+    client: &mut ClientWrapper,
+    user: UserId,
+    order_id: Uuid,
+) -> Result<Option<Order>, DbError> {
+    let sql = format!("SELECT {ORDER_COLUMNS}, pg_current_xact_id() FROM orders WHERE order_id = $1 AND user_id = $2");
+    let tx = client.transaction().await?;
+    let stmt = tx.prepare_cached(&sql).await?;
+    let order = tx.query_opt(&stmt, &[&order_id, &user.db()]).await?;
+    tx.commit().await?;
+    Ok(order.as_ref().map(Order::from_row))
+}
+
+/// Expire due unpaid orders of one group (at most `batch`; `only` restricts it to one order),
+/// recording the stock each must return in the release outbox in the same statement. Rows are
+/// claimed with `FOR UPDATE SKIP LOCKED` and the status change is conditional, so several sweepers
+/// expire each order once. Returns `(order_id, item_id)` of each.
+pub async fn expire_due(
+    client: &ClientWrapper,
+    only: Option<Uuid>,
+    batch: i64,
+) -> Result<Vec<(Uuid, i64)>, DbError> {
+    let stmt = client
+        .prepare_cached(
+            "WITH due AS (
+                 SELECT order_id FROM orders
+                 WHERE status = 'pending_payment' AND expires_at <= now()
+                   AND ($1::uuid IS NULL OR order_id = $1)
+                 ORDER BY expires_at LIMIT $2
+                 FOR UPDATE SKIP LOCKED),
+             o AS (
+                 UPDATE orders o SET status = 'expired', updated_at = now()
+                 FROM due WHERE o.order_id = due.order_id
+                 RETURNING o.order_id, o.item_id),
+             ob AS (INSERT INTO release_outbox (order_id, item_id) SELECT order_id, item_id FROM o)
+             SELECT order_id, item_id FROM o",
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&only, &batch]).await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Releases recorded in the outbox at least `min_age` ago (a younger one is still being done by
+/// the request that recorded it): `(order_id, item_id)`, oldest first.
+pub async fn pending_releases(
+    client: &ClientWrapper,
+    min_age: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<(Uuid, i64)>, DbError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT order_id, item_id FROM release_outbox
+             WHERE created_at <= now() - make_interval(secs => $1)
+             ORDER BY created_at LIMIT $2",
+        )
+        .await?;
+    let rows = client
+        .query(&stmt, &[&min_age.as_secs_f64(), &limit])
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Forget outbox entries whose release is done.
+pub async fn forget_releases(client: &ClientWrapper, order_ids: &[Uuid]) -> Result<(), DbError> {
+    let stmt = client
+        .prepare_cached("DELETE FROM release_outbox WHERE order_id = ANY($1)")
+        .await?;
+    client.execute(&stmt, &[&order_ids]).await?;
+    Ok(())
+}
+
+/// The stock and version of a sold-out item, as [`stock_versions`] reads it.
+pub struct StockVersion {
+    pub sale: i64,
+    pub item: i64,
+    pub remaining: i32,
+    pub version: i64,
+    /// The sale window is over: nothing can be bought any more.
+    pub ended: bool,
+}
+
+/// Stock, version and end of the given items (parallel arrays of sale and item ids).
+pub async fn stock_versions(
+    client: &ClientWrapper,
+    sales: &[i64],
+    items: &[i64],
+) -> Result<Vec<StockVersion>, DbError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT si.sale_id, si.item_id, si.remaining, si.version, si.ends_at <= now()
+             FROM sale_items si
+             JOIN unnest($1::bigint[], $2::bigint[]) AS k(s, i) ON si.sale_id = k.s AND si.item_id = k.i",
+        )
+        .await?;
+    let rows = client.query(&stmt, &[&sales, &items]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| StockVersion {
+            sale: r.get(0),
+            item: r.get(1),
+            remaining: r.get(2),
+            version: r.get(3),
+            ended: r.get(4),
+        })
+        .collect())
+}
+
+/// An item's remaining stock, version and the txn ids of its live reservations (at most
+/// `limit`), all from one snapshot. None when the item does not exist.
+pub async fn holders(
+    client: &ClientWrapper,
+    sale: SaleId,
+    item: ItemId,
+    limit: i64,
+) -> Result<Option<(i32, i64, Vec<Uuid>)>, DbError> {
+    let stmt = client
+        .prepare_cached(
+            "SELECT si.remaining, si.version,
+                    ARRAY(SELECT r.txn_id FROM reservations r
+                          WHERE r.sale_id = si.sale_id AND r.item_id = si.item_id
+                            AND r.state <> 'released' LIMIT $3)
+             FROM sale_items si WHERE si.sale_id = $1 AND si.item_id = $2",
+        )
+        .await?;
+    let row = client
+        .query_opt(&stmt, &[&sale.db(), &item.db(), &limit])
+        .await?;
+    Ok(row.map(|r| (r.get(0), r.get(1), r.get(2))))
 }
 
 pub async fn get_orders_by_id(client: &ClientWrapper, ids: &[Uuid]) -> Result<Vec<Order>, DbError> {
@@ -401,16 +583,47 @@ pub async fn release(
         .collect())
 }
 
+/// Where a reservation is: the item-side ledger's state (DESIGN.md "Data model").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReservationState {
+    Reserved,
+    Ordered,
+    Paid,
+    Released,
+}
+
+impl ReservationState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReservationState::Reserved => "reserved",
+            ReservationState::Ordered => "ordered",
+            ReservationState::Paid => "paid",
+            ReservationState::Released => "released",
+        }
+    }
+
+    /// The column's text (the table's CHECK constraint allows nothing else).
+    pub fn from_db(text: &str) -> Self {
+        match text {
+            "reserved" => ReservationState::Reserved,
+            "ordered" => ReservationState::Ordered,
+            "paid" => ReservationState::Paid,
+            _ => ReservationState::Released,
+        }
+    }
+}
+
 /// Move live reservations forward to `ordered` or `paid` (never backwards, never out of released).
 pub async fn advance_reservations(
     client: &ClientWrapper,
     txn_ids: &[Uuid],
-    to: &str,
+    to: ReservationState,
 ) -> Result<u64, DbError> {
     let from: &[&str] = match to {
-        "paid" => &["reserved", "ordered"],
+        ReservationState::Paid => &["reserved", "ordered"],
         _ => &["reserved"],
     };
+    let to = to.as_str();
     Ok(client
         .execute(
             &client
@@ -441,12 +654,12 @@ pub async fn reserve_batch(
     item: ItemId,
     asks: &[BatchAsk],
 ) -> Result<(Vec<Result<Reserved, Refusal>>, Option<i32>), DbError> {
-    use crate::coalesce::allocate::{allocate, Ask, Decision, Holdings};
+    use super::allocate::{allocate, Ask, Decision, Holdings};
     let tx = client.transaction().await?;
     let lock_stmt = tx
         .prepare_cached(
             "SELECT remaining, per_user_limit, price_cents, payment_window_secs,
-                    starts_at <= now(), now() < ends_at
+                    starts_at <= clock_timestamp(), clock_timestamp() < ends_at
              FROM sale_items WHERE sale_id = $1 AND item_id = $2 FOR UPDATE",
         )
         .await?;
@@ -531,7 +744,8 @@ pub async fn reserve_batch(
         let update_stmt = tx
             .prepare_cached(
                 "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
-                 WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3",
+                 WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3
+                   AND starts_at <= clock_timestamp() AND clock_timestamp() < ends_at",
             )
             .await?;
         let insert_stmt = tx
@@ -563,12 +777,10 @@ pub async fn reserve_batch(
             tx.query(&resume_stmt, &resume_params),
         )?;
         if updated != 1 && taken > 0 {
-            // Cannot happen while we hold the row lock; refuse rather than guess.
+            // The stock cannot change under our row lock, so the window closed while the batch
+            // waited for it: the clock decides, not the transaction's start.
             tx.rollback().await?;
-            return Err(DbError::Rejected {
-                code: "seckill".into(),
-                message: "stock changed under the row lock".into(),
-            });
+            return Ok((refuse_all(Refusal::Ended), Some(remaining)));
         }
         created_attempt.extend(
             inserted

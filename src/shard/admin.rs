@@ -58,15 +58,16 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
         .find(|&i| i != master)
         .ok_or("the group has no shadow")?;
     let (m, s) = (&group.members[master], &group.members[shadow]);
-    let sp = probe(&s.pg_config, timeout).await?;
-    if !sp.in_recovery || !sp.receiver_streaming {
+    let sp = probe(&s.pg_config, &cluster.failover().shadow_name, timeout).await?;
+    if !sp.in_recovery || sp.receipt_age_ms.is_none() {
         return Err(format!("{} is not a streaming shadow", s.endpoint).into());
     }
     // Commit synchronously from here on (the shadow streams), so every commit that slips in
     // before the fence takes hold is on the shadow before it is acknowledged.
+    let names = super::monitor::sync_names_for(&cluster.failover().shadow_name);
     admin(
         &m.pg_config,
-        "ALTER SYSTEM SET synchronous_standby_names = '*'; SELECT pg_reload_conf()",
+        &format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'; SELECT pg_reload_conf()"),
         timeout,
     )
     .await?;

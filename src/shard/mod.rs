@@ -2,22 +2,37 @@
 //!
 //! A group knows which member it currently writes to (`writer`). At start that is the configured
 //! master; the health monitor ([`monitor`]) probes every member, follows a promotion that another
-//! engine node made, promotes the shadow itself when the master is dead, and fences an old master
-//! that comes back. All database work goes through [`ShardGroup::writer`]: reads too, so a client
-//! reads its own writes.
+//! engine node made, promotes the shadow itself when the master is dead (built-in failover), and
+//! fences an old master that comes back.
+//!
+//! **One way in**: all database work goes through [`ShardGroup::run`]: reads too, so a client
+//! reads its own writes. `run` bounds the whole piece of work (waiting for a connection included)
+//! by one budget, and ends it the moment the group's writer moves: work still waiting on a master
+//! that stopped answering (a frozen host keeps its sockets open) is given up as "outcome unknown"
+//! instead of holding its caller until the budget runs out. A connection whose work was given up
+//! mid-statement is closed, never handed to the next caller with an answer still in flight.
+//!
+//! **Shares of the pool**: each piece of work says what it is ([`Work`]). Reads for clients get at
+//! most a quarter of a group's connections and a bounded queue (beyond it: [`ShardError::Busy`],
+//! 503 `overloaded`); transaction 1 batches at most half. Transaction 2, compensation, releases and
+//! repairs take any free connection, so a flood of reads or of buyers can never starve the work
+//! that creates orders and returns stock.
 
 pub mod admin;
 pub mod monitor;
 
 use crate::config::{Config, GroupConfig};
+use crate::db::DbError;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime,
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
 };
 use serde::Serialize;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tokio::sync::Semaphore;
 use tokio_postgres::NoTls;
+use tokio_util::sync::CancellationToken;
 
 /// No member is known to be writable.
 const NO_WRITER: usize = usize::MAX;
@@ -28,6 +43,10 @@ pub enum ShardError {
     NoMaster { group: String },
     #[error("shard group {group}: cannot get a connection: {source}")]
     Pool { group: String, source: PoolError },
+    #[error("shard group {group}: no connection free within the request's budget")]
+    Exhausted { group: String },
+    #[error("shard group {group}: too many reads queued")]
+    Busy { group: String },
     #[error("shard group {group}: cannot build a pool: {reason}")]
     Build { group: String, reason: String },
     #[error("shard group {group}: invalid member DSN: {source}")]
@@ -37,11 +56,36 @@ pub enum ShardError {
     },
 }
 
+/// What a piece of database work is for (module docs: shares of the pool).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Reads on behalf of clients: orders, sales, replays.
+    Read,
+    /// Transaction 1: stock decrements and reservations.
+    Reserve,
+    /// Transaction 2, compensation, releases, confirmations, sweeps, repairs, admin work.
+    Settle,
+}
+
+/// Role of a member as last seen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Writable.
+    Master,
+    /// In recovery: a streaming replica.
+    #[default]
+    Shadow,
+    /// An old master kept read-only (`default_transaction_read_only = on`).
+    Fenced,
+    /// The last probe got no answer.
+    Down,
+}
+
 /// What one member looked like at its last probe.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct MemberStatus {
-    /// `master`, `shadow`, `fenced` (an old master kept read-only), or `down` (last probe failed).
-    pub role: String,
+    pub role: Role,
     pub healthy: bool,
     pub timeline: Option<i64>,
     /// Bytes the shadow's replay is behind the master's current WAL position.
@@ -53,20 +97,41 @@ pub struct MemberStatus {
 pub struct Member {
     /// `master` or `shadow`: the role this member has in shards.toml (not necessarily now).
     pub configured_role: &'static str,
-    pub dsn: String,
     pub endpoint: String,
     pub pg_config: tokio_postgres::Config,
     pub pool: Pool,
-    pub probe_session: monitor::ProbeSession,
+    pub(crate) probe_session: monitor::ProbeSession,
+    /// When work on this member last succeeded, in ms since the group was built: a member that
+    /// answers the sale's queries is alive even when one probe of it is slow.
+    last_ok_ms: AtomicU64,
 }
 
 pub struct ShardGroup {
     pub name: String,
     pub members: Vec<Member>,
     writer: AtomicUsize,
+    /// Cancelled when the writer changes: ends work bound to the old one.
+    epoch: Mutex<CancellationToken>,
     status: Mutex<Vec<MemberStatus>>,
     failovers: AtomicU64,
     probed: std::sync::atomic::AtomicBool,
+    born: Instant,
+    reads: Semaphore,
+    read_queue: Semaphore,
+    reserves: Semaphore,
+}
+
+/// A running engine connection's session settings (see [`ShardGroup::new`]).
+fn session_options(lock_timeout: Duration) -> String {
+    // Every statement of the engine is built around an index. On the empty tables of a new
+    // deployment the planner picks sequential scans, and a prepared statement keeps such a cached
+    // generic plan while the table grows during the first sale, until autovacuum's ANALYZE
+    // replaces it a minute later: full scans of reservations on the hot row's critical path.
+    // Sequential scans stay possible where no index applies; they are only priced out.
+    format!(
+        "-c lock_timeout={} -c enable_seqscan=off",
+        lock_timeout.as_millis().max(1)
+    )
 }
 
 impl ShardGroup {
@@ -94,20 +159,15 @@ impl ShardGroup {
             if pg_config.get_application_name().is_none() {
                 pg_config.application_name("seckill");
             }
-            if pg_config.get_options().is_none() {
-                // Every statement of the engine is built around an index. On the empty tables of
-                // a new deployment the planner picks sequential scans, and a prepared statement
-                // keeps such a cached generic plan while the table grows during the first sale,
-                // until autovacuum's ANALYZE replaces it a minute later: full scans of
-                // reservations on the hot row's critical path. Sequential scans stay possible
-                // where no index applies; they are only priced out.
-                pg_config.options(format!(
-                    "-c lock_timeout={} -c enable_seqscan=off",
-                    lock_timeout.as_millis()
-                ));
+            // A partition that silently drops packets would otherwise leave a session waiting
+            // for the kernel's default of minutes.
+            pg_config.keepalives_idle(Duration::from_secs(5));
+            let mut engine_config = pg_config.clone();
+            if engine_config.get_options().is_none() {
+                engine_config.options(session_options(lock_timeout));
             }
             let manager = Manager::from_config(
-                pg_config.clone(),
+                engine_config,
                 NoTls,
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
@@ -116,7 +176,6 @@ impl ShardGroup {
             let pool = Pool::builder(manager)
                 .max_size(config.pool_size)
                 .runtime(Runtime::Tokio1)
-                .wait_timeout(Some(Duration::from_secs(5)))
                 .create_timeout(Some(connect_timeout))
                 .recycle_timeout(Some(connect_timeout))
                 .build()
@@ -126,27 +185,37 @@ impl ShardGroup {
                 })?;
             members.push(Member {
                 configured_role: role,
-                dsn: dsn.clone(),
                 endpoint: crate::config::endpoint_of(&pg_config).unwrap_or_default(),
                 pg_config,
                 pool,
                 probe_session: Default::default(),
+                last_ok_ms: AtomicU64::new(0),
             });
         }
         let status = members
             .iter()
             .map(|m| MemberStatus {
-                role: m.configured_role.to_string(),
+                role: if m.configured_role == "master" {
+                    Role::Master
+                } else {
+                    Role::Shadow
+                },
                 ..Default::default()
             })
             .collect();
+        let share = |divisor: usize| (config.pool_size / divisor).max(1);
         Ok(Self {
             name: config.name.clone(),
             members,
             writer: AtomicUsize::new(0),
+            epoch: Mutex::new(CancellationToken::new()),
             status: Mutex::new(status),
             failovers: AtomicU64::new(0),
             probed: std::sync::atomic::AtomicBool::new(false),
+            born: Instant::now(),
+            reads: Semaphore::new(share(4)),
+            read_queue: Semaphore::new(share(4) + 8 * config.pool_size),
+            reserves: Semaphore::new(share(2)),
         })
     }
 
@@ -158,12 +227,127 @@ impl ShardGroup {
         }
     }
 
+    /// Point the group at a member (or at none). When that changes, work still running on the
+    /// old writer is ended (module docs).
     pub(crate) fn set_writer(&self, index: Option<usize>) {
-        self.writer
-            .store(index.unwrap_or(NO_WRITER), Ordering::Release);
+        let new = index.unwrap_or(NO_WRITER);
+        if self.writer.swap(new, Ordering::AcqRel) != new {
+            let old = std::mem::replace(&mut *lock(&self.epoch), CancellationToken::new());
+            old.cancel();
+        }
     }
 
-    /// A connection to the writable member.
+    fn epoch(&self) -> CancellationToken {
+        lock(&self.epoch).clone()
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.born.elapsed().as_millis() as u64
+    }
+
+    /// True when work on member `i` succeeded at or after `since` (from [`Self::clock`]).
+    pub(crate) fn answered_since(&self, i: usize, since: u64) -> bool {
+        self.members[i].last_ok_ms.load(Ordering::Relaxed) >= since.max(1)
+    }
+
+    /// The group's clock for [`Self::answered_since`].
+    pub(crate) fn clock(&self) -> u64 {
+        self.now_ms()
+    }
+
+    /// Run `work` on the writable member's connection (module docs): waiting for a share of the
+    /// pool and a connection within `budget`, then the work itself within `budget`.
+    ///
+    /// Errors: [`ShardError`] when no connection could be had (nothing was sent: surely not
+    /// committed), [`DbError`] from the work itself, and [`DbError::Lost`] when the budget ran out
+    /// or the writer moved while the work was under way (outcome unknown).
+    pub async fn run<T, E>(
+        &self,
+        kind: Work,
+        budget: Duration,
+        work: impl AsyncFnOnce(&mut Object) -> Result<T, DbError>,
+    ) -> Result<T, E>
+    where
+        E: From<ShardError> + From<DbError>,
+    {
+        let started = Instant::now();
+        let _queued = match kind {
+            Work::Read => Some(
+                self.read_queue
+                    .try_acquire()
+                    .map_err(|_| ShardError::Busy {
+                        group: self.name.clone(),
+                    })?,
+            ),
+            _ => None,
+        };
+        let share = match kind {
+            Work::Read => Some(&self.reads),
+            Work::Reserve => Some(&self.reserves),
+            Work::Settle => None,
+        };
+        let exhausted = || ShardError::Exhausted {
+            group: self.name.clone(),
+        };
+        let _permit = match share {
+            Some(s) => Some(
+                tokio::time::timeout(budget, s.acquire())
+                    .await
+                    .map_err(|_| exhausted())?
+                    .map_err(|_| exhausted())?,
+            ),
+            None => None,
+        };
+        let idx = self.writer_index().ok_or_else(|| ShardError::NoMaster {
+            group: self.name.clone(),
+        })?;
+        let epoch = self.epoch();
+        let member = &self.members[idx];
+        let left = budget.saturating_sub(started.elapsed());
+        let timeouts = Timeouts {
+            wait: Some(left),
+            create: Some(left),
+            recycle: Some(left),
+        };
+        let mut client = tokio::select! {
+            got = member.pool.timeout_get(&timeouts) => got.map_err(|e| match e {
+                PoolError::Timeout(_) => exhausted(),
+                source => ShardError::Pool { group: self.name.clone(), source },
+            })?,
+            _ = epoch.cancelled() => return Err(ShardError::NoMaster { group: self.name.clone() }.into()),
+        };
+        // The work itself gets the whole budget: statements are sized against it (`lock_timeout`
+        // is 3/5 of it), and running out mid-statement means "outcome unknown", which a wait in
+        // the queue above must not turn a clean refusal into.
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(budget, work(&mut client)) => r.ok(),
+            _ = epoch.cancelled() => None,
+        };
+        match outcome {
+            Some(r) => {
+                if r.is_ok() || matches!(r, Err(DbError::Rejected { .. } | DbError::Busy(_))) {
+                    member.last_ok_ms.store(self.now_ms(), Ordering::Relaxed);
+                }
+                if matches!(r, Err(DbError::Lost(_))) {
+                    drop(Object::take(client));
+                }
+                Ok(r?)
+            }
+            None => {
+                // Given up mid-statement: the answer may still arrive on this connection.
+                drop(Object::take(client));
+                let why = if epoch.is_cancelled() {
+                    "the group's master changed while the work was under way".to_string()
+                } else {
+                    format!("no answer within {} ms", budget.as_millis())
+                };
+                Err(DbError::Lost(why).into())
+            }
+        }
+    }
+
+    /// A connection to the writable member, outside [`Self::run`]'s budget and shares: for
+    /// one-shot tools (the CLI) and tests. The engine's own work goes through `run`.
     pub async fn writer(&self) -> Result<Object, ShardError> {
         let idx = self.writer_index().ok_or_else(|| ShardError::NoMaster {
             group: self.name.clone(),
@@ -238,6 +422,10 @@ impl Cluster {
         for g in &self.groups {
             monitor::check_group(g, &quiet).await;
         }
+    }
+
+    pub fn failover(&self) -> &crate::config::FailoverConfig {
+        &self.failover
     }
 
     pub fn group(&self, idx: usize) -> &ShardGroup {

@@ -1,49 +1,68 @@
 //! The health monitor: one loop per shard group in every engine node.
 //!
 //! Every `failover.probe_interval_ms` it probes each member (`pg_is_in_recovery()`, the timeline,
-//! whether it is fenced, its WAL receiver, the replication lag) with a timeout, then decides which
-//! member to write to. Nodes never talk to each other: each asks the servers, so all nodes converge
-//! on the same master.
+//! whether it is fenced, its WAL receiver, the replication lag) with a timeout, then [`decide`]s —
+//! a pure function of what it saw — which member to write to, and whether to fence or promote.
+//! Nodes never talk to each other: each asks the servers, so all nodes converge on the same master.
 //!
 //! - **Discovery**: the writable member is the one not in recovery and not fenced. If two are (an
 //!   old master came back after its shadow was promoted), the higher timeline wins and the other is
 //!   fenced: `default_transaction_read_only = on`, so nothing can commit a write on it.
-//! - **Failover**: only a member that gives *no answer* counts as failing (a server replying with
-//!   an error, e.g. out of connection slots, is alive). When the master has failed
-//!   `failures_before_promote` consecutive probes, the shadow is promoted (`pg_promote()`) — but only
-//!   if the shadow itself has lost its WAL stream from the master. A shadow that still streams proves
-//!   the master alive: this node is merely cut off from it, and promoting would make two masters.
-//!   Promotion is idempotent, so two nodes doing it at once is harmless. Until a writable member is
-//!   known the group has no writer and requests get 503 `unavailable` with Retry-After.
-//! - **Synchronous replication**: with `failover.synchronous` the master commits only once the shadow
-//!   has the WAL (`synchronous_standby_names = '*'`), so a 201 means two servers hold the order. When
-//!   no standby streams, `failover.shadow_loss` decides. `block` (default) keeps commits waiting until
-//!   a shadow streams again: a dead shadow stalls writes, but an old master cut off from engines and
-//!   shadow can never acknowledge an order that the promoted shadow does not have, so no split brain
-//!   can sell the same stock twice. `degrade` switches the master to asynchronous commits after
-//!   `shadow_loss_grace_ms`: the sale stays open when the shadow dies, at the price that a second
-//!   failure in that window loses orders, and that under a network partition both sides may accept
-//!   writes. Right after a promotion there is no standby at all, so the new master starts
-//!   asynchronous; it turns synchronous again as soon as a rejoined shadow streams.
+//! - **Silence, not errors**: only a member that gives *no answer* counts as failing (a server
+//!   replying with an error, e.g. out of connection slots, is alive), and not even then while the
+//!   engine's own queries on it keep succeeding (a probe that is merely slow on a loaded host). A
+//!   probe that times out keeps its session: the next probe queues behind it on the same connection
+//!   rather than racing to open new ones against a busy server. A server that stops answering
+//!   while its sockets stay open (a frozen host, SIGSTOP, a partition that drops packets) is silent
+//!   exactly like a dead one.
+//! - **Failover** (built-in mode): when the master has been silent for `failures_before_promote`
+//!   consecutive probes, the shadow is promoted (`pg_promote()`) — but only if the shadow itself has
+//!   heard nothing from the master for `stream_timeout_ms`: its WAL receiver has not been streaming,
+//!   or its last message from the master (`pg_stat_wal_receiver.last_msg_receipt_time`) is older
+//!   than that, for the whole period. A shadow that still hears the master proves it alive: this
+//!   node is merely cut off from it, and promoting would make two masters. A receiver that is only
+//!   restarting does not count as lost until the whole period passed without contact. The engine
+//!   keeps the shadow's `wal_receiver_timeout` at `stream_timeout_ms` (so an idle master is pinged
+//!   at half of it and the receipt age stays meaningful) and the master's `wal_sender_timeout` at
+//!   twice that. Promotion is idempotent, so two nodes doing it at once is harmless. Until a
+//!   writable member is known the group has no writer and requests get 503 `unavailable`.
+//! - **Synchronous replication**: with `failover.synchronous` the master commits only once the
+//!   shadow has the WAL (`synchronous_standby_names` naming the shadow's `application_name`,
+//!   `failover.shadow_name`, so no other walsender such as a pg_receivewal can acknowledge commits),
+//!   so a 201 means two servers hold the order. When the shadow does not stream,
+//!   `failover.shadow_loss` decides. `block` (default) keeps commits waiting until it streams again:
+//!   a dead shadow stalls writes, but an old master cut off from engines and shadow can never
+//!   acknowledge an order that the promoted shadow does not have, so no split brain can sell the
+//!   same stock twice. `degrade` switches the master to asynchronous commits after
+//!   `shadow_loss_grace_ms`. Right after a promotion there is no standby at all, so the new master
+//!   starts asynchronous; it turns synchronous again as soon as a rejoined shadow streams.
+//! - **External mode** (`failover.mode = "external"`, for Patroni, pg_auto_failover or a managed
+//!   PostgreSQL): the engine never promotes, fences or changes a server setting. It only finds the
+//!   writable member among the listed ones, follows it when it moves, and answers 503 meanwhile.
 
-use super::{Cluster, MemberStatus, ShardGroup};
-use crate::config::{FailoverConfig, ShadowLossPolicy};
+use super::{Cluster, MemberStatus, Role, ShardGroup};
+use crate::config::{FailoverConfig, FailoverMode, ShadowLossPolicy};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 /// One probe's findings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
     pub in_recovery: bool,
     pub timeline: i64,
     pub fenced: bool,
-    /// On a master: the largest replay lag of its standbys in bytes, and whether any streams.
+    /// On a master: the replay lag of the shadow (by `application_name`) in bytes, when it streams.
     pub standby_lag: Option<i64>,
     pub sync_names: String,
-    /// On a standby: its WAL receiver is streaming from a master right now.
-    pub receiver_streaming: bool,
+    /// On a standby whose WAL receiver streams: ms since its last message from the master.
+    pub receipt_age_ms: Option<i64>,
+    /// On a standby: a WAL receiver exists but its details are hidden from this role (neither
+    /// superuser nor pg_read_all_stats), so whether it hears the master cannot be judged.
+    pub receiver_hidden: bool,
+    pub wal_receiver_timeout_ms: i64,
+    pub wal_sender_timeout_ms: i64,
 }
 
 /// A probe that failed. `answered` tells a server that replied with an error (alive, e.g. out of
@@ -68,6 +87,7 @@ impl ProbeError {
     }
 }
 
+/// `$1`: the shadow's application_name.
 const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
     CASE WHEN pg_is_in_recovery()
          THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver), 0)::bigint
@@ -75,16 +95,23 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
     current_setting('default_transaction_read_only') = 'on',
     CASE WHEN pg_is_in_recovery() THEN NULL
          ELSE (SELECT max(pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn))::bigint
-               FROM pg_stat_replication WHERE state = 'streaming') END,
+               FROM pg_stat_replication WHERE state = 'streaming' AND application_name = $1) END,
     current_setting('synchronous_standby_names'),
-    coalesce((SELECT status = 'streaming' FROM pg_stat_wal_receiver), false)";
+    (SELECT (extract(epoch FROM clock_timestamp() - last_msg_receipt_time) * 1000)::bigint
+       FROM pg_stat_wal_receiver WHERE status = 'streaming'),
+    coalesce((SELECT status IS NULL FROM pg_stat_wal_receiver), false),
+    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_receiver_timeout'),
+    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout')";
 
 /// Probe one member over a fresh connection, bounded by `timeout` (a session used once).
 pub async fn probe(
     config: &tokio_postgres::Config,
+    shadow_name: &str,
     timeout: Duration,
 ) -> Result<Probe, ProbeError> {
-    ProbeSession::default().probe(config, timeout).await
+    ProbeSession::default()
+        .probe(config, shadow_name, timeout)
+        .await
 }
 
 async fn connect_probe(
@@ -107,29 +134,34 @@ fn silence(timeout: Duration) -> ProbeError {
     }
 }
 
+type Session = (tokio_postgres::Client, tokio::task::JoinHandle<()>);
+
 /// The monitor's own session with one member, kept between probes.
 ///
 /// Not the pool: a pool would hide a dead server behind its idle connections and queue probes
 /// behind the sale's queries. One dedicated session per member and node instead of a fresh
 /// connection per probe: a fresh connection forks a backend on the server four times a second per
-/// node, which under a storm costs the servers measurable CPU. It detects the same failures: a
-/// dead or restarted server breaks the session, and a broken session is replaced by a fresh
-/// connection within the same probe, so only a server that cannot be reached anew counts as silent.
+/// node, which under a storm costs the servers measurable CPU. A broken session (a dead or
+/// restarted server) is replaced by a fresh connection within the same probe; a probe that merely
+/// timed out keeps the session, so a slow answer never sets off a burst of new connections.
 #[derive(Default)]
 pub struct ProbeSession {
-    session: tokio::sync::Mutex<Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>>,
+    session: tokio::sync::Mutex<Option<Session>>,
 }
 
 impl ProbeSession {
     pub async fn probe(
         &self,
         config: &tokio_postgres::Config,
+        shadow_name: &str,
         timeout: Duration,
     ) -> Result<Probe, ProbeError> {
-        let mut slot = self.session.lock().await;
+        let Ok(mut slot) = tokio::time::timeout(timeout, self.session.lock()).await else {
+            return Err(silence(timeout));
+        };
         let work = async {
             if let Some((client, _)) = slot.as_ref().filter(|(c, _)| !c.is_closed()) {
-                match client.query_one(PROBE_SQL, &[]).await {
+                match client.query_one(PROBE_SQL, &[&shadow_name]).await {
                     Ok(row) => return Ok(Probe::from_row(&row)),
                     // The server answered with an error: it is alive; start afresh next time.
                     Err(e) if e.as_db_error().is_some() => {
@@ -143,31 +175,19 @@ impl ProbeSession {
             Self::close(&mut slot);
             let (client, task) = connect_probe(config).await?;
             let row = client
-                .query_one(PROBE_SQL, &[])
+                .query_one(PROBE_SQL, &[&shadow_name])
                 .await
                 .map_err(|e| ProbeError::from_pg(&e));
-            match row {
-                Ok(row) => {
-                    *slot = Some((client, task));
-                    Ok(Probe::from_row(&row))
-                }
-                Err(e) => {
-                    task.abort();
-                    Err(e)
-                }
-            }
+            *slot = Some((client, task));
+            row.map(|row| Probe::from_row(&row))
         };
-        let outcome = tokio::time::timeout(timeout, work).await;
-        match outcome {
+        match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
-            Err(_) => {
-                Self::close(&mut slot);
-                Err(silence(timeout))
-            }
+            Err(_) => Err(silence(timeout)),
         }
     }
 
-    fn close(slot: &mut Option<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>) {
+    fn close(slot: &mut Option<Session>) {
         if let Some((_, task)) = slot.take() {
             task.abort();
         }
@@ -188,8 +208,15 @@ impl Probe {
             fenced: row.get(2),
             standby_lag: row.get(3),
             sync_names: row.get(4),
-            receiver_streaming: row.get(5),
+            receipt_age_ms: row.get(5),
+            receiver_hidden: row.get(6),
+            wal_receiver_timeout_ms: row.get::<_, Option<i64>>(7).unwrap_or(0),
+            wal_sender_timeout_ms: row.get::<_, Option<i64>>(8).unwrap_or(0),
         }
+    }
+
+    fn writable(&self) -> bool {
+        !self.in_recovery && !self.fenced
     }
 }
 
@@ -236,15 +263,175 @@ pub const FENCE_SQL: &str =
 pub const UNFENCE_SQL: &str =
     "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf();";
 
+/// `synchronous_standby_names` that names exactly the shadow (quoted: the name is the
+/// application_name verbatim), or "" for asynchronous commits.
+pub fn sync_names_for(shadow_name: &str) -> String {
+    format!("\"{}\"", shadow_name.replace('"', ""))
+}
+
 fn sync_sql(names: &str) -> String {
-    format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'; SELECT pg_reload_conf();")
+    format!(
+        "ALTER SYSTEM SET synchronous_standby_names = '{}'; SELECT pg_reload_conf();",
+        names.replace('\'', "''")
+    )
+}
+
+/// What the monitor saw of one member this round.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Seen {
+    Up(Probe),
+    /// The server replied with an error: alive, but not serving the probe.
+    Refused,
+    /// No answer to the probe, but the engine's own work on it succeeded meanwhile: alive, busy.
+    Busy,
+    /// No answer at all, for this many rounds in a row.
+    Silent {
+        rounds: u32,
+    },
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Debug, Clone)]
+pub struct Observations {
+    pub seen: Vec<Seen>,
+    /// The member written to before this round.
+    pub writer: Option<usize>,
+    /// Per member: the timeline it was last seen on.
+    pub last_timeline: Vec<Option<i64>>,
+    /// Per member: a standby that has heard nothing from its master for `stream_timeout_ms`.
+    pub lost_master: Vec<bool>,
+}
+
+/// What the monitor should do about a group this round.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Action {
+    pub writer: Option<usize>,
+    /// Old masters writable on an older timeline: make them read-only.
+    pub fence: Vec<usize>,
+    /// A shadow to promote (the writer stays unknown until it is writable).
+    pub promote: Option<usize>,
+    pub note: Option<Note>,
+}
+
+/// Why nothing (more) was done, for the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Note {
+    TwoWritableSameTimeline,
+    ShadowStillHearsMaster,
+    ShadowHidesItsReceiver,
+    NoShadowToPromote,
+}
+
+/// The decision of one round, from what was seen (module docs).
+pub fn decide(obs: &Observations, config: &FailoverConfig) -> Action {
+    let builtin = config.mode == FailoverMode::Builtin;
+    // Writable members: answered as a master, or the current writer still serving our queries.
+    let mut candidates: Vec<(usize, i64)> = obs
+        .seen
+        .iter()
+        .enumerate()
+        .filter_map(|(i, s)| match s {
+            Seen::Up(p) if p.writable() => Some((i, p.timeline)),
+            Seen::Busy | Seen::Refused if obs.writer == Some(i) => {
+                Some((i, obs.last_timeline[i].unwrap_or(0)))
+            }
+            _ => None,
+        })
+        .collect();
+    candidates.sort_by_key(|&(i, tl)| (std::cmp::Reverse(tl), Some(i) != obs.writer));
+    if let Some(&(best, best_tl)) = candidates.first() {
+        let fence: Vec<usize> = candidates[1..]
+            .iter()
+            .filter(|&&(_, tl)| tl < best_tl && builtin)
+            .map(|&(i, _)| i)
+            .collect();
+        let twins = candidates[1..].iter().any(|&(_, tl)| tl == best_tl);
+        return Action {
+            writer: Some(best),
+            fence,
+            note: twins.then_some(Note::TwoWritableSameTimeline),
+            ..Default::default()
+        };
+    }
+    // No writable member. A writer that answers as a standby or fenced (a stale view, or a
+    // switchover in progress) is dropped at once: requests get 503 rather than read-only errors.
+    let mut writer = obs.writer.filter(|&w| !matches!(obs.seen[w], Seen::Up(_)));
+    // The master is dead when it (or, with no writer known, some member) has been silent long
+    // enough.
+    let dead = |i: usize| matches!(obs.seen[i], Seen::Silent { rounds } if rounds >= config.failures_before_promote);
+    let dead_long = match obs.writer {
+        Some(w) => dead(w),
+        None => (0..obs.seen.len()).any(dead),
+    };
+    if dead_long {
+        writer = None;
+    }
+    if !builtin || !config.enabled || !dead_long {
+        return Action {
+            writer,
+            ..Default::default()
+        };
+    }
+    let standbys: Vec<usize> = obs
+        .seen
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| matches!(s, Seen::Up(p) if p.in_recovery))
+        .map(|(i, _)| i)
+        .collect();
+    let promote = standbys.iter().copied().find(|&i| obs.lost_master[i]);
+    let note = match (promote, standbys.first()) {
+        (Some(_), _) => None,
+        (None, None) => Some(Note::NoShadowToPromote),
+        (None, Some(&i)) => Some(match &obs.seen[i] {
+            Seen::Up(p) if p.receiver_hidden => Note::ShadowHidesItsReceiver,
+            _ => Note::ShadowStillHearsMaster,
+        }),
+    };
+    Action {
+        writer,
+        promote,
+        note,
+        ..Default::default()
+    }
 }
 
 /// Per-group memory of the monitor between rounds.
 #[derive(Default)]
 struct GroupState {
-    /// Since when the master has had no streaming standby.
+    /// Since when the master has had no streaming shadow.
     no_standby_since: Option<Instant>,
+    /// Per member: when it last heard its master (standbys), or when the monitor first saw it.
+    heard_master_at: Vec<Option<Instant>>,
+}
+
+impl GroupState {
+    /// Track each standby's contact with its master; true per member that lost it.
+    fn lost_master(&mut self, seen: &[Seen], stream_timeout: Duration) -> Vec<bool> {
+        let now = Instant::now();
+        self.heard_master_at.resize(seen.len(), None);
+        seen.iter()
+            .zip(self.heard_master_at.iter_mut())
+            .map(|(s, heard)| {
+                let at = heard.get_or_insert(now);
+                match s {
+                    Seen::Up(p) if p.in_recovery => {
+                        if p.receiver_hidden {
+                            // Cannot be judged: never call it lost.
+                            *at = now;
+                        } else if let Some(age) = p.receipt_age_ms {
+                            let last = now
+                                .checked_sub(Duration::from_millis(age.max(0) as u64))
+                                .unwrap_or(now);
+                            *at = (*at).max(last);
+                        }
+                        now.duration_since(*at) >= stream_timeout
+                    }
+                    _ => false,
+                }
+            })
+            .collect()
+    }
 }
 
 /// One round for one group, without the timer: what [`Cluster::discover`] runs.
@@ -253,18 +440,16 @@ pub(crate) async fn check_group(group: &ShardGroup, config: &FailoverConfig) {
     check_group_with(group, config, &mut state).await;
 }
 
-async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &mut GroupState) {
+/// Probe every member and classify what answered.
+async fn observe(group: &ShardGroup, config: &FailoverConfig) -> (Vec<Seen>, Vec<Option<Probe>>) {
     let timeout = Duration::from_millis(config.probe_timeout_ms);
-    let probes = futures::future::join_all(
-        group
-            .members
-            .iter()
-            .map(|m| m.probe_session.probe(&m.pg_config, timeout)),
-    )
+    let since = group.clock();
+    let probes = futures::future::join_all(group.members.iter().map(|m| {
+        m.probe_session
+            .probe(&m.pg_config, &config.shadow_name, timeout)
+    }))
     .await;
-    let writer = group.writer_index();
-
-    // Record what each member looks like.
+    let mut seen = Vec::with_capacity(probes.len());
     group.update_status(|status| {
         for (i, p) in probes.iter().enumerate() {
             let s: &mut MemberStatus = &mut status[i];
@@ -275,133 +460,137 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
                     s.last_error = None;
                     s.timeline = Some(p.timeline);
                     s.role = if p.in_recovery {
-                        "shadow"
+                        Role::Shadow
                     } else if p.fenced {
-                        "fenced"
+                        Role::Fenced
                     } else {
-                        "master"
-                    }
-                    .into();
+                        Role::Master
+                    };
+                    seen.push(Seen::Up(p.clone()));
+                }
+                Err(e) if e.answered => {
+                    s.healthy = false;
+                    s.last_error = Some(e.message.clone());
+                    seen.push(Seen::Refused);
+                }
+                Err(_) if group.answered_since(i, since) => {
+                    // Slow to probe, but serving the sale: alive.
+                    s.consecutive_failures = 0;
+                    seen.push(Seen::Busy);
                 }
                 Err(e) => {
                     s.healthy = false;
                     s.last_error = Some(e.message.clone());
-                    if !e.answered {
-                        s.role = "down".into();
-                        s.consecutive_failures = s.consecutive_failures.saturating_add(1);
-                    }
+                    s.role = Role::Down;
+                    s.consecutive_failures = s.consecutive_failures.saturating_add(1);
+                    seen.push(Seen::Silent {
+                        rounds: s.consecutive_failures,
+                    });
                 }
             }
         }
         // Lag is measured on the master and shown on the standby(s).
         let lag = probes
             .iter()
-            .find_map(|p| p.as_ref().ok().filter(|p| !p.in_recovery && !p.fenced))
+            .find_map(|p| p.as_ref().ok().filter(|p| p.writable()))
             .and_then(|p| p.standby_lag);
         for (i, p) in probes.iter().enumerate() {
-            if matches!(p, Ok(p) if p.in_recovery) {
-                status[i].replication_lag_bytes = lag;
-            } else {
-                status[i].replication_lag_bytes = None;
-            }
+            status[i].replication_lag_bytes = match p {
+                Ok(p) if p.in_recovery => lag,
+                _ => None,
+            };
         }
     });
+    (seen, probes.into_iter().map(Result::ok).collect())
+}
 
-    // Writable candidates: answered, not in recovery, not fenced.
-    let mut candidates: Vec<(usize, i64)> = probes
-        .iter()
-        .enumerate()
-        .filter_map(|(i, p)| match p {
-            Ok(p) if !p.in_recovery && !p.fenced => Some((i, p.timeline)),
-            _ => None,
-        })
-        .collect();
-    candidates.sort_by_key(|&(i, tl)| (std::cmp::Reverse(tl), Some(i) != writer));
-
-    if let Some(&(best, best_tl)) = candidates.first() {
-        // Split brain guard: anything else writable on an older timeline is fenced.
-        for &(other, tl) in &candidates[1..] {
-            if tl < best_tl {
-                tracing::error!(group = %group.name, member = %group.members[other].endpoint,
-                    timeline = tl, current_timeline = best_tl,
-                    "old master is writable on an older timeline: fencing it");
-                if let Err(e) = admin(&group.members[other].pg_config, FENCE_SQL, timeout).await {
-                    tracing::error!(group = %group.name, error = %e, "fencing failed");
-                }
-            } else {
-                tracing::error!(group = %group.name, "two writable members on the same timeline; keeping the current one");
+async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &mut GroupState) {
+    let timeout = Duration::from_millis(config.probe_timeout_ms);
+    let (seen, probes) = observe(group, config).await;
+    let obs = Observations {
+        lost_master: state.lost_master(&seen, Duration::from_millis(config.stream_timeout_ms)),
+        last_timeline: group.status().iter().map(|s| s.timeline).collect(),
+        writer: group.writer_index(),
+        seen,
+    };
+    let action = decide(&obs, config);
+    log_note(group, action.note);
+    for &i in &action.fence {
+        tracing::error!(group = %group.name, member = %group.members[i].endpoint,
+            "old master is writable on an older timeline: fencing it");
+        if let Err(e) = admin(&group.members[i].pg_config, FENCE_SQL, timeout).await {
+            tracing::error!(group = %group.name, error = %e, "fencing failed");
+        }
+    }
+    follow_writer(group, obs.writer, action.writer);
+    if let Some(shadow) = action.promote {
+        promote_shadow(group, shadow, config, state).await;
+    }
+    if config.mode == FailoverMode::Builtin {
+        if let Some(w) = group.writer_index() {
+            if let Some(p) = &probes[w] {
+                manage_replication(group, w, p, &probes, config, state).await;
             }
         }
-        if writer != Some(best) {
+    }
+}
+
+fn log_note(group: &ShardGroup, note: Option<Note>) {
+    match note {
+        Some(Note::TwoWritableSameTimeline) => tracing::error!(group = %group.name,
+            "two writable members on the same timeline; keeping the current one"),
+        Some(Note::ShadowStillHearsMaster) => tracing::error!(group = %group.name,
+            "master unreachable from this node but its shadow still hears it: not promoting"),
+        Some(Note::ShadowHidesItsReceiver) => tracing::error!(group = %group.name,
+            "master unreachable, but the shadow's WAL receiver is hidden from this role \
+             (grant pg_read_all_stats): not promoting"),
+        Some(Note::NoShadowToPromote) => {
+            tracing::error!(group = %group.name, "master down and no healthy shadow to promote")
+        }
+        None => {}
+    }
+}
+
+fn follow_writer(group: &ShardGroup, before: Option<usize>, after: Option<usize>) {
+    if before != after {
+        if let Some(best) = after {
             // The first round of a process only discovers where the master is (it may have moved
             // before this process started); later changes are failovers this node follows.
             if group.mark_probed() {
                 tracing::warn!(group = %group.name, member = %group.members[best].endpoint,
-                    timeline = best_tl, "writing to a new master");
+                    "writing to a new master");
                 group.count_failover();
             } else {
                 tracing::info!(group = %group.name, member = %group.members[best].endpoint,
-                    timeline = best_tl, "the writable member is not the configured master");
+                    "the writable member is not the configured master");
             }
-            group.set_writer(Some(best));
+        } else if before.is_some() {
+            tracing::warn!(group = %group.name, "no writable master: requests get 503 until one is found");
         }
-        group.mark_probed();
-        if let Ok(p) = &probes[best] {
-            manage_sync(group, best, p, config, state, timeout).await;
-        }
-        return;
+        group.set_writer(after);
     }
+    group.mark_probed();
+}
 
-    // No writable member. A writer that answers but is a standby or fenced (a stale view, or a
-    // switchover in progress) is dropped at once: requests get 503 rather than read-only errors.
-    if let Some(w) = writer {
-        if probes[w].is_ok() {
-            group.set_writer(None);
-        }
-    }
-    // The master is dead when every member that gives no answer has failed long enough.
-    let failures: Vec<u32> = group
-        .status()
-        .iter()
-        .map(|s| s.consecutive_failures)
-        .collect();
-    let silent: Vec<usize> = probes
-        .iter()
-        .enumerate()
-        .filter(|(_, p)| matches!(p, Err(e) if !e.answered))
-        .map(|(i, _)| i)
-        .collect();
-    let dead_long = !silent.is_empty()
-        && silent
-            .iter()
-            .all(|&i| failures[i] >= config.failures_before_promote);
-    if dead_long {
-        group.set_writer(None);
-    }
-    if !config.enabled || !dead_long {
-        return;
-    }
-    // Promote only a shadow that has itself lost the master: if its WAL receiver still streams,
-    // the master is alive and only this node cannot reach it (a partition), and promoting would
-    // make two masters.
-    let shadow = probes.iter().enumerate().find_map(|(i, p)| {
-        matches!(p, Ok(p) if p.in_recovery && !p.receiver_streaming).then_some(i)
-    });
-    let Some(shadow) = shadow else {
-        if probes.iter().any(|p| matches!(p, Ok(p) if p.in_recovery)) {
-            tracing::error!(group = %group.name, "master unreachable from this node but its shadow still streams from it: not promoting");
-        } else {
-            tracing::error!(group = %group.name, "master down and no healthy shadow to promote");
-        }
-        return;
-    };
+async fn promote_shadow(
+    group: &ShardGroup,
+    shadow: usize,
+    config: &FailoverConfig,
+    state: &mut GroupState,
+) {
+    let timeout = Duration::from_millis(config.probe_timeout_ms);
     let member = &group.members[shadow];
-    tracing::warn!(group = %group.name, member = %member.endpoint, "master unreachable: promoting the shadow");
+    tracing::warn!(group = %group.name, member = %member.endpoint,
+        "master silent and the shadow lost it too: promoting the shadow");
     if let Err(e) = promote(&member.pg_config, timeout).await {
         tracing::error!(group = %group.name, error = %e, "promotion failed");
     }
-    match member.probe_session.probe(&member.pg_config, timeout).await {
-        Ok(p) if !p.in_recovery && !p.fenced => {
+    match member
+        .probe_session
+        .probe(&member.pg_config, &config.shadow_name, timeout)
+        .await
+    {
+        Ok(p) if p.writable() => {
             tracing::warn!(group = %group.name, member = %member.endpoint, timeline = p.timeline, "failover complete");
             group.count_failover();
             group.set_writer(Some(shadow));
@@ -436,41 +625,80 @@ pub async fn promote(config: &tokio_postgres::Config, timeout: Duration) -> Resu
     admin(config, &setup, timeout).await
 }
 
-/// Keep the master's synchronous replication setting in line with the policy (module docs).
-async fn manage_sync(
-    group: &ShardGroup,
-    master: usize,
+/// The `synchronous_standby_names` the policy wants on the master now (module docs).
+fn desired_sync_names(
     probe: &Probe,
     config: &FailoverConfig,
     state: &mut GroupState,
-    timeout: Duration,
-) {
-    let streaming = probe.standby_lag.is_some();
-    let desired = if !config.synchronous {
-        ""
-    } else if streaming {
+) -> Option<String> {
+    let named = sync_names_for(&config.shadow_name);
+    if !config.synchronous {
+        return Some(String::new());
+    }
+    if probe.standby_lag.is_some() {
         state.no_standby_since = None;
-        "*"
+        return Some(named);
+    }
+    let since = *state.no_standby_since.get_or_insert_with(Instant::now);
+    let degrade = config.shadow_loss == ShadowLossPolicy::Degrade
+        && since.elapsed() >= Duration::from_millis(config.shadow_loss_grace_ms);
+    if degrade || probe.sync_names.is_empty() {
+        Some(String::new())
+    } else if probe.sync_names != named {
+        // Synchronous to something else (e.g. '*' from an older version): name the shadow.
+        Some(named)
     } else {
-        let since = *state.no_standby_since.get_or_insert_with(Instant::now);
-        let degrade = config.shadow_loss == ShadowLossPolicy::Degrade
-            && since.elapsed() >= Duration::from_millis(config.shadow_loss_grace_ms);
-        if degrade || probe.sync_names.is_empty() {
-            ""
-        } else {
-            "*"
+        None
+    }
+}
+
+/// Keep synchronous replication and the replication timeouts in line with the policy.
+async fn manage_replication(
+    group: &ShardGroup,
+    master: usize,
+    probe: &Probe,
+    probes: &[Option<Probe>],
+    config: &FailoverConfig,
+    state: &mut GroupState,
+) {
+    let timeout = Duration::from_millis(config.probe_timeout_ms);
+    if let Some(desired) = desired_sync_names(probe, config, state) {
+        if probe.sync_names != desired {
+            tracing::warn!(group = %group.name, from = %probe.sync_names, to = %desired, "changing synchronous_standby_names");
+            let sql = sync_sql(&desired);
+            if let Err(e) = admin(&group.members[master].pg_config, &sql, timeout).await {
+                tracing::error!(group = %group.name, error = %e, "cannot change synchronous replication");
+            }
         }
-    };
-    if probe.sync_names != desired {
-        tracing::warn!(group = %group.name, from = %probe.sync_names, to = desired, "changing synchronous_standby_names");
-        if let Err(e) = admin(
-            &group.members[master].pg_config,
-            &sync_sql(desired),
-            timeout,
-        )
-        .await
-        {
-            tracing::error!(group = %group.name, error = %e, "cannot change synchronous replication");
+    }
+    let receiver_ms = config.stream_timeout_ms as i64;
+    let sender_ms = 2 * receiver_ms;
+    let mut settings: Vec<(usize, String)> = Vec::new();
+    if probe.wal_sender_timeout_ms != sender_ms {
+        settings.push((
+            master,
+            format!(
+                "ALTER SYSTEM SET wal_sender_timeout = '{sender_ms}ms'; SELECT pg_reload_conf();"
+            ),
+        ));
+    }
+    for (i, p) in probes.iter().enumerate() {
+        if let Some(p) = p.as_ref().filter(|p| p.in_recovery) {
+            if p.wal_receiver_timeout_ms != receiver_ms {
+                settings.push((
+                    i,
+                    format!(
+                        "ALTER SYSTEM SET wal_receiver_timeout = '{receiver_ms}ms'; \
+                     ALTER SYSTEM SET wal_retrieve_retry_interval = '1s'; SELECT pg_reload_conf();"
+                    ),
+                ));
+            }
+        }
+    }
+    for (i, sql) in settings {
+        tracing::info!(group = %group.name, member = %group.members[i].endpoint, "setting replication timeouts");
+        if let Err(e) = admin(&group.members[i].pg_config, &sql, timeout).await {
+            tracing::error!(group = %group.name, error = %e, "cannot set replication timeouts");
         }
     }
 }
@@ -494,4 +722,184 @@ pub async fn run(cluster: Arc<Cluster>, config: FailoverConfig, cancel: Cancella
         }
     });
     futures::future::join_all(loops).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn up(recovery: bool, timeline: i64) -> Seen {
+        Seen::Up(Probe {
+            in_recovery: recovery,
+            timeline,
+            fenced: false,
+            standby_lag: None,
+            sync_names: String::new(),
+            receipt_age_ms: None,
+            receiver_hidden: false,
+            wal_receiver_timeout_ms: 0,
+            wal_sender_timeout_ms: 0,
+        })
+    }
+
+    fn obs(seen: Vec<Seen>, writer: Option<usize>, lost: Vec<bool>) -> Observations {
+        Observations {
+            last_timeline: vec![Some(1); seen.len()],
+            seen,
+            writer,
+            lost_master: lost,
+        }
+    }
+
+    fn cfg() -> FailoverConfig {
+        FailoverConfig::default()
+    }
+
+    #[test]
+    fn healthy_group_keeps_its_master() {
+        let a = decide(
+            &obs(vec![up(false, 1), up(true, 1)], Some(0), vec![false; 2]),
+            &cfg(),
+        );
+        assert_eq!(a.writer, Some(0));
+        assert_eq!(a.promote, None);
+        assert!(a.fence.is_empty());
+    }
+
+    #[test]
+    fn old_master_on_older_timeline_is_fenced() {
+        let a = decide(
+            &obs(vec![up(false, 1), up(false, 2)], Some(0), vec![false; 2]),
+            &cfg(),
+        );
+        assert_eq!(a.writer, Some(1));
+        assert_eq!(a.fence, vec![0]);
+    }
+
+    #[test]
+    fn external_mode_never_fences_or_promotes() {
+        let ext = FailoverConfig {
+            mode: FailoverMode::External,
+            ..cfg()
+        };
+        let a = decide(
+            &obs(vec![up(false, 1), up(false, 2)], Some(0), vec![false; 2]),
+            &ext,
+        );
+        assert_eq!((a.writer, a.fence.len()), (Some(1), 0));
+        let dead = obs(
+            vec![Seen::Silent { rounds: 9 }, up(true, 1)],
+            Some(0),
+            vec![false, true],
+        );
+        let a = decide(&dead, &ext);
+        assert_eq!((a.writer, a.promote), (None, None));
+    }
+
+    #[test]
+    fn one_silent_round_changes_nothing() {
+        let a = decide(
+            &obs(
+                vec![Seen::Silent { rounds: 1 }, up(true, 1)],
+                Some(0),
+                vec![false, true],
+            ),
+            &cfg(),
+        );
+        assert_eq!(
+            a.writer,
+            Some(0),
+            "the writer stays until the master is dead long enough"
+        );
+        assert_eq!(a.promote, None);
+    }
+
+    #[test]
+    fn a_busy_master_is_alive() {
+        let a = decide(
+            &obs(vec![Seen::Busy, up(true, 1)], Some(0), vec![false, true]),
+            &cfg(),
+        );
+        assert_eq!((a.writer, a.promote), (Some(0), None));
+    }
+
+    #[test]
+    fn dead_master_and_lost_shadow_promote() {
+        let a = decide(
+            &obs(
+                vec![Seen::Silent { rounds: 3 }, up(true, 1)],
+                Some(0),
+                vec![false, true],
+            ),
+            &cfg(),
+        );
+        assert_eq!((a.writer, a.promote), (None, Some(1)));
+    }
+
+    #[test]
+    fn shadow_that_still_hears_the_master_is_not_promoted() {
+        let a = decide(
+            &obs(
+                vec![Seen::Silent { rounds: 5 }, up(true, 1)],
+                Some(0),
+                vec![false, false],
+            ),
+            &cfg(),
+        );
+        assert_eq!((a.writer, a.promote), (None, None));
+        assert_eq!(a.note, Some(Note::ShadowStillHearsMaster));
+    }
+
+    #[test]
+    fn disabled_failover_only_drops_the_writer() {
+        let off = FailoverConfig {
+            enabled: false,
+            ..cfg()
+        };
+        let a = decide(
+            &obs(
+                vec![Seen::Silent { rounds: 5 }, up(true, 1)],
+                Some(0),
+                vec![false, true],
+            ),
+            &off,
+        );
+        assert_eq!((a.writer, a.promote), (None, None));
+    }
+
+    #[test]
+    fn writer_answering_as_standby_is_dropped_at_once() {
+        let a = decide(
+            &obs(vec![up(true, 1), up(true, 1)], Some(0), vec![false; 2]),
+            &cfg(),
+        );
+        assert_eq!(a.writer, None);
+    }
+
+    #[test]
+    fn a_restarting_receiver_is_not_lost_until_the_stream_timeout() {
+        let mut state = GroupState::default();
+        let no_stream = vec![up(false, 1), up(true, 1)];
+        // Receiver not streaming (starting/waiting) on the first look: not lost yet.
+        assert_eq!(
+            state.lost_master(&no_stream, Duration::from_millis(50)),
+            vec![false, false]
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(
+            state.lost_master(&no_stream, Duration::from_millis(50)),
+            vec![false, true]
+        );
+        // Streaming again with a fresh message: heard.
+        let mut fresh = match up(true, 1) {
+            Seen::Up(p) => p,
+            _ => unreachable!(),
+        };
+        fresh.receipt_age_ms = Some(0);
+        let streaming = vec![up(false, 1), Seen::Up(fresh)];
+        assert_eq!(
+            state.lost_master(&streaming, Duration::from_millis(50)),
+            vec![false, false]
+        );
+    }
 }

@@ -306,7 +306,9 @@ impl TestApp {
     }
 
     /// Buy as a well-behaved client does: one request_id for the purchase, retried with that same
-    /// id while the engine answers 503 (so an attempt whose outcome was unknown is settled).
+    /// id while the engine answers 503 (so an attempt whose outcome was unknown is settled), backing
+    /// off with jitter between attempts (a 503 is cheap for the engine; a retry loop without
+    /// backoff would only measure how fast two cores can say no).
     pub async fn buy_retrying(
         &self,
         sale: u64,
@@ -318,12 +320,14 @@ impl TestApp {
         let own_id = uuid::Uuid::new_v4().to_string();
         let request_id = Some(request_id.unwrap_or(&own_id));
         let start = std::time::Instant::now();
+        let mut pause = 20u64;
         while start.elapsed() < Duration::from_secs(60) {
             let r = self.buy(sale, item, user, quantity, request_id).await;
             if r.status != StatusCode::SERVICE_UNAVAILABLE {
                 return r;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(Duration::from_millis(pause / 2 + rand_u64() % pause)).await;
+            pause = (pause * 2).min(400);
         }
         panic!("still 503 after 60 s");
     }

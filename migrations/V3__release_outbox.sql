@@ -1,0 +1,10 @@
+-- Stock that a cancel or an expiry must return to the item's group. The row is written in the same
+-- transaction as the order's status change, so the release cannot be forgotten when the item's
+-- group is unreachable at that moment (failing over, say): every engine node drains the table,
+-- and a release is idempotent, so draining one twice is harmless.
+CREATE TABLE release_outbox (
+    order_id   uuid        PRIMARY KEY,
+    item_id    bigint      NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX release_outbox_by_age ON release_outbox (created_at);
