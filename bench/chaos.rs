@@ -1,12 +1,22 @@
-//! `--kill-master GROUP@SECONDS`: SIGKILL the current master of a local dev-cluster group mid-run,
-//! then measure the write outage from the acknowledged orders' timestamps.
+//! `--kill-master GROUP@SECONDS`: SIGKILL the current master of a local dev-cluster group mid-run;
+//! `--freeze-master GROUP@SECONDS`: SIGSTOP every process of it instead (it stops answering with its
+//! sockets open, as a frozen host or a network partition looks; it is thawed after the run). Then
+//! measure the write outage from the acknowledged orders' timestamps.
 
 use crate::run::Acked;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
+/// What happens to the master.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    Kill,
+    Freeze,
+}
+
 #[derive(Debug, Clone)]
 pub struct Target {
+    pub fault: Fault,
     pub group: String,
     pub cluster_dir: PathBuf,
     /// Admin token, to ask the engine which member is the master.
@@ -17,25 +27,29 @@ pub struct Target {
 pub struct Kill {
     pub member: String,
     pub at_s: f64,
+    /// Processes stopped by a freeze, to continue after the run.
+    pub frozen: Vec<i32>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Outage {
     pub member: String,
+    pub fault: &'static str,
     pub killed_at_s: f64,
     /// The longest time without an acknowledged order from the kill on.
     pub outage_s: f64,
     pub failures_after_kill: usize,
 }
 
-pub fn parse(spec: &str, dir: &Path, token: &str) -> Result<(f64, Target), String> {
+pub fn parse(fault: Fault, spec: &str, dir: &Path, token: &str) -> Result<(f64, Target), String> {
     let (group, at) = spec
         .split_once('@')
-        .ok_or_else(|| format!("--kill-master wants GROUP@SECONDS, got {spec:?}"))?;
+        .ok_or_else(|| format!("--kill-master/--freeze-master want GROUP@SECONDS, got {spec:?}"))?;
     let at: f64 = at.parse().map_err(|_| format!("bad seconds in {spec:?}"))?;
     Ok((
         at,
         Target {
+            fault,
             group: group.to_string(),
             cluster_dir: dir.to_path_buf(),
             token: token.to_string(),
@@ -80,17 +94,34 @@ pub async fn kill_master(
                 .trim()
                 .parse()
                 .map_err(|_| "bad postmaster.pid".to_string())?;
-            // SAFETY: kill(2) on the pid the server wrote into its own pid file.
-            if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-                return Err(format!("kill {pid}: {}", std::io::Error::last_os_error()));
+            let mut frozen = Vec::new();
+            match target.fault {
+                Fault::Kill => {
+                    // SAFETY: kill(2) on the pid the server wrote into its own pid file.
+                    if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
+                        return Err(format!("kill {pid}: {}", std::io::Error::last_os_error()));
+                    }
+                }
+                Fault::Freeze => {
+                    frozen = server_processes(pid);
+                    for &p in &frozen {
+                        // SAFETY: kill(2) on the server's own processes.
+                        unsafe { libc::kill(p, libc::SIGSTOP) };
+                    }
+                }
             }
+            let what = match target.fault {
+                Fault::Kill => "killed",
+                Fault::Freeze => "froze (SIGSTOP)",
+            };
             println!(
-                "\n*** killed master {endpoint} of {} (pid {pid}) at {now_s:.2} s ***",
+                "\n*** {what} master {endpoint} of {} (pid {pid}) at {now_s:.2} s ***",
                 target.group
             );
             return Ok(Kill {
                 member: endpoint,
                 at_s: now_s,
+                frozen,
             });
         }
     }
@@ -98,6 +129,45 @@ pub async fn kill_master(
         "no local server listening on port {port} under {}",
         target.cluster_dir.display()
     ))
+}
+
+/// The postmaster and the processes it started.
+fn server_processes(postmaster: i32) -> Vec<i32> {
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let ppid = std::fs::read_to_string(entry.path().join("stat"))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                    .and_then(|p| p.parse::<i32>().ok())
+            });
+        if ppid == Some(postmaster) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Continue a frozen server (after the run).
+pub fn thaw(kill: &Kill) {
+    for &p in &kill.frozen {
+        // SAFETY: kill(2) on processes this run stopped.
+        unsafe { libc::kill(p, libc::SIGCONT) };
+    }
+    if !kill.frozen.is_empty() {
+        println!(
+            "thawed {} (SIGCONT); the engine fences it as an old master",
+            kill.member
+        );
+    }
 }
 
 pub fn outage(kill: &Kill, acked: &[Acked], failures: &[f64]) -> Outage {
@@ -115,6 +185,11 @@ pub fn outage(kill: &Kill, acked: &[Acked], failures: &[f64]) -> Outage {
     }
     Outage {
         member: kill.member.clone(),
+        fault: if kill.frozen.is_empty() {
+            "SIGKILL"
+        } else {
+            "SIGSTOP"
+        },
         killed_at_s: kill.at_s,
         outage_s: longest,
         failures_after_kill: failures.iter().filter(|&&t| t >= kill.at_s).count(),

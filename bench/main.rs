@@ -6,7 +6,8 @@
 //! DSNs): no oversell, sold == stock when demand exceeds stock, nobody above the per-user limit,
 //! every acknowledged order present. `--against URL` runs the same scenario against a second engine
 //! and prints the ratio; `--baseline` measures a trivial endpoint (GET /v1/time) at the same
-//! concurrency; `--kill-master GROUP@SECONDS` SIGKILLs a local master mid-run and reports the outage.
+//! concurrency; `--kill-master GROUP@SECONDS` SIGKILLs a local master mid-run (`--freeze-master`
+//! SIGSTOPs it) and reports the outage; `--request-ids` sends a request_id with every purchase.
 
 mod chaos;
 mod conn;
@@ -79,8 +80,15 @@ pub struct Args {
     #[arg(long)]
     pub verify_orders: bool,
     /// SIGKILL the master of GROUP after SECONDS (local dev cluster), e.g. g0@5.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "freeze_master")]
     pub kill_master: Option<String>,
+    /// SIGSTOP every process of the master of GROUP after SECONDS (local dev cluster), e.g. g0@5:
+    /// a master that stops answering with its sockets open. It is continued after the run.
+    #[arg(long)]
+    pub freeze_master: Option<String>,
+    /// Send a request_id with every purchase (as the README recommends clients do).
+    #[arg(long)]
+    pub request_ids: bool,
     /// The local cluster folder (for --kill-master).
     #[arg(long, default_value = ".seckill-dev")]
     pub cluster_dir: PathBuf,

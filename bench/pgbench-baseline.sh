@@ -5,7 +5,7 @@
 #   batch64 - one transaction decrementing 64 and inserting 64 rows (what coalescing does).
 # Usage: bench/pgbench-baseline.sh [PORT] [SECONDS]   (run `scripts/dev` first)
 set -euo pipefail
-port="${1:-54320}"
+port="${1:-25432}"
 secs="${2:-10}"
 bin=""
 for d in "${SECKILL_PG_BIN:-}" /usr/lib/postgresql/*/bin; do

@@ -94,8 +94,8 @@ impl Report {
         }
         if let Some(o) = &self.outage {
             println!(
-                "kill-master: {} killed at {:.2} s; write outage {:.2} s; {} failed attempts after the kill",
-                o.member, o.killed_at_s, o.outage_s, o.failures_after_kill
+                "{} of master {} at {:.2} s: write outage {:.2} s; {} failed attempts after it",
+                o.fault, o.member, o.killed_at_s, o.outage_s, o.failures_after_kill
             );
         }
         self.verification.print();
@@ -308,7 +308,11 @@ async fn drive(
     };
     let sale_path = format!("/v1/sales/{}", setup.sale_id);
     let mut handles = Vec::new();
-    for _ in 0..args.concurrency {
+    let request_ids = args.request_ids;
+    let run_tag = rand_u64() % 1_000_000;
+    for vu in 0..args.concurrency {
+        let vu = format!("{run_tag}-{vu}");
+        let mut attempt = 0u64;
         let (setup, tally, sale_path) = (setup.clone(), tally.clone(), sale_path.clone());
         let mut conn = conn::Conn::new(target.clone());
         let mut seen = Seen::new()?;
@@ -325,7 +329,12 @@ async fn drive(
                 let t0 = Instant::now();
                 let resp = match &step {
                     Step::Buy { item, user } => {
-                        let body = format!(r#"{{"user_id":{user},"quantity":1}}"#);
+                        let body = if request_ids {
+                            attempt += 1;
+                            format!(r#"{{"user_id":{user},"quantity":1,"request_id":"b{vu}-{attempt}"}}"#)
+                        } else {
+                            format!(r#"{{"user_id":{user},"quantity":1}}"#)
+                        };
                         conn.send(
                             hyper::Method::POST,
                             &format!("{sale_path}/items/{item}/orders"),
@@ -447,9 +456,20 @@ pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report,
         };
         drive(args, url, &http, &setup, sell_out).await?;
     }
-    let chaos_at = match &args.kill_master {
-        Some(spec) => Some(chaos::parse(spec, &args.cluster_dir, token)?),
-        None => None,
+    let chaos_at = match (&args.kill_master, &args.freeze_master) {
+        (Some(spec), _) => Some(chaos::parse(
+            chaos::Fault::Kill,
+            spec,
+            &args.cluster_dir,
+            token,
+        )?),
+        (None, Some(spec)) => Some(chaos::parse(
+            chaos::Fault::Freeze,
+            spec,
+            &args.cluster_dir,
+            token,
+        )?),
+        (None, None) => None,
     };
     let until_sold_out = args.scenario == Scenario::Hot && chaos_at.is_none();
     let phase = Phase {
@@ -464,6 +484,9 @@ pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report,
     let orders = acked.len() as u64;
     let window = acked.iter().map(|a| a.at_s).fold(0.0, f64::max);
     let attempts = tally.attempts.load(Ordering::Relaxed);
+    if let Some(k) = &kill {
+        chaos::thaw(k);
+    }
     let outage = kill.map(|k| chaos::outage(&k, &acked, &seen.failures));
     let reached_sellout =
         tally.sold_out.load(Ordering::Relaxed) > 0 || args.scenario == Scenario::Soldout;

@@ -101,7 +101,10 @@ impl Default for Background {
 pub struct Application {
     listener: TcpListener,
     state: Arc<AppState>,
+    /// Stops the server (which then drains).
     cancel: CancellationToken,
+    /// Stops the background tasks, once the server has drained.
+    background: CancellationToken,
     tasks: TaskTracker,
 }
 
@@ -121,11 +124,13 @@ impl Application {
                 addr: config.server.listen,
                 source,
             })?;
-        spawn_background(&state, &background, &cancel, &tasks);
+        let stop_background = CancellationToken::new();
+        spawn_background(&state, &background, &stop_background, &tasks);
         Ok(Self {
             listener,
             state,
             cancel,
+            background: stop_background,
             tasks,
         })
     }
@@ -145,14 +150,20 @@ impl Application {
         self.cancel.clone()
     }
 
-    /// Serve until the shutdown token fires, then drain background work (at most 10 s).
+    /// Serve until the shutdown token fires, drain requests (`server.drain_ms`), then stop the
+    /// background work (waiting at most 10 s for it).
     pub async fn run(self) -> std::io::Result<()> {
         let app = crate::api::router(self.state.clone());
         let cancel = self.cancel.clone();
-        let served = axum::serve(self.listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
-            .await;
-        self.cancel.cancel();
+        let server = &self.state.config.server;
+        let limits = crate::api::server::Limits {
+            max_connections: server.max_connections,
+            header_read_timeout: Duration::from_millis(server.header_read_timeout_ms),
+            drain: Duration::from_millis(server.drain_ms),
+        };
+        // Requests drain first; the background tasks (monitor, sweeper, ...) stop after them.
+        let served = crate::api::server::serve(self.listener, app, limits, cancel).await;
+        self.background.cancel();
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tasks.wait())
             .await

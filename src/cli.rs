@@ -22,15 +22,19 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the whole system on this machine: two local shard groups (master + streaming shadow
-    /// each), migrations, a demo sale, and the HTTP server. Ctrl-C stops everything.
+    /// Run the whole system on this machine: local shard groups (master + streaming shadow each,
+    /// two by default), migrations, a demo sale, and the HTTP server. Ctrl-C stops everything.
     Dev {
         /// Folder for the servers' data (reused on the next start).
         #[arg(long, default_value = ".seckill-dev")]
         dir: PathBuf,
-        /// First of the four PostgreSQL ports.
-        #[arg(long, default_value_t = 54320)]
+        /// First of the PostgreSQL ports (two per group: master, shadow). The default range lies
+        /// below Linux's ephemeral ports (32768-60999), which outgoing connections borrow.
+        #[arg(long, default_value_t = 25432)]
         base_port: u16,
+        /// Number of shard groups.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=16))]
+        groups: u16,
         #[arg(long, default_value = "127.0.0.1:8080")]
         listen: String,
         /// Serve one transaction per request instead of coalescing (for comparison).
@@ -135,9 +139,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Dev {
             dir,
             base_port,
+            groups,
             listen,
             no_coalesce,
-        } => dev(&dir, base_port, &listen, no_coalesce).await,
+        } => dev(&dir, base_port, groups.into(), &listen, no_coalesce).await,
         Command::Serve {
             config,
             listen,
@@ -344,11 +349,17 @@ fn dev_token(dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
     Ok(token)
 }
 
-async fn dev(dir: &Path, base_port: u16, listen: &str, no_coalesce: bool) -> CliResult {
+async fn dev(
+    dir: &Path,
+    base_port: u16,
+    groups: usize,
+    listen: &str,
+    no_coalesce: bool,
+) -> CliResult {
     let dir = std::env::current_dir()?.join(dir);
-    let cluster = LocalCluster::layout(&dir, base_port, 2)?;
+    let cluster = LocalCluster::layout(&dir, base_port, groups)?;
     println!(
-        "starting 2 shard groups (master + shadow each) under {} ...",
+        "starting {groups} shard group(s) (master + shadow each) under {} ...",
         dir.display()
     );
     let c = cluster.clone();

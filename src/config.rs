@@ -15,6 +15,9 @@ use std::time::Duration;
 /// Default number of hash slots (DESIGN.md). Never change it for a live cluster: keys would move.
 pub const DEFAULT_SLOTS: u32 = 1024;
 
+/// Longest payment window, of the configuration and of a sale: 7 days.
+pub const MAX_PAYMENT_WINDOW_SECS: u32 = 7 * 24 * 3600;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
@@ -67,8 +70,23 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     /// Apply migrations to every group's master at start. Default true.
     pub migrate_on_start: bool,
+    /// Largest body of the admin API's sale creation, in bytes: room for the largest sale
+    /// ([`crate::sale::MAX_ITEMS`] items). Default 1048576.
+    pub admin_body_limit_bytes: usize,
     /// Per-request budget for database work, in milliseconds. Default 5000.
     pub request_timeout_ms: u64,
+    /// A whole HTTP request, body included, is answered within this many ms (503 `unavailable`
+    /// after it; a purchase under way goes on). Must exceed `request_timeout_ms`. Default 15000.
+    pub http_timeout_ms: u64,
+    /// A client must send a whole request head within this many ms; keep-alive connections idle
+    /// this long are closed too. Default 10000.
+    pub header_read_timeout_ms: u64,
+    /// Most open HTTP connections per engine node; one more is answered 503 `overloaded` and
+    /// closed. Default 10000.
+    pub max_connections: usize,
+    /// On shutdown (SIGTERM, Ctrl-C), how long in-flight requests may take to finish, in ms.
+    /// Default 10000.
+    pub drain_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -77,8 +95,13 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             admin_token: None,
             body_limit_bytes: 16 * 1024,
+            admin_body_limit_bytes: 1024 * 1024,
             migrate_on_start: true,
             request_timeout_ms: 5_000,
+            http_timeout_ms: 15_000,
+            header_read_timeout_ms: 10_000,
+            max_connections: 10_000,
+            drain_ms: 10_000,
         }
     }
 }
@@ -336,7 +359,17 @@ impl Config {
         Duration::from_millis(self.server.request_timeout_ms)
     }
 
+    /// Everything that can be checked without a network; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_groups()?;
+        self.validate_server()?;
+        self.validate_orders()?;
+        self.validate_coalesce()?;
+        self.validate_failover()?;
+        self.validate_routing()
+    }
+
+    fn validate_groups(&self) -> Result<(), ConfigError> {
         if self.groups.is_empty() {
             return Err(invalid("groups", "at least one shard group is required"));
         }
@@ -384,21 +417,21 @@ impl Config {
                 }
             }
         }
-        if self.routing.slots == 0 || self.routing.slots > 65_536 {
-            return Err(invalid("routing.slots", "must be between 1 and 65536"));
-        }
-        if let Some(cg) = &self.routing.config_group {
-            if !names.contains(cg.as_str()) {
-                return Err(invalid(
-                    "routing.config_group",
-                    format!("unknown group {cg:?}"),
-                ));
-            }
-        }
-        if self.server.body_limit_bytes < 256 {
+        Ok(())
+    }
+
+    fn validate_server(&self) -> Result<(), ConfigError> {
+        let s = &self.server;
+        if s.body_limit_bytes < 256 {
             return Err(invalid("server.body_limit_bytes", "must be at least 256"));
         }
-        if let Some(t) = &self.server.admin_token {
+        if s.admin_body_limit_bytes < s.body_limit_bytes {
+            return Err(invalid(
+                "server.admin_body_limit_bytes",
+                "must be at least server.body_limit_bytes",
+            ));
+        }
+        if let Some(t) = &s.admin_token {
             if t.len() < 16 {
                 return Err(invalid(
                     "server.admin_token",
@@ -406,36 +439,99 @@ impl Config {
                 ));
             }
         }
-        if self.orders.payment_window_secs == 0 {
-            return Err(invalid("orders.payment_window_secs", "must be positive"));
+        if s.request_timeout_ms < 100 {
+            return Err(invalid("server.request_timeout_ms", "must be at least 100"));
         }
-        if self.orders.sweep_batch <= 0 {
+        if s.http_timeout_ms <= s.request_timeout_ms {
+            return Err(invalid(
+                "server.http_timeout_ms",
+                "must be greater than server.request_timeout_ms",
+            ));
+        }
+        positive("server.header_read_timeout_ms", s.header_read_timeout_ms)?;
+        positive("server.max_connections", s.max_connections as u64)
+    }
+
+    fn validate_orders(&self) -> Result<(), ConfigError> {
+        let o = &self.orders;
+        if !(1..=MAX_PAYMENT_WINDOW_SECS).contains(&o.payment_window_secs) {
+            return Err(invalid(
+                "orders.payment_window_secs",
+                format!("must be between 1 and {MAX_PAYMENT_WINDOW_SECS} (7 days)"),
+            ));
+        }
+        positive("orders.sweep_interval_ms", o.sweep_interval_ms)?;
+        if o.sweep_batch <= 0 {
             return Err(invalid("orders.sweep_batch", "must be positive"));
         }
-        if u64::from(self.orders.reconcile_grace_secs) * 1000 < 2 * self.server.request_timeout_ms {
+        if u64::from(o.reconcile_grace_secs) * 1000 < 2 * self.server.request_timeout_ms {
             // A shorter grace would tombstone orders whose transaction 2 is still in flight.
             return Err(invalid(
                 "orders.reconcile_grace_secs",
                 "must be at least twice server.request_timeout_ms",
             ));
         }
-        if self.coalesce.max_batch == 0 {
-            return Err(invalid("coalesce.max_batch", "must be positive"));
-        }
-        if self.coalesce.max_queue == 0 || self.coalesce.max_inflight_total == 0 {
+        Ok(())
+    }
+
+    fn validate_coalesce(&self) -> Result<(), ConfigError> {
+        let c = &self.coalesce;
+        positive("coalesce.max_batch", c.max_batch as u64)?;
+        positive("coalesce.max_queue", c.max_queue as u64)?;
+        positive("coalesce.max_inflight_total", c.max_inflight_total as u64)?;
+        positive("coalesce.inflight_per_stock", c.inflight_per_stock.into())?;
+        positive("coalesce.soldout_refresh_ms", c.soldout_refresh_ms)?;
+        if c.max_wait_us > 1_000_000 {
             return Err(invalid(
-                "coalesce.max_queue",
-                "max_queue and max_inflight_total must be positive",
+                "coalesce.max_wait_us",
+                "must be at most 1000000 (1 s)",
             ));
         }
-        if self.coalesce.inflight_per_stock == 0 {
-            return Err(invalid("coalesce.inflight_per_stock", "must be positive"));
-        }
-        if self.failover.failures_before_promote == 0 {
+        Ok(())
+    }
+
+    fn validate_failover(&self) -> Result<(), ConfigError> {
+        let f = &self.failover;
+        positive("failover.probe_interval_ms", f.probe_interval_ms)?;
+        positive("failover.probe_timeout_ms", f.probe_timeout_ms)?;
+        positive(
+            "failover.failures_before_promote",
+            f.failures_before_promote.into(),
+        )?;
+        positive("failover.shadow_loss_grace_ms", f.shadow_loss_grace_ms)?;
+        if f.stream_timeout_ms < 500 {
+            // The receiver pings an idle master at half of it; shorter would end healthy streams.
             return Err(invalid(
-                "failover.failures_before_promote",
-                "must be positive",
+                "failover.stream_timeout_ms",
+                "must be at least 500",
             ));
+        }
+        if f.shadow_name.is_empty()
+            || !f
+                .shadow_name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_-.".contains(&b))
+        {
+            return Err(invalid(
+                "failover.shadow_name",
+                "must be non-empty letters, digits, '_', '-' or '.'",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_routing(&self) -> Result<(), ConfigError> {
+        if self.routing.slots == 0 || self.routing.slots > 65_536 {
+            return Err(invalid("routing.slots", "must be between 1 and 65536"));
+        }
+        positive("routing.table_refresh_ms", self.routing.table_refresh_ms)?;
+        if let Some(cg) = &self.routing.config_group {
+            if !self.groups.iter().any(|g| &g.name == cg) {
+                return Err(invalid(
+                    "routing.config_group",
+                    format!("unknown group {cg:?}"),
+                ));
+            }
         }
         for (kind, routing) in [
             ("items", &self.routing.items),
@@ -454,6 +550,13 @@ impl Config {
     pub fn group_names(&self) -> Vec<String> {
         self.groups.iter().map(|g| g.name.clone()).collect()
     }
+}
+
+fn positive(field: &str, value: u64) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(invalid(field, "must be positive"));
+    }
+    Ok(())
 }
 
 /// `host:port` of the first host in a DSN, used to refuse two members on one server.
@@ -579,6 +682,63 @@ master = "host=127.0.0.1 port=5434 user=seckill dbname=seckill"
     fn unknown_config_group() {
         let text = format!("{BASE}\n[routing]\nconfig_group = \"g9\"\n");
         assert!(err(&text).contains("routing.config_group"));
+    }
+
+    #[test]
+    fn zero_durations_and_bad_relations_are_named() {
+        for (section, line, field) in [
+            (
+                "failover",
+                "probe_interval_ms = 0",
+                "failover.probe_interval_ms",
+            ),
+            (
+                "failover",
+                "probe_timeout_ms = 0",
+                "failover.probe_timeout_ms",
+            ),
+            (
+                "failover",
+                "stream_timeout_ms = 10",
+                "failover.stream_timeout_ms",
+            ),
+            ("failover", "shadow_name = \"a'b\"", "failover.shadow_name"),
+            (
+                "coalesce",
+                "soldout_refresh_ms = 0",
+                "coalesce.soldout_refresh_ms",
+            ),
+            (
+                "orders",
+                "sweep_interval_ms = 0",
+                "orders.sweep_interval_ms",
+            ),
+            (
+                "orders",
+                "payment_window_secs = 4294967295",
+                "orders.payment_window_secs",
+            ),
+            (
+                "server",
+                "request_timeout_ms = 0",
+                "server.request_timeout_ms",
+            ),
+            ("server", "http_timeout_ms = 4000", "server.http_timeout_ms"),
+            (
+                "server",
+                "header_read_timeout_ms = 0",
+                "server.header_read_timeout_ms",
+            ),
+            (
+                "routing",
+                "table_refresh_ms = 0",
+                "routing.table_refresh_ms",
+            ),
+        ] {
+            let text = format!("{BASE}\n[{section}]\n{line}\n");
+            let e = err(&text);
+            assert!(e.contains(field), "{line}: {e}");
+        }
     }
 
     #[test]

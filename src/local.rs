@@ -22,6 +22,12 @@ pub enum LocalError {
     Command { what: String, detail: String },
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("port {port} (for server {server}) is already in use by {holder}; pick other ports with --base-port")]
+    PortInUse {
+        port: u16,
+        server: String,
+        holder: String,
+    },
     #[error("server on port {port} did not become ready within {secs} s; see {log}")]
     NotReady { port: u16, secs: u64, log: String },
 }
@@ -364,6 +370,55 @@ impl LocalServer {
         Ok(())
     }
 
+    /// The postmaster and every process it started (backends, walsender, checkpointer, ...).
+    fn processes(&self) -> Result<Vec<i32>, LocalError> {
+        let root = self.postmaster_pid().ok_or_else(|| LocalError::Command {
+            what: "signal".into(),
+            detail: format!("{} has no postmaster.pid", self.name),
+        })?;
+        let mut pids = vec![root];
+        for entry in std::fs::read_dir("/proc")?.flatten() {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<i32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // The parent pid is the second field after the parenthesised command name.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<i32>().ok());
+            if ppid == Some(root) {
+                pids.push(pid);
+            }
+        }
+        Ok(pids)
+    }
+
+    fn signal_all(&self, signal: i32) -> Result<(), LocalError> {
+        for pid in self.processes()? {
+            // SAFETY: plain kill(2) of the server's own processes.
+            unsafe { libc::kill(pid, signal) };
+        }
+        Ok(())
+    }
+
+    /// SIGSTOP every process of the server: it stops answering while its sockets stay open, as a
+    /// frozen host or a network partition looks from outside.
+    pub fn freeze(&self) -> Result<(), LocalError> {
+        self.signal_all(libc::SIGSTOP)
+    }
+
+    /// SIGCONT every process of a frozen server.
+    pub fn thaw(&self) -> Result<(), LocalError> {
+        self.signal_all(libc::SIGCONT)
+    }
+
     /// Run SQL through psql as the `seckill` superuser, returning its unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, LocalError> {
         let out = run(
@@ -478,6 +533,33 @@ impl LocalCluster {
     pub fn ensure_running(&self, tuning: &ServerTuning) -> Result<(), LocalError> {
         std::fs::create_dir_all(&self.root)?;
         hand_to_postgres(&self.root)?;
+        let mut started: Vec<&LocalServer> = Vec::new();
+        let result = self.start_groups(tuning, &mut started);
+        if result.is_err() {
+            // Leave nothing half-started behind: the next attempt would trip over it.
+            for s in started.iter().rev() {
+                if let Err(e) = s.stop("fast").or_else(|_| s.stop("immediate")) {
+                    tracing::warn!(server = %s.name, error = %e, "stop failed");
+                }
+            }
+        }
+        result
+    }
+
+    fn start_groups<'a>(
+        &'a self,
+        tuning: &ServerTuning,
+        started: &mut Vec<&'a LocalServer>,
+    ) -> Result<(), LocalError> {
+        let mut start = |s: &'a LocalServer| -> Result<(), LocalError> {
+            if s.is_running() {
+                return Ok(());
+            }
+            check_port_free(s.port, &s.name)?;
+            s.start()?;
+            started.push(s);
+            Ok(())
+        };
         for g in &self.groups {
             let fresh = !g.master.exists() && !g.shadow.exists();
             if fresh {
@@ -486,7 +568,7 @@ impl LocalCluster {
             // After a failover the "b" server may be the master; start whatever exists.
             for s in [&g.master, &g.shadow] {
                 if s.exists() {
-                    s.start()?;
+                    start(s)?;
                 }
             }
             if fresh {
@@ -494,7 +576,7 @@ impl LocalCluster {
             }
             if !g.shadow.exists() {
                 g.shadow.init_shadow_of(&g.master)?;
-                g.shadow.start()?;
+                start(&g.shadow)?;
             }
         }
         Ok(())
@@ -503,6 +585,10 @@ impl LocalCluster {
     pub fn stop_all(&self, mode: &str) {
         for g in &self.groups {
             for s in [&g.shadow, &g.master] {
+                // A frozen server (SIGSTOP) would never act on the stop signal.
+                if s.is_running() {
+                    let _ = s.thaw();
+                }
                 if let Err(e) = s.stop(mode) {
                     tracing::warn!(server = %s.name, error = %e, "stop failed");
                 }
@@ -528,9 +614,81 @@ impl LocalCluster {
     }
 }
 
+/// Refuse, with the port and its holder named, a port another process holds.
+fn check_port_free(port: u16, server: &str) -> Result<(), LocalError> {
+    if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        return Ok(());
+    }
+    Err(LocalError::PortInUse {
+        port,
+        server: server.to_string(),
+        holder: port_holder(port),
+    })
+}
+
+/// Who holds a local TCP port, as far as /proc tells: a listening process, or an outgoing
+/// connection (the port lies in the kernel's ephemeral range).
+fn port_holder(port: u16) -> String {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let local_port = f
+                .get(1)
+                .and_then(|a| a.rsplit_once(':'))
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if local_port == Some(port) {
+                // State 0A is LISTEN.
+                inodes.push((f.get(3) == Some(&"0A"), f.get(9).unwrap_or(&"").to_string()));
+            }
+        }
+    }
+    let Some((listening, inode)) = inodes.into_iter().max_by_key(|(l, _)| *l) else {
+        return "unknown".into();
+    };
+    let target = format!("socket:[{inode}]");
+    let owner = std::fs::read_dir("/proc").ok().and_then(|procs| {
+        procs.flatten().find_map(|p| {
+            let fds = std::fs::read_dir(p.path().join("fd")).ok()?;
+            let holds = fds.flatten().any(|fd| {
+                std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target)
+            });
+            holds.then(|| {
+                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
+                format!("{} (pid {})", comm.trim(), p.file_name().to_string_lossy())
+            })
+        })
+    });
+    match (listening, owner) {
+        (true, Some(o)) => format!("{o}, listening"),
+        (true, None) => "a listening socket of another user".into(),
+        (false, Some(o)) => format!("an outgoing connection of {o}"),
+        (false, None) => "an outgoing connection (the port is in the ephemeral range)".into(),
+    }
+}
+
 /// A free TCP port on 127.0.0.1 (best effort: another process may take it before we bind).
 pub fn free_port() -> Result<u16, LocalError> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_taken_port_is_refused_with_its_holder_named() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let e = super::check_port_free(port, "g0-a")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(&port.to_string()) && e.contains("g0-a"), "{e}");
+        assert!(e.contains("listening"), "the holder is named: {e}");
+        drop(listener);
+        assert!(super::check_port_free(port, "g0-a").is_ok());
+    }
 }

@@ -66,7 +66,7 @@ impl NewSale {
             return bad("items", "a sale needs 1 to 1000 items");
         }
         if let Some(w) = self.payment_window_secs {
-            if w == 0 || w > 7 * 24 * 3600 {
+            if w == 0 || w > crate::config::MAX_PAYMENT_WINDOW_SECS {
                 return bad("payment_window_secs", "must be between 1 and 604800");
             }
         }

@@ -5,6 +5,7 @@
 
 pub mod error;
 pub mod extract;
+pub mod server;
 
 use crate::app::AppState;
 use crate::domain::{Quantity, RequestId, UserId};
@@ -21,12 +22,18 @@ use serde_json::json;
 use std::sync::Arc;
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let body_limit = state.config.server.body_limit_bytes;
+    let server = &state.config.server;
+    let body_limit = server.body_limit_bytes;
+    let admin_body_limit = server.admin_body_limit_bytes;
+    let deadline = std::time::Duration::from_millis(server.http_timeout_ms);
     Router::new()
         .route("/v1/time", get(time))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
-        .route("/v1/admin/sales", post(create_sale))
+        .route(
+            "/v1/admin/sales",
+            post(create_sale).layer(DefaultBodyLimit::max(admin_body_limit)),
+        )
         .route("/v1/admin/sales/{sale_id}/audit", get(audit))
         .route("/v1/admin/groups", get(groups))
         .route("/v1/sales/{sale_id}", get(get_sale))
@@ -44,7 +51,33 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn(move |req, next| {
+            within(deadline, req, next)
+        }))
         .with_state(state)
+}
+
+/// A whole request, body included, is answered within `server.http_timeout_ms`. A purchase that
+/// is still under way when the time is up goes on (it is a task of the order service); the client
+/// learns to retry it with the same request_id.
+async fn within(
+    limit: std::time::Duration,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(resp) => resp,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            format!(
+                "no answer within {} ms; a purchase goes on: retry it with the same request_id",
+                limit.as_millis()
+            ),
+        )
+        .retry_after(1)
+        .into_response(),
+    }
 }
 
 async fn time() -> impl IntoResponse {
@@ -76,6 +109,22 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     }
 }
 
+/// A request that carries the admin token. As an extractor it runs before the body is read, so
+/// an anonymous caller learns nothing about the schema.
+pub struct Admin;
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        s: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        require_admin(s, &parts.headers)?;
+        Ok(Admin)
+    }
+}
+
 fn require_admin(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = s.admin_token.as_deref() else {
         return Err(ApiError::unauthorized(
@@ -99,30 +148,9 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn create_sale(
     State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
+    _: Admin,
+    Json(new): Json<crate::sale::NewSale>,
 ) -> Result<Response, ApiError> {
-    // Authenticate before parsing, so an anonymous caller learns nothing about the schema.
-    require_admin(&s, &headers)?;
-    let is_json = headers
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !is_json {
-        return Err(ApiError::bad_request(
-            "expected `Content-Type: application/json`",
-        ));
-    }
-    let mut de = serde_json::Deserializer::from_slice(&body);
-    let new: crate::sale::NewSale = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        if inner.is_syntax() || inner.is_eof() {
-            ApiError::bad_request(format!("malformed JSON: {inner}"))
-        } else {
-            ApiError::invalid(format!("{path}: {inner}"))
-        }
-    })?;
     new.check()
         .map_err(|(field, reason)| ApiError::invalid(format!("{field}: {reason}")))?;
     let view = s.sales().create(&new).await?;
@@ -203,17 +231,11 @@ async fn cancel(State(s): State<Arc<AppState>>, p: Params) -> Result<Response, A
     Ok(axum::Json(order).into_response())
 }
 
-async fn audit(
-    State(s): State<Arc<AppState>>,
-    headers: HeaderMap,
-    p: Params,
-) -> Result<Response, ApiError> {
-    require_admin(&s, &headers)?;
+async fn audit(State(s): State<Arc<AppState>>, _: Admin, p: Params) -> Result<Response, ApiError> {
     let report = crate::reconcile::audit_sale(&s.orders, p.sale()?).await?;
     Ok(axum::Json(report).into_response())
 }
 
-async fn groups(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    require_admin(&s, &headers)?;
+async fn groups(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
     Ok(axum::Json(crate::shard::groups_report(&s.cluster)).into_response())
 }

@@ -222,12 +222,19 @@ pub async fn reserve_one(
                 "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
              WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3
                AND starts_at <= clock_timestamp() AND clock_timestamp() < ends_at
-             RETURNING per_user_limit, price_cents, payment_window_secs, remaining",
+             RETURNING per_user_limit, price_cents, payment_window_secs, remaining,
+                       clock_timestamp() < ends_at",
             )
             .await?,
             &[&sale.db(), &item.db(), &quantity.db()],
         )
         .await?;
+    // The WHERE clause may have been judged before a wait for the row lock; RETURNING is
+    // computed with the lock held.
+    if decremented.as_ref().is_some_and(|r| !r.get::<_, bool>(4)) {
+        tx.rollback().await?;
+        return Ok((Err(Refusal::Ended), None));
+    }
     let Some(row) = decremented else {
         tx.rollback().await?;
         let refusal = diagnose(client, sale, item).await?;

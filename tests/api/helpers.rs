@@ -30,7 +30,8 @@ extern "C" fn stop_cluster_at_exit() {
 /// A base port with `n` free ports after it.
 pub fn free_port_block(n: u16) -> u16 {
     for _ in 0..200 {
-        let base = 20_000 + (rand_u64() % 30_000) as u16;
+        // Below the kernel's ephemeral range (32768-60999), where outgoing connections live.
+        let base = 20_000 + (rand_u64() % 12_000) as u16;
         if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
             return base;
         }
@@ -92,6 +93,7 @@ pub struct TestApp {
     pub http: reqwest::Client,
     pub state: Arc<seckill::AppState>,
     cancel: tokio_util::sync::CancellationToken,
+    server: std::sync::Mutex<Option<tokio::task::JoinHandle<std::io::Result<()>>>>,
 }
 
 impl Drop for TestApp {
@@ -178,8 +180,9 @@ pub async fn spawn_config(config: Config, background: Background) -> TestApp {
     let addr = format!("http://{}", app.local_addr());
     let state = app.state();
     let cancel = app.shutdown_token();
-    tokio::spawn(app.run());
+    let server = tokio::spawn(app.run());
     TestApp {
+        server: std::sync::Mutex::new(Some(server)),
         addr,
         http: reqwest::Client::builder()
             .pool_max_idle_per_host(512)
@@ -222,6 +225,16 @@ impl Resp {
 }
 
 impl TestApp {
+    /// Shut the server down (as SIGTERM does) and wait at most `limit` for it to stop.
+    pub async fn stop_and_wait(&self, limit: Duration) -> bool {
+        self.cancel.cancel();
+        let server = self.server.lock().unwrap().take();
+        match server {
+            Some(h) => tokio::time::timeout(limit, h).await.is_ok(),
+            None => true,
+        }
+    }
+
     pub async fn send(&self, req: reqwest::RequestBuilder) -> Resp {
         let resp = req.send().await.expect("request sent");
         let status = resp.status();

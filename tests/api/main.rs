@@ -3,6 +3,7 @@
 mod helpers;
 
 mod coalescing;
+mod faults;
 mod lifecycle;
 mod orders;
 mod routing;
