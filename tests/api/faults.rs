@@ -344,3 +344,44 @@ async fn connections_beyond_the_bound_are_refused_not_queued() {
     .await;
     assert!(ok, "served again once connections close");
 }
+
+/// The sold-out set does not grow with every past sale: an item whose sale ended is forgotten.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sold_out_items_of_ended_sales_are_forgotten() {
+    let app = spawn_app().await;
+    let item = fresh_item();
+    let now = chrono::Utc::now();
+    let sale = app
+        .create_sale_at(
+            json!([{"item_id": item, "stock": 1, "price_cents": 1}]),
+            now - chrono::Duration::minutes(1),
+            now + chrono::Duration::milliseconds(1500),
+            None,
+        )
+        .await;
+    assert_eq!(
+        app.buy(sale, item, fresh_item(), 1, None).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        app.buy(sale, item, fresh_item(), 1, None).await.code(),
+        "sold_out"
+    );
+    let (s, i) = (
+        seckill::domain::SaleId::parse(sale.into()).unwrap(),
+        seckill::domain::ItemId::parse(item.into()).unwrap(),
+    );
+    assert!(app.state.orders.hot.soldout.is_sold_out(s, i));
+    let state = app.state.clone();
+    let forgotten = eventually(Duration::from_secs(5), || {
+        let state = state.clone();
+        async move { !state.orders.hot.soldout.is_sold_out(s, i) }
+    })
+    .await;
+    assert!(forgotten, "the ended sale's item left the sold-out set");
+    // And buying now says what is true: the sale ended.
+    assert_eq!(
+        app.buy(sale, item, fresh_item(), 1, None).await.code(),
+        "ended"
+    );
+}
