@@ -23,12 +23,14 @@ pub struct Target {
     pub token: String,
 }
 
-#[derive(Debug, Clone)]
+/// A fault dealt; a frozen server is continued when this is dropped, whatever happens to the run.
+#[derive(Debug)]
 pub struct Kill {
     pub member: String,
     pub at_s: f64,
     /// Processes stopped by a freeze, to continue after the run.
     pub frozen: Vec<i32>,
+    pub thawed: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -103,10 +105,21 @@ pub async fn kill_master(
                     }
                 }
                 Fault::Freeze => {
-                    frozen = server_processes(pid);
-                    for &p in &frozen {
-                        // SAFETY: kill(2) on the server's own processes.
-                        unsafe { libc::kill(p, libc::SIGSTOP) };
+                    // The postmaster first (it forks nothing new then), then its children until
+                    // no unstopped one is left.
+                    loop {
+                        let new: Vec<i32> = server_processes(pid)
+                            .into_iter()
+                            .filter(|p| !frozen.contains(p))
+                            .collect();
+                        if new.is_empty() {
+                            break;
+                        }
+                        for p in new {
+                            // SAFETY: kill(2) on the server's own processes.
+                            unsafe { libc::kill(p, libc::SIGSTOP) };
+                            frozen.push(p);
+                        }
                     }
                 }
             }
@@ -122,6 +135,7 @@ pub async fn kill_master(
                 member: endpoint,
                 at_s: now_s,
                 frozen,
+                thawed: false,
             });
         }
     }
@@ -157,7 +171,7 @@ fn server_processes(postmaster: i32) -> Vec<i32> {
 }
 
 /// Continue a frozen server (after the run).
-pub fn thaw(kill: &Kill) {
+pub fn thaw(kill: &mut Kill) {
     for &p in &kill.frozen {
         // SAFETY: kill(2) on processes this run stopped.
         unsafe { libc::kill(p, libc::SIGCONT) };
@@ -167,6 +181,15 @@ pub fn thaw(kill: &Kill) {
             "thawed {} (SIGCONT); the engine fences it as an old master",
             kill.member
         );
+    }
+    kill.thawed = true;
+}
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        if !self.thawed {
+            thaw(self);
+        }
     }
 }
 

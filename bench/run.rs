@@ -484,7 +484,8 @@ pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report,
     let orders = acked.len() as u64;
     let window = acked.iter().map(|a| a.at_s).fold(0.0, f64::max);
     let attempts = tally.attempts.load(Ordering::Relaxed);
-    if let Some(k) = &kill {
+    let mut kill = kill;
+    if let Some(k) = kill.as_mut() {
         chaos::thaw(k);
     }
     let outage = kill.map(|k| chaos::outage(&k, &acked, &seen.failures));

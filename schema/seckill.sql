@@ -127,9 +127,31 @@ CREATE INDEX reservations_live ON reservations (updated_at) WHERE state IN ('res
 -- transaction as the order's status change, so the release cannot be forgotten when the item's
 -- group is unreachable at that moment (failing over, say): every engine node drains the table,
 -- and a release is idempotent, so draining one twice is harmless.
+-- An entry whose item group cannot be reached is tried again later (`next_attempt_at`), so it
+-- never holds back the entries behind it.
 CREATE TABLE release_outbox (
-    order_id   uuid        PRIMARY KEY,
-    item_id    bigint      NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
+    order_id        uuid        PRIMARY KEY,
+    item_id         bigint      NOT NULL,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    next_attempt_at timestamptz NOT NULL DEFAULT now()
 );
-CREATE INDEX release_outbox_by_age ON release_outbox (created_at);
+CREATE INDEX release_outbox_due ON release_outbox (next_attempt_at);
+
+-- migrations/V4__payments.sql
+-- Every payment callback the engine accepted or refused, on the group of the order's user, so a
+-- refused one (late, duplicate, wrong amount) can be refunded and the provider's settlement file
+-- can be reconciled against what the engine recorded. `state`: `applied` (it paid the order) or
+-- `refund_due` (refused; `reason` says why: amount_mismatch, order_paid, order_cancelled,
+-- order_expired, order_not_found).
+CREATE TABLE payments (
+    payment_ref  text        PRIMARY KEY CHECK (length(payment_ref) BETWEEN 1 AND 128),
+    order_id     uuid        NOT NULL,
+    user_id      bigint      NOT NULL,
+    sale_id      bigint,
+    amount_cents bigint      NOT NULL,
+    state        text        NOT NULL CHECK (state IN ('applied', 'refund_due')),
+    reason       text,
+    received_at  timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX payments_by_order ON payments (order_id);
+CREATE INDEX payments_by_sale ON payments (sale_id, state);

@@ -27,7 +27,9 @@ pub struct AppState {
     pub cluster: Arc<Cluster>,
     pub router: Arc<Router>,
     pub orders: Arc<OrderService>,
-    pub admin_token: Option<String>,
+    pub admin_token: Option<crate::config::Secret>,
+    /// Verifies user tokens.
+    pub users: crate::auth::users::UserTokens,
 }
 
 impl AppState {
@@ -36,6 +38,13 @@ impl AppState {
     /// one-shot commands such as `seckill reconcile`.
     pub async fn connect(config: Config, tasks: &TaskTracker) -> Result<Arc<Self>, StartError> {
         let config = Arc::new(config);
+        let users = crate::auth::users::UserTokens::new(&config.auth)?;
+        if config.auth.users == crate::config::UsersAuth::None {
+            tracing::warn!(
+                "auth.users = \"none\": user ids are trusted as given; only run this behind a \
+                 gateway that authenticates users"
+            );
+        }
         let cluster = Arc::new(Cluster::new(&config)?);
         let router = Arc::new(Router::from_config(&config)?);
         // Know the writable members before migrating and before the first request.
@@ -45,6 +54,7 @@ impl AppState {
         }
         let orders = OrderService::new(cluster.clone(), router.clone(), &config, tasks.clone());
         let state = Arc::new(AppState {
+            users,
             admin_token: config.server.admin_token.clone(),
             config: config.clone(),
             cluster,
@@ -71,6 +81,8 @@ pub enum StartError {
     Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
     Shard(#[from] crate::shard::ShardError),
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::users::KeyError),
     #[error("migrations failed: {0}")]
     Migrate(#[from] crate::migrate::MigrateError),
     #[error("cannot listen on {addr}: {source}")]
@@ -272,9 +284,7 @@ fn spawn_background(
             move || {
                 let s = s.clone();
                 async move {
-                    if let Err(e) = s.orders.drain_releases(OUTBOX_GRACE).await {
-                        tracing::debug!(error = %e, "release outbox not drained");
-                    }
+                    s.orders.drain_releases(OUTBOX_GRACE).await;
                 }
             },
         );
@@ -288,9 +298,7 @@ fn spawn_background(
             move || {
                 let s = s.clone();
                 async move {
-                    if let Err(e) = crate::reconcile::sweep(&s.orders, batch).await {
-                        tracing::debug!(error = %e, "sweep incomplete");
-                    }
+                    crate::reconcile::sweep(&s.orders, batch).await;
                 }
             },
         );

@@ -4,7 +4,8 @@
 //!
 //! | module | concept |
 //! |---|---|
-//! | [`api`] | HTTP: routes, validation, admin auth, problem+json errors |
+//! | [`api`] | HTTP: routes, validation, identity and admin checks, problem+json errors |
+//! | [`auth`] | the trust boundary: user tokens (JWT) and signed payment callbacks |
 //! | [`order`] | the order service: sold-out fast path and admission, coalescing, the two short transactions, compensation, idempotency, pay/cancel/expiry |
 //! | [`sale`] | sales and their items across groups |
 //! | [`reconcile`] | reservations vs orders by txn_id, repairs, conservation audit, expiry sweep |
@@ -21,6 +22,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod batcher;
 pub mod cli;
 pub mod config;

@@ -4,7 +4,6 @@
 //! before running, so one applies the migrations and the others find them applied.
 
 use crate::shard::Cluster;
-use tokio_postgres::NoTls;
 
 mod embedded {
     refinery::embed_migrations!("migrations");
@@ -41,12 +40,11 @@ pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError
             group: group.name.clone(),
             source,
         };
-        let (mut client, conn) = group.members[idx]
-            .pg_config
-            .connect(NoTls)
+        let (mut client, conn_task) = group.members[idx]
+            .admin
+            .connect()
             .await
             .map_err(connect_err)?;
-        let conn_task = tokio::spawn(conn);
         client
             .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
             .await
@@ -58,6 +56,17 @@ pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError
                 group: group.name.clone(),
                 source,
             });
+        // The engine's application role gets DML on the tables (and nothing more) when it is not
+        // the role that ran the migrations.
+        let app = group.members[idx].conn.pg.get_user().unwrap_or("");
+        let owner = group.members[idx].admin.pg.get_user().unwrap_or("");
+        let report = match report {
+            Ok(r) if !app.is_empty() && app != owner => grant_dml(&client, app)
+                .await
+                .map(|()| r)
+                .map_err(connect_err),
+            other => other,
+        };
         // Closing the session releases the advisory lock even if unlocking fails.
         let _ = client
             .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
@@ -71,6 +80,21 @@ pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError
         applied.push((group.name.clone(), n));
     }
     Ok(applied)
+}
+
+/// DML on every table of the schema for the application role, and for tables made later.
+async fn grant_dml(
+    client: &tokio_postgres::Client,
+    role: &str,
+) -> Result<(), tokio_postgres::Error> {
+    let role = format!("\"{}\"", role.replace('"', "\"\""));
+    client
+        .batch_execute(&format!(
+            "GRANT USAGE ON SCHEMA public TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};
+             ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role};"
+        ))
+        .await
 }
 
 #[cfg(test)]

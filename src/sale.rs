@@ -59,6 +59,14 @@ impl NewSale {
                 "must not contain control characters (NUL, newlines, ...)",
             );
         }
+        // PostgreSQL stores years up to 294276, chrono parses signed years; keep to sane ones.
+        let sane = |t: &DateTime<Utc>| (1970..=9999).contains(&chrono::Datelike::year(t));
+        if !sane(&self.starts_at) {
+            return bad("starts_at", "must be between the years 1970 and 9999");
+        }
+        if !sane(&self.ends_at) {
+            return bad("ends_at", "must be between the years 1970 and 9999");
+        }
         if self.ends_at <= self.starts_at {
             return bad("ends_at", "must be after starts_at");
         }

@@ -397,7 +397,7 @@ async fn old_master_is_fenced_then_rejoins_and_a_second_failover_works() {
     // Rejoin a as b's shadow; the engine sees it stream and turns synchronous replication on.
     let a2 = a.clone();
     let port = b.port;
-    tokio::task::spawn_blocking(move || a2.rejoin("127.0.0.1", port))
+    tokio::task::spawn_blocking(move || a2.rejoin("127.0.0.1", port, "shadow"))
         .await
         .unwrap()
         .expect("rejoin");
@@ -506,8 +506,11 @@ async fn a_node_cut_off_from_a_live_master_does_not_promote() {
     let group = &cluster.0.groups[0];
     let unreachable = free_port_block(1);
     let mut config = base_config(&cluster.0);
-    config.groups[0].master =
-        format!("host=127.0.0.1 port={unreachable} user=seckill dbname=seckill connect_timeout=1");
+    let unreachable = seckill::config::Dsn::new(format!(
+        "host=127.0.0.1 port={unreachable} user=seckill dbname=seckill connect_timeout=1"
+    ));
+    config.groups[0].master = unreachable.clone();
+    config.groups[0].master_admin = Some(unreachable);
     config.server.migrate_on_start = false;
     config.failover.probe_interval_ms = 100;
     config.failover.probe_timeout_ms = 300;

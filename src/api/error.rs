@@ -63,6 +63,10 @@ impl ApiError {
         Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
     }
 
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+    }
+
     pub fn retry_after(mut self, secs: u32) -> Self {
         self.retry_after_secs = Some(secs);
         self
@@ -73,6 +77,8 @@ fn title_of(code: &str) -> &'static str {
     match code {
         "invalid_request" => "Invalid request",
         "unauthorized" => "Unauthorized",
+        "forbidden" => "Forbidden",
+        "amount_mismatch" => "Amount mismatch",
         "not_found" => "Not found",
         "method_not_allowed" => "Method not allowed",
         "payload_too_large" => "Payload too large",
@@ -110,6 +116,12 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if self.status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"seckill\""),
+            );
+        }
         if let Some(secs) = self.retry_after_secs {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));

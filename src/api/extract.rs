@@ -17,37 +17,59 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = req
-            .headers()
-            .get(axum::http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
-        if !is_json {
-            return Err(ApiError::bad_request(
-                "expected `Content-Type: application/json`",
-            ));
-        }
-        let bytes = axum::body::Bytes::from_request(req, state)
+        let headers = req.headers().clone();
+        let RawBody(bytes) = RawBody::from_request(req, state).await?;
+        parse_json(&headers, &bytes).map(Json)
+    }
+}
+
+/// The raw body, with problem+json rejections (e.g. 413): for bodies that must be seen exactly as
+/// sent, such as a signed payment callback.
+pub struct RawBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> FromRequest<S> for RawBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        axum::body::Bytes::from_request(req, state)
             .await
+            .map(RawBody)
             .map_err(|r| {
                 if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
                     too_large()
                 } else {
                     ApiError::bad_request(r.body_text())
                 }
-            })?;
-        // serde would also take a JSON array for a struct; the API speaks objects only.
-        if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            let parsed: Result<serde_json::Value, _> = serde_json::from_slice(&bytes);
-            return Err(match parsed {
-                Ok(_) => ApiError::invalid("the request body must be a JSON object"),
-                Err(e) => ApiError::bad_request(format!("malformed JSON: {e}")),
-            });
-        }
-        match axum::Json::<T>::from_bytes(&bytes) {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
-        }
+            })
+    }
+}
+
+/// Parse a JSON object body: a JSON content type is required; malformed JSON is 400, a valid
+/// document of the wrong shape 422.
+pub fn parse_json<T: DeserializeOwned>(
+    headers: &axum::http::HeaderMap,
+    bytes: &[u8],
+) -> Result<T, ApiError> {
+    let is_json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json") || v.contains("+json"));
+    if !is_json {
+        return Err(ApiError::bad_request(
+            "expected `Content-Type: application/json`",
+        ));
+    }
+    // serde would also take a JSON array for a struct; the API speaks objects only.
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        let parsed: Result<serde_json::Value, _> = serde_json::from_slice(bytes);
+        return Err(match parsed {
+            Ok(_) => ApiError::invalid("the request body must be a JSON object"),
+            Err(e) => ApiError::bad_request(format!("malformed JSON: {e}")),
+        });
+    }
+    match axum::Json::<T>::from_bytes(bytes) {
+        Ok(axum::Json(v)) => Ok(v),
+        Err(rejection) => Err(json_rejection(rejection)),
     }
 }
 

@@ -89,10 +89,19 @@ impl Holders {
     }
 }
 
+/// A sold-out item: its holders, and which sell-out this is (an item may sell out, get stock
+/// back and sell out again; holders read for an earlier sell-out never land on a later one).
+#[derive(Debug, Clone)]
+struct Entry {
+    generation: u64,
+    holders: Holders,
+}
+
 /// Items known (to this node) to be sold out, with their holders.
 #[derive(Default)]
 pub struct SoldOutCache {
-    items: RwLock<HashMap<ItemKey, Holders>>,
+    items: RwLock<HashMap<ItemKey, Entry>>,
+    generations: std::sync::atomic::AtomicU64,
     /// Woken when an item sells out, so its holders are read at once rather than at the next tick.
     pub(crate) wake: tokio::sync::Notify,
 }
@@ -109,14 +118,14 @@ pub enum Verdict {
 }
 
 impl SoldOutCache {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ItemKey, Holders>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<ItemKey, Entry>> {
         match self.items.read() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         }
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ItemKey, Holders>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<ItemKey, Entry>> {
         match self.items.write() {
             Ok(m) => m,
             Err(p) => p.into_inner(),
@@ -131,10 +140,10 @@ impl SoldOutCache {
     /// request id (only then can it be a retry).
     pub fn verdict(&self, sale: SaleId, item: ItemId, txn: Option<Uuid>) -> Verdict {
         let items = self.read();
-        let Some(holders) = items.get(&(sale, item)) else {
+        let Some(entry) = items.get(&(sale, item)) else {
             return Verdict::Open;
         };
-        match (txn, holders) {
+        match (txn, &entry.holders) {
             (None, _) => Verdict::SoldOut,
             (Some(t), Holders::Known { txns, .. }) if !txns.contains(&t) => Verdict::SoldOut,
             (Some(_), _) => Verdict::MayHold,
@@ -149,7 +158,11 @@ impl SoldOutCache {
         }
         let mut m = self.write();
         if sold_out {
-            m.entry((sale, item)).or_insert(Holders::Unknown);
+            let generation = self.generations.fetch_add(1, Ordering::Relaxed);
+            m.entry((sale, item)).or_insert(Entry {
+                generation,
+                holders: Holders::Unknown,
+            });
             drop(m);
             self.wake.notify_one();
         } else if m.remove(&(sale, item)).is_some() {
@@ -157,15 +170,27 @@ impl SoldOutCache {
         }
     }
 
-    pub fn sold_out_items(&self) -> Vec<(ItemKey, Option<i64>)> {
-        self.read().iter().map(|(k, h)| (*k, h.version())).collect()
+    /// Every sold-out item: the version its holders were read at, and its generation.
+    pub fn sold_out_items(&self) -> Vec<(ItemKey, Option<i64>, u64)> {
+        self.read()
+            .iter()
+            .map(|(k, e)| (*k, e.holders.version(), e.generation))
+            .collect()
     }
 
-    /// Install holders read at `version`, unless the item left the sold-out set meanwhile.
-    pub fn set_holders(&self, key: ItemKey, holders: Holders) {
-        if let Some(h) = self.write().get_mut(&key) {
-            *h = holders;
+    /// Install holders, unless the item left the sold-out set meanwhile (or left and came back:
+    /// another `generation`).
+    pub fn set_holders(&self, key: ItemKey, generation: u64, holders: Holders) {
+        if let Some(e) = self.write().get_mut(&key) {
+            if e.generation == generation {
+                e.holders = holders;
+            }
         }
+    }
+
+    /// The generation of an item's current sell-out, if it is sold out.
+    pub fn generation(&self, key: ItemKey) -> Option<u64> {
+        self.read().get(&key).map(|e| e.generation)
     }
 
     /// Drop items that ended or no longer exist.
@@ -390,8 +415,23 @@ mod tests {
             Verdict::MayHold,
             "holders unknown yet"
         );
+        let generation = c.generation((s, i)).unwrap();
         c.set_holders(
             (s, i),
+            generation + 1,
+            Holders::Known {
+                version: 3,
+                txns: Arc::new(HashSet::from([holder])),
+            },
+        );
+        assert_eq!(
+            c.verdict(s, i, Some(stranger)),
+            Verdict::MayHold,
+            "holders of another sell-out are not installed"
+        );
+        c.set_holders(
+            (s, i),
+            generation,
             Holders::Known {
                 version: 3,
                 txns: Arc::new(HashSet::from([holder])),

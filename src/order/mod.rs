@@ -33,6 +33,7 @@
 pub mod allocate;
 pub mod coalesce;
 pub mod hot;
+pub mod payments;
 pub mod store;
 
 use crate::batcher::Batcher;
@@ -459,42 +460,72 @@ impl OrderService {
             .await
     }
 
-    /// Payment callback: pending -> paid; a repeated callback returns the paid order unchanged.
-    pub async fn pay(&self, user: UserId, order_id: Uuid) -> Result<Order, OrderError> {
-        let paid = self
-            .transition(user, order_id, store::Transition::Pay)
-            .await?;
-        let order = match paid {
-            Some(order) => order,
-            None => {
-                let order = self.get_order(user, order_id).await?;
-                match order.status {
-                    OrderStatus::Paid => order,
-                    OrderStatus::PendingPayment => {
-                        // Past its window but not swept yet: expire it now, then refuse.
-                        self.expire_orders(self.router.user_group(user), Some(order_id), 1)
-                            .await?;
-                        return Err(OrderError::WrongState {
-                            order_id,
-                            status: OrderStatus::Expired,
-                        });
-                    }
-                    status => return Err(OrderError::WrongState { order_id, status }),
-                }
+    /// A payment callback ([`payments`]): applied to its order, or refused, and recorded either
+    /// way; the same `payment_ref` again gives the recorded answer. The reservation follows a
+    /// paid order, and an order this callback found past its window is expired (stock back).
+    pub async fn settle_payment(
+        &self,
+        notice: payments::Notice,
+    ) -> Result<payments::Settled, OrderError> {
+        let group = self.cluster.group(self.router.user_group(notice.user));
+        let mut settled = None;
+        for _ in 0..3 {
+            settled = group
+                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                    payments::settle(c, &notice).await
+                })
+                .await?;
+            if settled.is_some() {
+                break;
             }
+        }
+        let settled = settled.ok_or_else(|| {
+            OrderError::Unavailable("the payment is being recorded concurrently; retry".into())
+        })?;
+        let Some(order) = settled.order.as_ref() else {
+            return Ok(settled);
         };
         let item = ItemId::from_db(order.item_id as i64);
-        let follow = self
-            .cluster
-            .group(self.router.item_group(item))
-            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
-                store::advance_reservations(c, &[order_id], store::ReservationState::Paid).await
-            })
-            .await;
-        if let Err(e) = follow {
-            tracing::warn!(%order_id, error = %e, "reservation not marked paid yet; the reconciler will");
+        if settled.expired_now {
+            let user_group = self.router.user_group(notice.user);
+            self.return_stock(user_group, vec![(order.order_id, item.db())])
+                .await;
+        } else if settled.payment.state == "applied" {
+            let order_id = order.order_id;
+            let follow = self
+                .cluster
+                .group(self.router.item_group(item))
+                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                    store::advance_reservations(c, &[order_id], store::ReservationState::Paid).await
+                })
+                .await;
+            if let Err(e) = follow {
+                tracing::warn!(%order_id, error = %e, "reservation not marked paid yet; the reconciler will");
+            }
         }
-        Ok(order)
+        Ok(settled)
+    }
+
+    /// Recorded payments over all groups, newest first (admin API).
+    pub async fn list_payments(
+        &self,
+        sale: Option<SaleId>,
+        state: Option<&str>,
+        limit: i64,
+    ) -> Result<Vec<payments::Payment>, OrderError> {
+        let mut all = Vec::new();
+        for g in &self.cluster.groups {
+            let sale = sale.map(SaleId::db);
+            let found = g
+                .run::<_, OrderError>(Work::Read, self.timeout, async |c| {
+                    payments::list(c, sale, state, limit).await
+                })
+                .await?;
+            all.extend(found);
+        }
+        all.sort_by_key(|p| std::cmp::Reverse(p.received_at));
+        all.truncate(limit.max(0) as usize);
+        Ok(all)
     }
 
     /// Cancel an unpaid order; its stock returns to the item.
@@ -555,57 +586,79 @@ impl OrderService {
                 .or_default()
                 .push(order_id);
         }
-        let mut done = Vec::new();
+        let (mut done, mut failed) = (Vec::new(), Vec::new());
         for (g, ids) in by_group {
             match self.release_on(g, &ids, &[]).await {
                 Ok(()) => done.extend(ids),
-                Err(e) => tracing::warn!(error = %e, count = ids.len(),
-                    "stock of dead orders not returned yet; the outbox drainer will"),
+                Err(e) => {
+                    tracing::warn!(error = %e, count = ids.len(),
+                        "stock of dead orders not returned yet; the outbox drainer will");
+                    failed.extend(ids);
+                }
             }
         }
-        if done.is_empty() {
-            return;
+        let group = self.cluster.group(user_group);
+        if !done.is_empty() {
+            let forgot = group
+                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                    store::forget_releases(c, &done).await
+                })
+                .await;
+            if let Err(e) = forgot {
+                // Harmless: releasing again is a no-op.
+                tracing::debug!(error = %e, "outbox entries not forgotten yet");
+            }
         }
-        let forgot = self
-            .cluster
-            .group(user_group)
-            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
-                store::forget_releases(c, &done).await
-            })
-            .await;
-        if let Err(e) = forgot {
-            // Harmless: releasing again is a no-op.
-            tracing::debug!(error = %e, "outbox entries not forgotten yet");
+        if !failed.is_empty() {
+            let postponed = group
+                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                    store::postpone_releases(c, &failed).await
+                })
+                .await;
+            if let Err(e) = postponed {
+                tracing::debug!(error = %e, "outbox entries not postponed");
+            }
         }
     }
 
-    /// Retry the releases recorded in every group's outbox that are older than `min_age`.
+    /// Retry the releases recorded in every group's outbox that are older than `min_age`. A
+    /// group that cannot be read is skipped (and logged); the others are drained regardless.
     /// Returns how many entries were handled.
-    pub async fn drain_releases(&self, min_age: Duration) -> Result<usize, OrderError> {
+    pub async fn drain_releases(&self, min_age: Duration) -> usize {
         let mut handled = 0;
         for g in 0..self.cluster.groups.len() {
-            let pending = self
-                .cluster
-                .group(g)
+            let group = self.cluster.group(g);
+            let pending = group
                 .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
                     store::pending_releases(c, min_age, DRAIN_BATCH).await
                 })
-                .await?;
-            handled += pending.len();
-            if !pending.is_empty() {
-                tracing::info!(group = %self.cluster.group(g).name, count = pending.len(), "draining the release outbox");
-                self.return_stock(g, pending).await;
+                .await;
+            match pending {
+                Ok(pending) if !pending.is_empty() => {
+                    tracing::info!(group = %group.name, count = pending.len(), "draining the release outbox");
+                    handled += pending.len();
+                    self.return_stock(g, pending).await;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(group = %group.name, error = %e, "release outbox not read")
+                }
             }
         }
-        Ok(handled)
+        handled
     }
 
     /// Re-read the stock of every item held sold out, one query per group; read the holders of
     /// items whose version moved; drop items that ended or vanished ([`hot`] module docs).
     pub async fn refresh_sold_out(&self) {
         let mut by_group: HashMap<usize, (Vec<i64>, Vec<i64>)> = HashMap::new();
-        let known: HashMap<hot::ItemKey, Option<i64>> =
-            self.hot.soldout.sold_out_items().into_iter().collect();
+        let known: HashMap<hot::ItemKey, (Option<i64>, u64)> = self
+            .hot
+            .soldout
+            .sold_out_items()
+            .into_iter()
+            .map(|(k, v, g)| (k, (v, g)))
+            .collect();
         for (sale, item) in known.keys() {
             let e = by_group.entry(self.router.item_group(*item)).or_default();
             e.0.push(sale.db());
@@ -635,8 +688,11 @@ impl OrderService {
                     continue;
                 }
                 self.hot.observe(key.0, key.1, s.remaining);
-                if s.remaining <= 0 && known.get(&key).copied().flatten() != Some(s.version) {
-                    self.load_holders(g, key).await;
+                let Some(&(version, generation)) = known.get(&key) else {
+                    continue;
+                };
+                if s.remaining <= 0 && version != Some(s.version) {
+                    self.load_holders(g, key, generation).await;
                 }
             }
             gone.extend(sales.iter().zip(&items).filter_map(|(s, i)| {
@@ -648,7 +704,7 @@ impl OrderService {
         self.hot.admission.sweep();
     }
 
-    async fn load_holders(&self, group: usize, key: hot::ItemKey) {
+    async fn load_holders(&self, group: usize, key: hot::ItemKey, generation: u64) {
         let limit = hot::MAX_HOLDERS as i64 + 1;
         let read = self
             .cluster
@@ -667,7 +723,7 @@ impl OrderService {
                         txns: Arc::new(txns.into_iter().collect()),
                     }
                 };
-                self.hot.soldout.set_holders(key, holders);
+                self.hot.soldout.set_holders(key, generation, holders);
             }
             Ok(Some((remaining, _, _))) => self.hot.observe(key.0, key.1, remaining),
             Ok(None) => self.hot.soldout.forget(&[key]),

@@ -89,8 +89,6 @@ pub const ORDER_COLUMNS: &str = order_columns!();
 /// A status change of a pending order, made on the user's group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
-    /// pending_payment -> paid, only within the payment window.
-    Pay,
     /// pending_payment -> cancelled.
     Cancel,
 }
@@ -104,12 +102,6 @@ pub async fn transition_order(
     transition: Transition,
 ) -> Result<Option<Order>, DbError> {
     let sql = match transition {
-        Transition::Pay => concat!(
-            "UPDATE orders SET status = 'paid', paid_at = now(), updated_at = now()
-             WHERE order_id = $1 AND user_id = $2 AND status = 'pending_payment' AND expires_at > now()
-             RETURNING ",
-            order_columns!()
-        ),
         // The stock to return is recorded with the status change (migrations/V3).
         Transition::Cancel => concat!(
             "WITH o AS (
@@ -439,8 +431,9 @@ pub async fn expire_due(
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
 }
 
-/// Releases recorded in the outbox at least `min_age` ago (a younger one is still being done by
-/// the request that recorded it): `(order_id, item_id)`, oldest first.
+/// Releases recorded in the outbox that are due (recorded, or last tried, at least `min_age` ago:
+/// a younger one is still being done by the request that recorded it): `(order_id, item_id)`,
+/// the longest-waiting first.
 pub async fn pending_releases(
     client: &ClientWrapper,
     min_age: std::time::Duration,
@@ -449,14 +442,25 @@ pub async fn pending_releases(
     let stmt = client
         .prepare_cached(
             "SELECT order_id, item_id FROM release_outbox
-             WHERE created_at <= now() - make_interval(secs => $1)
-             ORDER BY created_at LIMIT $2",
+             WHERE next_attempt_at <= now() - make_interval(secs => $1)
+             ORDER BY next_attempt_at LIMIT $2",
         )
         .await?;
     let rows = client
         .query(&stmt, &[&min_age.as_secs_f64(), &limit])
         .await?;
     Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+/// Outbox entries whose release failed go to the back of the queue.
+pub async fn postpone_releases(client: &ClientWrapper, order_ids: &[Uuid]) -> Result<(), DbError> {
+    let stmt = client
+        .prepare_cached(
+            "UPDATE release_outbox SET next_attempt_at = now() WHERE order_id = ANY($1)",
+        )
+        .await?;
+    client.execute(&stmt, &[&order_ids]).await?;
+    Ok(())
 }
 
 /// Forget outbox entries whose release is done.
@@ -559,7 +563,7 @@ pub async fn list_orders(
 /// `attempts[i]`, when given, restricts the release of `txn_ids[i]` to that attempt (compensation).
 /// Returns `(sale_id, item_id, remaining_after)` for every item that got stock back.
 pub async fn release(
-    client: &ClientWrapper,
+    client: &mut ClientWrapper,
     txn_ids: &[Uuid],
     attempts: &[Option<i32>],
 ) -> Result<Vec<(i64, i64, i32)>, DbError> {
@@ -568,7 +572,18 @@ pub async fn release(
     } else {
         attempts.to_vec()
     };
-    let stmt = client
+    let tx = client.transaction().await?;
+    // Lock order: the items' rows first (in key order), then the reservations, as transaction 1
+    // does; the other way round a release and a retry's transaction 1 on the same txn could
+    // deadlock.
+    let lock = tx
+        .prepare_cached(
+            "SELECT 1 FROM sale_items WHERE (sale_id, item_id) IN
+                 (SELECT sale_id, item_id FROM reservations WHERE txn_id = ANY($1))
+             ORDER BY sale_id, item_id FOR UPDATE",
+        )
+        .await?;
+    let stmt = tx
         .prepare_cached(
             "WITH k AS (SELECT * FROM unnest($1::uuid[], $2::int[]) AS k(t, a)),
              r AS (
@@ -583,7 +598,10 @@ pub async fn release(
              RETURNING si.sale_id, si.item_id, si.remaining",
         )
         .await?;
-    let rows = client.query(&stmt, &[&txn_ids, &attempts]).await?;
+    let lock_params: [&(dyn ToSql + Sync); 1] = [&txn_ids];
+    let params: [&(dyn ToSql + Sync); 2] = [&txn_ids, &attempts];
+    let (_, rows) = futures::try_join!(tx.query(&lock, &lock_params), tx.query(&stmt, &params))?;
+    tx.commit().await?;
     Ok(rows
         .iter()
         .map(|r| (r.get(0), r.get(1), r.get(2)))
@@ -704,15 +722,15 @@ pub async fn reserve_batch(
     };
     let (remaining, limit, price_cents, window): (i32, i32, i64, i32) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
-    if !row.get::<_, bool>(4) || !row.get::<_, bool>(5) {
-        tx.rollback().await?;
-        let r = if row.get::<_, bool>(4) {
-            Refusal::Ended
-        } else {
-            Refusal::NotStarted
-        };
-        return Ok((refuse_all(r), Some(remaining)));
-    }
+    // Outside the window nothing new is sold, but a retry still resumes the reservation its
+    // earlier attempt holds (and so gets its order).
+    let closed = if !row.get::<_, bool>(4) {
+        Some(Refusal::NotStarted)
+    } else if !row.get::<_, bool>(5) {
+        Some(Refusal::Ended)
+    } else {
+        None
+    };
     let mut holdings = Holdings::default();
     for r in &held {
         let (txn, user, q): (Uuid, i64, i32) = (r.get(0), r.get(1), r.get(2));
@@ -727,7 +745,8 @@ pub async fn reserve_batch(
             quantity: a.quantity.db(),
         })
         .collect();
-    let (decisions, taken) = allocate(remaining, limit, &plan, &holdings);
+    let stock = if closed.is_some() { 0 } else { remaining };
+    let (decisions, taken) = allocate(stock, limit, &plan, &holdings);
     let mut ids = Vec::new();
     let mut users = Vec::new();
     let mut qty = Vec::new();
@@ -823,6 +842,7 @@ pub async fn reserve_batch(
                     attempt: attempts.get(&a.txn_id).copied().unwrap_or(1),
                 })
             }
+            _ if closed.is_some() => Err(closed.clone().unwrap_or(Refusal::Ended)),
             Decision::SoldOut { remaining } => Err(Refusal::SoldOut { remaining }),
             Decision::LimitExceeded { limit, already } => {
                 Err(Refusal::LimitExceeded { limit, already })

@@ -11,7 +11,6 @@ use crate::config::Config;
 use crate::local::{LocalServer, PgBin};
 use std::path::Path;
 use std::time::{Duration, Instant};
-use tokio_postgres::NoTls;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
@@ -36,9 +35,8 @@ pub async fn run(config_path: &Path, action: GroupAction) -> Result<()> {
     }
 }
 
-async fn lsn(config: &tokio_postgres::Config, sql: &str) -> Result<i64> {
-    let (client, conn) = config.connect(NoTls).await?;
-    let task = tokio::spawn(conn);
+async fn lsn(config: &super::tls::Endpoint, sql: &str) -> Result<i64> {
+    let (client, task) = config.connect().await?;
     let v: i64 = client.query_one(sql, &[]).await?.get(0);
     drop(client);
     task.abort();
@@ -58,7 +56,7 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
         .find(|&i| i != master)
         .ok_or("the group has no shadow")?;
     let (m, s) = (&group.members[master], &group.members[shadow]);
-    let sp = probe(&s.pg_config, &cluster.failover().shadow_name, timeout).await?;
+    let sp = probe(&s.admin, &cluster.failover().shadow_name, timeout).await?;
     if !sp.in_recovery || sp.receipt_age_ms.is_none() {
         return Err(format!("{} is not a streaming shadow", s.endpoint).into());
     }
@@ -66,38 +64,38 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
     // before the fence takes hold is on the shadow before it is acknowledged.
     let names = super::monitor::sync_names_for(&cluster.failover().shadow_name);
     admin(
-        &m.pg_config,
+        &m.admin,
         &format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'; SELECT pg_reload_conf()"),
         timeout,
     )
     .await?;
     println!("fencing {} (no new commits) ...", m.endpoint);
-    admin(&m.pg_config, FENCE_SQL, timeout).await?;
+    admin(&m.admin, FENCE_SQL, timeout).await?;
     // Transactions that were already writing when the fence went up may still commit; wait for
     // them so the catch-up target below includes them.
     let start = Instant::now();
     while lsn(
-        &m.pg_config,
+        &m.admin,
         "SELECT count(*) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()",
     )
     .await?
         > 0
     {
         if start.elapsed() > Duration::from_secs(10) {
-            admin(&m.pg_config, UNFENCE_SQL, timeout).await?;
+            admin(&m.admin, UNFENCE_SQL, timeout).await?;
             return Err("writing transactions did not finish within 10 s; switchover aborted, master unfenced".into());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let target = lsn(
-        &m.pg_config,
+        &m.admin,
         "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')::bigint",
     )
     .await?;
     let start = Instant::now();
     loop {
         let replayed = lsn(
-            &s.pg_config,
+            &s.admin,
             "SELECT pg_wal_lsn_diff(pg_last_wal_replay_lsn(), '0/0')::bigint",
         )
         .await?;
@@ -105,7 +103,7 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
             break;
         }
         if start.elapsed() > Duration::from_secs(30) {
-            admin(&m.pg_config, UNFENCE_SQL, timeout).await?;
+            admin(&m.admin, UNFENCE_SQL, timeout).await?;
             return Err(
                 "the shadow did not catch up within 30 s; switchover aborted, master unfenced"
                     .into(),
@@ -117,7 +115,7 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
         "shadow {} has replayed everything; promoting ...",
         s.endpoint
     );
-    super::monitor::promote(&s.pg_config, timeout).await?;
+    super::monitor::promote(&s.admin, timeout).await?;
     println!(
         "done: {} is the master of {name}; {} stays fenced until `seckill group rejoin {name} --data-dir ...`",
         s.endpoint, m.endpoint
@@ -148,14 +146,61 @@ pub async fn rejoin(
         };
         (host, c.get_ports().first().copied().unwrap_or(5432))
     };
-    let (mhost, mport) = host_port(&group.members[master].pg_config);
-    let (_, oport) = host_port(&group.members[old].pg_config);
-    let server = LocalServer::at(&PgBin::locate()?, data_dir, port.unwrap_or(oport));
+    let (mhost, mport) = host_port(&group.members[master].conn.pg);
+    let (_, oport) = host_port(&group.members[old].conn.pg);
+    let admin = &group.members[master].admin.pg;
+    let user = admin.get_user().unwrap_or("postgres").to_string();
+    let password = admin
+        .get_password()
+        .map(|p| crate::config::Secret::new(String::from_utf8_lossy(p)))
+        .unwrap_or_else(|| crate::config::Secret::new(""));
+    let server = LocalServer::at(
+        &PgBin::locate()?,
+        data_dir,
+        port.unwrap_or(oport),
+        &user,
+        password,
+    );
+    // Before anything destructive: this data directory must belong to the group (the same
+    // system identifier as its master), and must not be the master's own.
+    let (id_master, master_dir) = identity(&group.members[master].admin).await?;
+    if master_dir.as_deref().map(Path::new) == Some(data_dir) {
+        return Err(format!(
+            "{} is the current master's data directory",
+            data_dir.display()
+        )
+        .into());
+    }
+    let probe = server.clone();
+    let id_dir = tokio::task::spawn_blocking(move || probe.system_identifier()).await??;
+    if id_dir != id_master {
+        return Err(format!(
+            "{} belongs to another cluster (system identifier {id_dir}, the group's is {id_master}); refusing to rewind it",
+            data_dir.display()
+        )
+        .into());
+    }
     println!(
         "rejoining {} as the shadow of {mhost}:{mport} ...",
         group.members[old].endpoint
     );
-    tokio::task::spawn_blocking(move || server.rejoin(&mhost, mport)).await??;
+    let app_name = cluster.failover().shadow_name.clone();
+    tokio::task::spawn_blocking(move || server.rejoin(&mhost, mport, &app_name)).await??;
     println!("done: it streams from the master; the engine turns synchronous replication back on");
     Ok(())
+}
+
+/// A server's system identifier and data directory (as it reports them).
+async fn identity(endpoint: &super::tls::Endpoint) -> Result<(String, Option<String>)> {
+    let (client, task) = endpoint.connect().await?;
+    let row = client
+        .query_one(
+            "SELECT system_identifier::text, current_setting('data_directory') FROM pg_control_system()",
+            &[],
+        )
+        .await;
+    drop(client);
+    task.abort();
+    let row = row?;
+    Ok((row.get(0), row.get(1)))
 }

@@ -20,8 +20,9 @@
 
 pub mod admin;
 pub mod monitor;
+pub mod tls;
 
-use crate::config::{Config, GroupConfig};
+use crate::config::Config;
 use crate::db::DbError;
 use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
@@ -30,8 +31,8 @@ use serde::Serialize;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tls::Endpoint;
 use tokio::sync::Semaphore;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 /// No member is known to be writable.
@@ -47,13 +48,8 @@ pub enum ShardError {
     Exhausted { group: String },
     #[error("shard group {group}: too many reads queued")]
     Busy { group: String },
-    #[error("shard group {group}: cannot build a pool: {reason}")]
-    Build { group: String, reason: String },
-    #[error("shard group {group}: invalid member DSN: {source}")]
-    Dsn {
-        group: String,
-        source: tokio_postgres::Error,
-    },
+    #[error("shard group {group}: {reason}")]
+    Dsn { group: String, reason: String },
 }
 
 /// What a piece of database work is for (module docs: shares of the pool).
@@ -98,12 +94,28 @@ pub struct Member {
     /// `master` or `shadow`: the role this member has in shards.toml (not necessarily now).
     pub configured_role: &'static str,
     pub endpoint: String,
-    pub pg_config: tokio_postgres::Config,
+    /// The engine's own connections (the pool's).
+    pub conn: Endpoint,
+    /// Administration: promotion, fencing, replication settings, and the health probes in
+    /// built-in failover mode.
+    pub admin: Endpoint,
     pub pool: Pool,
     pub(crate) probe_session: monitor::ProbeSession,
     /// When work on this member last succeeded, in ms since the group was built: a member that
     /// answers the sale's queries is alive even when one probe of it is slow.
     last_ok_ms: AtomicU64,
+}
+
+impl Member {
+    /// What the health monitor probes with: the admin endpoint when the engine manages failover
+    /// (it reads the shadow's WAL receiver, which only privileged roles see), the application
+    /// role otherwise.
+    pub(crate) fn probe_endpoint(&self, config: &crate::config::FailoverConfig) -> &Endpoint {
+        match config.mode {
+            crate::config::FailoverMode::Builtin => &self.admin,
+            crate::config::FailoverMode::External => &self.conn,
+        }
+    }
 }
 
 pub struct ShardGroup {
@@ -140,53 +152,54 @@ impl ShardGroup {
     /// deadline whose outcome is unknown. (Not `statement_timeout`: cancelling a COMMIT that waits
     /// for the synchronous shadow would acknowledge a commit the shadow does not have.)
     pub fn new(
-        config: &GroupConfig,
+        name: &str,
+        pool_size: usize,
+        resolved: Vec<crate::config::Member>,
         connect_timeout: Duration,
         lock_timeout: Duration,
     ) -> Result<Self, ShardError> {
+        let dsn_error = |reason: String| ShardError::Dsn {
+            group: name.to_string(),
+            reason,
+        };
         let mut members = Vec::new();
-        let dsns = std::iter::once(("master", &config.master))
-            .chain(config.shadow.iter().map(|s| ("shadow", s)));
-        for (role, dsn) in dsns {
-            let mut pg_config: tokio_postgres::Config =
-                dsn.parse().map_err(|source| ShardError::Dsn {
-                    group: config.name.clone(),
-                    source,
-                })?;
-            if pg_config.get_connect_timeout().is_none() {
-                pg_config.connect_timeout(connect_timeout);
+        for m in resolved {
+            let mut conn = Endpoint::new(&m.conn).map_err(dsn_error)?;
+            let mut admin = Endpoint::new(&m.admin).map_err(dsn_error)?;
+            for e in [&mut conn, &mut admin] {
+                if e.pg.get_connect_timeout().is_none() {
+                    e.pg.connect_timeout(connect_timeout);
+                }
+                if e.pg.get_application_name().is_none() {
+                    e.pg.application_name("seckill");
+                }
+                // A partition that silently drops packets would otherwise leave a session
+                // waiting for the kernel's default of minutes.
+                e.pg.keepalives_idle(Duration::from_secs(5));
             }
-            if pg_config.get_application_name().is_none() {
-                pg_config.application_name("seckill");
-            }
-            // A partition that silently drops packets would otherwise leave a session waiting
-            // for the kernel's default of minutes.
-            pg_config.keepalives_idle(Duration::from_secs(5));
-            let mut engine_config = pg_config.clone();
-            if engine_config.get_options().is_none() {
-                engine_config.options(session_options(lock_timeout));
+            let mut engine = conn.pg.clone();
+            if engine.get_options().is_none() {
+                engine.options(session_options(lock_timeout));
             }
             let manager = Manager::from_config(
-                engine_config,
-                NoTls,
+                engine,
+                conn.tls.clone(),
                 ManagerConfig {
                     recycling_method: RecyclingMethod::Fast,
                 },
             );
             let pool = Pool::builder(manager)
-                .max_size(config.pool_size)
+                .max_size(pool_size)
                 .runtime(Runtime::Tokio1)
                 .create_timeout(Some(connect_timeout))
                 .recycle_timeout(Some(connect_timeout))
                 .build()
-                .map_err(|e| ShardError::Build {
-                    group: config.name.clone(),
-                    reason: e.to_string(),
-                })?;
+                .map_err(|e| dsn_error(format!("cannot build a pool: {e}")))?;
             members.push(Member {
-                configured_role: role,
-                endpoint: crate::config::endpoint_of(&pg_config).unwrap_or_default(),
-                pg_config,
+                configured_role: m.role,
+                endpoint: crate::config::endpoint_of(&conn.pg).unwrap_or_default(),
+                conn,
+                admin,
                 pool,
                 probe_session: Default::default(),
                 last_ok_ms: AtomicU64::new(0),
@@ -203,9 +216,9 @@ impl ShardGroup {
                 ..Default::default()
             })
             .collect();
-        let share = |divisor: usize| (config.pool_size / divisor).max(1);
+        let share = |divisor: usize| (pool_size / divisor).max(1);
         Ok(Self {
-            name: config.name.clone(),
+            name: name.to_string(),
             members,
             writer: AtomicUsize::new(0),
             epoch: Mutex::new(CancellationToken::new()),
@@ -214,7 +227,7 @@ impl ShardGroup {
             probed: std::sync::atomic::AtomicBool::new(false),
             born: Instant::now(),
             reads: Semaphore::new(share(4)),
-            read_queue: Semaphore::new(share(4) + 8 * config.pool_size),
+            read_queue: Semaphore::new(share(4) + 8 * pool_size),
             reserves: Semaphore::new(share(2)),
         })
     }
@@ -298,10 +311,13 @@ impl ShardGroup {
             ),
             None => None,
         };
+        // The epoch first: `set_writer` moves the writer before it ends the old epoch, so work
+        // bound to an old writer always holds that writer's epoch (at worst a new writer with the
+        // old epoch, given up once too often: harmless).
+        let epoch = self.epoch();
         let idx = self.writer_index().ok_or_else(|| ShardError::NoMaster {
             group: self.name.clone(),
         })?;
-        let epoch = self.epoch();
         let member = &self.members[idx];
         let left = budget.saturating_sub(started.elapsed());
         let timeouts = Timeouts {
@@ -401,11 +417,20 @@ impl Cluster {
     pub fn new(config: &Config) -> Result<Self, ShardError> {
         let timeout = Duration::from_millis(config.failover.probe_timeout_ms.max(1_000));
         let lock_timeout = config.request_timeout() * 3 / 5;
-        let groups = config
-            .groups
-            .iter()
-            .map(|g| ShardGroup::new(g, timeout, lock_timeout))
-            .collect::<Result<_, _>>()?;
+        let mut groups = Vec::new();
+        for g in &config.groups {
+            let members = config.members(g).map_err(|e| ShardError::Dsn {
+                group: g.name.clone(),
+                reason: e.to_string(),
+            })?;
+            groups.push(ShardGroup::new(
+                &g.name,
+                g.pool_size,
+                members,
+                timeout,
+                lock_timeout,
+            )?);
+        }
         Ok(Self {
             groups,
             failover: config.failover.clone(),

@@ -40,11 +40,11 @@
 //!   PostgreSQL): the engine never promotes, fences or changes a server setting. It only finds the
 //!   writable member among the listed ones, follows it when it moves, and answers 503 meanwhile.
 
+use super::tls::Endpoint;
 use super::{Cluster, MemberStatus, Role, ShardGroup};
 use crate::config::{FailoverConfig, FailoverMode, ShadowLossPolicy};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 
 /// One probe's findings.
@@ -105,7 +105,7 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
 
 /// Probe one member over a fresh connection, bounded by `timeout` (a session used once).
 pub async fn probe(
-    config: &tokio_postgres::Config,
+    config: &Endpoint,
     shadow_name: &str,
     timeout: Duration,
 ) -> Result<Probe, ProbeError> {
@@ -114,17 +114,8 @@ pub async fn probe(
         .await
 }
 
-async fn connect_probe(
-    config: &tokio_postgres::Config,
-) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), ProbeError> {
-    let (client, conn) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| ProbeError::from_pg(&e))?;
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok((client, task))
+async fn connect_probe(config: &Endpoint) -> Result<Session, ProbeError> {
+    config.connect().await.map_err(|e| ProbeError::from_pg(&e))
 }
 
 fn silence(timeout: Duration) -> ProbeError {
@@ -134,7 +125,7 @@ fn silence(timeout: Duration) -> ProbeError {
     }
 }
 
-type Session = (tokio_postgres::Client, tokio::task::JoinHandle<()>);
+use super::tls::Session;
 
 /// The monitor's own session with one member, kept between probes.
 ///
@@ -152,7 +143,7 @@ pub struct ProbeSession {
 impl ProbeSession {
     pub async fn probe(
         &self,
-        config: &tokio_postgres::Config,
+        config: &Endpoint,
         shadow_name: &str,
         timeout: Duration,
     ) -> Result<Probe, ProbeError> {
@@ -233,14 +224,9 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
 
 /// Run administrative statements on one member over a fresh connection, one at a time (several
 /// in one simple query would form a transaction block, which ALTER SYSTEM refuses).
-pub async fn admin(
-    config: &tokio_postgres::Config,
-    sql: &str,
-    timeout: Duration,
-) -> Result<(), String> {
+pub async fn admin(config: &Endpoint, sql: &str, timeout: Duration) -> Result<(), String> {
     let work = async {
-        let (client, conn) = config.connect(NoTls).await.map_err(|e| describe(&e))?;
-        let conn_task = tokio::spawn(conn);
+        let (client, conn_task) = config.connect().await.map_err(|e| describe(&e))?;
         let mut r = Ok(());
         for statement in sql.split(';').map(str::trim).filter(|s| !s.is_empty()) {
             if let Err(e) = client.batch_execute(statement).await {
@@ -300,6 +286,9 @@ pub struct Observations {
     pub last_timeline: Vec<Option<i64>>,
     /// Per member: a standby that has heard nothing from its master for `stream_timeout_ms`.
     pub lost_master: Vec<bool>,
+    /// Whether the master committed synchronously to a streaming shadow when it last answered
+    /// (None: this node never saw it answer).
+    pub master_was_synchronous: Option<bool>,
 }
 
 /// What the monitor should do about a group this round.
@@ -320,6 +309,9 @@ pub enum Note {
     ShadowStillHearsMaster,
     ShadowHidesItsReceiver,
     NoShadowToPromote,
+    /// The master was asynchronous when last seen (e.g. right after a failover, before its new
+    /// shadow streamed): its shadow may lack acknowledged orders.
+    MasterWasAsynchronous,
 }
 
 /// The decision of one round, from what was seen (module docs).
@@ -379,7 +371,18 @@ pub fn decide(obs: &Observations, config: &FailoverConfig) -> Action {
         .filter(|(_, s)| matches!(s, Seen::Up(p) if p.in_recovery))
         .map(|(i, _)| i)
         .collect();
-    let promote = standbys.iter().copied().find(|&i| obs.lost_master[i]);
+    let mut promote = standbys.iter().copied().find(|&i| obs.lost_master[i]);
+    let must_be_synchronous = config.synchronous && config.shadow_loss == ShadowLossPolicy::Block;
+    if promote.is_some() && must_be_synchronous && obs.master_was_synchronous == Some(false) {
+        return Action {
+            writer,
+            note: Some(Note::MasterWasAsynchronous),
+            ..Default::default()
+        };
+    }
+    if !obs.lost_master.iter().any(|l| *l) {
+        promote = None;
+    }
     let note = match (promote, standbys.first()) {
         (Some(_), _) => None,
         (None, None) => Some(Note::NoShadowToPromote),
@@ -401,8 +404,12 @@ pub fn decide(obs: &Observations, config: &FailoverConfig) -> Action {
 struct GroupState {
     /// Since when the master has had no streaming shadow.
     no_standby_since: Option<Instant>,
-    /// Per member: when it last heard its master (standbys), or when the monitor first saw it.
+    /// Per member: when it last heard its master (standbys), or when it was last seen as
+    /// anything but a standby.
     heard_master_at: Vec<Option<Instant>>,
+    /// Whether the master, when it last answered, committed synchronously to a streaming shadow
+    /// (None: never seen answering).
+    master_was_synchronous: Option<bool>,
 }
 
 impl GroupState {
@@ -427,10 +434,28 @@ impl GroupState {
                         }
                         now.duration_since(*at) >= stream_timeout
                     }
-                    _ => false,
+                    // Not (seen as) a standby this round: its silence as a standby starts only
+                    // once it is one, so a member that just became a standby (a rejoined old
+                    // master, one this node could not reach) is never lost at first sight.
+                    _ => {
+                        *at = now;
+                        false
+                    }
                 }
             })
             .collect()
+    }
+
+    /// Remember whether the master, when it last answered, committed synchronously to a
+    /// streaming shadow: only then does the shadow hold every acknowledged order.
+    fn note_master(&mut self, seen: &[Seen], shadow_name: &str) {
+        if let Some(p) = seen.iter().find_map(|s| match s {
+            Seen::Up(p) if p.writable() => Some(p),
+            _ => None,
+        }) {
+            self.master_was_synchronous =
+                Some(p.standby_lag.is_some() && p.sync_names == sync_names_for(shadow_name));
+        }
     }
 }
 
@@ -446,7 +471,7 @@ async fn observe(group: &ShardGroup, config: &FailoverConfig) -> (Vec<Seen>, Vec
     let since = group.clock();
     let probes = futures::future::join_all(group.members.iter().map(|m| {
         m.probe_session
-            .probe(&m.pg_config, &config.shadow_name, timeout)
+            .probe(m.probe_endpoint(config), &config.shadow_name, timeout)
     }))
     .await;
     let mut seen = Vec::with_capacity(probes.len());
@@ -507,7 +532,9 @@ async fn observe(group: &ShardGroup, config: &FailoverConfig) -> (Vec<Seen>, Vec
 async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &mut GroupState) {
     let timeout = Duration::from_millis(config.probe_timeout_ms);
     let (seen, probes) = observe(group, config).await;
+    state.note_master(&seen, &config.shadow_name);
     let obs = Observations {
+        master_was_synchronous: state.master_was_synchronous,
         lost_master: state.lost_master(&seen, Duration::from_millis(config.stream_timeout_ms)),
         last_timeline: group.status().iter().map(|s| s.timeline).collect(),
         writer: group.writer_index(),
@@ -518,7 +545,7 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
     for &i in &action.fence {
         tracing::error!(group = %group.name, member = %group.members[i].endpoint,
             "old master is writable on an older timeline: fencing it");
-        if let Err(e) = admin(&group.members[i].pg_config, FENCE_SQL, timeout).await {
+        if let Err(e) = admin(&group.members[i].admin, FENCE_SQL, timeout).await {
             tracing::error!(group = %group.name, error = %e, "fencing failed");
         }
     }
@@ -547,6 +574,9 @@ fn log_note(group: &ShardGroup, note: Option<Note>) {
         Some(Note::NoShadowToPromote) => {
             tracing::error!(group = %group.name, "master down and no healthy shadow to promote")
         }
+        Some(Note::MasterWasAsynchronous) => tracing::error!(group = %group.name,
+            "master down, but it was not committing synchronously to its shadow when last seen: \
+             not promoting (the shadow may lack acknowledged orders; promote by hand to accept that)"),
         None => {}
     }
 }
@@ -582,12 +612,12 @@ async fn promote_shadow(
     let member = &group.members[shadow];
     tracing::warn!(group = %group.name, member = %member.endpoint,
         "master silent and the shadow lost it too: promoting the shadow");
-    if let Err(e) = promote(&member.pg_config, timeout).await {
+    if let Err(e) = promote(&member.admin, timeout).await {
         tracing::error!(group = %group.name, error = %e, "promotion failed");
     }
     match member
         .probe_session
-        .probe(&member.pg_config, &config.shadow_name, timeout)
+        .probe(member.probe_endpoint(config), &config.shadow_name, timeout)
         .await
     {
         Ok(p) if p.writable() => {
@@ -605,7 +635,7 @@ async fn promote_shadow(
 /// Promote a shadow and make it a usable master: not fenced (a fence may have come along from an
 /// old master through pg_rewind), and asynchronous until a new shadow streams, since none does yet.
 /// Idempotent: promoting a server that is no longer in recovery only reports that.
-pub async fn promote(config: &tokio_postgres::Config, timeout: Duration) -> Result<(), String> {
+pub async fn promote(config: &Endpoint, timeout: Duration) -> Result<(), String> {
     if let Err(e) = admin(
         config,
         "SELECT pg_promote(true, 30)",
@@ -666,8 +696,15 @@ async fn manage_replication(
         if probe.sync_names != desired {
             tracing::warn!(group = %group.name, from = %probe.sync_names, to = %desired, "changing synchronous_standby_names");
             let sql = sync_sql(&desired);
-            if let Err(e) = admin(&group.members[master].pg_config, &sql, timeout).await {
-                tracing::error!(group = %group.name, error = %e, "cannot change synchronous replication");
+            match admin(&group.members[master].admin, &sql, timeout).await {
+                Ok(()) => {
+                    // What the master does from now on (the reload takes effect at once).
+                    state.master_was_synchronous =
+                        Some(!desired.is_empty() && probe.standby_lag.is_some());
+                }
+                Err(e) => {
+                    tracing::error!(group = %group.name, error = %e, "cannot change synchronous replication")
+                }
             }
         }
     }
@@ -697,7 +734,7 @@ async fn manage_replication(
     }
     for (i, sql) in settings {
         tracing::info!(group = %group.name, member = %group.members[i].endpoint, "setting replication timeouts");
-        if let Err(e) = admin(&group.members[i].pg_config, &sql, timeout).await {
+        if let Err(e) = admin(&group.members[i].admin, &sql, timeout).await {
             tracing::error!(group = %group.name, error = %e, "cannot set replication timeouts");
         }
     }
@@ -748,6 +785,7 @@ mod tests {
             seen,
             writer,
             lost_master: lost,
+            master_was_synchronous: None,
         }
     }
 
@@ -848,6 +886,42 @@ mod tests {
         );
         assert_eq!((a.writer, a.promote), (None, None));
         assert_eq!(a.note, Some(Note::ShadowStillHearsMaster));
+    }
+
+    #[test]
+    fn a_shadow_of_an_asynchronous_master_is_not_promoted_under_block() {
+        let mut o = obs(
+            vec![Seen::Silent { rounds: 3 }, up(true, 1)],
+            Some(0),
+            vec![false, true],
+        );
+        o.master_was_synchronous = Some(false);
+        let a = decide(&o, &cfg());
+        assert_eq!((a.writer, a.promote), (None, None));
+        assert_eq!(a.note, Some(Note::MasterWasAsynchronous));
+        // Under degrade, availability was chosen: promote.
+        let degrade = FailoverConfig {
+            shadow_loss: ShadowLossPolicy::Degrade,
+            ..cfg()
+        };
+        assert_eq!(decide(&o, &degrade).promote, Some(1));
+        o.master_was_synchronous = Some(true);
+        assert_eq!(decide(&o, &cfg()).promote, Some(1));
+    }
+
+    #[test]
+    fn a_member_that_just_became_a_standby_is_not_lost_at_first_sight() {
+        let mut state = GroupState::default();
+        let t = Duration::from_millis(50);
+        // Seen as a master for longer than the stream timeout, then as a standby whose receiver
+        // is only starting: its silence as a standby has just begun.
+        state.lost_master(&[up(false, 1), up(true, 1)], t);
+        std::thread::sleep(Duration::from_millis(60));
+        state.lost_master(&[up(false, 1), up(true, 1)], t);
+        assert_eq!(
+            state.lost_master(&[up(true, 1), up(false, 2)], t),
+            vec![false, false]
+        );
     }
 
     #[test]

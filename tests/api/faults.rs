@@ -9,12 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Send a complete request over a fresh connection and close it at once.
-async fn send_and_close(addr: &str, path: &str, body: &str) {
+/// Send a complete request as `user` over a fresh connection and close it at once.
+async fn send_and_close(addr: &str, path: &str, user: u64, body: &str) {
     let host = addr.trim_start_matches("http://");
     let mut s = tokio::net::TcpStream::connect(host).await.expect("connect");
     let req = format!(
-        "POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        "POST {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+        user_token(user),
         body.len()
     );
     s.write_all(req.as_bytes()).await.expect("send");
@@ -44,7 +45,7 @@ async fn clients_that_send_and_close_strand_no_stock() {
                 tokio::spawn(async move {
                     let body =
                         json!({"user_id": base + u, "quantity": 1, "request_id": format!("r{u}")});
-                    send_and_close(&addr, &path, &body.to_string()).await
+                    send_and_close(&addr, &path, base + u, &body.to_string()).await
                 })
             })
             .collect();

@@ -9,7 +9,8 @@
 
 use reqwest::StatusCode;
 use seckill::app::{Application, Background};
-use seckill::local::{LocalCluster, ServerTuning};
+use seckill::config::Secret;
+use seckill::local::{EngineSecrets, LocalCluster, ServerTuning};
 use seckill::Config;
 use serde_json::{json, Value};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +18,31 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 pub const TOKEN: &str = "test-admin-token-0123456789";
+pub const USER_SECRET: &str = "test-user-token-secret-0123456789abcdef";
+pub const PAYMENT_SECRET: &str = "test-payment-secret-0123456789";
+
+/// The engine's secrets in every test.
+pub fn secrets() -> EngineSecrets {
+    EngineSecrets {
+        admin_token: Secret::new(TOKEN),
+        user_token_secret: Secret::new(USER_SECRET),
+        payment_secret: Secret::new(PAYMENT_SECRET),
+    }
+}
+
+/// A user token for `user`, valid for an hour.
+pub fn user_token(user: u64) -> String {
+    seckill::auth::users::mint(&Secret::new(USER_SECRET), user, 3600).expect("token")
+}
+
+/// The user a `/v1/users/{user}/...` path is about.
+fn user_of(path: &str) -> Option<u64> {
+    path.strip_prefix("/v1/users/")?
+        .split('/')
+        .next()?
+        .parse()
+        .ok()
+}
 
 static CLUSTER: OnceLock<LocalCluster> = OnceLock::new();
 
@@ -52,7 +78,7 @@ pub fn start_cluster(groups: usize) -> LocalCluster {
     ));
     let base = free_port_block(2 * groups as u16);
     let cluster =
-        LocalCluster::layout(&root, base, groups).expect("PostgreSQL binaries (run scripts/test)");
+        LocalCluster::open(&root, base, groups).expect("PostgreSQL binaries (run scripts/test)");
     let tuning = ServerTuning {
         fsync: false,
         shared_buffers: "32MB",
@@ -77,7 +103,7 @@ pub fn cluster() -> &'static LocalCluster {
 
 /// The configuration the dev cluster would use, listening on port 0, with fast background loops.
 pub fn base_config(cluster: &LocalCluster) -> Config {
-    let mut config = Config::from_toml(&cluster.shards_toml("127.0.0.1:0", TOKEN), "test")
+    let mut config = Config::from_toml(&cluster.shards_toml("127.0.0.1:0", &secrets()), "test")
         .expect("valid config");
     config.routing.table_refresh_ms = 100;
     config.coalesce.soldout_refresh_ms = 200;
@@ -120,14 +146,17 @@ pub async fn spawn_with_dead_users(dead_from: u64, coalesce: bool) -> TestApp {
     } else {
         format!("{{ start = 0, end = {dead_from}, group = \"g0\" }}, {{ start = {dead_from}, group = \"gone\" }}")
     };
+    let c = cluster();
     let toml = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nadmin_token = \"{TOKEN}\"\nmigrate_on_start = false\n\
-         [[groups]]\nname = \"g0\"\nmaster = \"{}\"\n\
+         [auth]\nhs256_secret = \"{USER_SECRET}\"\n\
+         [[groups]]\nname = \"g0\"\nmaster = \"{}\"\nmaster_admin = \"{}\"\n\
          [[groups]]\nname = \"gone\"\nmaster = \"host=127.0.0.1 port={dead_port} user=seckill dbname=seckill connect_timeout=1\"\n\
          [routing.items]\nstrategy = \"range\"\nranges = [{{ start = 0, group = \"g0\" }}]\n\
          [routing.users]\nstrategy = \"range\"\nranges = [{user_ranges}]\n\
          [coalesce]\nenabled = {coalesce}\n",
-        cluster().groups[0].master.dsn()
+        c.dsn(&c.groups[0].master),
+        c.admin_dsn(&c.groups[0].master),
     );
     let config = Config::from_toml(&toml, "test").expect("config");
     spawn_config(config, quiet()).await
@@ -174,6 +203,13 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
 }
 
 pub async fn spawn_config(config: Config, background: Background) -> TestApp {
+    // `RUST_LOG=seckill=debug cargo test ... -- --nocapture` shows the engine's log.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    }
     let app = Application::build_with(config, background)
         .await
         .expect("app builds");
@@ -248,14 +284,56 @@ impl TestApp {
         }
     }
 
+    /// POST, as the user a `/v1/users/{user}/...` path names (with that user's token).
     pub async fn post(&self, path: &str, body: Value) -> Resp {
-        self.send(self.http.post(format!("{}{path}", self.addr)).json(&body))
-            .await
+        let mut req = self.http.post(format!("{}{path}", self.addr)).json(&body);
+        if let Some(u) = user_of(path) {
+            req = req.bearer_auth(user_token(u));
+        }
+        self.send(req).await
     }
 
+    /// GET, as the user a `/v1/users/{user}/...` path names (with that user's token).
     pub async fn get(&self, path: &str) -> Resp {
-        self.send(self.http.get(format!("{}{path}", self.addr)))
-            .await
+        let mut req = self.http.get(format!("{}{path}", self.addr));
+        if let Some(u) = user_of(path) {
+            req = req.bearer_auth(user_token(u));
+        }
+        self.send(req).await
+    }
+
+    /// POST with `user`'s token.
+    pub async fn post_as(&self, user: u64, path: &str, body: Value) -> Resp {
+        self.send(
+            self.http
+                .post(format!("{}{path}", self.addr))
+                .bearer_auth(user_token(user))
+                .json(&body),
+        )
+        .await
+    }
+
+    /// The payment service's callback, signed with the test payment secret.
+    pub async fn pay(
+        &self,
+        user: u64,
+        order_id: &str,
+        amount_cents: i64,
+        payment_ref: &str,
+    ) -> Resp {
+        let body = json!({"order_id": order_id, "user_id": user, "amount_cents": amount_cents,
+                          "payment_ref": payment_ref})
+        .to_string();
+        let t = chrono::Utc::now().timestamp();
+        let sig = seckill::auth::signature::sign(&Secret::new(PAYMENT_SECRET), t, body.as_bytes());
+        self.send(
+            self.http
+                .post(format!("{}/v1/payments", self.addr))
+                .header("content-type", "application/json")
+                .header("seckill-signature", sig)
+                .body(body),
+        )
+        .await
     }
 
     pub async fn admin_get(&self, path: &str) -> Resp {
@@ -314,8 +392,13 @@ impl TestApp {
         if let Some(r) = request_id {
             body["request_id"] = json!(r);
         }
-        self.post(&format!("/v1/sales/{sale}/items/{item}/orders"), body)
-            .await
+        self.send(
+            self.http
+                .post(format!("{}/v1/sales/{sale}/items/{item}/orders", self.addr))
+                .bearer_auth(user_token(user))
+                .json(&body),
+        )
+        .await
     }
 
     /// Buy as a well-behaved client does: one request_id for the purchase, retried with that same

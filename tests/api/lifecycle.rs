@@ -28,16 +28,13 @@ async fn pay_cancel_and_their_refusals() {
     );
     assert_eq!(app.remaining(sale, item).await, 2);
 
-    // Pay, and pay again: the same answer.
-    let paid = app
-        .post(&format!("/v1/users/{user}/orders/{a}/pay"), json!({}))
-        .await;
+    // Pay, and the same payment again: the same answer.
+    let paid = app.pay(user, &a, 250, &format!("pay-{a}")).await;
     assert_eq!(paid.status, StatusCode::OK, "{:?}", paid.body);
     assert_eq!(paid.body["status"], "paid");
-    let again = app
-        .post(&format!("/v1/users/{user}/orders/{a}/pay"), json!({}))
-        .await;
+    let again = app.pay(user, &a, 250, &format!("pay-{a}")).await;
     assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.headers["idempotent-replayed"], "true");
     assert_eq!(
         again.body["paid_at"], paid.body["paid_at"],
         "a repeated callback changes nothing"
@@ -60,17 +57,13 @@ async fn pay_cancel_and_their_refusals() {
         .await;
     assert_eq!(c2.status, StatusCode::OK, "cancelling twice is a no-op");
     assert_eq!(app.remaining(sale, item).await, 4, "stock returned once");
-    let r = app
-        .post(&format!("/v1/users/{user}/orders/{b}/pay"), json!({}))
-        .await;
+    let r = app.pay(user, &b, 500, &format!("pay-{b}")).await;
     assert_eq!(
         (r.status, r.code()),
         (StatusCode::CONFLICT, "order_cancelled")
     );
-    // Someone else's order is not found.
-    let r = app
-        .post(&format!("/v1/users/{}/orders/{a}/pay", user + 1), json!({}))
-        .await;
+    // A payment naming another user's order finds nothing.
+    let r = app.pay(user + 1, &a, 250, "pay-wrong-user").await;
     assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
 
     // The reservation followed the order states.
@@ -119,9 +112,7 @@ async fn unpaid_orders_expire_and_return_their_stock() {
     assert!(back, "the sweeper returned the stock");
     let o = app.get(&format!("/v1/users/{user}/orders/{id}")).await;
     assert_eq!(o.body["status"], "expired");
-    let r = app
-        .post(&format!("/v1/users/{user}/orders/{id}/pay"), json!({}))
-        .await;
+    let r = app.pay(user, &id, 3, &format!("late-{id}")).await;
     assert_eq!(
         (r.status, r.code()),
         (StatusCode::CONFLICT, "order_expired")
@@ -180,9 +171,8 @@ async fn a_sale_with_cancels_payments_and_expiries_stays_conserved() {
                         assert_eq!(c.status, StatusCode::OK);
                     }
                     1 => {
-                        let p = app
-                            .post(&format!("/v1/users/{user}/orders/{id}/pay"), json!({}))
-                            .await;
+                        let amount = r.body["amount_cents"].as_i64().unwrap();
+                        let p = app.pay(user, &id, amount, &format!("p-{id}")).await;
                         assert!(
                             p.status == StatusCode::OK || p.code() == "order_expired",
                             "{:?}",

@@ -333,7 +333,7 @@ async fn a_failed_attempt_never_releases_a_reservation_a_retry_resumed() {
     assert_eq!(app.remaining(sale, item).await, 0, "stock taken once");
 
     // A's compensation comes too late: nothing is released.
-    let back = store::release(&client, &[txn], &[Some(a.attempt)])
+    let back = store::release(&mut client, &[txn], &[Some(a.attempt)])
         .await
         .unwrap();
     assert!(back.is_empty(), "a stale attempt released stock: {back:?}");

@@ -21,9 +21,9 @@ async fn bad_buy_requests_get_clear_4xx() {
             "invalid_request",
         ),
         (
-            json!({"quantity": 1}),
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_request",
+            json!({"user_id": 2, "quantity": 1}),
+            StatusCode::FORBIDDEN,
+            "forbidden",
         ),
         (
             json!({"user_id": 1, "quantity": 0}),
@@ -92,7 +92,7 @@ async fn bad_buy_requests_get_clear_4xx() {
         ),
     ];
     for (body, status, code) in cases {
-        let r = app.post(&path, body.clone()).await;
+        let r = app.post_as(1, &path, body.clone()).await;
         assert_eq!(
             (r.status, r.code()),
             (status, code),
@@ -113,6 +113,7 @@ async fn bad_buy_requests_get_clear_4xx() {
         .send(
             app.http
                 .post(&url)
+                .bearer_auth(user_token(1))
                 .header("content-type", "application/json")
                 .body("{\"user_id\": 1,"),
         )
@@ -123,7 +124,14 @@ async fn bad_buy_requests_get_clear_4xx() {
         "{:?}",
         r.body
     );
-    let r = app.send(app.http.post(&url).body("{\"user_id\": 1}")).await;
+    let r = app
+        .send(
+            app.http
+                .post(&url)
+                .bearer_auth(user_token(1))
+                .body("{\"user_id\": 1}"),
+        )
+        .await;
     assert_eq!(
         (r.status, r.code()),
         (StatusCode::BAD_REQUEST, "invalid_request"),
@@ -138,6 +146,7 @@ async fn bad_buy_requests_get_clear_4xx() {
         .send(
             app.http
                 .post(&url)
+                .bearer_auth(user_token(1))
                 .header("content-type", "application/json")
                 .body(huge),
         )
@@ -165,7 +174,8 @@ async fn bad_buy_requests_get_clear_4xx() {
         r.body
     );
     let r = app
-        .post(
+        .post_as(
+            1,
             &format!("/v1/sales/abc/items/{item}/orders"),
             json!({"user_id": 1}),
         )
@@ -177,7 +187,8 @@ async fn bad_buy_requests_get_clear_4xx() {
         r.body
     );
     let r = app
-        .post(
+        .post_as(
+            1,
             &format!("/v1/sales/{sale}/items/0/orders"),
             json!({"user_id": 1}),
         )
@@ -354,6 +365,7 @@ async fn the_largest_sale_fits_and_a_larger_body_is_a_problem_413() {
         .send(
             app.http
                 .post(format!("{}/v1/sales/1/items/1/orders", app.addr))
+                .bearer_auth(user_token(1))
                 .header("content-type", "application/json")
                 .body(format!(
                     "{{\"user_id\": 1, \"request_id\": \"{}\"}}",

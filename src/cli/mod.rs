@@ -1,13 +1,14 @@
-//! The `seckill` command line: `dev`, `serve`, `migrate`, `shard-map`, `reconcile`, `group`.
+//! The `seckill` command line: `dev`, `serve`, `token`, `migrate`, `check-config`, `shard-map`,
+//! `reconcile`, `group`.
+
+mod dev;
 
 use crate::app::Application;
 use crate::config::Config;
-use crate::local::{LocalCluster, ServerTuning};
 use crate::router::KeyKind;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,6 +52,19 @@ pub enum Command {
         /// One transaction per request instead of coalescing (`coalesce.enabled = false`).
         #[arg(long)]
         no_coalesce: bool,
+    },
+    /// Mint a user token (HS256, signed with `auth.hs256_secret` or SECKILL_USER_TOKEN_SECRET) and
+    /// print it: for the dev cluster, tests and the bench.
+    Token {
+        /// The configuration holding the secret (default: the dev cluster's).
+        #[arg(long, default_value = ".seckill-dev/shards.toml")]
+        config: PathBuf,
+        /// The user id (the token's `sub`).
+        #[arg(long)]
+        user: u64,
+        /// How long the token is valid, in seconds.
+        #[arg(long, default_value_t = 3600)]
+        ttl_secs: u64,
     },
     /// Apply migrations to every group's master and exit.
     Migrate {
@@ -142,12 +156,17 @@ pub async fn run(cli: Cli) -> ExitCode {
             groups,
             listen,
             no_coalesce,
-        } => dev(&dir, base_port, groups.into(), &listen, no_coalesce).await,
+        } => dev::dev(&dir, base_port, groups.into(), &listen, no_coalesce).await,
         Command::Serve {
             config,
             listen,
             no_coalesce,
         } => serve(&config, listen, no_coalesce).await,
+        Command::Token {
+            config,
+            user,
+            ttl_secs,
+        } => token(&config, user, ttl_secs),
         Command::Migrate { config } => migrate(&config).await,
         Command::CheckConfig { config } => check_config(&config),
         Command::ShardMap { config, action } => shard_map(&config, action).await,
@@ -160,7 +179,7 @@ pub async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-type CliResult = Result<(), Box<dyn std::error::Error>>;
+pub(crate) type CliResult = Result<(), Box<dyn std::error::Error>>;
 
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
@@ -185,7 +204,7 @@ async fn shutdown_signal() {
     }
 }
 
-async fn serve_until_signal(app: Application) -> CliResult {
+pub(crate) async fn serve_until_signal(app: Application) -> CliResult {
     let token = app.shutdown_token();
     tokio::spawn(async move {
         shutdown_signal().await;
@@ -207,6 +226,16 @@ async fn serve(path: &Path, listen: Option<std::net::SocketAddr>, no_coalesce: b
     let app = Application::build(config).await?;
     tracing::info!(addr = %app.local_addr(), "seckill serving");
     serve_until_signal(app).await
+}
+
+fn token(path: &Path, user: u64, ttl_secs: u64) -> CliResult {
+    let config = Config::load(path)?;
+    let secret = config.auth.hs256_secret.as_ref().ok_or(
+        "no HS256 secret to sign with: set auth.hs256_secret or SECKILL_USER_TOKEN_SECRET",
+    )?;
+    crate::domain::UserId::parse(user.into())?;
+    println!("{}", crate::auth::users::mint(secret, user, ttl_secs)?);
+    Ok(())
 }
 
 async fn migrate(path: &Path) -> CliResult {
@@ -334,73 +363,4 @@ async fn reconcile(path: &Path, grace_secs: Option<u32>) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
-}
-
-/// Admin token of the dev cluster: generated once, kept in the cluster folder.
-fn dev_token(dir: &Path) -> Result<String, Box<dyn std::error::Error>> {
-    let file = dir.join("admin-token");
-    if let Ok(t) = std::fs::read_to_string(&file) {
-        if t.trim().len() >= 16 {
-            return Ok(t.trim().to_string());
-        }
-    }
-    let token = format!("dev-{}", uuid::Uuid::new_v4().simple());
-    std::fs::write(&file, &token)?;
-    Ok(token)
-}
-
-async fn dev(
-    dir: &Path,
-    base_port: u16,
-    groups: usize,
-    listen: &str,
-    no_coalesce: bool,
-) -> CliResult {
-    let dir = std::env::current_dir()?.join(dir);
-    let cluster = LocalCluster::layout(&dir, base_port, groups)?;
-    println!(
-        "starting {groups} shard group(s) (master + shadow each) under {} ...",
-        dir.display()
-    );
-    let c = cluster.clone();
-    tokio::task::spawn_blocking(move || c.ensure_running(&ServerTuning::default())).await??;
-    let token = std::env::var("SECKILL_ADMIN_TOKEN").or_else(|_| dev_token(&dir))?;
-    let toml = cluster.shards_toml(listen, &token);
-    let toml_path = dir.join("shards.toml");
-    std::fs::write(&toml_path, &toml)?;
-    let mut config = Config::from_toml(&toml, &toml_path.display().to_string())?;
-    config.coalesce.enabled = !no_coalesce;
-    let result = async {
-        let app = Application::build(config).await?;
-        let state = app.state();
-        let sale = demo_sale(&state).await?;
-        let addr = app.local_addr();
-        println!("\nseckill dev is up on http://{addr}");
-        println!("  config:      {}", toml_path.display());
-        println!("  admin token: {token}");
-        println!("  demo sale:   {sale} (items 1001: 100 units, 1002: 1000 units, limit 2 per user)");
-        println!("\ntry:\n  curl -s -X POST http://{addr}/v1/sales/{sale}/items/1001/orders -H 'Content-Type: application/json' -d '{{\"user_id\": 42, \"quantity\": 1}}'");
-        println!("  curl -s http://{addr}/v1/sales/{sale}");
-        println!("  curl -s -H 'Authorization: Bearer {token}' http://{addr}/v1/admin/groups\n\nCtrl-C stops the engine and the servers.");
-        serve_until_signal(app).await
-    }
-    .await;
-    println!("stopping the PostgreSQL servers ...");
-    let c = cluster.clone();
-    let _ = tokio::task::spawn_blocking(move || c.stop_all("fast")).await;
-    result
-}
-
-async fn demo_sale(state: &Arc<crate::AppState>) -> Result<u64, Box<dyn std::error::Error>> {
-    let now = chrono::Utc::now();
-    let sale: crate::sale::NewSale = serde_json::from_value(serde_json::json!({
-        "name": "demo flash sale",
-        "starts_at": now.to_rfc3339(),
-        "ends_at": (now + chrono::Duration::hours(24)).to_rfc3339(),
-        "items": [
-            {"item_id": 1001, "stock": 100, "price_cents": 999, "per_user_limit": 2},
-            {"item_id": 1002, "stock": 1000, "price_cents": 4999, "per_user_limit": 2}
-        ]
-    }))?;
-    Ok(state.sales().create(&sale).await?.sale_id)
 }

@@ -1,36 +1,10 @@
-//! Local PostgreSQL shard groups from the machine's own binaries: the dev cluster of `seckill dev`
-//! and the servers the test harness starts.
-//!
-//! Each group is a master and a shadow made with `pg_basebackup -R` (a streaming replica whose
-//! `application_name` is `shadow`), with synchronous replication switched on once the shadow
-//! streams. PostgreSQL refuses to run as root, so when we are root every server command runs as the
-//! `postgres` user (`runuser -u postgres --`) and the cluster folder is handed to that user. Each
-//! server gets a socket directory of its own under the cluster folder and listens on 127.0.0.1.
-//!
-//! Binaries are found in `$SECKILL_PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`, else
-//! `pg_config --bindir`, else `PATH`.
+//! One local PostgreSQL server: create (initdb or a base backup), start, stop, signal, rejoin.
 
+use super::{hand_to_postgres, run, running_as_root, write_private, LocalError, ADMIN_ROLE};
+use crate::config::Secret;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-#[derive(Debug, thiserror::Error)]
-pub enum LocalError {
-    #[error("PostgreSQL server binaries not found (looked in $SECKILL_PG_BIN, /usr/lib/postgresql/*/bin, pg_config, PATH); install them with `scripts/install-postgres.sh`")]
-    NoBinaries,
-    #[error("{what} failed: {detail}")]
-    Command { what: String, detail: String },
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-    #[error("port {port} (for server {server}) is already in use by {holder}; pick other ports with --base-port")]
-    PortInUse {
-        port: u16,
-        server: String,
-        holder: String,
-    },
-    #[error("server on port {port} did not become ready within {secs} s; see {log}")]
-    NotReady { port: u16, secs: u64, log: String },
-}
 
 /// Where the PostgreSQL binaries are.
 #[derive(Debug, Clone)]
@@ -77,46 +51,6 @@ impl PgBin {
     }
 }
 
-pub fn running_as_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-/// Make `path` (and what is under it) belong to the `postgres` user when we are root.
-pub fn hand_to_postgres(path: &Path) -> Result<(), LocalError> {
-    if running_as_root() {
-        run(
-            "chown",
-            Command::new("chown")
-                .arg("-R")
-                .arg("postgres:postgres")
-                .arg(path),
-        )?;
-    }
-    Ok(())
-}
-
-fn run(what: &str, cmd: &mut Command) -> Result<Output, LocalError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| LocalError::Command {
-            what: what.to_string(),
-            detail: e.to_string(),
-        })?;
-    if !out.status.success() {
-        return Err(LocalError::Command {
-            what: what.to_string(),
-            detail: format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stderr).trim(),
-                String::from_utf8_lossy(&out.stdout).trim()
-            ),
-        });
-    }
-    Ok(out)
-}
-
 /// One local server.
 #[derive(Debug, Clone)]
 pub struct LocalServer {
@@ -126,6 +60,12 @@ pub struct LocalServer {
     pub log_file: PathBuf,
     pub port: u16,
     bin: PgBin,
+    /// The superuser's name and password, for the commands run against the server.
+    admin_user: String,
+    admin_password: Secret,
+    /// The folder holding the data directory is ours (a cluster folder's server folder) and may
+    /// be handed to the `postgres` user; for a data directory given from outside it is not.
+    owns_folder: bool,
 }
 
 /// Settings written into every server's postgresql.conf.
@@ -148,7 +88,8 @@ impl Default for ServerTuning {
 }
 
 impl LocalServer {
-    pub fn new(bin: &PgBin, root: &Path, name: &str, port: u16) -> Self {
+    /// A server of a cluster folder: `root/<name>/{data,run,server.log}`.
+    pub fn new(bin: &PgBin, root: &Path, name: &str, port: u16, admin_password: Secret) -> Self {
         Self {
             name: name.to_string(),
             data_dir: root.join(name).join("data"),
@@ -156,37 +97,57 @@ impl LocalServer {
             log_file: root.join(name).join("server.log"),
             port,
             bin: bin.clone(),
+            admin_user: ADMIN_ROLE.to_string(),
+            admin_password,
+            owns_folder: true,
         }
     }
 
-    /// A server whose data directory is given directly (e.g. an old master to rejoin).
-    pub fn at(bin: &PgBin, data_dir: &Path, port: u16) -> Self {
-        let base = data_dir.parent().unwrap_or(data_dir);
+    /// A server whose data directory is given directly (an old master to rejoin). Nothing
+    /// around the data directory is touched: its socket and log go to a folder of their own
+    /// under the system's temporary directory.
+    pub fn at(
+        bin: &PgBin,
+        data_dir: &Path,
+        port: u16,
+        admin_user: &str,
+        admin_password: Secret,
+    ) -> Self {
+        let scratch = std::env::temp_dir().join(format!("seckill-rejoin-{port}"));
         Self {
             name: data_dir.display().to_string(),
             data_dir: data_dir.to_path_buf(),
-            socket_dir: base.join("run"),
-            log_file: base.join("server.log"),
+            socket_dir: scratch.join("run"),
+            log_file: scratch.join("server.log"),
             port,
             bin: bin.clone(),
+            admin_user: admin_user.to_string(),
+            admin_password,
+            owns_folder: false,
         }
     }
 
     fn cmd(&self, program: &str) -> Command {
         let path = self.bin.dir.join(program);
-        if running_as_root() {
+        let mut c = if running_as_root() {
             let mut c = Command::new("runuser");
             c.args(["-u", "postgres", "--"]).arg(path);
             c
         } else {
             Command::new(path)
-        }
+        };
+        // libpq tools read it; never on a command line, where `ps` would show it.
+        c.env("PGPASSWORD", self.admin_password.expose());
+        c
     }
 
-    pub fn dsn(&self) -> String {
+    /// The superuser's DSN of this server.
+    pub fn admin_dsn(&self) -> String {
         format!(
-            "host=127.0.0.1 port={} user=seckill dbname=seckill",
-            self.port
+            "host=127.0.0.1 port={} user={} password={} dbname=seckill",
+            self.port,
+            self.admin_user,
+            self.admin_password.expose()
         )
     }
 
@@ -195,29 +156,45 @@ impl LocalServer {
     }
 
     fn prepare_dirs(&self) -> Result<(), LocalError> {
-        let base = self.data_dir.parent().unwrap_or(&self.data_dir);
         std::fs::create_dir_all(&self.socket_dir)?;
-        std::fs::create_dir_all(base)?;
-        hand_to_postgres(base)
+        hand_to_postgres(&self.socket_dir)?;
+        if self.owns_folder {
+            let base = self.data_dir.parent().unwrap_or(&self.data_dir);
+            std::fs::create_dir_all(base)?;
+            hand_to_postgres(base)?;
+        }
+        Ok(())
     }
 
-    /// initdb a new master.
+    /// initdb a new master: password authentication (SCRAM) only, the superuser
+    /// [`ADMIN_ROLE`] with the cluster's admin password.
     pub fn init_master(&self, tuning: &ServerTuning) -> Result<(), LocalError> {
         self.prepare_dirs()?;
-        run(
+        let base = self.data_dir.parent().unwrap_or(&self.data_dir);
+        let pwfile = base.join(".initdb-password");
+        write_private(&pwfile, self.admin_password.expose())?;
+        hand_to_postgres(&pwfile)?;
+        let made = run(
             &format!("initdb of {}", self.name),
-            self.cmd("initdb").arg("-D").arg(&self.data_dir).args([
-                "-U",
-                "seckill",
-                "--auth=trust",
-                "--no-locale",
-                "-E",
-                "UTF8",
-                "--no-sync",
-            ]),
-        )?;
+            self.cmd("initdb")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-U", &self.admin_user])
+                .arg(format!("--pwfile={}", pwfile.display()))
+                .args([
+                    "--auth-local=scram-sha-256",
+                    "--auth-host=scram-sha-256",
+                    "--no-locale",
+                    "-E",
+                    "UTF8",
+                    "--no-sync",
+                ]),
+        );
+        let _ = std::fs::remove_file(&pwfile);
+        made?;
         let conf = format!(
             "\n# seckill local cluster\nlisten_addresses = '127.0.0.1'\nmax_connections = {}\nshared_buffers = {}\n\
+             password_encryption = 'scram-sha-256'\n\
              wal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\nwal_keep_size = '512MB'\n\
              hot_standby = on\nwal_log_hints = on\nfsync = {}\nfull_page_writes = {}\n\
              wal_sender_timeout = '3000ms'\nwal_receiver_timeout = '1500ms'\nwal_retrieve_retry_interval = '1s'\n\
@@ -236,7 +213,8 @@ impl LocalServer {
         self.init_shadow_of_addr("127.0.0.1", master.port)
     }
 
-    /// Make this server a streaming replica of the master at `host:port`.
+    /// Make this server a streaming replica of the master at `host:port` (same superuser
+    /// credentials).
     pub fn init_shadow_of_addr(&self, host: &str, port: u16) -> Result<(), LocalError> {
         self.prepare_dirs()?;
         if self.data_dir.exists() {
@@ -248,18 +226,29 @@ impl LocalServer {
                 .arg("-D")
                 .arg(&self.data_dir)
                 .args(["-h", host, "-p", &port.to_string()])
-                .args(["-U", "seckill", "-X", "stream", "-R", "-c", "fast"]),
+                .args(["-U", &self.admin_user, "-X", "stream", "-R", "-c", "fast"]),
         )?;
-        self.follow(host, port)
+        self.follow(host, port, "shadow")
     }
 
-    /// Point this (standby) server at the master at `host:port`.
-    pub fn follow(&self, host: &str, port: u16) -> Result<(), LocalError> {
+    /// Point this (standby) server at the master at `host:port`, connecting as
+    /// `application_name` (what `synchronous_standby_names` names).
+    pub fn follow(&self, host: &str, port: u16, application_name: &str) -> Result<(), LocalError> {
+        let password = self.admin_password.expose();
+        if password.contains(['\'', '\\', ' ']) {
+            return Err(LocalError::Refused(
+                "a password with quotes, backslashes or spaces cannot be written into \
+                 primary_conninfo here; set the standby up by hand (see README)"
+                    .into(),
+            ));
+        }
         append(
             &self.data_dir.join("postgresql.auto.conf"),
             &format!(
-                "primary_conninfo = 'host={host} port={port} user=seckill application_name=shadow \
-                 connect_timeout=2 keepalives_idle=1 keepalives_interval=1 keepalives_count=3'\n"
+                "primary_conninfo = 'host={host} port={port} user={} password={password} \
+                 application_name={application_name} connect_timeout=2 keepalives_idle=1 \
+                 keepalives_interval=1 keepalives_count=3'\n",
+                self.admin_user
             ),
         )?;
         std::fs::write(self.data_dir.join("standby.signal"), b"")?;
@@ -409,9 +398,22 @@ impl LocalServer {
     }
 
     /// SIGSTOP every process of the server: it stops answering while its sockets stay open, as a
-    /// frozen host or a network partition looks from outside.
+    /// frozen host or a network partition looks from outside. The postmaster first (so it forks
+    /// nothing new), then its children until no unstopped one is left.
     pub fn freeze(&self) -> Result<(), LocalError> {
-        self.signal_all(libc::SIGSTOP)
+        let mut stopped = std::collections::HashSet::new();
+        loop {
+            let pids = self.processes()?;
+            let new: Vec<i32> = pids.into_iter().filter(|p| !stopped.contains(p)).collect();
+            if new.is_empty() {
+                return Ok(());
+            }
+            for pid in new {
+                // SAFETY: plain kill(2) of the server's own processes.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                stopped.insert(pid);
+            }
+        }
     }
 
     /// SIGCONT every process of a frozen server.
@@ -419,19 +421,13 @@ impl LocalServer {
         self.signal_all(libc::SIGCONT)
     }
 
-    /// Run SQL through psql as the `seckill` superuser, returning its unaligned output.
+    /// Run SQL through psql as the superuser, returning its unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, LocalError> {
         let out = run(
             &format!("psql on {}", self.name),
             self.cmd("psql")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                    "-U",
-                    "seckill",
-                ])
+                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", &self.admin_user])
                 .args([
                     "-d",
                     db,
@@ -448,9 +444,27 @@ impl LocalServer {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// The system identifier recorded in the data directory (`pg_controldata`): which cluster
+    /// lineage it belongs to.
+    pub fn system_identifier(&self) -> Result<String, LocalError> {
+        let out = run(
+            &format!("pg_controldata of {}", self.name),
+            self.cmd("pg_controldata").arg("-D").arg(&self.data_dir),
+        )?;
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("Database system identifier:"))
+            .map(|v| v.trim().to_string())
+            .ok_or_else(|| LocalError::Command {
+                what: "pg_controldata".into(),
+                detail: "no system identifier in its output".into(),
+            })
+    }
+
     /// Turn an old master into a standby of the master at `host:port` with pg_rewind (falling back
-    /// to a fresh base backup when rewinding is impossible).
-    pub fn rejoin(&self, host: &str, port: u16) -> Result<(), LocalError> {
+    /// to a fresh base backup when rewinding is impossible). The caller has checked that this
+    /// data directory belongs to the group (its system identifier).
+    pub fn rejoin(&self, host: &str, port: u16, application_name: &str) -> Result<(), LocalError> {
         self.stop("fast").or_else(|_| self.stop("immediate"))?;
         let rewind = run(
             &format!("pg_rewind of {}", self.name),
@@ -458,11 +472,12 @@ impl LocalServer {
                 .arg("--target-pgdata")
                 .arg(&self.data_dir)
                 .arg(format!(
-                    "--source-server=host={host} port={port} user=seckill dbname=postgres"
+                    "--source-server=host={host} port={port} user={} dbname=postgres",
+                    self.admin_user
                 )),
         );
         match rewind {
-            Ok(_) => self.follow(host, port)?,
+            Ok(_) => self.follow(host, port, application_name)?,
             Err(e) => {
                 tracing::warn!(server = %self.name, error = %e, "pg_rewind failed; taking a fresh base backup");
                 self.init_shadow_of_addr(host, port)?;
@@ -491,204 +506,4 @@ fn append(path: &Path, text: &str) -> Result<(), LocalError> {
     let mut f = std::fs::OpenOptions::new().append(true).open(path)?;
     f.write_all(text.as_bytes())?;
     Ok(())
-}
-
-/// A master and a shadow.
-#[derive(Debug, Clone)]
-pub struct LocalGroup {
-    pub name: String,
-    pub master: LocalServer,
-    pub shadow: LocalServer,
-}
-
-/// Several local groups under one folder.
-#[derive(Debug, Clone)]
-pub struct LocalCluster {
-    pub root: PathBuf,
-    pub groups: Vec<LocalGroup>,
-}
-
-impl LocalCluster {
-    /// Describe `groups` groups under `root` on ports `base_port..` (two per group).
-    pub fn layout(root: &Path, base_port: u16, groups: usize) -> Result<Self, LocalError> {
-        let bin = PgBin::locate()?;
-        let groups = (0..groups)
-            .map(|i| {
-                let name = format!("g{i}");
-                let port = base_port + 2 * i as u16;
-                LocalGroup {
-                    master: LocalServer::new(&bin, root, &format!("{name}-a"), port),
-                    shadow: LocalServer::new(&bin, root, &format!("{name}-b"), port + 1),
-                    name,
-                }
-            })
-            .collect();
-        Ok(Self {
-            root: root.to_path_buf(),
-            groups,
-        })
-    }
-
-    /// Create what is missing and start everything; reuses existing data directories.
-    pub fn ensure_running(&self, tuning: &ServerTuning) -> Result<(), LocalError> {
-        std::fs::create_dir_all(&self.root)?;
-        hand_to_postgres(&self.root)?;
-        let mut started: Vec<&LocalServer> = Vec::new();
-        let result = self.start_groups(tuning, &mut started);
-        if result.is_err() {
-            // Leave nothing half-started behind: the next attempt would trip over it.
-            for s in started.iter().rev() {
-                if let Err(e) = s.stop("fast").or_else(|_| s.stop("immediate")) {
-                    tracing::warn!(server = %s.name, error = %e, "stop failed");
-                }
-            }
-        }
-        result
-    }
-
-    fn start_groups<'a>(
-        &'a self,
-        tuning: &ServerTuning,
-        started: &mut Vec<&'a LocalServer>,
-    ) -> Result<(), LocalError> {
-        let mut start = |s: &'a LocalServer| -> Result<(), LocalError> {
-            if s.is_running() {
-                return Ok(());
-            }
-            check_port_free(s.port, &s.name)?;
-            s.start()?;
-            started.push(s);
-            Ok(())
-        };
-        for g in &self.groups {
-            let fresh = !g.master.exists() && !g.shadow.exists();
-            if fresh {
-                g.master.init_master(tuning)?;
-            }
-            // After a failover the "b" server may be the master; start whatever exists.
-            for s in [&g.master, &g.shadow] {
-                if s.exists() {
-                    start(s)?;
-                }
-            }
-            if fresh {
-                g.master.psql("postgres", "CREATE DATABASE seckill")?;
-            }
-            if !g.shadow.exists() {
-                g.shadow.init_shadow_of(&g.master)?;
-                start(&g.shadow)?;
-            }
-        }
-        Ok(())
-    }
-
-    pub fn stop_all(&self, mode: &str) {
-        for g in &self.groups {
-            for s in [&g.shadow, &g.master] {
-                // A frozen server (SIGSTOP) would never act on the stop signal.
-                if s.is_running() {
-                    let _ = s.thaw();
-                }
-                if let Err(e) = s.stop(mode) {
-                    tracing::warn!(server = %s.name, error = %e, "stop failed");
-                }
-            }
-        }
-    }
-
-    /// A shards.toml for this cluster.
-    pub fn shards_toml(&self, listen: &str, admin_token: &str) -> String {
-        let mut t = format!(
-            "# Generated by seckill for the local cluster under {}.\n\n[server]\nlisten = \"{listen}\"\nadmin_token = \"{admin_token}\"\n",
-            self.root.display()
-        );
-        for g in &self.groups {
-            t.push_str(&format!(
-                "\n[[groups]]\nname = \"{}\"\nmaster = \"{}\"\nshadow = \"{}\"\npool_size = 16\n",
-                g.name,
-                g.master.dsn(),
-                g.shadow.dsn()
-            ));
-        }
-        t
-    }
-}
-
-/// Refuse, with the port and its holder named, a port another process holds.
-fn check_port_free(port: u16, server: &str) -> Result<(), LocalError> {
-    if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-        return Ok(());
-    }
-    Err(LocalError::PortInUse {
-        port,
-        server: server.to_string(),
-        holder: port_holder(port),
-    })
-}
-
-/// Who holds a local TCP port, as far as /proc tells: a listening process, or an outgoing
-/// connection (the port lies in the kernel's ephemeral range).
-fn port_holder(port: u16) -> String {
-    let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let local_port = f
-                .get(1)
-                .and_then(|a| a.rsplit_once(':'))
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            if local_port == Some(port) {
-                // State 0A is LISTEN.
-                inodes.push((f.get(3) == Some(&"0A"), f.get(9).unwrap_or(&"").to_string()));
-            }
-        }
-    }
-    let Some((listening, inode)) = inodes.into_iter().max_by_key(|(l, _)| *l) else {
-        return "unknown".into();
-    };
-    let target = format!("socket:[{inode}]");
-    let owner = std::fs::read_dir("/proc").ok().and_then(|procs| {
-        procs.flatten().find_map(|p| {
-            let fds = std::fs::read_dir(p.path().join("fd")).ok()?;
-            let holds = fds.flatten().any(|fd| {
-                std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy() == target)
-            });
-            holds.then(|| {
-                let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
-                format!("{} (pid {})", comm.trim(), p.file_name().to_string_lossy())
-            })
-        })
-    });
-    match (listening, owner) {
-        (true, Some(o)) => format!("{o}, listening"),
-        (true, None) => "a listening socket of another user".into(),
-        (false, Some(o)) => format!("an outgoing connection of {o}"),
-        (false, None) => "an outgoing connection (the port is in the ephemeral range)".into(),
-    }
-}
-
-/// A free TCP port on 127.0.0.1 (best effort: another process may take it before we bind).
-pub fn free_port() -> Result<u16, LocalError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn a_taken_port_is_refused_with_its_holder_named() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let e = super::check_port_free(port, "g0-a")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains(&port.to_string()) && e.contains("g0-a"), "{e}");
-        assert!(e.contains("listening"), "the holder is named: {e}");
-        drop(listener);
-        assert!(super::check_port_free(port, "g0-a").is_ok());
-    }
 }

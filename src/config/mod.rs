@@ -3,8 +3,19 @@
 //! One `validate()` checks everything that can be checked without a network: one master per group,
 //! unique group names and hosts, every slot of the hash slot map owned by exactly one known group,
 //! ranges that cover the whole key space without overlap. Errors name the field and the reason so a
-//! DBA can fix the file without reading code. Secrets may come from the environment:
-//! `SECKILL_ADMIN_TOKEN` overrides `server.admin_token`.
+//! DBA can fix the file without reading code. Secrets may come from the environment, which
+//! overrides the file: `SECKILL_ADMIN_TOKEN` (`server.admin_token`), `SECKILL_USER_TOKEN_SECRET`
+//! (`auth.hs256_secret`), `SECKILL_PAYMENT_SECRET` (`payments.secret`), and `SECKILL_DB_PASSWORD` /
+//! `SECKILL_DB_ADMIN_PASSWORD` (the password of member / admin DSNs that name none). Secrets never
+//! reach a log or a `Debug` output ([`Secret`], [`Dsn`]).
+//!
+//! This module imports nothing of the crate: it turns the file into plain data.
+
+pub mod dsn;
+pub mod secret;
+
+pub use dsn::{Dsn, Resolved, TlsMode};
+pub use secret::Secret;
 
 use serde::Deserialize;
 use std::collections::{HashMap, HashSet};
@@ -56,6 +67,83 @@ pub struct Config {
     pub coalesce: CoalesceConfig,
     #[serde(default)]
     pub failover: FailoverConfig,
+    #[serde(default)]
+    pub auth: AuthConfig,
+    #[serde(default)]
+    pub payments: PaymentsConfig,
+    /// Password of member DSNs that name none: `SECKILL_DB_PASSWORD` (not read from the file).
+    #[serde(skip)]
+    pub db_password: Option<Secret>,
+    /// Password of admin DSNs that name none: `SECKILL_DB_ADMIN_PASSWORD` (not read from the file).
+    #[serde(skip)]
+    pub db_admin_password: Option<Secret>,
+}
+
+/// How users prove who they are (`[auth]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// `jwt` (default): every user-facing endpoint needs `Authorization: Bearer <JWT>`, whose `sub`
+    /// is the user id. `none`: trust the caller's `user_id` (only behind a gateway that already
+    /// authenticated it; logged as a warning at start).
+    pub users: UsersAuth,
+    /// Shared secret for HS256 tokens (at least 32 characters). `SECKILL_USER_TOKEN_SECRET`
+    /// overrides it.
+    pub hs256_secret: Option<Secret>,
+    /// PEM file with one or more public keys (RSA, EC P-256, Ed25519) for RS256/ES256/EdDSA
+    /// tokens, e.g. the identity provider's.
+    pub public_key_file: Option<std::path::PathBuf>,
+    /// JWKS file (`{"keys": [...]}`) with the identity provider's public keys; a token's `kid`
+    /// picks one.
+    pub jwks_file: Option<std::path::PathBuf>,
+    /// Required `iss`, when set.
+    pub issuer: Option<String>,
+    /// Required `aud`, when set.
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`, in seconds. Default 30.
+    pub leeway_secs: u64,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            users: UsersAuth::Jwt,
+            hs256_secret: None,
+            public_key_file: None,
+            jwks_file: None,
+            issuer: None,
+            audience: None,
+            leeway_secs: 30,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum UsersAuth {
+    #[default]
+    Jwt,
+    None,
+}
+
+/// The payment service's callbacks (`[payments]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PaymentsConfig {
+    /// HMAC-SHA256 key the payment service signs callbacks with (at least 16 characters).
+    /// `SECKILL_PAYMENT_SECRET` overrides it. Without one, every callback is refused.
+    pub secret: Option<Secret>,
+    /// A signature's timestamp may be this far from the engine's clock, in seconds. Default 300.
+    pub tolerance_secs: u64,
+}
+
+impl Default for PaymentsConfig {
+    fn default() -> Self {
+        Self {
+            secret: None,
+            tolerance_secs: 300,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,7 +153,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Bearer token for `/v1/admin/*`. Default: none, which disables the admin API until
     /// `SECKILL_ADMIN_TOKEN` is set. Must be at least 16 characters when set.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
     /// Largest accepted request body in bytes. Default 16384.
     pub body_limit_bytes: usize,
     /// Apply migrations to every group's master at start. Default true.
@@ -106,16 +194,36 @@ impl Default for ServerConfig {
     }
 }
 
+/// One member of a group, its DSNs resolved for connecting.
+#[derive(Debug, Clone)]
+pub struct Member {
+    /// `master` or `shadow`: its role in shards.toml.
+    pub role: &'static str,
+    /// The engine's own connections (the application role).
+    pub conn: Resolved,
+    /// Administration (see [`GroupConfig::master_admin`]).
+    pub admin: Resolved,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupConfig {
     /// Unique group name, used by slot maps, ranges and the router-config table.
     pub name: String,
-    /// libpq-style DSN of the master, e.g. `host=10.0.0.1 port=5432 user=seckill dbname=seckill`.
-    pub master: String,
+    /// libpq-style DSN of the master, e.g. `host=10.0.0.1 port=5432 user=seckill dbname=seckill`:
+    /// the engine's application role (DML on its tables is all it needs).
+    pub master: Dsn,
     /// DSN of the shadow (streaming replica). Optional: a group without one has no failover.
     #[serde(default)]
-    pub shadow: Option<String>,
+    pub shadow: Option<Dsn>,
+    /// DSN of the master for administration — migrations, and in built-in failover mode the
+    /// health probes, promotion, fencing and replication settings — with a role that may do them
+    /// (a superuser). Default: `master`.
+    #[serde(default)]
+    pub master_admin: Option<Dsn>,
+    /// The same for the shadow. Default: `shadow`.
+    #[serde(default)]
+    pub shadow_admin: Option<Dsn>,
     /// Connections per member in this engine node's pool. Default 16.
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
@@ -339,13 +447,54 @@ impl Config {
         Ok(config)
     }
 
-    /// Environment overrides for secrets.
+    /// Environment overrides for secrets (module docs).
     pub fn apply_env(&mut self) {
-        if let Ok(token) = std::env::var("SECKILL_ADMIN_TOKEN") {
-            if !token.is_empty() {
-                self.server.admin_token = Some(token);
-            }
+        if let Some(t) = secret::from_env("SECKILL_ADMIN_TOKEN") {
+            self.server.admin_token = Some(t);
         }
+        if let Some(t) = secret::from_env("SECKILL_USER_TOKEN_SECRET") {
+            self.auth.hs256_secret = Some(t);
+        }
+        if let Some(t) = secret::from_env("SECKILL_PAYMENT_SECRET") {
+            self.payments.secret = Some(t);
+        }
+        self.db_password = secret::from_env("SECKILL_DB_PASSWORD");
+        self.db_admin_password = secret::from_env("SECKILL_DB_ADMIN_PASSWORD");
+    }
+
+    /// The DSNs of one group's members, resolved: `(role, connection, administration)`.
+    pub fn members(&self, group: &GroupConfig) -> Result<Vec<Member>, ConfigError> {
+        let admin_pw = self
+            .db_admin_password
+            .as_ref()
+            .or(self.db_password.as_ref());
+        let mut out = Vec::new();
+        for (role, dsn, admin) in [
+            ("master", Some(&group.master), group.master_admin.as_ref()),
+            ("shadow", group.shadow.as_ref(), group.shadow_admin.as_ref()),
+        ] {
+            let Some(dsn) = dsn else { continue };
+            let index = self
+                .groups
+                .iter()
+                .position(|g| g.name == group.name)
+                .unwrap_or(0);
+            let field = |f: &str| format!("groups[{index}].{f}");
+            let conn = dsn
+                .resolve(self.db_password.as_ref())
+                .map_err(|e| invalid(field(role), format!("not a valid DSN: {e}")))?;
+            let admin = match admin {
+                Some(a) => a.resolve(admin_pw).map_err(|e| {
+                    invalid(
+                        field(&format!("{role}_admin")),
+                        format!("not a valid DSN: {e}"),
+                    )
+                })?,
+                None => conn.clone(),
+            };
+            out.push(Member { role, conn, admin });
+        }
+        Ok(out)
     }
 
     pub fn config_group(&self) -> &str {
@@ -366,7 +515,36 @@ impl Config {
         self.validate_orders()?;
         self.validate_coalesce()?;
         self.validate_failover()?;
+        self.validate_auth()?;
         self.validate_routing()
+    }
+
+    fn validate_auth(&self) -> Result<(), ConfigError> {
+        let a = &self.auth;
+        if let Some(s) = &a.hs256_secret {
+            if s.len() < 32 {
+                return Err(invalid(
+                    "auth.hs256_secret",
+                    "must be at least 32 characters (or set SECKILL_USER_TOKEN_SECRET)",
+                ));
+            }
+        }
+        let keys = a.hs256_secret.is_some() || a.public_key_file.is_some() || a.jwks_file.is_some();
+        if a.users == UsersAuth::Jwt && !keys {
+            return Err(invalid(
+                "auth",
+                "users = \"jwt\" needs hs256_secret (or SECKILL_USER_TOKEN_SECRET), public_key_file or jwks_file",
+            ));
+        }
+        if let Some(s) = &self.payments.secret {
+            if s.len() < 16 {
+                return Err(invalid(
+                    "payments.secret",
+                    "must be at least 16 characters (or set SECKILL_PAYMENT_SECRET)",
+                ));
+            }
+        }
+        positive("payments.tolerance_secs", self.payments.tolerance_secs)
     }
 
     fn validate_groups(&self) -> Result<(), ConfigError> {
@@ -400,18 +578,13 @@ impl Config {
                     "must be between 1 and 1024",
                 ));
             }
-            let members = std::iter::once(("master", Some(&g.master)))
-                .chain(std::iter::once(("shadow", g.shadow.as_ref())));
-            for (role, dsn) in members {
-                let Some(dsn) = dsn else { continue };
-                let parsed: tokio_postgres::Config = dsn.parse().map_err(|e| {
-                    invalid(format!("{field}.{role}"), format!("not a valid DSN: {e}"))
-                })?;
-                let endpoint = endpoint_of(&parsed)
-                    .ok_or_else(|| invalid(format!("{field}.{role}"), "names no host and port"))?;
-                if let Some(other) = hosts.insert(endpoint.clone(), format!("{field}.{role}")) {
+            for m in self.members(g)? {
+                let f = format!("{field}.{}", m.role);
+                let endpoint = endpoint_of(&m.conn.pg)
+                    .ok_or_else(|| invalid(f.clone(), "names no host and port"))?;
+                if let Some(other) = hosts.insert(endpoint.clone(), f.clone()) {
                     return Err(invalid(
-                        format!("{field}.{role}"),
+                        f,
                         format!("server {endpoint} is already used by {other}"),
                     ));
                 }
@@ -597,6 +770,8 @@ shadow = "host=127.0.0.1 port=5433 user=seckill dbname=seckill"
 [[groups]]
 name = "g1"
 master = "host=127.0.0.1 port=5434 user=seckill dbname=seckill"
+[auth]
+hs256_secret = "0123456789abcdef0123456789abcdef"
 "#;
 
     fn err(text: &str) -> String {

@@ -1,0 +1,88 @@
+//! Who is calling: an admin (the admin token) or a user (a JWT, [`crate::auth::users`]).
+//!
+//! Both are extractors that run before a body is read, so an anonymous caller learns nothing
+//! about the schema. A missing or invalid token is 401 `unauthorized` with `WWW-Authenticate:
+//! Bearer`; a user id in the path or body that is not the token's is 403 `forbidden`.
+
+use super::error::ApiError;
+use crate::app::AppState;
+use crate::config::UsersAuth;
+use crate::domain::UserId;
+use axum::http::{header, request::Parts, HeaderMap};
+use std::sync::Arc;
+
+/// A request that carries the admin token.
+pub struct Admin;
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Arc<AppState>) -> Result<Self, ApiError> {
+        let Some(expected) = s.admin_token.as_ref() else {
+            return Err(ApiError::unauthorized(
+                "the admin API is disabled: set server.admin_token or SECKILL_ADMIN_TOKEN",
+            ));
+        };
+        let given = bearer(&parts.headers).ok_or_else(|| {
+            ApiError::unauthorized("missing `Authorization: Bearer <admin token>`")
+        })?;
+        if !constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
+            return Err(ApiError::unauthorized("wrong admin token"));
+        }
+        Ok(Admin)
+    }
+}
+
+/// The user a request acts for. With `auth.users = "jwt"` it is the token's `sub`; with
+/// `"none"` the engine trusts the `user_id` the request names.
+pub struct Caller(Option<UserId>);
+
+impl axum::extract::FromRequestParts<Arc<AppState>> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, s: &Arc<AppState>) -> Result<Self, ApiError> {
+        if s.users.mode() == UsersAuth::None {
+            return Ok(Caller(None));
+        }
+        let token = bearer(&parts.headers).ok_or_else(|| {
+            ApiError::unauthorized(crate::auth::users::TokenError::Missing.to_string())
+        })?;
+        let user = s
+            .users
+            .verify(token)
+            .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        let user = UserId::parse(user.into()).map_err(|e| ApiError::unauthorized(e.to_string()))?;
+        Ok(Caller(Some(user)))
+    }
+}
+
+impl Caller {
+    /// The user to act for, given the id the request names (path or body), if any: it must be
+    /// the token's (403 otherwise). Without tokens (`users = "none"`) the named id, which is
+    /// then required.
+    pub fn acting_as(&self, named: Option<UserId>) -> Result<UserId, ApiError> {
+        match (self.0, named) {
+            (Some(me), Some(n)) if n != me => Err(ApiError::forbidden(
+                "the user id in the request is not the token's",
+            )),
+            (Some(me), _) => Ok(me),
+            (None, Some(n)) => Ok(n),
+            (None, None) => Err(ApiError::invalid("user_id is required")),
+        }
+    }
+}
+
+/// The token of `Authorization: Bearer <token>`.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,100 @@
+//! `POST /v1/payments`: the payment service's signed callback ([`crate::auth::signature`]).
+//!
+//! Answers: 200 with the paid order (the same `payment_ref` again: the same answer, header
+//! `idempotent-replayed: true`); 401 for a missing, malformed, stale or wrong signature; 409
+//! `amount_mismatch` (the order is left as it was), `order_paid` (paid by another payment),
+//! `order_cancelled` / `order_expired`; 404 for an unknown order. Every payment is recorded,
+//! refused ones as `refund_due` (the body's `payment` says why).
+
+use super::error::ApiError;
+use super::extract::{parse_json, RawBody};
+use crate::app::AppState;
+use crate::domain::UserId;
+use crate::order::payments::{Notice, Refused};
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PaymentBody {
+    order_id: uuid::Uuid,
+    user_id: UserId,
+    amount_cents: i64,
+    payment_ref: String,
+}
+
+pub async fn callback(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawBody(body): RawBody,
+) -> Result<Response, ApiError> {
+    // The signature first: nothing of an unsigned body is even parsed.
+    let signature = headers
+        .get("seckill-signature")
+        .and_then(|v| v.to_str().ok());
+    crate::auth::signature::verify(
+        s.config.payments.secret.as_ref(),
+        signature,
+        &body,
+        chrono::Utc::now().timestamp(),
+        s.config.payments.tolerance_secs,
+    )
+    .map_err(|e| ApiError::unauthorized(e.to_string()))?;
+    let p: PaymentBody = parse_json(&headers, &body)?;
+    let reference_ok = (1..=128).contains(&p.payment_ref.len())
+        && p.payment_ref.bytes().all(|b| b.is_ascii_graphic());
+    if !reference_ok {
+        return Err(ApiError::invalid(
+            "payment_ref must be 1 to 128 printable ASCII characters",
+        ));
+    }
+    if p.amount_cents < 0 {
+        return Err(ApiError::invalid("amount_cents must not be negative"));
+    }
+    let notice = Notice {
+        order_id: p.order_id,
+        user: p.user_id,
+        amount_cents: p.amount_cents,
+        payment_ref: p.payment_ref,
+    };
+    let settled = s.orders.settle_payment(notice.clone()).await?;
+    let payment = &settled.payment;
+    if payment.order_id != notice.order_id || payment.amount_cents != notice.amount_cents {
+        return Err(ApiError::invalid(
+            "this payment_ref was already recorded for another order or amount",
+        )
+        .with("payment", json!(payment)));
+    }
+    if let Some(reason) = payment.reason {
+        let (status, code) = match reason {
+            Refused::OrderNotFound => (StatusCode::NOT_FOUND, "not_found"),
+            r => (StatusCode::CONFLICT, r.as_str()),
+        };
+        let mut e =
+            ApiError::new(status, code, refusal_text(reason)).with("payment", json!(payment));
+        if let Some(order) = &settled.order {
+            e = e.with("order", json!(order));
+        }
+        return Err(e);
+    }
+    let mut resp = axum::Json(&settled.order).into_response();
+    if settled.replayed {
+        resp.headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(resp)
+}
+
+fn refusal_text(r: Refused) -> &'static str {
+    match r {
+        Refused::AmountMismatch => "the amount differs from the order's; the order is unchanged and the payment is due for refund",
+        Refused::OrderPaid => "the order was already paid by another payment; this one is due for refund",
+        Refused::OrderCancelled => "the order was cancelled; the payment is due for refund",
+        Refused::OrderExpired => "the order's payment window had passed; the payment is due for refund",
+        Refused::OrderNotFound => "no such order for this user; the payment is due for refund",
+    }
+}

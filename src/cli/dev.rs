@@ -1,0 +1,105 @@
+//! `seckill dev`: the whole system on this machine (DESIGN.md "Dev cluster").
+
+use super::{serve_until_signal, CliResult};
+use crate::app::Application;
+use crate::config::{secret, Config, Secret};
+use crate::local::{write_private, EngineSecrets, LocalCluster, ServerTuning};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A secret of the engine: the environment variable when set, else the one kept in the cluster
+/// folder (made on first use).
+fn engine_secret(
+    cluster: &LocalCluster,
+    env: &str,
+    file: &str,
+) -> Result<Secret, crate::local::LocalError> {
+    match secret::from_env(env) {
+        Some(s) => Ok(s),
+        None => cluster.secret(file),
+    }
+}
+
+pub async fn dev(
+    dir: &Path,
+    base_port: u16,
+    groups: usize,
+    listen: &str,
+    no_coalesce: bool,
+) -> CliResult {
+    let dir = std::env::current_dir()?.join(dir);
+    let cluster = LocalCluster::open(&dir, base_port, groups)?;
+    println!(
+        "starting {groups} shard group(s) (master + shadow each) under {} ...",
+        dir.display()
+    );
+    let c = cluster.clone();
+    tokio::task::spawn_blocking(move || c.ensure_running(&ServerTuning::default())).await??;
+    let secrets = EngineSecrets {
+        admin_token: engine_secret(&cluster, "SECKILL_ADMIN_TOKEN", "admin-token")?,
+        user_token_secret: engine_secret(
+            &cluster,
+            "SECKILL_USER_TOKEN_SECRET",
+            "user-token-secret",
+        )?,
+        payment_secret: engine_secret(&cluster, "SECKILL_PAYMENT_SECRET", "payment-secret")?,
+    };
+    let toml = cluster.shards_toml(listen, &secrets);
+    let toml_path = dir.join("shards.toml");
+    write_private(&toml_path, &toml)?;
+    let mut config = Config::from_toml(&toml, &toml_path.display().to_string())?;
+    config.coalesce.enabled = !no_coalesce;
+    let result = async {
+        let app = Application::build(config).await?;
+        let state = app.state();
+        let sale = demo_sale(&state).await?;
+        let addr = app.local_addr();
+        print_welcome(&addr.to_string(), sale, &toml_path, &secrets);
+        serve_until_signal(app).await
+    }
+    .await;
+    println!("stopping the PostgreSQL servers ...");
+    let c = cluster.clone();
+    let _ = tokio::task::spawn_blocking(move || c.stop_all("fast")).await;
+    result
+}
+
+fn print_welcome(addr: &str, sale: u64, toml_path: &Path, secrets: &EngineSecrets) {
+    let me = std::env::current_exe()
+        .ok()
+        .and_then(|p| {
+            let cwd = std::env::current_dir().ok()?;
+            p.strip_prefix(&cwd).ok().map(|r| r.display().to_string())
+        })
+        .unwrap_or_else(|| "seckill".to_string());
+    let cfg = toml_path.display();
+    println!("\nseckill dev is up on http://{addr}");
+    println!("  config:      {cfg} (mode 0600: it holds the cluster's secrets)");
+    println!("  admin token: {}", secrets.admin_token.expose());
+    println!("  demo sale:   {sale} (items 1001: 100 units, 1002: 1000 units, limit 2 per user)");
+    println!("  user tokens: {me} token --config {cfg} --user 42 [--ttl-secs 3600]");
+    println!("\ntry:");
+    println!("  TOKEN=$({me} token --config {cfg} --user 42)");
+    println!("  curl -s -X POST http://{addr}/v1/sales/{sale}/items/1001/orders -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"quantity\": 1, \"request_id\": \"try-1\"}}'");
+    println!("  curl -s -H \"Authorization: Bearer $TOKEN\" http://{addr}/v1/users/42/orders");
+    println!("  curl -s http://{addr}/v1/sales/{sale}");
+    println!(
+        "  curl -s -H 'Authorization: Bearer {}' http://{addr}/v1/admin/groups",
+        secrets.admin_token.expose()
+    );
+    println!("\nCtrl-C stops the engine and the servers.");
+}
+
+async fn demo_sale(state: &Arc<crate::AppState>) -> Result<u64, Box<dyn std::error::Error>> {
+    let now = chrono::Utc::now();
+    let sale: crate::sale::NewSale = serde_json::from_value(serde_json::json!({
+        "name": "demo flash sale",
+        "starts_at": now.to_rfc3339(),
+        "ends_at": (now + chrono::Duration::hours(24)).to_rfc3339(),
+        "items": [
+            {"item_id": 1001, "stock": 100, "price_cents": 999, "per_user_limit": 2},
+            {"item_id": 1002, "stock": 1000, "price_cents": 4999, "per_user_limit": 2}
+        ]
+    }))?;
+    Ok(state.sales().create(&sale).await?.sale_id)
+}
