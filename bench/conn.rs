@@ -80,6 +80,7 @@ impl Conn {
         method: hyper::Method,
         path: &str,
         body: Option<Bytes>,
+        bearer: Option<&str>,
     ) -> Result<(u16, Bytes), String> {
         let mut sender = match self.sender.take() {
             Some(s) if !s.is_closed() => s,
@@ -94,6 +95,9 @@ impl Conn {
             .header(hyper::header::HOST, &self.target.host);
         if body.is_some() {
             req = req.header(hyper::header::CONTENT_TYPE, "application/json");
+        }
+        if let Some(token) = bearer {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
         let req = req
             .body(Full::new(body.unwrap_or_default()))

@@ -70,9 +70,13 @@ pub struct Args {
     /// Also measure GET /v1/time at the same concurrency, as a bare-handler baseline.
     #[arg(long)]
     pub baseline: bool,
-    /// Admin token (default: $SECKILL_ADMIN_TOKEN, else .seckill-dev/admin-token).
+    /// Admin token (default: $SECKILL_ADMIN_TOKEN, else the dev cluster's).
     #[arg(long)]
     pub token: Option<String>,
+    /// HS256 secret the bench mints its buyers' tokens with (default: $SECKILL_USER_TOKEN_SECRET,
+    /// else the dev cluster's).
+    #[arg(long)]
+    pub user_secret: Option<String>,
     /// DSNs of group masters to verify directly in the shards (repeatable).
     #[arg(long)]
     pub dsn: Vec<String>,
@@ -100,16 +104,45 @@ pub struct Args {
     pub quiet: bool,
 }
 
-fn token(args: &Args) -> Result<String, String> {
-    if let Some(t) = &args.token {
+/// A secret: the option, else the environment variable, else the dev cluster's file.
+fn secret(given: &Option<String>, env: &str, args: &Args, file: &str) -> Result<String, String> {
+    if let Some(t) = given {
         return Ok(t.clone());
     }
-    if let Ok(t) = std::env::var("SECKILL_ADMIN_TOKEN") {
-        return Ok(t);
+    if let Ok(t) = std::env::var(env) {
+        if !t.is_empty() {
+            return Ok(t);
+        }
     }
-    std::fs::read_to_string(args.cluster_dir.join("admin-token"))
+    let path = args.cluster_dir.join("secrets").join(file);
+    std::fs::read_to_string(&path)
         .map(|t| t.trim().to_string())
-        .map_err(|_| "no admin token: pass --token or set SECKILL_ADMIN_TOKEN".to_string())
+        .map_err(|_| {
+            format!(
+                "no {file}: pass it as an option, set {env}, or run `seckill dev` (reads {})",
+                path.display()
+            )
+        })
+}
+
+fn token(args: &Args) -> Result<String, String> {
+    secret(&args.token, "SECKILL_ADMIN_TOKEN", args, "admin-token")
+}
+
+/// What the bench signs with: the admin token, and the buyers' token secret.
+pub struct Keys {
+    pub admin: String,
+    pub users: Minter,
+}
+
+/// Mints the buyers' tokens.
+#[derive(Clone)]
+pub struct Minter(seckill::config::Secret);
+
+impl Minter {
+    pub fn token(&self, user: u64) -> String {
+        seckill::auth::users::mint(&self.0, user, 3600).unwrap_or_default()
+    }
 }
 
 #[tokio::main]
@@ -129,13 +162,21 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn real_main(args: Args) -> Result<bool, String> {
-    let token = token(&args)?;
+    let keys = Keys {
+        admin: token(&args)?,
+        users: Minter(seckill::config::Secret::new(secret(
+            &args.user_secret,
+            "SECKILL_USER_TOKEN_SECRET",
+            &args,
+            "user-token-secret",
+        )?)),
+    };
     let mut reports = Vec::new();
     let mut all_ok = true;
     let mut urls = vec![args.url.clone()];
     urls.extend(args.against.clone());
     for url in &urls {
-        let report = run::run_scenario(&args, url, &token).await?;
+        let report = run::run_scenario(&args, url, &keys).await?;
         report.print();
         all_ok &= report.verification.ok;
         reports.push(report);

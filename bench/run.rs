@@ -269,6 +269,7 @@ async fn drive(
     url: &str,
     http: &reqwest::Client,
     setup: &Arc<Setup>,
+    minter: &crate::Minter,
     phase: Phase,
 ) -> Result<(Arc<Tally>, Seen, f64, Option<chaos::Kill>), String> {
     let Phase {
@@ -314,6 +315,7 @@ async fn drive(
         let vu = format!("{run_tag}-{vu}");
         let mut attempt = 0u64;
         let (setup, tally, sale_path) = (setup.clone(), tally.clone(), sale_path.clone());
+        let minter = minter.clone();
         let mut conn = conn::Conn::new(target.clone());
         let mut seen = Seen::new()?;
         let scenario = args.scenario;
@@ -335,14 +337,16 @@ async fn drive(
                         } else {
                             format!(r#"{{"user_id":{user},"quantity":1}}"#)
                         };
+                        let token = minter.token(*user);
                         conn.send(
                             hyper::Method::POST,
                             &format!("{sale_path}/items/{item}/orders"),
                             Some(body.into()),
+                            Some(&token),
                         )
                         .await
                     }
-                    Step::ReadSale => conn.send(hyper::Method::GET, &sale_path, None).await,
+                    Step::ReadSale => conn.send(hyper::Method::GET, &sale_path, None, None).await,
                 };
                 let (status, body) = resp.unwrap_or_default();
                 let micros = t0.elapsed().as_micros().max(1) as u64;
@@ -426,7 +430,8 @@ async fn drive(
     Ok((tally, seen, start.elapsed().as_secs_f64(), kill))
 }
 
-pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report, String> {
+pub async fn run_scenario(args: &Args, url: &str, keys: &crate::Keys) -> Result<Report, String> {
+    let (token, minter) = (keys.admin.as_str(), &keys.users);
     let http = client(args.concurrency)?;
     let base = rand_u64() % (1 << 50) + 1;
     let items: Vec<(u64, i64)> = match args.scenario {
@@ -454,7 +459,7 @@ pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report,
             record: false,
             chaos_at: None,
         };
-        drive(args, url, &http, &setup, sell_out).await?;
+        drive(args, url, &http, &setup, minter, sell_out).await?;
     }
     let chaos_at = match (&args.kill_master, &args.freeze_master) {
         (Some(spec), _) => Some(chaos::parse(
@@ -478,7 +483,7 @@ pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report,
         record: true,
         chaos_at,
     };
-    let (tally, seen, elapsed, kill) = drive(args, url, &http, &setup, phase).await?;
+    let (tally, seen, elapsed, kill) = drive(args, url, &http, &setup, minter, phase).await?;
 
     let acked = seen.acked;
     let orders = acked.len() as u64;
@@ -492,7 +497,7 @@ pub async fn run_scenario(args: &Args, url: &str, token: &str) -> Result<Report,
     let reached_sellout =
         tally.sold_out.load(Ordering::Relaxed) > 0 || args.scenario == Scenario::Soldout;
     let verification =
-        verify::verify(args, url, token, &http, &setup, &acked, reached_sellout).await;
+        verify::verify(args, url, keys, &http, &setup, &acked, reached_sellout).await;
     let by_status: BTreeMap<String, u64> = seen
         .by_status
         .iter()
@@ -535,7 +540,9 @@ pub async fn baseline(args: &Args, url: &str) -> Result<f64, String> {
             let (mut conn, count) = (conn::Conn::new(target.clone()), count.clone());
             tokio::spawn(async move {
                 while start.elapsed() < duration {
-                    if let Ok((200, _)) = conn.send(hyper::Method::GET, "/v1/time", None).await {
+                    if let Ok((200, _)) =
+                        conn.send(hyper::Method::GET, "/v1/time", None, None).await
+                    {
                         count.fetch_add(1, Ordering::Relaxed);
                     }
                 }

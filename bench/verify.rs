@@ -39,7 +39,7 @@ impl Verification {
 pub async fn verify(
     args: &Args,
     url: &str,
-    token: &str,
+    keys: &crate::Keys,
     http: &reqwest::Client,
     setup: &Setup,
     acked: &[Acked],
@@ -107,7 +107,7 @@ pub async fn verify(
     );
     match http
         .get(format!("{url}/v1/admin/sales/{}/audit", setup.sale_id))
-        .bearer_auth(token)
+        .bearer_auth(&keys.admin)
         .send()
         .await
     {
@@ -121,7 +121,7 @@ pub async fn verify(
         Err(e) => v.check(format!("audit: {e}"), false),
     }
     if args.verify_orders || args.kill_master.is_some() || args.freeze_master.is_some() {
-        let missing = missing_orders(url, http, acked).await;
+        let missing = missing_orders(url, http, &keys.users, acked).await;
         v.check(
             format!(
                 "every acknowledged order is present ({} checked, {missing} missing)",
@@ -153,12 +153,18 @@ pub async fn verify(
     v
 }
 
-async fn missing_orders(url: &str, http: &reqwest::Client, acked: &[Acked]) -> usize {
+async fn missing_orders(
+    url: &str,
+    http: &reqwest::Client,
+    minter: &crate::Minter,
+    acked: &[Acked],
+) -> usize {
     use futures::stream::{self, StreamExt};
     stream::iter(acked)
         .map(|a| async move {
             let r = http
                 .get(format!("{url}/v1/users/{}/orders/{}", a.user, a.order_id))
+                .bearer_auth(minter.token(a.user))
                 .send()
                 .await;
             !matches!(r, Ok(r) if r.status() == reqwest::StatusCode::OK)

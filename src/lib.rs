@@ -9,6 +9,7 @@
 //! | [`order`] | the order service: sold-out fast path and admission, coalescing, the two short transactions, compensation, idempotency, pay/cancel/expiry |
 //! | [`sale`] | sales and their items across groups |
 //! | [`reconcile`] | reservations vs orders by txn_id, repairs, conservation audit, expiry sweep |
+//! | [`settlement`] | the payment provider's settlement file vs the recorded payments |
 //! | [`router`] | item/user keys -> shard group (hash slots, ranges, router-config table) |
 //! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing |
 //! | [`migrate`] | refinery migrations on every group |
@@ -34,6 +35,7 @@ pub mod order;
 pub mod reconcile;
 pub mod router;
 pub mod sale;
+pub mod settlement;
 pub mod shard;
 
 pub use app::{AppState, Application};

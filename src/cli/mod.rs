@@ -91,6 +91,10 @@ pub enum Command {
         /// Only reservations older than this many seconds are considered abandoned.
         #[arg(long)]
         grace_secs: Option<u32>,
+        /// Instead: compare the payment provider's settlement file (CSV:
+        /// payment_ref,order_id,amount_cents) with the recorded payments; exit 1 on any mismatch.
+        #[arg(long, conflicts_with = "grace_secs")]
+        payments: Option<PathBuf>,
     },
     /// Shard group administration.
     Group {
@@ -170,7 +174,14 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Migrate { config } => migrate(&config).await,
         Command::CheckConfig { config } => check_config(&config),
         Command::ShardMap { config, action } => shard_map(&config, action).await,
-        Command::Reconcile { config, grace_secs } => return reconcile(&config, grace_secs).await,
+        Command::Reconcile {
+            config,
+            payments: Some(file),
+            ..
+        } => return settle(&config, &file).await,
+        Command::Reconcile {
+            config, grace_secs, ..
+        } => return reconcile(&config, grace_secs).await,
         Command::Group { config, action } => crate::shard::admin::run(&config, action).await,
     };
     match result {
@@ -334,6 +345,58 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
         }
     }
     Ok(())
+}
+
+/// `seckill reconcile --payments FILE` ([`crate::settlement`]).
+async fn settle(path: &Path, file: &Path) -> ExitCode {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => return fail(format!("{}: {e}", file.display())),
+    };
+    let settled = match crate::settlement::parse(&text) {
+        Ok(s) => s,
+        Err(e) => return fail(format!("{}: {e}", file.display())),
+    };
+    let mut config = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    config.server.migrate_on_start = false;
+    let tasks = tokio_util::task::TaskTracker::new();
+    let state = match crate::app::AppState::connect(config, &tasks).await {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let recorded = match crate::settlement::recorded(&state.orders).await {
+        Ok(r) => r,
+        Err(e) => return fail(format!("cannot read the recorded payments: {e}")),
+    };
+    let mismatches = crate::settlement::compare(&settled, &recorded);
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for m in &mismatches {
+        *counts.entry(m.kind).or_default() += 1;
+        println!(
+            "{:<17} {:<24} order {} settled {} recorded {}: {}",
+            m.kind,
+            m.payment_ref,
+            m.order_id,
+            m.settled_cents.map_or("-".into(), |c| c.to_string()),
+            m.recorded_cents.map_or("-".into(), |c| c.to_string()),
+            m.detail
+        );
+    }
+    println!(
+        "{} settled, {} recorded, {} mismatch(es) {:?}",
+        settled.len(),
+        recorded.len(),
+        mismatches.len(),
+        counts
+    );
+    if mismatches.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
 }
 
 async fn reconcile(path: &Path, grace_secs: Option<u32>) -> ExitCode {

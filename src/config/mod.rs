@@ -917,6 +917,46 @@ hs256_secret = "0123456789abcdef0123456789abcdef"
     }
 
     #[test]
+    fn user_tokens_need_a_key_and_secrets_a_length() {
+        let no_key = BASE.replace("hs256_secret = \"0123456789abcdef0123456789abcdef\"", "");
+        assert!(err(&no_key).contains("auth"), "{}", err(&no_key));
+        let trusting = format!("{no_key}users = \"none\"\n");
+        assert!(Config::from_toml(&trusting, "t").is_ok());
+        let short = BASE.replace("0123456789abcdef0123456789abcdef", "short");
+        assert!(err(&short).contains("auth.hs256_secret"));
+        let weak = format!("{BASE}[payments]\nsecret = \"short\"\n");
+        assert!(err(&weak).contains("payments.secret"));
+    }
+
+    #[test]
+    fn secrets_and_passwords_never_reach_debug_output() {
+        let text = format!(
+            "{}\n[server]\nadmin_token = \"admin-token-admin-token\"\n[payments]\nsecret = \"payment-secret-xyz\"\n",
+            BASE.replace("user=seckill dbname=seckill\"\nshadow", "user=seckill password=db-pass-123 dbname=seckill\"\nshadow")
+        );
+        let c = Config::from_toml(&text, "t").unwrap();
+        let shown = format!("{c:?}");
+        for secret in [
+            "admin-token-admin-token",
+            "payment-secret-xyz",
+            "db-pass-123",
+            "0123456789abcdef0123456789abcdef",
+        ] {
+            assert!(!shown.contains(secret), "{secret} leaked: {shown}");
+        }
+    }
+
+    #[test]
+    fn the_compose_deployment_config_is_valid_with_its_environment() {
+        let text = include_str!("../../deploy/shards.compose.toml");
+        let mut c: Config = toml::from_str(text).unwrap();
+        c.auth.hs256_secret = Some(Secret::new("x".repeat(32)));
+        c.validate().unwrap();
+        assert!(c.groups.iter().all(|g| g.master_admin.is_some()));
+        assert!(!text.contains("password="), "no password ships in the file");
+    }
+
+    #[test]
     fn no_groups() {
         assert!(err("groups = []").contains("groups"));
     }

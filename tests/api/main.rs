@@ -7,4 +7,5 @@ mod faults;
 mod lifecycle;
 mod orders;
 mod routing;
+mod trust;
 mod validation;
