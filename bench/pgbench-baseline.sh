@@ -14,8 +14,10 @@ done
 [ -n "$bin" ] || { echo "pgbench not found (scripts/install-postgres.sh)" >&2; exit 1; }
 as_pg=()
 [ "$(id -u)" -eq 0 ] && as_pg=(runuser -u postgres --)
-psql() { "${as_pg[@]}" "$bin/psql" -h 127.0.0.1 -p "$port" -U seckill -X -q "$@"; }
-pgbench() { "${as_pg[@]}" "$bin/pgbench" -h 127.0.0.1 -p "$port" -U seckill "$@"; }
+# The dev cluster's superuser and its password (from the cluster folder, or the environment).
+export PGPASSWORD="${PGPASSWORD:-$(cat "${SECKILL_DEV_DIR:-.seckill-dev}/secrets/db-admin-password")}"
+psql() { "${as_pg[@]}" env PGPASSWORD="$PGPASSWORD" "$bin/psql" -h 127.0.0.1 -p "$port" -U seckill_admin -X -q "$@"; }
+pgbench() { "${as_pg[@]}" env PGPASSWORD="$PGPASSWORD" "$bin/pgbench" -h 127.0.0.1 -p "$port" -U seckill_admin "$@"; }
 
 psql -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'seckill_pgbench'" | grep -q 1 \
   || psql -d postgres -c "CREATE DATABASE seckill_pgbench"

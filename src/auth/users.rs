@@ -366,4 +366,43 @@ mod tests {
         assert!(t.verify(&confused).is_err());
         let _ = std::fs::remove_dir_all(dir);
     }
+
+    #[test]
+    fn a_jwks_key_is_chosen_by_kid() {
+        use base64::Engine;
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = key.public_key_raw(); // 0x04 || X || Y
+        let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+        let jwks = serde_json::json!({"keys": [{
+            "kty": "EC", "crv": "P-256", "kid": "k1", "use": "sig", "alg": "ES256",
+            "x": b64(&raw[1..33]), "y": b64(&raw[33..65]),
+        }]});
+        let dir = std::env::temp_dir().join(format!("seckill-jwks-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("jwks.json");
+        std::fs::write(&path, jwks.to_string()).unwrap();
+        let t = UserTokens::new(&AuthConfig {
+            jwks_file: Some(path),
+            ..Default::default()
+        })
+        .unwrap();
+        let sign = |kid: &str| {
+            let mut h = Header::new(Algorithm::ES256);
+            h.kid = Some(kid.into());
+            let claims = Claims {
+                sub: "5".into(),
+                exp: jsonwebtoken::get_current_timestamp() + 60,
+                iat: None,
+            };
+            jsonwebtoken::encode(
+                &h,
+                &claims,
+                &EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap(),
+            )
+            .unwrap()
+        };
+        assert_eq!(t.verify(&sign("k1")).unwrap(), 5);
+        assert!(t.verify(&sign("k2")).is_err(), "an unknown kid has no key");
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

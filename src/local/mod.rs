@@ -149,6 +149,10 @@ impl LocalCluster {
             }
         }
         std::fs::create_dir_all(root.join("secrets"))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(root.join("secrets"), std::fs::Permissions::from_mode(0o700))?;
+        }
         if !marker.exists() {
             std::fs::write(&marker, "seckill cluster folder\n")?;
         }
