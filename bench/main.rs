@@ -77,7 +77,8 @@ pub struct Args {
     /// else the dev cluster's).
     #[arg(long)]
     pub user_secret: Option<String>,
-    /// DSNs of group masters to verify directly in the shards (repeatable).
+    /// DSNs of group masters to verify directly in the shards (repeatable); a DSN without a
+    /// password takes PGPASSWORD.
     #[arg(long)]
     pub dsn: Vec<String>,
     /// Read back every acknowledged order through the API after the run.

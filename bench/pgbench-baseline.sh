@@ -16,8 +16,9 @@ as_pg=()
 [ "$(id -u)" -eq 0 ] && as_pg=(runuser -u postgres --)
 # The dev cluster's superuser and its password (from the cluster folder, or the environment).
 export PGPASSWORD="${PGPASSWORD:-$(cat "${SECKILL_DEV_DIR:-.seckill-dev}/secrets/db-admin-password")}"
-psql() { "${as_pg[@]}" env PGPASSWORD="$PGPASSWORD" "$bin/psql" -h 127.0.0.1 -p "$port" -U seckill_admin -X -q "$@"; }
-pgbench() { "${as_pg[@]}" env PGPASSWORD="$PGPASSWORD" "$bin/pgbench" -h 127.0.0.1 -p "$port" -U seckill_admin "$@"; }
+# (runuser keeps the environment, so the password never appears on a command line.)
+psql() { "${as_pg[@]}" "$bin/psql" -h 127.0.0.1 -p "$port" -U seckill_admin -X -q "$@"; }
+pgbench() { "${as_pg[@]}" "$bin/pgbench" -h 127.0.0.1 -p "$port" -U seckill_admin "$@"; }
 
 psql -d postgres -tAc "SELECT 1 FROM pg_database WHERE datname = 'seckill_pgbench'" | grep -q 1 \
   || psql -d postgres -c "CREATE DATABASE seckill_pgbench"

@@ -176,7 +176,15 @@ async fn missing_orders(
 }
 
 async fn shard_checks(dsn: &str, setup: &Setup) -> Result<(i64, i64, i64), String> {
-    let (client, conn) = tokio_postgres::connect(dsn, tokio_postgres::NoTls)
+    let mut config: tokio_postgres::Config = dsn.parse().map_err(|e| format!("{e}"))?;
+    // The password from PGPASSWORD rather than the command line, where `ps` shows it.
+    if config.get_password().is_none() {
+        if let Ok(pw) = std::env::var("PGPASSWORD") {
+            config.password(pw);
+        }
+    }
+    let (client, conn) = config
+        .connect(tokio_postgres::NoTls)
         .await
         .map_err(|e| e.to_string())?;
     let task = tokio::spawn(conn);

@@ -19,6 +19,7 @@
 //! | [`config`] | shards.toml |
 //! | [`app`] | startup: `Application::build`, background tasks, shutdown |
 //! | [`local`] | local PostgreSQL groups for `seckill dev` and the tests |
+//! | [`telemetry`] | logs (text or JSON) and Prometheus metrics |
 //! | [`cli`] | the `seckill` command's subcommands |
 
 pub mod api;
@@ -37,6 +38,7 @@ pub mod router;
 pub mod sale;
 pub mod settlement;
 pub mod shard;
+pub mod telemetry;
 
 pub use app::{AppState, Application};
 pub use config::Config;

@@ -82,7 +82,8 @@ pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError
     Ok(applied)
 }
 
-/// DML on every table of the schema for the application role, and for tables made later.
+/// DML on every table of the schema for the application role, and for tables made later; but not
+/// on the migration history (it could make a later migration be skipped).
 async fn grant_dml(
     client: &tokio_postgres::Client,
     role: &str,
@@ -92,7 +93,8 @@ async fn grant_dml(
         .batch_execute(&format!(
             "GRANT USAGE ON SCHEMA public TO {role};
              GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role};
-             ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role};"
+             ALTER DEFAULT PRIVILEGES IN SCHEMA public GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO {role};
+             REVOKE ALL ON refinery_schema_history FROM {role};"
         ))
         .await
 }

@@ -35,7 +35,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 use uuid::Uuid;
 
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ItemAudit {
     pub sale_id: u64,
     pub item_id: u64,
@@ -49,7 +49,7 @@ pub struct ItemAudit {
     pub conserved: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SaleAudit {
     pub sale_id: u64,
     pub conserved: bool,

@@ -19,26 +19,41 @@ pub const MAX_STOCK: i64 = 1_000_000_000;
 /// Most items in one sale.
 pub const MAX_ITEMS: usize = 1_000;
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewSale {
+    /// 1 to 200 characters, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 200,
+        pattern = "^[^\\x00-\\x1f\\x7f-\\x9f]*\\S[^\\x00-\\x1f\\x7f-\\x9f]*$"
+    )]
     pub name: String,
+    /// Years 1970 to 9999.
     pub starts_at: DateTime<Utc>,
+    /// After `starts_at`; years 1970 to 9999.
     pub ends_at: DateTime<Utc>,
     /// Seconds an order may stay unpaid. Default: `orders.payment_window_secs`.
     #[serde(default)]
+    #[schema(minimum = 1, maximum = 604800)]
     pub payment_window_secs: Option<u32>,
+    /// 1 to 1000 items, each item id once.
+    #[schema(min_items = 1, max_items = 1000)]
     pub items: Vec<NewItem>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewItem {
+    #[schema(value_type = u64, minimum = 1, maximum = 9223372036854775807_u64)]
     pub item_id: ItemId,
+    #[schema(minimum = 0, maximum = 1000000000)]
     pub stock: i64,
+    #[schema(minimum = 0, maximum = 9223372036854_i64)]
     pub price_cents: i64,
     /// Default 1.
     #[serde(default = "one")]
+    #[schema(minimum = 1, maximum = 1000000)]
     pub per_user_limit: i64,
 }
 
@@ -109,7 +124,7 @@ impl NewSale {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct SaleView {
     pub sale_id: u64,
     pub name: String,
@@ -119,7 +134,7 @@ pub struct SaleView {
     pub items: Vec<ItemView>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ItemView {
     pub item_id: u64,
     pub stock: i32,

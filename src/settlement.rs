@@ -7,7 +7,9 @@
 //! - `settled_unknown`: settled, but the engine never recorded this payment;
 //! - `amount_differs`: settled with another amount than the engine recorded;
 //! - `paid_twice`: a second payment for an order someone had already paid (recorded as
-//!   refund due, reason `order_paid`);
+//!   refund due, reason `order_paid`), or one `payment_ref` settled on several lines or recorded
+//!   more than once (on different groups: a ref is unique per group, where the order's user
+//!   lives);
 //! - `refund_due`: settled, but it paid nothing here (late after expiry, for a cancelled order,
 //!   with a wrong amount, for an unknown order): the money must go back;
 //!
@@ -80,10 +82,14 @@ pub fn parse(text: &str) -> Result<Vec<Settled>, String> {
 
 /// Compare (module docs). Pure.
 pub fn compare(settled: &[Settled], recorded: &[Payment]) -> Vec<Mismatch> {
-    let by_ref: HashMap<&str, &Payment> = recorded
-        .iter()
-        .map(|p| (p.payment_ref.as_str(), p))
-        .collect();
+    let mut by_ref: HashMap<&str, Vec<&Payment>> = HashMap::new();
+    for p in recorded {
+        by_ref.entry(p.payment_ref.as_str()).or_default().push(p);
+    }
+    let mut lines: HashMap<&str, usize> = HashMap::new();
+    for s in settled {
+        *lines.entry(s.payment_ref.as_str()).or_default() += 1;
+    }
     let mut out = Vec::new();
     let mismatch = |kind, s: &Settled, recorded: Option<&Payment>, detail: String| Mismatch {
         kind,
@@ -93,8 +99,9 @@ pub fn compare(settled: &[Settled], recorded: &[Payment]) -> Vec<Mismatch> {
         recorded_cents: recorded.map(|p| p.amount_cents),
         detail,
     };
+    let mut reported = std::collections::HashSet::new();
     for s in settled {
-        let Some(p) = by_ref.get(s.payment_ref.as_str()).copied() else {
+        let Some(found) = by_ref.get(s.payment_ref.as_str()) else {
             out.push(mismatch(
                 "settled_unknown",
                 s,
@@ -103,7 +110,21 @@ pub fn compare(settled: &[Settled], recorded: &[Payment]) -> Vec<Mismatch> {
             ));
             continue;
         };
-        if p.amount_cents != s.amount_cents || p.order_id != s.order_id {
+        let p = found[0];
+        let copies = lines[s.payment_ref.as_str()];
+        if copies > 1 || found.len() > 1 {
+            if reported.insert(s.payment_ref.as_str()) {
+                out.push(mismatch(
+                    "paid_twice",
+                    s,
+                    Some(p),
+                    format!(
+                        "this payment_ref was settled {copies} time(s) and recorded {} time(s)",
+                        found.len()
+                    ),
+                ));
+            }
+        } else if p.amount_cents != s.amount_cents || p.order_id != s.order_id {
             out.push(mismatch(
                 "amount_differs",
                 s,
@@ -129,10 +150,8 @@ pub fn compare(settled: &[Settled], recorded: &[Payment]) -> Vec<Mismatch> {
             ));
         }
     }
-    let in_file: std::collections::HashSet<&str> =
-        settled.iter().map(|s| s.payment_ref.as_str()).collect();
     for p in recorded {
-        if p.state == "applied" && !in_file.contains(p.payment_ref.as_str()) {
+        if p.state == "applied" && !lines.contains_key(p.payment_ref.as_str()) {
             out.push(Mismatch {
                 kind: "paid_not_settled",
                 payment_ref: p.payment_ref.clone(),
@@ -231,6 +250,20 @@ mod tests {
             ]
         );
         assert!(compare(&file[..1], &recorded[..1]).is_empty());
+    }
+
+    #[test]
+    fn a_reference_settled_or_recorded_twice_is_flagged_once() {
+        let recorded = vec![payment("dup", 1, 100, None), payment("dup", 2, 100, None)];
+        let file = vec![settled("dup", 1, 100)];
+        let kinds: Vec<&str> = compare(&file, &recorded).iter().map(|m| m.kind).collect();
+        assert_eq!(kinds, vec!["paid_twice"]);
+        let file = vec![settled("once", 1, 100), settled("once", 1, 100)];
+        let kinds: Vec<&str> = compare(&file, &[payment("once", 1, 100, None)])
+            .iter()
+            .map(|m| m.kind)
+            .collect();
+        assert_eq!(kinds, vec!["paid_twice"]);
     }
 
     #[test]

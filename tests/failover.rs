@@ -394,12 +394,20 @@ async fn old_master_is_fenced_then_rejoins_and_a_second_failover_works() {
         groups.body
     );
 
-    // Rejoin a as b's shadow; the engine sees it stream and turns synchronous replication on.
-    let a2 = a.clone();
-    let port = b.port;
-    tokio::task::spawn_blocking(move || a2.rejoin("127.0.0.1", port, "shadow"))
+    // `seckill group rejoin` refuses the master's own data directory before touching anything.
+    let refused = seckill::shard::admin::rejoin(&app.state.cluster, "g0", &b.data_dir, None)
         .await
-        .unwrap()
+        .expect_err("the master's data directory is refused");
+    assert!(refused.to_string().contains("master"), "{refused}");
+    assert_eq!(
+        b.psql("seckill", "SELECT pg_is_in_recovery()").unwrap(),
+        "f",
+        "b untouched"
+    );
+    // Rejoin a as b's shadow, as `seckill group rejoin` does; the engine sees it stream and turns
+    // synchronous replication on.
+    seckill::shard::admin::rejoin(&app.state.cluster, "g0", &a.data_dir, Some(a.port))
+        .await
         .expect("rejoin");
     assert!(
         wait_for(Duration::from_secs(15), || state.cluster.group(0).status()

@@ -8,9 +8,24 @@ use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 use std::sync::Arc;
 
+#[utoipa::path(
+    post,
+    path = "/v1/admin/sales",
+    tag = "admin",
+    summary = "Create a sale",
+    request_body = crate::sale::NewSale,
+    responses(
+        (status = 201, description = "created", body = crate::sale::SaleView),
+        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is larger than server.admin_body_limit_bytes", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is out of range or the sale is inconsistent (the detail names the field)", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "a group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
 pub async fn create_sale(
     State(s): State<Arc<AppState>>,
     _: Admin,
@@ -22,6 +37,21 @@ pub async fn create_sale(
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/sales/{sale_id}/audit",
+    tag = "admin",
+    summary = "Per item: stock, remaining, reserved, ordered, paid, and whether conservation holds",
+    params(("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64)),
+    responses(
+        (status = 200, body = crate::reconcile::SaleAudit),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such sale", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "the id is not a positive integer", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or a group unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
 pub async fn audit(
     State(s): State<Arc<AppState>>,
     _: Admin,
@@ -31,19 +61,57 @@ pub async fn audit(
     Ok(axum::Json(report).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/admin/groups",
+    tag = "admin",
+    summary = "Every shard group: members, role, health, replication lag",
+    responses(
+        (status = 200, body = crate::shard::GroupsReport),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
 pub async fn groups(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
     Ok(axum::Json(crate::shard::groups_report(&s.cluster)).into_response())
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PaymentsQuery {
+    /// Only this sale's payments.
+    #[param(minimum = 1, maximum = 9223372036854775807_i64)]
     sale_id: Option<i64>,
+    /// `applied` or `refund_due`.
+    #[param(pattern = "^(applied|refund_due)$")]
     state: Option<String>,
+    /// 1 to 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
+/// Recorded payments.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Payments {
+    pub payments: Vec<crate::order::payments::Payment>,
+}
+
 /// `GET /v1/admin/payments?sale_id=&state=refund_due&limit=`: recorded payments, newest first.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/payments",
+    tag = "admin",
+    summary = "Recorded payments, newest first (e.g. those due for refund)",
+    params(PaymentsQuery),
+    responses(
+        (status = 200, body = Payments),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a query parameter is out of range", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or a group unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
 pub async fn payments(
     State(s): State<Arc<AppState>>,
     _: Admin,
@@ -69,5 +137,5 @@ pub async fn payments(
         return Err(ApiError::invalid("limit must be between 1 and 1000"));
     }
     let found = s.orders.list_payments(sale, state, limit).await?;
-    Ok(axum::Json(json!({ "payments": found })).into_response())
+    Ok(axum::Json(Payments { payments: found }).into_response())
 }

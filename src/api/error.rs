@@ -1,70 +1,190 @@
-//! The one mapping from errors of every layer to `application/problem+json`.
+//! The one mapping from errors of every layer to `application/problem+json` (RFC 9457).
 //!
-//! Clients get a stable machine-readable `code`, a short `title` and a safe `detail`; the full
-//! cause chain of server-side failures goes to the log, never to the client.
+//! Clients get a stable machine-readable `code`, a short `title`, a safe `detail`, and as
+//! `instance` the request's id (the `x-request-id` of the answer), so one failed request can be
+//! found in the logs; the full cause chain of server-side failures goes to the log, never to the
+//! client.
 
+use crate::order::store::{Order, OrderStatus};
 use crate::order::OrderError;
 use crate::shard::ShardError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Every `code` a problem can carry (DESIGN.md "Public contract").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Code {
+    InvalidRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    MethodNotAllowed,
+    PayloadTooLarge,
+    NotStarted,
+    Ended,
+    SoldOut,
+    LimitExceeded,
+    OrderPaid,
+    OrderCancelled,
+    OrderExpired,
+    AmountMismatch,
+    HasData,
+    TokenRequired,
+    InvalidToken,
+    TokenExpired,
+    ChallengeFailed,
+    Blocked,
+    RateLimited,
+    Overloaded,
+    Unavailable,
+    Internal,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::InvalidRequest => "invalid_request",
+            Code::Unauthorized => "unauthorized",
+            Code::Forbidden => "forbidden",
+            Code::NotFound => "not_found",
+            Code::MethodNotAllowed => "method_not_allowed",
+            Code::PayloadTooLarge => "payload_too_large",
+            Code::NotStarted => "not_started",
+            Code::Ended => "ended",
+            Code::SoldOut => "sold_out",
+            Code::LimitExceeded => "limit_exceeded",
+            Code::OrderPaid => "order_paid",
+            Code::OrderCancelled => "order_cancelled",
+            Code::OrderExpired => "order_expired",
+            Code::AmountMismatch => "amount_mismatch",
+            Code::HasData => "has_data",
+            Code::TokenRequired => "token_required",
+            Code::InvalidToken => "invalid_token",
+            Code::TokenExpired => "token_expired",
+            Code::ChallengeFailed => "challenge_failed",
+            Code::Blocked => "blocked",
+            Code::RateLimited => "rate_limited",
+            Code::Overloaded => "overloaded",
+            Code::Unavailable => "unavailable",
+            Code::Internal => "internal",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Code::InvalidRequest => "Invalid request",
+            Code::Unauthorized => "Unauthorized",
+            Code::Forbidden => "Forbidden",
+            Code::NotFound => "Not found",
+            Code::MethodNotAllowed => "Method not allowed",
+            Code::PayloadTooLarge => "Payload too large",
+            Code::NotStarted => "Sale not started",
+            Code::Ended => "Sale ended",
+            Code::SoldOut => "Sold out",
+            Code::LimitExceeded => "Per-user limit exceeded",
+            Code::OrderPaid => "Order already paid",
+            Code::OrderCancelled => "Order cancelled",
+            Code::OrderExpired => "Order expired",
+            Code::AmountMismatch => "Amount mismatch",
+            Code::HasData => "Key has data",
+            Code::TokenRequired => "Order token required",
+            Code::InvalidToken => "Invalid order token",
+            Code::TokenExpired => "Order token expired",
+            Code::ChallengeFailed => "Challenge failed",
+            Code::Blocked => "Blocked",
+            Code::RateLimited => "Too many requests",
+            Code::Overloaded => "Overloaded",
+            Code::Unavailable => "Temporarily unavailable",
+            Code::Internal => "Internal error",
+        }
+    }
+}
+
+/// A problem-details body (`application/problem+json`).
+#[derive(Serialize, ToSchema)]
+pub struct Problem {
+    /// Always `about:blank`: `code` says what happened.
+    #[serde(rename = "type")]
+    #[schema(example = "about:blank")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    pub code: Code,
+    pub detail: String,
+    /// The request's id (its `x-request-id`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance: Option<String>,
+    /// The order the refusal is about (a replayed purchase whose order was cancelled or has
+    /// expired, a refused payment's order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order: Option<Order>,
+    /// The payment a refused payment callback was recorded as.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub payment: Option<crate::order::payments::Payment>,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
-    pub code: &'static str,
+    pub code: Code,
     pub detail: String,
     pub retry_after_secs: Option<u32>,
-    /// Problem-details extension members (RFC 9457 §3.2), e.g. the order a refusal is about.
-    pub extensions: Vec<(&'static str, serde_json::Value)>,
+    pub order: Option<Box<Order>>,
+    pub payment: Option<Box<crate::order::payments::Payment>>,
 }
 
-#[derive(Serialize)]
-struct Problem<'a> {
-    #[serde(rename = "type")]
-    kind: &'a str,
-    title: &'a str,
-    status: u16,
-    code: &'a str,
-    detail: &'a str,
-    #[serde(flatten)]
-    extensions: serde_json::Map<String, serde_json::Value>,
+tokio::task_local! {
+    /// The id of the request being served (set by the request-id middleware).
+    pub static REQUEST_ID: String;
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, code: Code, detail: impl Into<String>) -> Self {
         Self {
             status,
             code,
             detail: detail.into(),
             retry_after_secs: None,
-            extensions: Vec::new(),
+            order: None,
+            payment: None,
         }
     }
 
-    pub fn with(mut self, name: &'static str, value: serde_json::Value) -> Self {
-        self.extensions.push((name, value));
+    pub fn with_order(mut self, order: Order) -> Self {
+        self.order = Some(Box::new(order));
+        self
+    }
+
+    pub fn with_payment(mut self, payment: crate::order::payments::Payment) -> Self {
+        self.payment = Some(Box::new(payment));
         self
     }
 
     pub fn invalid(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request", detail)
+        Self::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            Code::InvalidRequest,
+            detail,
+        )
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", detail)
+        Self::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, detail)
     }
 
     pub fn not_found(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::NOT_FOUND, "not_found", detail)
+        Self::new(StatusCode::NOT_FOUND, Code::NotFound, detail)
     }
 
     pub fn unauthorized(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "unauthorized", detail)
+        Self::new(StatusCode::UNAUTHORIZED, Code::Unauthorized, detail)
     }
 
     pub fn forbidden(detail: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "forbidden", detail)
+        Self::new(StatusCode::FORBIDDEN, Code::Forbidden, detail)
     }
 
     pub fn retry_after(mut self, secs: u32) -> Self {
@@ -73,42 +193,17 @@ impl ApiError {
     }
 }
 
-fn title_of(code: &str) -> &'static str {
-    match code {
-        "invalid_request" => "Invalid request",
-        "unauthorized" => "Unauthorized",
-        "forbidden" => "Forbidden",
-        "amount_mismatch" => "Amount mismatch",
-        "not_found" => "Not found",
-        "method_not_allowed" => "Method not allowed",
-        "payload_too_large" => "Payload too large",
-        "not_started" => "Sale not started",
-        "ended" => "Sale ended",
-        "sold_out" => "Sold out",
-        "limit_exceeded" => "Per-user limit exceeded",
-        "order_paid" => "Order already paid",
-        "order_cancelled" => "Order cancelled",
-        "order_expired" => "Order expired",
-        "rate_limited" => "Too many requests",
-        "overloaded" => "Overloaded",
-        "unavailable" => "Temporarily unavailable",
-        _ => "Internal error",
-    }
-}
-
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Problem {
-            kind: "about:blank",
-            title: title_of(self.code),
+            kind: "about:blank".into(),
+            title: self.code.title().into(),
             status: self.status.as_u16(),
             code: self.code,
-            detail: &self.detail,
-            extensions: self
-                .extensions
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v))
-                .collect(),
+            detail: self.detail,
+            instance: REQUEST_ID.try_with(Clone::clone).ok(),
+            order: self.order.map(|o| *o),
+            payment: self.payment.map(|p| *p),
         };
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut resp = (self.status, bytes).into_response();
@@ -126,19 +221,20 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        // For the request log and the metrics: what this answer was.
+        resp.extensions_mut().insert(self.code);
         resp
     }
 }
 
 /// The refusal code for an order in a state that forbids what was asked.
-fn status_code(status: crate::order::store::OrderStatus) -> &'static str {
-    use crate::order::store::OrderStatus as O;
+fn status_code(status: OrderStatus) -> Code {
     match status {
-        O::Paid => "order_paid",
-        O::Cancelled => "order_cancelled",
-        O::Expired => "order_expired",
+        OrderStatus::Paid => Code::OrderPaid,
+        OrderStatus::Cancelled => Code::OrderCancelled,
+        OrderStatus::Expired => Code::OrderExpired,
         // Not a refusal reason (only a dead or paid order refuses); kept total.
-        O::PendingPayment => "invalid_request",
+        OrderStatus::PendingPayment => Code::InvalidRequest,
     }
 }
 
@@ -149,26 +245,27 @@ impl From<OrderError> for ApiError {
             OrderError::SaleNotFound(_)
             | OrderError::ItemNotFound { .. }
             | OrderError::OrderNotFound(_) => ApiError::not_found(e.to_string()),
-            OrderError::NotStarted => ApiError::new(S::CONFLICT, "not_started", e.to_string()),
-            OrderError::Ended => ApiError::new(S::CONFLICT, "ended", e.to_string()),
-            OrderError::SoldOut { .. } => ApiError::new(S::CONFLICT, "sold_out", e.to_string()),
+            OrderError::NotStarted => ApiError::new(S::CONFLICT, Code::NotStarted, e.to_string()),
+            OrderError::Ended => ApiError::new(S::CONFLICT, Code::Ended, e.to_string()),
+            OrderError::SoldOut { .. } => ApiError::new(S::CONFLICT, Code::SoldOut, e.to_string()),
             OrderError::LimitExceeded { .. } => {
-                ApiError::new(S::CONFLICT, "limit_exceeded", e.to_string())
+                ApiError::new(S::CONFLICT, Code::LimitExceeded, e.to_string())
             }
             OrderError::WrongState { status, .. } => {
                 ApiError::new(S::CONFLICT, status_code(*status), e.to_string())
             }
             OrderError::DeadOrder(order) => {
                 ApiError::new(S::CONFLICT, status_code(order.status), e.to_string())
-                    .with("order", serde_json::to_value(order).unwrap_or_default())
+                    .with_order((**order).clone())
             }
             OrderError::Overloaded => {
-                ApiError::new(S::SERVICE_UNAVAILABLE, "overloaded", e.to_string()).retry_after(1)
+                ApiError::new(S::SERVICE_UNAVAILABLE, Code::Overloaded, e.to_string())
+                    .retry_after(1)
             }
             OrderError::Shard(ShardError::Busy { .. } | ShardError::Exhausted { .. }) => {
                 ApiError::new(
                     S::SERVICE_UNAVAILABLE,
-                    "overloaded",
+                    Code::Overloaded,
                     "the database is busy; retry shortly",
                 )
                 .retry_after(1)
@@ -182,24 +279,24 @@ impl From<OrderError> for ApiError {
                     _ => "a shard group is unavailable; retry shortly (with the same request_id)"
                         .to_string(),
                 };
-                ApiError::new(S::SERVICE_UNAVAILABLE, "unavailable", detail).retry_after(1)
+                ApiError::new(S::SERVICE_UNAVAILABLE, Code::Unavailable, detail).retry_after(1)
             }
             OrderError::Db(db) => match db {
                 crate::db::DbError::Busy(_) => ApiError::new(
                     S::SERVICE_UNAVAILABLE,
-                    "overloaded",
+                    Code::Overloaded,
                     "this item is busy; retry shortly",
                 )
                 .retry_after(1),
                 crate::db::DbError::Rejected { .. } => {
                     tracing::error!(error = %e, "database refused a statement");
-                    ApiError::new(S::INTERNAL_SERVER_ERROR, "internal", "internal error")
+                    ApiError::new(S::INTERNAL_SERVER_ERROR, Code::Internal, "internal error")
                 }
                 _ => {
                     tracing::warn!(error = %e, "database connection trouble");
                     ApiError::new(
                         S::SERVICE_UNAVAILABLE,
-                        "unavailable",
+                        Code::Unavailable,
                         "the database did not answer; retry shortly (with the same request_id)",
                     )
                     .retry_after(1)

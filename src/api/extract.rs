@@ -1,7 +1,7 @@
 //! Extractors whose rejections are problem+json: malformed JSON, wrong types, out-of-range values
 //! and oversized bodies become clear 4xx answers, never a 500 or a panic.
 
-use super::error::ApiError;
+use super::error::{ApiError, Code};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
@@ -76,7 +76,7 @@ pub fn parse_json<T: DeserializeOwned>(
 fn too_large() -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
+        Code::PayloadTooLarge,
         "request body is larger than the limit",
     )
 }

@@ -18,19 +18,24 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &Arc<AppState>) -> Result<Self, ApiError> {
-        let Some(expected) = s.admin_token.as_ref() else {
-            return Err(ApiError::unauthorized(
-                "the admin API is disabled: set server.admin_token or SECKILL_ADMIN_TOKEN",
-            ));
-        };
-        let given = bearer(&parts.headers).ok_or_else(|| {
-            ApiError::unauthorized("missing `Authorization: Bearer <admin token>`")
-        })?;
-        if !constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
-            return Err(ApiError::unauthorized("wrong admin token"));
-        }
+        check_admin(s, &parts.headers)?;
         Ok(Admin)
     }
+}
+
+/// The admin token check of [`Admin`], for handlers that need it only sometimes.
+pub fn check_admin(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = s.admin_token.as_ref() else {
+        return Err(ApiError::unauthorized(
+            "the admin API is disabled: set server.admin_token or SECKILL_ADMIN_TOKEN",
+        ));
+    };
+    let given = bearer(headers)
+        .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <admin token>`"))?;
+    if !constant_time_eq(given.as_bytes(), expected.expose().as_bytes()) {
+        return Err(ApiError::unauthorized("wrong admin token"));
+    }
+    Ok(())
 }
 
 /// The user a request acts for. With `auth.users = "jwt"` it is the token's `sub`; with
@@ -83,6 +88,13 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+/// Compares SHA-256 digests, so neither the contents nor the length of the token leak through
+/// timing.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    use sha2::{Digest, Sha256};
+    let (x, y) = (Sha256::digest(a), Sha256::digest(b));
+    x.iter()
+        .zip(y.iter())
+        .fold(0u8, |acc, (p, q)| acc | (p ^ q))
+        == 0
 }

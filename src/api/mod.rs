@@ -3,11 +3,16 @@
 //! Handlers only translate between HTTP and the services; who may call what is decided by the
 //! extractors of [`identity`] (admin token, user token); every error leaves through
 //! [`error::ApiError`] as problem+json.
+//!
+//! The OpenAPI 3.1 document (`GET /openapi.json`, and `openapi.json` in the repository) is
+//! generated from the handlers' annotations: a route is registered through the same
+//! `routes!` that documents it, so none can exist undocumented.
 
 pub mod admin;
 pub mod error;
 pub mod extract;
 pub mod identity;
+pub mod observe;
 pub mod orders;
 pub mod payments;
 pub mod server;
@@ -16,46 +21,108 @@ use crate::app::AppState;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
-use error::ApiError;
+use error::{ApiError, Code};
 use extract::Params;
-use serde_json::json;
 use std::sync::Arc;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+/// The document's frame; the paths come from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "seckill",
+        description = "A flash-sale order engine on sharded PostgreSQL. Errors are application/problem+json with a machine-readable `code`.",
+        license(name = "MIT OR Apache-2.0")
+    ),
+    modifiers(&Security),
+    tags(
+        (name = "sales", description = "Sales and their items"),
+        (name = "orders", description = "A user's purchases (user token)"),
+        (name = "payments", description = "The payment service's signed callbacks"),
+        (name = "admin", description = "Administration (admin token)"),
+        (name = "operations", description = "Health, metrics, the clock, this document"),
+    )
+)]
+pub struct ApiDoc;
+
+struct Security;
+
+impl utoipa::Modify for Security {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityScheme,
+        };
+        let components = doc.components.get_or_insert_with(Default::default);
+        let bearer = |what: &str| {
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some(what.to_string()))
+                    .build(),
+            )
+        };
+        components.add_security_scheme(
+            "admin_token",
+            bearer("the admin token (server.admin_token)"),
+        );
+        components.add_security_scheme(
+            "user_token",
+            bearer("a JWT whose `sub` is the user id (HS256, RS256, ES256 or EdDSA)"),
+        );
+        components.add_security_scheme(
+            "payment_signature",
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "Seckill-Signature",
+                "t=<unix seconds>,v1=<hex HMAC-SHA256(payment secret, \"<t>.\" + raw body)>",
+            ))),
+        );
+    }
+}
+
+/// Every route, with its documentation.
+fn documented(admin_body_limit: usize) -> OpenApiRouter<Arc<AppState>> {
+    let (schemas, paths, create_sale) = routes!(admin::create_sale);
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(time))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+        .routes(routes!(observe::metrics))
+        .routes(routes!(openapi_json))
+        .routes((
+            schemas,
+            paths,
+            create_sale.layer(DefaultBodyLimit::max(admin_body_limit)),
+        ))
+        .routes(routes!(admin::audit))
+        .routes(routes!(admin::groups))
+        .routes(routes!(admin::payments))
+        .routes(routes!(get_sale))
+        .routes(routes!(orders::buy))
+        .routes(routes!(orders::list))
+        .routes(routes!(orders::get))
+        .routes(routes!(orders::cancel))
+        .routes(routes!(payments::callback))
+}
+
+/// The OpenAPI document of this engine.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    documented(0).into_openapi()
+}
 
 pub fn router(state: Arc<AppState>) -> Router {
     let server = &state.config.server;
     let body_limit = server.body_limit_bytes;
-    let admin_body_limit = server.admin_body_limit_bytes;
     let deadline = std::time::Duration::from_millis(server.http_timeout_ms);
-    Router::new()
-        .route("/v1/time", get(time))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route(
-            "/v1/admin/sales",
-            post(admin::create_sale).layer(DefaultBodyLimit::max(admin_body_limit)),
-        )
-        .route("/v1/admin/sales/{sale_id}/audit", get(admin::audit))
-        .route("/v1/admin/groups", get(admin::groups))
-        .route("/v1/admin/payments", get(admin::payments))
-        .route("/v1/sales/{sale_id}", get(get_sale))
-        .route(
-            "/v1/sales/{sale_id}/items/{item_id}/orders",
-            post(orders::buy),
-        )
-        .route("/v1/users/{user_id}/orders", get(orders::list))
-        .route("/v1/users/{user_id}/orders/{order_id}", get(orders::get))
-        .route(
-            "/v1/users/{user_id}/orders/{order_id}/cancel",
-            post(orders::cancel),
-        )
-        .route("/v1/payments", post(payments::callback))
+    let (router, _) = documented(server.admin_body_limit_bytes).split_for_parts();
+    router
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                Code::MethodNotAllowed,
                 "this endpoint does not accept that method",
             )
         })
@@ -63,6 +130,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(axum::middleware::from_fn(move |req, next| {
             within(deadline, req, next)
         }))
+        .layer(axum::middleware::from_fn(observe::observe))
         .with_state(state)
 }
 
@@ -78,7 +146,7 @@ async fn within(
         Ok(resp) => resp,
         Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            Code::Unavailable,
             format!(
                 "no answer within {} ms; a purchase goes on: retry it with the same request_id",
                 limit.as_millis()
@@ -89,17 +157,63 @@ async fn within(
     }
 }
 
-async fn time() -> impl IntoResponse {
-    axum::Json(json!({ "now_ms": chrono::Utc::now().timestamp_millis() }))
+/// The server's clock.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Time {
+    /// Milliseconds since the Unix epoch.
+    pub now_ms: i64,
 }
 
+/// Status of a health check.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Health {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/time",
+    tag = "operations",
+    summary = "The server's clock, for client countdowns",
+    responses((status = 200, body = Time))
+)]
+async fn time() -> Response {
+    let mut resp = axum::Json(Time {
+        now_ms: chrono::Utc::now().timestamp_millis(),
+    })
+    .into_response();
+    resp.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-store"),
+    );
+    resp
+}
+
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "operations",
+    summary = "Liveness",
+    responses((status = 200, body = Health))
+)]
 async fn healthz() -> impl IntoResponse {
-    axum::Json(json!({ "status": "ok" }))
+    axum::Json(Health { status: "ok" })
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "operations",
+    summary = "Readiness: every group has a writable master",
+    responses(
+        (status = 200, body = Health),
+        (status = 503, description = "a group has no writable master", body = error::Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     if s.cluster.all_writable() {
-        axum::Json(json!({ "status": "ready" })).into_response()
+        axum::Json(Health { status: "ready" }).into_response()
     } else {
         let missing: Vec<&str> = s
             .cluster
@@ -110,7 +224,7 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
             .collect();
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            "unavailable",
+            Code::Unavailable,
             format!("no writable master in group(s): {}", missing.join(", ")),
         )
         .retry_after(1)
@@ -118,6 +232,30 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
     }
 }
 
+#[utoipa::path(
+    get,
+    path = "/openapi.json",
+    tag = "operations",
+    summary = "This document (OpenAPI 3.1)",
+    responses((status = 200, description = "the OpenAPI document", content_type = "application/json", body = Object))
+)]
+async fn openapi_json() -> Response {
+    axum::Json(openapi()).into_response()
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/sales/{sale_id}",
+    tag = "sales",
+    summary = "A sale, its items and each item's remaining stock",
+    params(("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64)),
+    responses(
+        (status = 200, body = crate::sale::SaleView),
+        (status = 404, description = "no such sale", body = error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "the id is not a positive integer", body = error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or a group unavailable", body = error::Problem, content_type = "application/problem+json"),
+    )
+)]
 async fn get_sale(State(s): State<Arc<AppState>>, p: Params) -> Result<Response, ApiError> {
     let view = s.sales().get(p.sale()?).await?;
     Ok(axum::Json(view).into_response())

@@ -10,18 +10,22 @@ use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 use std::sync::Arc;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BuyBody {
     /// Optional: the token's user (must match it when given).
     #[serde(default)]
+    #[schema(value_type = Option<u64>, minimum = 1, maximum = 9223372036854775807_u64)]
     user_id: Option<UserId>,
+    /// 1 to 1000; default 1.
     #[serde(default = "one")]
+    #[schema(value_type = u32, minimum = 1, maximum = 1000, default = 1)]
     quantity: Quantity,
+    /// The purchase's idempotency key: the same request_id again returns the same order.
     #[serde(default)]
+    #[schema(value_type = Option<String>, min_length = 1, max_length = 128, pattern = "^[\\x21-\\x7e]+$")]
     request_id: Option<RequestId>,
 }
 
@@ -29,6 +33,29 @@ fn one() -> Quantity {
     Quantity::parse(1).unwrap_or_else(|_| unreachable!("1 is a valid quantity"))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/sales/{sale_id}/items/{item_id}/orders",
+    tag = "orders",
+    summary = "Buy (the token's user)",
+    params(
+        ("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+        ("item_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+    ),
+    request_body = BuyBody,
+    responses(
+        (status = 201, description = "the order (header idempotent-replayed: true when the request_id had one already)", body = crate::order::store::Order),
+        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such sale or item", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not_started, ended, sold_out, limit_exceeded, or a replayed purchase whose order was cancelled or expired (order_cancelled / order_expired, the order in the body)", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is out of range", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or unavailable: retry (with the same request_id) after Retry-After", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []))
+)]
 pub async fn buy(
     State(s): State<Arc<AppState>>,
     caller: Caller,
@@ -51,11 +78,35 @@ pub async fn buy(
     Ok(resp)
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// 1 to 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 
+/// A user's orders, newest first.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Orders {
+    pub orders: Vec<crate::order::store::Order>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/orders",
+    tag = "orders",
+    summary = "A user's orders, newest first",
+    params(("user_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64), ListQuery),
+    responses(
+        (status = 200, body = Orders),
+        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an id or the limit is out of range", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []))
+)]
 pub async fn list(
     State(s): State<Arc<AppState>>,
     caller: Caller,
@@ -69,9 +120,28 @@ pub async fn list(
         return Err(ApiError::invalid("limit must be between 1 and 1000"));
     }
     let orders = s.orders.list_orders(user, limit).await?;
-    Ok(axum::Json(json!({ "orders": orders })).into_response())
+    Ok(axum::Json(Orders { orders }).into_response())
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/users/{user_id}/orders/{order_id}",
+    tag = "orders",
+    summary = "One order",
+    params(
+        ("user_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+        ("order_id" = uuid::Uuid, Path),
+    ),
+    responses(
+        (status = 200, body = crate::order::store::Order),
+        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such order", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an id is malformed", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []))
+)]
 pub async fn get(
     State(s): State<Arc<AppState>>,
     caller: Caller,
@@ -82,6 +152,26 @@ pub async fn get(
     Ok(axum::Json(order).into_response())
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/users/{user_id}/orders/{order_id}/cancel",
+    tag = "orders",
+    summary = "Cancel an unpaid order: its stock returns",
+    params(
+        ("user_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+        ("order_id" = uuid::Uuid, Path),
+    ),
+    responses(
+        (status = 200, description = "the cancelled order (cancelling twice answers the same)", body = crate::order::store::Order),
+        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such order", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "order_paid or order_expired", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an id is malformed", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []))
+)]
 pub async fn cancel(
     State(s): State<Arc<AppState>>,
     caller: Caller,

@@ -6,7 +6,7 @@
 //! `order_cancelled` / `order_expired`; 404 for an unknown order. Every payment is recorded,
 //! refused ones as `refund_due` (the body's `payment` says why).
 
-use super::error::ApiError;
+use super::error::{ApiError, Code};
 use super::extract::{parse_json, RawBody};
 use crate::app::AppState;
 use crate::domain::UserId;
@@ -15,18 +15,39 @@ use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
-use serde_json::json;
 use std::sync::Arc;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct PaymentBody {
+pub struct PaymentBody {
     order_id: uuid::Uuid,
+    #[schema(value_type = u64, minimum = 1, maximum = 9223372036854775807_u64)]
     user_id: UserId,
+    #[schema(minimum = 0)]
     amount_cents: i64,
+    /// The payment provider's reference: recorded once; the same again gives the same answer.
+    #[schema(min_length = 1, max_length = 128, pattern = "^[\\x21-\\x7e]+$")]
     payment_ref: String,
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/payments",
+    tag = "payments",
+    summary = "The payment service's callback (signed)",
+    request_body = PaymentBody,
+    responses(
+        (status = 200, description = "the paid order (header idempotent-replayed: true for a payment_ref seen before)", body = crate::order::store::Order),
+        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "the signature is missing, malformed, wrong or stale", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such order for this user (recorded: refund due)", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "amount_mismatch, order_paid, order_cancelled or order_expired (recorded: refund due; the payment in the body)", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is out of range, or the payment_ref was recorded for another order or amount", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or unavailable: retry", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("payment_signature" = []))
+)]
 pub async fn callback(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
@@ -63,21 +84,26 @@ pub async fn callback(
     };
     let settled = s.orders.settle_payment(notice.clone()).await?;
     let payment = &settled.payment;
-    if payment.order_id != notice.order_id || payment.amount_cents != notice.amount_cents {
+    if payment.order_id != notice.order_id
+        || payment.amount_cents != notice.amount_cents
+        || payment.user_id != notice.user.key()
+    {
         return Err(ApiError::invalid(
-            "this payment_ref was already recorded for another order or amount",
+            "this payment_ref was already recorded for another order, user or amount",
         )
-        .with("payment", json!(payment)));
+        .with_payment(payment.clone()));
     }
     if let Some(reason) = payment.reason {
         let (status, code) = match reason {
-            Refused::OrderNotFound => (StatusCode::NOT_FOUND, "not_found"),
-            r => (StatusCode::CONFLICT, r.as_str()),
+            Refused::OrderNotFound => (StatusCode::NOT_FOUND, Code::NotFound),
+            Refused::AmountMismatch => (StatusCode::CONFLICT, Code::AmountMismatch),
+            Refused::OrderPaid => (StatusCode::CONFLICT, Code::OrderPaid),
+            Refused::OrderCancelled => (StatusCode::CONFLICT, Code::OrderCancelled),
+            Refused::OrderExpired => (StatusCode::CONFLICT, Code::OrderExpired),
         };
-        let mut e =
-            ApiError::new(status, code, refusal_text(reason)).with("payment", json!(payment));
+        let mut e = ApiError::new(status, code, refusal_text(reason)).with_payment(payment.clone());
         if let Some(order) = &settled.order {
-            e = e.with("order", json!(order));
+            e = e.with_order(order.clone());
         }
         return Err(e);
     }

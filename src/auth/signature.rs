@@ -37,6 +37,9 @@ pub fn verify(
     let header = header.ok_or(SignatureError::Missing)?;
     let mut t: Option<i64> = None;
     let mut sigs = Vec::new();
+    if header.split(',').count() > 8 {
+        return Err(SignatureError::Malformed);
+    }
     for part in header.split(',') {
         match part.trim().split_once('=') {
             Some(("t", v)) => t = Some(v.parse().map_err(|_| SignatureError::Malformed)?),
@@ -52,12 +55,22 @@ pub fn verify(
     if now.abs_diff(t) > tolerance_secs {
         return Err(SignatureError::Stale);
     }
-    for sig in sigs {
-        if mac(secret, t, body).verify_slice(&sig).is_ok() {
-            return Ok(());
-        }
+    let expected = mac(secret, t, body).finalize().into_bytes();
+    let matches = |sig: &[u8]| {
+        sig.len() == expected.len()
+            && sig
+                .iter()
+                .zip(expected.iter())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    };
+    // Every entry is compared (no early exit on the first match's position).
+    let found = sigs.iter().fold(false, |found, sig| found | matches(sig));
+    if found {
+        Ok(())
+    } else {
+        Err(SignatureError::Mismatch)
     }
-    Err(SignatureError::Mismatch)
 }
 
 fn mac(secret: &Secret, t: i64, body: &[u8]) -> HmacSha256 {

@@ -111,14 +111,19 @@ impl UserTokens {
         }
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
+        // A configured issuer or audience must be present, not merely not wrong.
+        let mut required = vec!["exp", "sub"];
         validation.validate_aud = self.audience.is_some();
         if let Some(aud) = &self.audience {
             validation.set_audience(&[aud]);
+            required.push("aud");
         }
         if let Some(iss) = &self.issuer {
             validation.set_issuer(&[iss]);
+            required.push("iss");
         }
+        validation.set_required_spec_claims(&required);
         let mut last = TokenError::Invalid("signature does not verify".into());
         for k in candidates {
             match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
@@ -330,6 +335,9 @@ mod tests {
         );
         assert!(t.verify(&make("https://evil.example", "seckill")).is_err());
         assert!(t.verify(&make("https://idp.example", "other")).is_err());
+        // Missing altogether is refused too.
+        let bare = mint(&Secret::new(SECRET), 7, 60).unwrap();
+        assert!(t.verify(&bare).is_err(), "a token without iss and aud");
     }
 
     #[test]

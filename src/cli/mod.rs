@@ -66,6 +66,15 @@ pub enum Command {
         #[arg(long, default_value_t = 3600)]
         ttl_secs: u64,
     },
+    /// Sign a payment callback's body (read from stdin) as the payment service does, and print the
+    /// `Seckill-Signature` header value (with `payments.secret` or SECKILL_PAYMENT_SECRET): to try
+    /// the payment path by hand without putting the secret on a command line.
+    SignPayment {
+        #[arg(long, default_value = ".seckill-dev/shards.toml")]
+        config: PathBuf,
+    },
+    /// Print the OpenAPI 3.1 document of the API (the repository's openapi.json is this).
+    Openapi,
     /// Apply migrations to every group's master and exit.
     Migrate {
         #[arg(long, default_value = "shards.toml")]
@@ -171,6 +180,8 @@ pub async fn run(cli: Cli) -> ExitCode {
             user,
             ttl_secs,
         } => token(&config, user, ttl_secs),
+        Command::SignPayment { config } => sign_payment(&config),
+        Command::Openapi => openapi(),
         Command::Migrate { config } => migrate(&config).await,
         Command::CheckConfig { config } => check_config(&config),
         Command::ShardMap { config, action } => shard_map(&config, action).await,
@@ -246,6 +257,26 @@ fn token(path: &Path, user: u64, ttl_secs: u64) -> CliResult {
     )?;
     crate::domain::UserId::parse(user.into())?;
     println!("{}", crate::auth::users::mint(secret, user, ttl_secs)?);
+    Ok(())
+}
+
+fn sign_payment(path: &Path) -> CliResult {
+    use std::io::Read;
+    let config = Config::load(path)?;
+    let secret = config
+        .payments
+        .secret
+        .as_ref()
+        .ok_or("no payment secret: set payments.secret or SECKILL_PAYMENT_SECRET")?;
+    let mut body = Vec::new();
+    std::io::stdin().read_to_end(&mut body)?;
+    let t = chrono::Utc::now().timestamp();
+    println!("{}", crate::auth::signature::sign(secret, t, &body));
+    Ok(())
+}
+
+fn openapi() -> CliResult {
+    println!("{}", serde_json::to_string_pretty(&crate::api::openapi())?);
     Ok(())
 }
 

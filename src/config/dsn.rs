@@ -61,6 +61,11 @@ impl Dsn {
         let mut pg: tokio_postgres::Config = rest.parse().map_err(|e| format!("{e}"))?;
         let tls = match (tls, &root_cert) {
             (TlsMode::Require, Some(_)) => TlsMode::VerifyCa,
+            // Against the public roots, a chain check without the name would accept any site's
+            // certificate (libpq refuses this too).
+            (TlsMode::VerifyCa, None) => {
+                return Err("sslmode=verify-ca needs sslrootcert (or use verify-full)".into())
+            }
             (mode, _) => mode,
         };
         pg.ssl_mode(match tls {
@@ -142,7 +147,8 @@ fn pairs(text: &str) -> Result<Vec<(String, String)>, String> {
             chars.next();
         }
         if chars.next() != Some('=') {
-            return Err(format!("expected `=` after {key:?}"));
+            // The text is not echoed: it may be part of a password.
+            return Err(format!("expected `=` after key number {}", out.len() + 1));
         }
         while chars.peek().is_some_and(|c| c.is_whitespace()) {
             chars.next();
@@ -163,8 +169,13 @@ fn pairs(text: &str) -> Result<Vec<(String, String)>, String> {
                 if c.is_whitespace() {
                     break;
                 }
-                value.push(c);
                 chars.next();
+                // As libpq: a backslash escapes the next character, in unquoted values too.
+                if c == '\\' {
+                    value.push(chars.next().ok_or("a value ends in a backslash")?);
+                } else {
+                    value.push(c);
+                }
             }
         }
         out.push((key, value));
@@ -288,13 +299,16 @@ mod tests {
 
     #[test]
     fn urls_work_too() {
-        let d = Dsn::new("postgresql://app:secret@db1:5433/s?sslmode=verify-ca&application_name=x");
+        let d = Dsn::new(
+            "postgresql://app:secret@db1:5433/s?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem&application_name=x",
+        );
         let r = d.resolve(None).unwrap();
         assert_eq!(r.tls, TlsMode::VerifyCa);
         assert_eq!(r.pg.get_application_name(), Some("x"));
+        assert_eq!(r.root_cert, Some(PathBuf::from("/etc/ca.pem")));
         assert_eq!(
             redact(d.expose()),
-            "postgresql://app:***@db1:5433/s?sslmode=verify-ca&application_name=x"
+            "postgresql://app:***@db1:5433/s?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca.pem&application_name=x"
         );
     }
 
@@ -324,6 +338,21 @@ mod tests {
         let d = Dsn::new("host=h user=u password=topsecret");
         assert!(!format!("{d:?}").contains("topsecret"));
         assert!(format!("{d:?}").contains("password=***"));
+    }
+
+    #[test]
+    fn unquoted_backslashes_escape_as_in_libpq() {
+        let r = Dsn::new("host=h password=p\\'w\\ x").resolve(None).unwrap();
+        assert_eq!(r.pg.get_password(), Some(&b"p'w x"[..]));
+    }
+
+    #[test]
+    fn errors_do_not_echo_what_may_be_a_password() {
+        let e = Dsn::new("host=h password=secret part")
+            .resolve(None)
+            .unwrap_err();
+        assert!(!e.contains("part") && !e.contains("secret"), "{e}");
+        assert!(Dsn::new("host=h sslmode=verify-ca").resolve(None).is_err());
     }
 
     #[test]

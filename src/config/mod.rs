@@ -175,6 +175,9 @@ pub struct ServerConfig {
     /// On shutdown (SIGTERM, Ctrl-C), how long in-flight requests may take to finish, in ms.
     /// Default 10000.
     pub drain_ms: u64,
+    /// `GET /metrics` needs the admin token. Default false: open on the listener (keep the
+    /// listener on a private network, or set this).
+    pub metrics_need_admin: bool,
 }
 
 impl Default for ServerConfig {
@@ -190,6 +193,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             max_connections: 10_000,
             drain_ms: 10_000,
+            metrics_need_admin: false,
         }
     }
 }

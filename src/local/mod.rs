@@ -74,13 +74,35 @@ pub(crate) fn hand_to_postgres(path: &Path) -> Result<(), LocalError> {
 }
 
 pub(crate) fn run(what: &str, cmd: &mut Command) -> Result<Output, LocalError> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| LocalError::Command {
-            what: what.to_string(),
-            detail: e.to_string(),
-        })?;
+    run_with_input(what, cmd, None)
+}
+
+/// Run a command, feeding `input` to its standard input (SQL that may hold a password goes this
+/// way, never on a command line, where any user's `ps` shows it).
+pub(crate) fn run_with_input(
+    what: &str,
+    cmd: &mut Command,
+    input: Option<&str>,
+) -> Result<Output, LocalError> {
+    use std::io::Write;
+    let failed = |e: std::io::Error| LocalError::Command {
+        what: what.to_string(),
+        detail: e.to_string(),
+    };
+    let mut child = cmd
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(failed)?;
+    if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
+        stdin.write_all(text.as_bytes()).map_err(failed)?;
+    }
+    let out = child.wait_with_output().map_err(failed)?;
     if !out.status.success() {
         return Err(LocalError::Command {
             what: what.to_string(),

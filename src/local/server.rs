@@ -1,6 +1,8 @@
 //! One local PostgreSQL server: create (initdb or a base backup), start, stop, signal, rejoin.
 
-use super::{hand_to_postgres, run, running_as_root, write_private, LocalError, ADMIN_ROLE};
+use super::{
+    hand_to_postgres, run, run_with_input, running_as_root, write_private, LocalError, ADMIN_ROLE,
+};
 use crate::config::Secret;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -104,8 +106,8 @@ impl LocalServer {
     }
 
     /// A server whose data directory is given directly (an old master to rejoin). Nothing
-    /// around the data directory is touched: its socket and log go to a folder of their own
-    /// under the system's temporary directory.
+    /// around the data directory is touched: its socket and log go to a fresh folder of their own
+    /// (a random name, created when the server starts) under the system's temporary directory.
     pub fn at(
         bin: &PgBin,
         data_dir: &Path,
@@ -113,7 +115,10 @@ impl LocalServer {
         admin_user: &str,
         admin_password: Secret,
     ) -> Self {
-        let scratch = std::env::temp_dir().join(format!("seckill-rejoin-{port}"));
+        let scratch = std::env::temp_dir().join(format!(
+            "seckill-rejoin-{port}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
         Self {
             name: data_dir.display().to_string(),
             data_dir: data_dir.to_path_buf(),
@@ -156,6 +161,7 @@ impl LocalServer {
     }
 
     fn prepare_dirs(&self) -> Result<(), LocalError> {
+        self.prepare_scratch()?;
         std::fs::create_dir_all(&self.socket_dir)?;
         hand_to_postgres(&self.socket_dir)?;
         if self.owns_folder {
@@ -272,10 +278,28 @@ impl LocalServer {
         self.postmaster_pid().is_some_and(process_alive)
     }
 
+    /// For a server given from outside: its own fresh scratch folder (socket, log), private to
+    /// the `postgres` user; refused if the name exists already.
+    fn prepare_scratch(&self) -> Result<(), LocalError> {
+        if self.owns_folder {
+            return Ok(());
+        }
+        let Some(scratch) = self.socket_dir.parent() else {
+            return Ok(());
+        };
+        if !scratch.exists() {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new().mode(0o700).create(scratch)?;
+            hand_to_postgres(scratch)?;
+        }
+        Ok(())
+    }
+
     pub fn start(&self) -> Result<(), LocalError> {
         if self.is_running() {
             return Ok(());
         }
+        self.prepare_scratch()?;
         if self.postmaster_pid().is_some() {
             // Left by a crash; PostgreSQL would refuse to start while a zombie holds the pid
             // named in its lock files.
@@ -423,42 +447,43 @@ impl LocalServer {
 
     /// Run SQL through psql as the superuser, returning its unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, LocalError> {
-        let out = run(
+        // The SQL goes in on stdin: it may hold a password.
+        let out = run_with_input(
             &format!("psql on {}", self.name),
             self.cmd("psql")
                 .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
                 .args(["-U", &self.admin_user])
-                .args([
-                    "-d",
-                    db,
-                    "-X",
-                    "-q",
-                    "-t",
-                    "-A",
-                    "-v",
-                    "ON_ERROR_STOP=1",
-                    "-c",
-                    sql,
-                ]),
+                .args(["-d", db, "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"]),
+            Some(sql),
         )?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    /// The system identifier recorded in the data directory (`pg_controldata`): which cluster
-    /// lineage it belongs to.
-    pub fn system_identifier(&self) -> Result<String, LocalError> {
+    /// What `pg_controldata` says of the data directory: its system identifier (which cluster
+    /// lineage it belongs to) and the timeline of its latest checkpoint.
+    pub fn control_data(&self) -> Result<(String, i64), LocalError> {
         let out = run(
             &format!("pg_controldata of {}", self.name),
             self.cmd("pg_controldata").arg("-D").arg(&self.data_dir),
         )?;
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("Database system identifier:"))
-            .map(|v| v.trim().to_string())
-            .ok_or_else(|| LocalError::Command {
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .ok_or_else(|| LocalError::Command {
+                    what: "pg_controldata".into(),
+                    detail: format!("no `{name}` in its output"),
+                })
+        };
+        let id = field("Database system identifier:")?;
+        let timeline = field("Latest checkpoint's TimeLineID:")?
+            .parse()
+            .map_err(|_| LocalError::Command {
                 what: "pg_controldata".into(),
-                detail: "no system identifier in its output".into(),
-            })
+                detail: "an unreadable timeline".into(),
+            })?;
+        Ok((id, timeline))
     }
 
     /// Turn an old master into a standby of the master at `host:port` with pg_rewind (falling back
@@ -479,8 +504,19 @@ impl LocalServer {
         match rewind {
             Ok(_) => self.follow(host, port, application_name)?,
             Err(e) => {
-                tracing::warn!(server = %self.name, error = %e, "pg_rewind failed; taking a fresh base backup");
+                // Never deleted: moved aside, for the DBA to remove once the new shadow streams.
+                let aside = self.data_dir.with_file_name(format!(
+                    "{}.replaced-{}",
+                    self.data_dir
+                        .file_name()
+                        .map_or("data".into(), |n| n.to_string_lossy()),
+                    chrono::Utc::now().format("%Y%m%dT%H%M%S")
+                ));
+                tracing::warn!(server = %self.name, error = %e, aside = %aside.display(),
+                    "pg_rewind failed; moving the old data directory aside and taking a fresh base backup");
+                std::fs::rename(&self.data_dir, &aside)?;
                 self.init_shadow_of_addr(host, port)?;
+                self.follow(host, port, application_name)?;
             }
         }
         self.start()

@@ -26,7 +26,7 @@ pub struct Notice {
 }
 
 /// Why a payment did not pay its order (recorded as `refund_due`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Refused {
     AmountMismatch,
@@ -68,8 +68,9 @@ pub enum Decision {
     Refuse(Refused),
 }
 
-/// The decision for a new payment (pure; the order as read under its row lock).
-pub fn decide(order: Option<&Order>, amount_cents: i64, now: DateTime<Utc>) -> Decision {
+/// The decision for a new payment (pure; the order as read under its row lock, and whether its
+/// window had passed by the database's clock).
+pub fn decide(order: Option<&Order>, amount_cents: i64, past_window: bool) -> Decision {
     let Some(order) = order else {
         return Decision::Refuse(Refused::OrderNotFound);
     };
@@ -81,13 +82,13 @@ pub fn decide(order: Option<&Order>, amount_cents: i64, now: DateTime<Utc>) -> D
         OrderStatus::PendingPayment if order.amount_cents != amount_cents => {
             Decision::Refuse(Refused::AmountMismatch)
         }
-        OrderStatus::PendingPayment if order.expires_at <= now => Decision::ExpireAndRefuse,
+        OrderStatus::PendingPayment if past_window => Decision::ExpireAndRefuse,
         OrderStatus::PendingPayment => Decision::Apply,
     }
 }
 
 /// A recorded payment, as the admin API and the settlement reconciliation see it.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Payment {
     pub payment_ref: String,
     pub order_id: Uuid,
@@ -95,6 +96,7 @@ pub struct Payment {
     pub sale_id: Option<u64>,
     pub amount_cents: i64,
     /// `applied` or `refund_due`.
+    #[schema(example = "applied")]
     pub state: String,
     pub reason: Option<Refused>,
     pub received_at: DateTime<Utc>,
@@ -137,16 +139,18 @@ pub async fn settle(
     notice: &Notice,
 ) -> Result<Option<Settled>, DbError> {
     let tx = client.transaction().await?;
+    // The database's clock judges the window, as the sweeper's does.
     let order_sql = format!(
-        "SELECT {}, pg_current_xact_id() FROM orders WHERE order_id = $1 AND user_id = $2 FOR UPDATE",
+        "SELECT {}, expires_at <= now(), pg_current_xact_id() FROM orders
+         WHERE order_id = $1 AND user_id = $2 FOR UPDATE",
         super::store::ORDER_COLUMNS
     );
     let order_stmt = tx.prepare_cached(&order_sql).await?;
-    let order = tx
+    let row = tx
         .query_opt(&order_stmt, &[&notice.order_id, &notice.user.db()])
-        .await?
-        .as_ref()
-        .map(Order::from_row);
+        .await?;
+    let past_window = row.as_ref().is_some_and(|r| r.get::<_, bool>(10));
+    let order = row.as_ref().map(Order::from_row);
     // After the order's lock, so a concurrent callback with the same ref has committed by now.
     let seen_sql = format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE payment_ref = $1");
     let seen_stmt = tx.prepare_cached(&seen_sql).await?;
@@ -159,7 +163,7 @@ pub async fn settle(
             expired_now: false,
         }));
     }
-    let decision = decide(order.as_ref(), notice.amount_cents, Utc::now());
+    let decision = decide(order.as_ref(), notice.amount_cents, past_window);
     let (state, reason) = match decision {
         Decision::Apply => ("applied", None),
         Decision::ExpireAndRefuse => ("refund_due", Some(Refused::OrderExpired)),
@@ -300,17 +304,15 @@ mod tests {
 
     #[test]
     fn every_case_has_its_decision() {
-        let now = Utc::now();
         let pending = order(OrderStatus::PendingPayment, 500, 60);
-        assert_eq!(decide(Some(&pending), 500, now), Decision::Apply);
+        assert_eq!(decide(Some(&pending), 500, false), Decision::Apply);
         assert_eq!(
-            decide(Some(&pending), 499, now),
+            decide(Some(&pending), 499, false),
             Decision::Refuse(Refused::AmountMismatch)
         );
-        let late = order(OrderStatus::PendingPayment, 500, -1);
-        assert_eq!(decide(Some(&late), 500, now), Decision::ExpireAndRefuse);
+        assert_eq!(decide(Some(&pending), 500, true), Decision::ExpireAndRefuse);
         assert_eq!(
-            decide(Some(&late), 1, now),
+            decide(Some(&pending), 1, true),
             Decision::Refuse(Refused::AmountMismatch),
             "a wrong amount leaves even a late order alone"
         );
@@ -320,12 +322,12 @@ mod tests {
             (OrderStatus::Expired, Refused::OrderExpired),
         ] {
             assert_eq!(
-                decide(Some(&order(s, 500, 60)), 500, now),
+                decide(Some(&order(s, 500, 60)), 500, false),
                 Decision::Refuse(r)
             );
         }
         assert_eq!(
-            decide(None, 500, now),
+            decide(None, 500, false),
             Decision::Refuse(Refused::OrderNotFound)
         );
     }

@@ -21,7 +21,7 @@ use uuid::Uuid;
 
 /// Where an order is in its life (DESIGN.md "Data model"); the text is what the `orders.status`
 /// column and the API carry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OrderStatus {
     PendingPayment,
@@ -64,7 +64,7 @@ impl std::fmt::Display for OrderStatus {
 }
 
 /// An order as the API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Order {
     pub order_id: Uuid,
     pub user_id: u64,

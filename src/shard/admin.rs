@@ -162,9 +162,11 @@ pub async fn rejoin(
         password,
     );
     // Before anything destructive: this data directory must belong to the group (the same
-    // system identifier as its master), and must not be the master's own.
-    let (id_master, master_dir) = identity(&group.members[master].admin).await?;
-    if master_dir.as_deref().map(Path::new) == Some(data_dir) {
+    // system identifier as its master), must not be the master's own (by path, and by timeline:
+    // an old master's last checkpoint is on an older timeline than the promoted one's).
+    let (id_master, master_dir, master_timeline) = identity(&group.members[master].admin).await?;
+    let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+    if master_dir.as_deref().map(|d| canonical(Path::new(d))) == Some(canonical(data_dir)) {
         return Err(format!(
             "{} is the current master's data directory",
             data_dir.display()
@@ -172,10 +174,18 @@ pub async fn rejoin(
         .into());
     }
     let probe = server.clone();
-    let id_dir = tokio::task::spawn_blocking(move || probe.system_identifier()).await??;
+    let (id_dir, timeline_dir) =
+        tokio::task::spawn_blocking(move || probe.control_data()).await??;
     if id_dir != id_master {
         return Err(format!(
             "{} belongs to another cluster (system identifier {id_dir}, the group's is {id_master}); refusing to rewind it",
+            data_dir.display()
+        )
+        .into());
+    }
+    if timeline_dir >= master_timeline {
+        return Err(format!(
+            "{} is on timeline {timeline_dir}, not older than the master's ({master_timeline}): it may be the master itself; refusing to rewind it",
             data_dir.display()
         )
         .into());
@@ -190,17 +200,19 @@ pub async fn rejoin(
     Ok(())
 }
 
-/// A server's system identifier and data directory (as it reports them).
-async fn identity(endpoint: &super::tls::Endpoint) -> Result<(String, Option<String>)> {
+/// A server's system identifier, data directory and current timeline (as it reports them).
+async fn identity(endpoint: &super::tls::Endpoint) -> Result<(String, Option<String>, i64)> {
     let (client, task) = endpoint.connect().await?;
     let row = client
         .query_one(
-            "SELECT system_identifier::text, current_setting('data_directory') FROM pg_control_system()",
+            "SELECT system_identifier::text, current_setting('data_directory'),
+                    ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint
+             FROM pg_control_system()",
             &[],
         )
         .await;
     drop(client);
     task.abort();
     let row = row?;
-    Ok((row.get(0), row.get(1)))
+    Ok((row.get(0), row.get(1), row.get(2)))
 }

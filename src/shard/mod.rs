@@ -64,7 +64,7 @@ pub enum Work {
 }
 
 /// Role of a member as last seen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Default, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     /// Writable.
@@ -470,39 +470,65 @@ impl Cluster {
 }
 
 /// The view of GET /v1/admin/groups and `seckill group status`.
-pub fn groups_report(cluster: &Cluster) -> serde_json::Value {
-    let groups: Vec<serde_json::Value> = cluster
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GroupsReport {
+    pub groups: Vec<GroupView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct GroupView {
+    pub name: String,
+    /// The member written to, if any (`host:port`).
+    pub writable_master: Option<String>,
+    /// Failovers this engine node has seen.
+    pub failovers: u64,
+    pub members: Vec<MemberView>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct MemberView {
+    pub endpoint: String,
+    /// `master` or `shadow`: its role in shards.toml.
+    pub configured_role: &'static str,
+    pub role: Role,
+    pub writable: bool,
+    pub healthy: bool,
+    pub timeline: Option<i64>,
+    pub replication_lag_bytes: Option<i64>,
+    pub consecutive_failures: u32,
+    pub last_error: Option<String>,
+}
+
+pub fn groups_report(cluster: &Cluster) -> GroupsReport {
+    let groups = cluster
         .groups
         .iter()
         .map(|g| {
             let writer = g.writer_index();
-            let status = g.status();
-            let members: Vec<serde_json::Value> = g
+            let members = g
                 .members
                 .iter()
-                .zip(status)
+                .zip(g.status())
                 .enumerate()
-                .map(|(i, (m, s))| {
-                    serde_json::json!({
-                        "endpoint": m.endpoint,
-                        "configured_role": m.configured_role,
-                        "role": s.role,
-                        "writable": writer == Some(i),
-                        "healthy": s.healthy,
-                        "timeline": s.timeline,
-                        "replication_lag_bytes": s.replication_lag_bytes,
-                        "consecutive_failures": s.consecutive_failures,
-                        "last_error": s.last_error,
-                    })
+                .map(|(i, (m, s))| MemberView {
+                    endpoint: m.endpoint.clone(),
+                    configured_role: m.configured_role,
+                    role: s.role,
+                    writable: writer == Some(i),
+                    healthy: s.healthy,
+                    timeline: s.timeline,
+                    replication_lag_bytes: s.replication_lag_bytes,
+                    consecutive_failures: s.consecutive_failures,
+                    last_error: s.last_error,
                 })
                 .collect();
-            serde_json::json!({
-                "name": g.name,
-                "writable_master": writer.map(|i| g.members[i].endpoint.clone()),
-                "failovers": g.failovers(),
-                "members": members,
-            })
+            GroupView {
+                name: g.name.clone(),
+                writable_master: writer.map(|i| g.members[i].endpoint.clone()),
+                failovers: g.failovers(),
+                members,
+            }
         })
         .collect();
-    serde_json::json!({ "groups": groups })
+    GroupsReport { groups }
 }

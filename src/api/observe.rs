@@ -1,0 +1,149 @@
+//! What every request leaves behind: its id, its span, its metrics; and `GET /metrics`.
+//!
+//! The request id is the caller's `x-request-id` when it is a sane token (1 to 128 printable
+//! ASCII characters), else a fresh UUID v7; every answer carries it back in `x-request-id`, and
+//! a problem+json body names it as `instance`.
+
+use super::error::{Code, REQUEST_ID};
+use crate::app::AppState;
+use crate::telemetry as t;
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+use std::time::Instant;
+use tracing::Instrument;
+
+pub const REQUEST_ID_HEADER: &str = "x-request-id";
+
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+}
+
+/// Request id, span and HTTP metrics for one request (module docs).
+pub async fn observe(req: Request, next: Next) -> Response {
+    let id = request_id(&req);
+    let method = req.method().as_str().to_string();
+    // The route template, never the concrete path (no ids in labels).
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |m| m.as_str())
+        .to_string();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format!("{method} {route}"),
+        method = %method,
+        route = %route,
+        request_id = %id,
+        status = tracing::field::Empty,
+        code = tracing::field::Empty,
+    );
+    let labels = [
+        ("http_request_method", method.clone()),
+        ("http_route", route.clone()),
+    ];
+    let active = metrics::gauge!(t::HTTP_ACTIVE, &labels);
+    active.increment(1.0);
+    let started = Instant::now();
+    let mut resp = REQUEST_ID
+        .scope(id.clone(), next.run(req))
+        .instrument(span.clone())
+        .await;
+    active.decrement(1.0);
+    let status = resp.status().as_u16();
+    span.record("status", status);
+    if let Some(code) = resp.extensions().get::<Code>() {
+        span.record("code", code.as_str());
+    }
+    metrics::histogram!(
+        t::HTTP_DURATION,
+        "http_request_method" => method,
+        "http_route" => route,
+        "http_response_status_code" => status.to_string(),
+    )
+    .record(started.elapsed().as_secs_f64());
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    }
+    resp
+}
+
+/// Prometheus text of every metric (telemetry module docs).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    summary = "Prometheus metrics",
+    description = "Prometheus text format. Open on the listener unless `server.metrics_need_admin` is set.",
+    responses(
+        (status = 200, description = "metrics", content_type = "text/plain", body = String),
+        (status = 401, description = "the admin token is required and missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "no metrics recorder in this process", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security((), ("admin_token" = []))
+)]
+pub async fn metrics(State(s): State<Arc<AppState>>, headers: axum::http::HeaderMap) -> Response {
+    if s.config.server.metrics_need_admin {
+        if let Err(e) = super::identity::check_admin(&s, &headers) {
+            return e.into_response();
+        }
+    }
+    let Some(handle) = t::recorder() else {
+        return super::error::ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable,
+            "no metrics recorder",
+        )
+        .into_response();
+    };
+    record_state(&s);
+    t::record_process();
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        handle.render(),
+    )
+        .into_response()
+}
+
+/// Gauges mirroring the shard groups at scrape time.
+fn record_state(s: &AppState) {
+    use crate::shard::Role;
+    for g in &s.cluster.groups {
+        let status = g.status();
+        for (m, st) in g.members.iter().zip(&status) {
+            let pool = m.pool.status();
+            let member = m.endpoint.clone();
+            for (state, n) in [
+                ("idle", pool.available),
+                ("in_use", pool.size.saturating_sub(pool.available)),
+                ("max", pool.max_size),
+            ] {
+                metrics::gauge!(t::POOL, "group" => g.name.clone(), "member" => member.clone(), "state" => state)
+                    .set(n as f64);
+            }
+            for (role, name) in [
+                (Role::Master, "master"),
+                (Role::Shadow, "shadow"),
+                (Role::Fenced, "fenced"),
+                (Role::Down, "down"),
+            ] {
+                let up = if st.role == role { 1.0 } else { 0.0 };
+                metrics::gauge!(t::GROUP_UP, "group" => g.name.clone(), "member" => member.clone(), "role" => name)
+                    .set(up);
+            }
+        }
+        let lag = status.iter().find_map(|st| st.replication_lag_bytes);
+        metrics::gauge!(t::LAG, "group" => g.name.clone()).set(lag.unwrap_or(0) as f64);
+        metrics::counter!(t::FAILOVERS, "group" => g.name.clone()).absolute(g.failovers());
+    }
+}
