@@ -27,11 +27,15 @@ pub enum DomainError {
 
 macro_rules! id_type {
     ($name:ident, $field:literal) => {
-        #[derive(
-            Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
-        )]
-        #[serde(try_from = "i64", into = "u64")]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(into = "u64")]
         pub struct $name(u64);
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                Self::parse(integer(d)?).map_err(serde::de::Error::custom)
+            }
+        }
 
         impl $name {
             pub fn parse(value: i128) -> Result<Self, DomainError> {
@@ -80,14 +84,61 @@ macro_rules! id_type {
     };
 }
 
+/// A JSON integer, also when written as an integral number such as `3.0` (JSON has one number
+/// type; JSON Schema counts `3.0` as an integer, and JavaScript clients may send it). A fraction is
+/// an error.
+pub fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i128, D::Error> {
+    struct V;
+    impl serde::de::Visitor<'_> for V {
+        type Value = i128;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<i128, E> {
+            Ok(v.into())
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<i128, E> {
+            Ok(v.into())
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<i128, E> {
+            if v.fract() == 0.0 && v.abs() < 1e20 {
+                Ok(v as i128)
+            } else {
+                Err(E::custom(format!("expected an integer, got {v}")))
+            }
+        }
+    }
+    d.deserialize_any(V)
+}
+
+/// [`integer`] into an `i64` field.
+pub fn integer_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    let v = integer(d)?;
+    i64::try_from(v).map_err(|_| serde::de::Error::custom(format!("{v} is out of range")))
+}
+
+/// [`integer`] into an optional `u32` field.
+pub fn integer_opt_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    let v = integer(d)?;
+    u32::try_from(v)
+        .map(Some)
+        .map_err(|_| serde::de::Error::custom(format!("{v} is out of range")))
+}
+
 id_type!(SaleId, "sale_id");
 id_type!(ItemId, "item_id");
 id_type!(UserId, "user_id");
 
 /// Units asked for in one buy request: `1..=MAX_QUANTITY`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(try_from = "i64", into = "u32")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(into = "u32")]
 pub struct Quantity(u32);
+
+impl<'de> Deserialize<'de> for Quantity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Self::parse(integer(d)?).map_err(serde::de::Error::custom)
+    }
+}
 
 impl Quantity {
     pub fn parse(value: i128) -> Result<Self, DomainError> {
@@ -191,6 +242,15 @@ mod tests {
         assert!(ItemId::parse(-5).is_err());
         assert!(ItemId::parse(i64::MAX as i128 + 1).is_err());
         assert_eq!(ItemId::parse(i64::MAX as i128).unwrap().db(), i64::MAX);
+    }
+
+    #[test]
+    fn integral_numbers_count_as_integers_fractions_do_not() {
+        assert_eq!(serde_json::from_str::<Quantity>("3.0").unwrap().get(), 3);
+        assert!(serde_json::from_str::<Quantity>("3.5").is_err());
+        assert!(serde_json::from_str::<Quantity>("\"3\"").is_err());
+        assert!(serde_json::from_str::<UserId>("1e30").is_err());
+        assert_eq!(serde_json::from_str::<UserId>("42").unwrap().key(), 42);
     }
 
     #[test]

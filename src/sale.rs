@@ -34,7 +34,7 @@ pub struct NewSale {
     /// After `starts_at`; years 1970 to 9999.
     pub ends_at: DateTime<Utc>,
     /// Seconds an order may stay unpaid. Default: `orders.payment_window_secs`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::domain::integer_opt_u32")]
     #[schema(minimum = 1, maximum = 604800)]
     pub payment_window_secs: Option<u32>,
     /// 1 to 1000 items, each item id once.
@@ -48,11 +48,13 @@ pub struct NewItem {
     #[schema(value_type = u64, minimum = 1, maximum = 9223372036854775807_u64)]
     pub item_id: ItemId,
     #[schema(minimum = 0, maximum = 1000000000)]
+    #[serde(deserialize_with = "crate::domain::integer_i64")]
     pub stock: i64,
     #[schema(minimum = 0, maximum = 9223372036854_i64)]
+    #[serde(deserialize_with = "crate::domain::integer_i64")]
     pub price_cents: i64,
     /// Default 1.
-    #[serde(default = "one")]
+    #[serde(default = "one", deserialize_with = "crate::domain::integer_i64")]
     #[schema(minimum = 1, maximum = 1000000)]
     pub per_user_limit: i64,
 }

@@ -24,6 +24,7 @@ pub struct PaymentBody {
     #[schema(value_type = u64, minimum = 1, maximum = 9223372036854775807_u64)]
     user_id: UserId,
     #[schema(minimum = 0)]
+    #[serde(deserialize_with = "crate::domain::integer_i64")]
     amount_cents: i64,
     /// The payment provider's reference: recorded once; the same again gives the same answer.
     #[schema(min_length = 1, max_length = 128, pattern = "^[\\x21-\\x7e]+$")]
