@@ -126,6 +126,8 @@ impl Application {
     }
 
     pub async fn build_with(config: Config, background: Background) -> Result<Self, StartError> {
+        // The metrics recorder exists before the first request is counted.
+        let _ = crate::telemetry::recorder();
         let cancel = CancellationToken::new();
         let tasks = TaskTracker::new();
         let state = AppState::connect(config, &tasks).await?;

@@ -238,6 +238,15 @@ impl Reconciler {
         if report.repairs() > 0 {
             tracing::warn!(?report, "reconciler repaired mismatches");
         }
+        for (kind, n) in [
+            ("orphan_released", report.orphans_released),
+            ("marked_ordered", report.marked_ordered),
+            ("marked_paid", report.marked_paid),
+            ("dead_order_released", report.dead_orders_released),
+        ] {
+            metrics::counter!(crate::telemetry::REPAIRS, "kind" => kind).increment(n);
+        }
+        metrics::gauge!(crate::telemetry::VIOLATIONS).set(report.violations.len() as f64);
         report
     }
 

@@ -26,6 +26,29 @@ pub const LAG: &str = "seckill_replication_lag_bytes";
 pub const FAILOVERS: &str = "seckill_failovers_total";
 pub const REPAIRS: &str = "seckill_reconcile_repairs_total";
 pub const VIOLATIONS: &str = "seckill_conservation_violations";
+pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
+pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
+pub const PROCESS_FDS: &str = "process_open_fds";
+
+/// Every metric the engine exports (histograms also as `_bucket`, `_sum` and `_count`).
+pub const ALL: &[&str] = &[
+    HTTP_DURATION,
+    HTTP_ACTIVE,
+    ORDERS,
+    PHASE,
+    BATCH,
+    SOLDOUT_FASTPATH,
+    POOL,
+    GROUP_UP,
+    LAG,
+    FAILOVERS,
+    REPAIRS,
+    VIOLATIONS,
+    PROCESS_RSS,
+    PROCESS_CPU,
+    PROCESS_FDS,
+];
+const HISTOGRAMS: &[&str] = &[HTTP_DURATION, PHASE, BATCH];
 
 const SECONDS: &[f64] = &[
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -99,29 +122,35 @@ fn describe() {
         VIOLATIONS,
         "items breaking conservation at the last reconciler pass"
     );
-    describe_gauge!(
-        "process_resident_memory_bytes",
-        Unit::Bytes,
-        "resident memory of the engine"
-    );
-    describe_counter!(
-        "process_cpu_seconds_total",
-        Unit::Seconds,
-        "CPU time of the engine"
-    );
-    describe_gauge!("process_open_fds", "open file descriptors of the engine");
+    describe_gauge!(PROCESS_RSS, Unit::Bytes, "resident memory of the engine");
+    describe_gauge!(PROCESS_CPU, Unit::Seconds, "CPU time of the engine");
+    describe_gauge!(PROCESS_FDS, "open file descriptors of the engine");
+}
+
+/// The metric a series name belongs to: `x_bucket`, `x_sum` and `x_count` of a histogram `x` are
+/// `x`; anything else is itself.
+pub fn metric_of(series: &str) -> &str {
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = series.strip_suffix(suffix) {
+            if HISTOGRAMS.contains(&base) {
+                return base;
+            }
+        }
+    }
+    series
 }
 
 /// Resident memory, CPU time and open files of this process, from /proc (Linux).
 pub fn record_process() {
-    let page = 4096.0;
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
     if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {
         if let Some(rss) = statm
             .split_whitespace()
             .nth(1)
             .and_then(|v| v.parse::<f64>().ok())
         {
-            metrics::gauge!("process_resident_memory_bytes").set(rss * page);
+            metrics::gauge!(PROCESS_RSS).set(rss * page);
         }
     }
     if let Ok(stat) = std::fs::read_to_string("/proc/self/stat") {
@@ -138,27 +167,109 @@ pub fn record_process() {
         };
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-        metrics::counter!("process_cpu_seconds_total").absolute((ticks(11) + ticks(12)) / hz);
+        // A gauge holding a monotonic total: the facade's counters are integers, and whole
+        // seconds would make rate() jump. Prometheus's rate() reads it all the same.
+        metrics::gauge!(PROCESS_CPU).set((ticks(11) + ticks(12)) as f64 / hz as f64);
     }
     if let Ok(fds) = std::fs::read_dir("/proc/self/fd") {
-        metrics::gauge!("process_open_fds").set(fds.count() as f64);
+        metrics::gauge!(PROCESS_FDS).set(fds.count() as f64);
     }
 }
 
-/// Set up logging: text, or one JSON object per line.
+/// Set up logging to stderr: text, or one JSON object per line. `RUST_LOG` filters.
 pub fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn"));
+    init_tracing_with(json, filter, std::io::stderr);
+}
+
+/// Set up logging to `writer` (tests read their own log through this). A JSON line lists every
+/// span it happened in (`spans`), so an order phase's line carries its request's `request_id`.
+pub fn init_tracing_with<W>(json: bool, filter: tracing_subscriber::EnvFilter, writer: W)
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_writer(writer)
         .with_target(false);
     let _ = if json {
         builder
             .json()
-            .with_current_span(true)
-            .with_span_list(false)
+            .with_current_span(false)
+            .with_span_list(true)
             .try_init()
     } else {
         builder.try_init()
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every metric deploy/grafana's dashboard queries is one the engine exports, so renaming a
+    /// metric cannot silently blank a panel.
+    #[test]
+    fn the_dashboard_queries_only_exported_metrics() {
+        let text = include_str!("../deploy/grafana/dashboards/seckill.json");
+        let dashboard: serde_json::Value = serde_json::from_str(text).expect("dashboard JSON");
+        let mut exprs = Vec::new();
+        for panel in dashboard["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                exprs.push(target["expr"].as_str().expect("expr").to_string());
+            }
+        }
+        assert!(exprs.len() > 10, "the dashboard has its queries");
+        let mut used = std::collections::BTreeSet::new();
+        for expr in &exprs {
+            // Strip label matchers and legends: metric names are the identifiers outside `{...}`.
+            let mut depth = 0;
+            let outside: String = expr
+                .chars()
+                .map(|c| {
+                    match c {
+                        '{' => depth += 1,
+                        '}' => depth -= 1,
+                        _ => {}
+                    }
+                    if depth == 0 && (c.is_ascii_alphanumeric() || c == '_') {
+                        c
+                    } else {
+                        ' '
+                    }
+                })
+                .collect();
+            for word in outside.split_whitespace() {
+                if ["seckill_", "http_server_", "process_"]
+                    .iter()
+                    .any(|p| word.starts_with(p))
+                {
+                    used.insert(word.to_string());
+                }
+            }
+        }
+        for series in &used {
+            assert!(
+                ALL.contains(&metric_of(series)),
+                "the dashboard queries {series}, which the engine does not export"
+            );
+        }
+        for metric in ALL {
+            assert!(
+                used.iter().any(|s| metric_of(s) == *metric),
+                "no dashboard panel shows {metric}"
+            );
+        }
+    }
+
+    #[test]
+    fn histogram_series_belong_to_their_metric() {
+        assert_eq!(metric_of("seckill_coalesce_batch_size_bucket"), BATCH);
+        assert_eq!(metric_of("seckill_orders_total"), ORDERS);
+        assert_eq!(
+            metric_of("seckill_failovers_count"),
+            "seckill_failovers_count"
+        );
+    }
 }

@@ -260,3 +260,37 @@ async fn get_sale(State(s): State<Arc<AppState>>, p: Params) -> Result<Response,
     let view = s.sales().get(p.sale()?).await?;
     Ok(axum::Json(view).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    /// The committed openapi.json is what the handlers say: a change to the API that is not in
+    /// the committed document fails here. Regenerate it with
+    /// `cargo run --bin seckill -- openapi > openapi.json`.
+    #[test]
+    fn the_committed_openapi_document_has_not_drifted() {
+        let generated = serde_json::to_string_pretty(&super::openapi()).unwrap();
+        let committed = include_str!("../../openapi.json");
+        assert!(
+            committed.trim() == generated.trim(),
+            "openapi.json is stale: run `cargo run --bin seckill -- openapi > openapi.json`"
+        );
+    }
+
+    #[test]
+    fn every_documented_error_is_problem_json_with_a_code() {
+        let doc = serde_json::to_value(super::openapi()).unwrap();
+        for (path, ops) in doc["paths"].as_object().unwrap() {
+            for (method, op) in ops.as_object().unwrap() {
+                for (status, resp) in op["responses"].as_object().unwrap() {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        let schema = &resp["content"]["application/problem+json"]["schema"];
+                        assert_eq!(
+                            schema["$ref"], "#/components/schemas/Problem",
+                            "{method} {path} {status}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}

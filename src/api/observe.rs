@@ -57,18 +57,25 @@ pub async fn observe(req: Request, next: Next) -> Response {
         .instrument(span.clone())
         .await;
     active.decrement(1.0);
+    let elapsed = started.elapsed();
     let status = resp.status().as_u16();
     span.record("status", status);
-    if let Some(code) = resp.extensions().get::<Code>() {
-        span.record("code", code.as_str());
+    let code = resp.extensions().get::<Code>().map(|c| c.as_str());
+    if let Some(code) = code {
+        span.record("code", code);
     }
+    // One line per request, at debug: a sale's millions of sold_out answers must not flood the
+    // log at the default level. The causes of server errors are logged at warn where they are
+    // known (api::error), inside this span, so they carry the request id all the same.
+    let elapsed_ms = elapsed.as_millis() as u64;
+    span.in_scope(|| tracing::debug!(status, code, elapsed_ms, "request done"));
     metrics::histogram!(
         t::HTTP_DURATION,
         "http_request_method" => method,
         "http_route" => route,
         "http_response_status_code" => status.to_string(),
     )
-    .record(started.elapsed().as_secs_f64());
+    .record(elapsed.as_secs_f64());
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }

@@ -69,7 +69,14 @@ pub async fn buy(
         quantity: body.quantity,
         request_id: body.request_id,
     };
-    let bought = s.orders.buy(req).await?;
+    let bought = s.orders.buy(req).await;
+    metrics::counter!(crate::telemetry::ORDERS, "outcome" => match &bought {
+        Ok(b) if b.replayed => "replayed",
+        Ok(_) => "created",
+        Err(e) => ApiError::from_order_ref(e).as_str(),
+    })
+    .increment(1);
+    let bought = bought?;
     let mut resp = (StatusCode::CREATED, axum::Json(&bought.order)).into_response();
     if bought.replayed {
         resp.headers_mut()

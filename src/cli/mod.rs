@@ -17,8 +17,17 @@ use std::process::ExitCode;
     about = "Flash-sale order engine on sharded PostgreSQL"
 )]
 pub struct Cli {
+    /// Log lines as text, or as one JSON object per line (for log shippers). `RUST_LOG` filters.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,13 +156,8 @@ pub enum GroupAction {
     },
 }
 
-pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,refinery_core=warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .try_init();
+pub fn init_tracing(format: LogFormat) {
+    crate::telemetry::init_tracing(format == LogFormat::Json);
 }
 
 fn fail(msg: impl std::fmt::Display) -> ExitCode {

@@ -77,6 +77,7 @@ impl Coalescer {
                 let work = group.run::<_, OrderError>(Work::Reserve, timeout, async |c| {
                     store::reserve_batch(c, sale, item, &asks).await
                 });
+                metrics::histogram!(crate::telemetry::BATCH).record(n as f64);
                 match work.await {
                     Ok((outcomes, remaining)) => {
                         if let Some(rem) = remaining {

@@ -47,6 +47,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use store::{NewOrder, Order, OrderStatus, Refusal, Reserved};
 use tokio_util::task::TaskTracker;
+use tracing::Instrument;
 use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +166,7 @@ impl OrderService {
         let txn_id = txn_id_for(req.sale, req.item, req.user, req.request_id.as_ref());
         let retry = req.request_id.as_ref().map(|_| txn_id);
         if self.hot.soldout.verdict(req.sale, req.item, retry) == Verdict::SoldOut {
+            metrics::counter!(crate::telemetry::SOLDOUT_FASTPATH).increment(1);
             return Err(OrderError::SoldOut { remaining: 0 });
         }
         let ticket = self
@@ -173,10 +175,14 @@ impl OrderService {
             .admit(req.sale, req.item)
             .ok_or(OrderError::Overloaded)?;
         let this = self.clone();
-        let purchase = self.tasks.spawn(async move {
-            let _ticket = ticket;
-            this.purchase(&req, txn_id).await
-        });
+        // The purchase keeps the request's span: its log lines stay with the request's id.
+        let purchase = self.tasks.spawn(
+            async move {
+                let _ticket = ticket;
+                this.purchase(&req, txn_id).await
+            }
+            .instrument(tracing::Span::current()),
+        );
         purchase
             .await
             .map_err(|e| OrderError::Db(DbError::Lost(format!("the purchase task failed: {e}"))))?
@@ -184,11 +190,22 @@ impl OrderService {
 
     /// Transaction 1, then the order (or the stock back).
     async fn purchase(&self, req: &BuyRequest, txn_id: Uuid) -> Result<Bought, OrderError> {
-        let reserved = match &self.coalescer {
-            Some(c) => c.reserve(req, txn_id).await?,
-            None => self.reserve_plain(req, txn_id).await?,
+        let group = self.router.item_group(req.item);
+        let span = tracing::info_span!("reserve", group = %self.cluster.group(group).name,
+            %txn_id, outcome = tracing::field::Empty);
+        let work = async {
+            match &self.coalescer {
+                Some(c) => c.reserve(req, txn_id).await,
+                None => self.reserve_plain(req, txn_id).await,
+            }
         };
-        let reserved = reserved.map_err(|r| OrderError::from_refusal(r, req.sale, req.item))?;
+        let reserved = phase("reserve", span, work, |r| match r {
+            Ok(Ok(_)) => "reserved".into(),
+            Ok(Err(refusal)) => format!("{refusal:?}"),
+            Err(e) => e.to_string(),
+        })
+        .await;
+        let reserved = reserved?.map_err(|r| OrderError::from_refusal(r, req.sale, req.item))?;
         self.place_order(req, reserved).await
     }
 
@@ -231,7 +248,17 @@ impl OrderService {
             payment_window_secs: r.payment_window_secs,
             status: OrderStatus::PendingPayment,
         };
-        let inserted = match self.insert_order_retrying(req, new).await {
+        let user_group = self.router.user_group(req.user);
+        let span = tracing::info_span!("order", group = %self.cluster.group(user_group).name,
+            txn_id = %r.txn_id, outcome = tracing::field::Empty);
+        let inserted = phase(
+            "order",
+            span,
+            self.insert_order_retrying(req, new),
+            outcome_of,
+        )
+        .await;
+        let inserted = match inserted {
             Ok(inserted) => inserted,
             // A resumed reservation belongs to an earlier attempt whose order may still commit:
             // it is never released here, only by the reconciler once the txn id is settled.
@@ -240,7 +267,12 @@ impl OrderService {
                     "order not confirmed yet, retry with the same request_id: {e}"
                 )))
             }
-            Err(e) => return Err(self.compensate(req.item, r.txn_id, r.attempt, e).await),
+            Err(e) => {
+                let span = tracing::info_span!("compensate", txn_id = %r.txn_id,
+                    outcome = tracing::field::Empty);
+                let work = self.compensate(req.item, r.txn_id, r.attempt, e);
+                return Err(phase("compensate", span, work, |e| e.to_string()).await);
+            }
         };
         if let Some(order) = inserted {
             self.confirm_reservation(req.item, r.txn_id);
@@ -735,6 +767,35 @@ impl OrderService {
     /// sold-out task runs this between its ticks).
     pub async fn sold_out_changed(&self) {
         self.hot.soldout.wake.notified().await;
+    }
+}
+
+/// Run a phase of the order path in its span (which declares an empty `outcome`): its duration
+/// goes to the phase histogram, its outcome to the span and to a debug line that carries the
+/// request's id through the span's parent.
+async fn phase<T>(
+    name: &'static str,
+    span: tracing::Span,
+    work: impl std::future::Future<Output = T>,
+    outcome: impl FnOnce(&T) -> String,
+) -> T {
+    let started = std::time::Instant::now();
+    let out = work.instrument(span.clone()).await;
+    let elapsed = started.elapsed();
+    metrics::histogram!(crate::telemetry::PHASE, "phase" => name).record(elapsed.as_secs_f64());
+    let outcome = outcome(&out);
+    span.record("outcome", outcome.as_str());
+    span.in_scope(|| {
+        tracing::debug!(phase = name, elapsed_ms = elapsed.as_millis() as u64, %outcome, "phase done")
+    });
+    out
+}
+
+/// A short word for a span's `outcome` field.
+fn outcome_of<T, E: std::fmt::Display>(r: &Result<T, E>) -> String {
+    match r {
+        Ok(_) => "ok".into(),
+        Err(e) => e.to_string(),
     }
 }
 
