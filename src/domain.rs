@@ -117,6 +117,12 @@ pub fn integer_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Err
     i64::try_from(v).map_err(|_| serde::de::Error::custom(format!("{v} is out of range")))
 }
 
+/// [`integer`] into a `u32` field.
+pub fn integer_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let v = integer(d)?;
+    u32::try_from(v).map_err(|_| serde::de::Error::custom(format!("{v} is out of range")))
+}
+
 /// [`integer`] into an optional `u32` field.
 pub fn integer_opt_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
     let v = integer(d)?;
@@ -205,6 +211,88 @@ impl From<RequestId> for String {
     fn from(r: RequestId) -> String {
         r.0
     }
+}
+
+/// How a sale guards its buy path against bots (`"protection"` at sale creation). Opt-in per sale:
+/// without it the plain buy path serves. Immutable once the sale exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct Protection {
+    /// Buy only through an order URL whose per-user token is handed out after the start.
+    pub order_token: bool,
+    /// What a buyer solves before getting the token.
+    pub challenge: ChallengeKind,
+    /// Proof of work: the largest `number` (ALTCHA `maxnumber`); a solver tries half of it on
+    /// average. 1000 to 10000000. Default 50000.
+    #[schema(minimum = 1000, maximum = 10000000)]
+    #[serde(deserialize_with = "integer_u32")]
+    pub pow_difficulty: u32,
+    /// How long an order token (and a challenge, counted from the start) stays valid, in seconds.
+    /// 5 to 3600. Default 60.
+    #[schema(minimum = 5, maximum = 3600)]
+    #[serde(deserialize_with = "integer_u32")]
+    pub token_ttl_secs: u32,
+    /// Challenges are served from this many seconds before the start, so buyers solve during the
+    /// countdown. 0 to 3600. Default 60.
+    #[schema(maximum = 3600)]
+    #[serde(deserialize_with = "integer_u32")]
+    pub challenge_lead_secs: u32,
+    /// A question answered sooner than this after it was served is refused (a human reads first).
+    /// 0 to 60000. Default 1000.
+    #[schema(maximum = 60000)]
+    #[serde(deserialize_with = "integer_u32")]
+    pub min_answer_ms: u32,
+}
+
+impl Default for Protection {
+    fn default() -> Self {
+        Self {
+            order_token: true,
+            challenge: ChallengeKind::None,
+            pow_difficulty: 50_000,
+            token_ttl_secs: 60,
+            challenge_lead_secs: 60,
+            min_answer_ms: 1_000,
+        }
+    }
+}
+
+impl Protection {
+    /// Everything the type system could not say: the offending field and why.
+    pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
+        if !(1_000..=10_000_000).contains(&self.pow_difficulty) {
+            return Err(("pow_difficulty", "must be between 1000 and 10000000"));
+        }
+        if !(5..=3_600).contains(&self.token_ttl_secs) {
+            return Err(("token_ttl_secs", "must be between 5 and 3600"));
+        }
+        if self.challenge_lead_secs > 3_600 {
+            return Err(("challenge_lead_secs", "must be between 0 and 3600"));
+        }
+        if self.min_answer_ms > 60_000 {
+            return Err(("min_answer_ms", "must be between 0 and 60000"));
+        }
+        if self.challenge != ChallengeKind::None && !self.order_token {
+            return Err((
+                "challenge",
+                "a challenge gates the order token: it needs order_token = true",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The challenge of a protected sale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ChallengeKind {
+    /// The order token is handed out on request.
+    #[default]
+    None,
+    /// An ALTCHA-compatible proof of work (SHA-256).
+    Pow,
+    /// A question a human answers.
+    Question,
 }
 
 /// The transaction id that follows a purchase from the click to payment; it is the reservation's

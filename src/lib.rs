@@ -6,6 +6,7 @@
 //! |---|---|
 //! | [`api`] | HTTP: routes, validation, identity and admin checks, problem+json errors |
 //! | [`auth`] | the trust boundary: user tokens (JWT) and signed payment callbacks |
+//! | [`frontdoor`] | against bots: order tokens, challenges, rate limits, the blocklist (cheapest check first) |
 //! | [`order`] | the order service: sold-out fast path and admission, coalescing, the two short transactions, compensation, idempotency, pay/cancel/expiry |
 //! | [`sale`] | sales and their items across groups |
 //! | [`reconcile`] | reservations vs orders by txn_id, repairs, conservation audit, expiry sweep |
@@ -30,6 +31,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod frontdoor;
 pub mod local;
 pub mod migrate;
 pub mod order;

@@ -5,7 +5,7 @@
 //! all of its items exist; if any write fails, the items already written are removed again.
 
 use crate::db::DbError;
-use crate::domain::{ItemId, SaleId};
+use crate::domain::{ItemId, Protection, SaleId};
 use crate::order::OrderError;
 use crate::router::Router;
 use crate::shard::{Cluster, Work};
@@ -40,6 +40,10 @@ pub struct NewSale {
     /// 1 to 1000 items, each item id once.
     #[schema(min_items = 1, max_items = 1000)]
     pub items: Vec<NewItem>,
+    /// Guard the buy path with order tokens and a challenge (README "Protected sales"). Fields
+    /// left out take their defaults; without `protection` the plain buy path serves.
+    #[serde(default)]
+    pub protection: Option<Protection>,
 }
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
@@ -95,6 +99,11 @@ impl NewSale {
                 return bad("payment_window_secs", "must be between 1 and 604800");
             }
         }
+        if let Some(p) = &self.protection {
+            if let Err((field, why)) = p.check() {
+                return bad(&format!("protection.{field}"), why);
+            }
+        }
         let mut seen = HashSet::new();
         for (i, item) in self.items.iter().enumerate() {
             if !seen.insert(item.item_id) {
@@ -133,6 +142,9 @@ pub struct SaleView {
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
     pub payment_window_secs: i32,
+    /// The sale's protection, when it has one: what a buyer must do before buying.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protection: Option<Protection>,
     pub items: Vec<ItemView>,
 }
 
@@ -204,16 +216,17 @@ impl SaleService<'_> {
         let stock: Vec<i32> = items.iter().map(|i| i.stock as i32).collect();
         let price: Vec<i64> = items.iter().map(|i| i.price_cents).collect();
         let limit: Vec<i32> = items.iter().map(|i| i.per_user_limit as i32).collect();
+        let protection = sale.protection.map(tokio_postgres::types::Json);
         self.cluster
             .group(g)
             .run(Work::Settle, self.timeout, async |client| {
                 client
                     .execute(
                         &client.prepare_cached("INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
-                                                 starts_at, ends_at, payment_window_secs)
-                         SELECT $1, i, s, s, p, l, $6, $7, $8
+                                                 starts_at, ends_at, payment_window_secs, protection)
+                         SELECT $1, i, s, s, p, l, $6, $7, $8, $9
                          FROM unnest($2::bigint[], $3::int[], $4::bigint[], $5::int[]) AS t(i, s, p, l)").await?,
-                        &[&sale_id.db(), &ids, &stock, &price, &limit, &sale.starts_at, &sale.ends_at, &window],
+                        &[&sale_id.db(), &ids, &stock, &price, &limit, &sale.starts_at, &sale.ends_at, &window, &protection],
                     )
                     .await?;
                 Ok::<_, DbError>(())
@@ -228,14 +241,15 @@ impl SaleService<'_> {
         window: i32,
     ) -> Result<(), OrderError> {
         let ids: Vec<i64> = sale.items.iter().map(|i| i.item_id.db()).collect();
+        let protection = sale.protection.map(tokio_postgres::types::Json);
         self.cluster
             .group(self.router.sale_group(sale_id))
             .run(Work::Settle, self.timeout, async |client| {
                 client
                     .execute(
-                        &client.prepare_cached("INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs)
-                         VALUES ($1, $2, $3, $4, $5, $6)").await?,
-                        &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window],
+                        &client.prepare_cached("INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs, protection)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7)").await?,
+                        &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window, &protection],
                     )
                     .await?;
                 Ok::<_, DbError>(())
@@ -271,7 +285,7 @@ impl SaleService<'_> {
             .run::<_, OrderError>(Work::Read, self.timeout, async |client| {
                 Ok(client
                     .query_opt(
-                        &client.prepare_cached("SELECT name, starts_at, ends_at, payment_window_secs, item_ids FROM sales WHERE sale_id = $1").await?,
+                        &client.prepare_cached("SELECT name, starts_at, ends_at, payment_window_secs, item_ids, protection FROM sales WHERE sale_id = $1").await?,
                         &[&sale_id.db()],
                     )
                     .await?)
@@ -286,6 +300,11 @@ impl SaleService<'_> {
                     starts_at: r.get(1),
                     ends_at: r.get(2),
                     payment_window_secs: r.get(3),
+                    protection: r
+                        .try_get::<_, Option<tokio_postgres::types::Json<Protection>>>(5)
+                        .ok()
+                        .flatten()
+                        .map(|j| j.0),
                     items: Vec::new(),
                 },
                 ids.into_iter().map(ItemId::from_db).collect(),

@@ -5,16 +5,18 @@
 //! ranges that cover the whole key space without overlap. Errors name the field and the reason so a
 //! DBA can fix the file without reading code. Secrets may come from the environment, which
 //! overrides the file: `SECKILL_ADMIN_TOKEN` (`server.admin_token`), `SECKILL_USER_TOKEN_SECRET`
-//! (`auth.hs256_secret`), `SECKILL_PAYMENT_SECRET` (`payments.secret`), and `SECKILL_DB_PASSWORD` /
+//! (`auth.hs256_secret`), `SECKILL_PAYMENT_SECRET` (`payments.secret`), `SECKILL_TOKEN_KEY` (`frontdoor.token_keys`), and `SECKILL_DB_PASSWORD` /
 //! `SECKILL_DB_ADMIN_PASSWORD` (the password of member / admin DSNs that name none). Secrets never
 //! reach a log or a `Debug` output ([`Secret`], [`Dsn`]).
 //!
 //! This module imports nothing of the crate: it turns the file into plain data.
 
 pub mod dsn;
+pub mod frontdoor;
 pub mod secret;
 
 pub use dsn::{Dsn, Resolved, TlsMode};
+pub use frontdoor::FrontDoorConfig;
 pub use secret::Secret;
 
 use serde::Deserialize;
@@ -71,6 +73,8 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub payments: PaymentsConfig,
+    #[serde(default)]
+    pub frontdoor: FrontDoorConfig,
     /// Password of member DSNs that name none: `SECKILL_DB_PASSWORD` (not read from the file).
     #[serde(skip)]
     pub db_password: Option<Secret>,
@@ -462,6 +466,7 @@ impl Config {
         if let Some(t) = secret::from_env("SECKILL_PAYMENT_SECRET") {
             self.payments.secret = Some(t);
         }
+        self.frontdoor.apply_env();
         self.db_password = secret::from_env("SECKILL_DB_PASSWORD");
         self.db_admin_password = secret::from_env("SECKILL_DB_ADMIN_PASSWORD");
     }
@@ -520,6 +525,7 @@ impl Config {
         self.validate_coalesce()?;
         self.validate_failover()?;
         self.validate_auth()?;
+        self.frontdoor.validate()?;
         self.validate_routing()
     }
 

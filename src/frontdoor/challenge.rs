@@ -1,0 +1,379 @@
+//! Challenges that gate a protected sale's order token: an ALTCHA-compatible proof of work, or a
+//! question a human answers.
+//!
+//! Both are stateless until solved: what the server must remember travels in the `salt`, signed.
+//! The salt names the sale, the item, the user and an expiry (ALTCHA's `?expires=` convention), so
+//! a solution works only for the buyer it was issued to; a question's salt also carries the time it
+//! was served, so an answer that comes back sooner than a human could read it is refused.
+//!
+//! - **pow** (ALTCHA v1): `challenge = hex(SHA-256(salt ‖ number))` for a secret random `number` in
+//!   `0..=maxnumber`; `signature = hex(HMAC-SHA256(challenge key, challenge))`. The client tries
+//!   numbers until the hash matches: `maxnumber / 2` hashes on average.
+//! - **question**: a small sum; `signature = hex(HMAC-SHA256(challenge key, "question" ‖ salt ‖
+//!   answer))`, so the answer is not in the challenge and only the server can check it.
+//!
+//! A solution is used once: [`Verified::replay_key`] is recorded (on the user's group) when it is
+//! exchanged for an order token, and a second exchange is refused. A wrong answer does not use up
+//! a question; the per-user rate limit bounds guessing.
+
+use super::keys::Keys;
+use crate::domain::{ItemId, SaleId, UserId};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Who and what a challenge is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Binding {
+    pub sale: SaleId,
+    pub item: ItemId,
+    pub user: UserId,
+}
+
+/// A challenge as served (`GET .../challenge`). The proof-of-work fields are ALTCHA v1's.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Challenge {
+    /// Find `number` in `0..=maxnumber` with `hex(SHA-256(salt + number)) == challenge`.
+    Pow {
+        #[schema(example = "SHA-256")]
+        algorithm: String,
+        challenge: String,
+        maxnumber: u64,
+        salt: String,
+        signature: String,
+        /// Unix seconds after which a solution is refused (also in the salt).
+        expires: i64,
+    },
+    /// Answer `question` (digits).
+    Question {
+        question: String,
+        salt: String,
+        signature: String,
+        expires: i64,
+    },
+}
+
+/// A buyer's solution (`{"solution": ...}` of the order-token request). ALTCHA's payload
+/// (`algorithm`, `challenge`, `number`, `salt`, `signature`, `took`) is accepted as it is.
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Solution {
+    /// Proof of work: the number found.
+    #[serde(default)]
+    pub number: Option<u64>,
+    /// Question: the answer.
+    #[serde(default)]
+    #[schema(max_length = 64)]
+    pub answer: Option<String>,
+    #[schema(max_length = 256)]
+    pub salt: String,
+    /// Proof of work: the challenge as served (optional; checked when given).
+    #[serde(default)]
+    pub challenge: Option<String>,
+    pub signature: String,
+    /// ALTCHA's; `SHA-256` when given.
+    #[serde(default)]
+    pub algorithm: Option<String>,
+    /// ALTCHA's solving time in ms; ignored.
+    #[serde(default)]
+    pub took: Option<f64>,
+}
+
+/// Why a solution was refused (403 `challenge_failed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("challenge failed: {0}")]
+pub struct Failed(pub &'static str);
+
+/// A solution that checks out, still to be recorded as used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    /// SHA-256 of the salt: the record that makes the solution single-use.
+    pub replay_key: [u8; 32],
+    /// Unix seconds after which the record is useless (the challenge has expired).
+    pub expires: i64,
+}
+
+fn random_u64() -> u64 {
+    uuid::Uuid::new_v4().as_u64_pair().0
+}
+
+fn salt(b: &Binding, expires: i64, issued_ms: Option<i64>) -> String {
+    let nonce = hex::encode(&uuid::Uuid::new_v4().into_bytes()[..12]);
+    let mut s = format!(
+        "{nonce}?s={}&i={}&u={}&expires={expires}",
+        b.sale, b.item, b.user
+    );
+    if let Some(t) = issued_ms {
+        s.push_str(&format!("&t={t}"));
+    }
+    s
+}
+
+fn sha256_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    hex::encode(h.finalize())
+}
+
+pub fn pow(keys: &Keys, b: &Binding, max_number: u32, expires: i64) -> Challenge {
+    let salt = salt(b, expires, None);
+    let number = random_u64() % (u64::from(max_number) + 1);
+    let challenge = sha256_hex(&[salt.as_bytes(), number.to_string().as_bytes()]);
+    Challenge::Pow {
+        algorithm: "SHA-256".into(),
+        signature: keys.sign_challenge(&[challenge.as_bytes()]),
+        challenge,
+        maxnumber: max_number.into(),
+        salt,
+        expires,
+    }
+}
+
+pub fn question(keys: &Keys, b: &Binding, issued_ms: i64, expires: i64) -> Challenge {
+    let salt = salt(b, expires, Some(issued_ms));
+    let (x, y) = (2 + random_u64() % 18, 2 + random_u64() % 18);
+    let answer = (x + y).to_string();
+    Challenge::Question {
+        question: format!("How much is {x} plus {y}? (Answer in digits.)"),
+        signature: keys.sign_challenge(&[b"question", salt.as_bytes(), answer.as_bytes()]),
+        salt,
+        expires,
+    }
+}
+
+/// The parameters a salt carries.
+struct Salted {
+    binding: (u64, u64, u64),
+    expires: i64,
+    issued_ms: Option<i64>,
+}
+
+fn parse_salt(salt: &str) -> Option<Salted> {
+    let (_, query) = salt.split_once('?')?;
+    let (mut s, mut i, mut u, mut e, mut t) = (None, None, None, None, None);
+    for pair in query.split('&') {
+        let (k, v) = pair.split_once('=')?;
+        match k {
+            "s" => s = Some(v.parse().ok()?),
+            "i" => i = Some(v.parse().ok()?),
+            "u" => u = Some(v.parse().ok()?),
+            "expires" => e = Some(v.parse().ok()?),
+            "t" => t = Some(v.parse().ok()?),
+            _ => return None,
+        }
+    }
+    Some(Salted {
+        binding: (s?, i?, u?),
+        expires: e?,
+        issued_ms: t,
+    })
+}
+
+/// Check `solution` for a challenge of `kind` issued to `b`, at `now_ms`.
+pub fn verify(
+    keys: &Keys,
+    kind: crate::domain::ChallengeKind,
+    b: &Binding,
+    solution: &Solution,
+    min_answer_ms: u32,
+    now_ms: i64,
+) -> Result<Verified, Failed> {
+    use crate::domain::ChallengeKind;
+    if solution.salt.len() > 256 || solution.signature.len() > 128 {
+        return Err(Failed("the solution's salt or signature is too long"));
+    }
+    let salted = parse_salt(&solution.salt).ok_or(Failed("the salt is not one of ours"))?;
+    if salted.binding != (b.sale.key(), b.item.key(), b.user.key()) {
+        return Err(Failed("it was issued for another user, item or sale"));
+    }
+    if now_ms >= salted.expires.saturating_mul(1000) {
+        return Err(Failed("it has expired: get a new challenge"));
+    }
+    match kind {
+        ChallengeKind::Pow => {
+            if solution
+                .algorithm
+                .as_deref()
+                .is_some_and(|a| a != "SHA-256")
+            {
+                return Err(Failed("the algorithm must be SHA-256"));
+            }
+            let number = solution
+                .number
+                .ok_or(Failed("a proof of work needs `number`"))?;
+            let challenge = sha256_hex(&[solution.salt.as_bytes(), number.to_string().as_bytes()]);
+            if solution.challenge.as_ref().is_some_and(|c| *c != challenge) {
+                return Err(Failed("the number does not solve the challenge"));
+            }
+            if !keys.verify_challenge(&[challenge.as_bytes()], &solution.signature) {
+                return Err(Failed(
+                    "the number does not solve the challenge, or the signature is not ours",
+                ));
+            }
+        }
+        ChallengeKind::Question => {
+            let issued = salted
+                .issued_ms
+                .ok_or(Failed("the salt is not a question's"))?;
+            if now_ms < issued.saturating_add(min_answer_ms.into()) {
+                return Err(Failed("answered too fast"));
+            }
+            let answer = solution
+                .answer
+                .as_deref()
+                .ok_or(Failed("a question needs `answer`"))?
+                .trim();
+            if answer.len() > 64
+                || !keys.verify_challenge(
+                    &[b"question", solution.salt.as_bytes(), answer.as_bytes()],
+                    &solution.signature,
+                )
+            {
+                return Err(Failed("wrong answer, or the signature is not ours"));
+            }
+        }
+        ChallengeKind::None => return Err(Failed("this sale has no challenge")),
+    }
+    Ok(Verified {
+        replay_key: Sha256::digest(solution.salt.as_bytes()).into(),
+        expires: salted.expires,
+    })
+}
+
+/// Find the number of a proof-of-work challenge, as a client does (tests and the bench).
+pub fn solve_pow(challenge: &str, salt: &str, max_number: u64) -> Option<u64> {
+    (0..=max_number).find(|n| sha256_hex(&[salt.as_bytes(), n.to_string().as_bytes()]) == challenge)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+    use crate::domain::ChallengeKind;
+
+    fn keys() -> Keys {
+        Keys::new(&[Secret::new("a-challenge-key-a-challenge-key-01")])
+    }
+
+    fn binding(user: u64) -> Binding {
+        Binding {
+            sale: SaleId::parse(5).unwrap(),
+            item: ItemId::parse(6).unwrap(),
+            user: UserId::parse(user.into()).unwrap(),
+        }
+    }
+
+    fn pow_solution(c: &Challenge) -> Solution {
+        let Challenge::Pow {
+            challenge,
+            salt,
+            signature,
+            maxnumber,
+            ..
+        } = c
+        else {
+            panic!("not a pow challenge")
+        };
+        Solution {
+            number: solve_pow(challenge, salt, *maxnumber),
+            answer: None,
+            salt: salt.clone(),
+            challenge: Some(challenge.clone()),
+            signature: signature.clone(),
+            algorithm: Some("SHA-256".into()),
+            took: Some(12.0),
+        }
+    }
+
+    #[test]
+    fn a_solved_pow_verifies_for_its_user_until_it_expires() {
+        let k = keys();
+        let c = pow(&k, &binding(42), 2_000, 100);
+        let s = pow_solution(&c);
+        let ok = verify(&k, ChallengeKind::Pow, &binding(42), &s, 0, 99_999).unwrap();
+        assert_eq!(ok.expires, 100);
+        assert_eq!(
+            verify(&k, ChallengeKind::Pow, &binding(43), &s, 0, 0),
+            Err(Failed("it was issued for another user, item or sale"))
+        );
+        assert!(verify(&k, ChallengeKind::Pow, &binding(42), &s, 0, 100_000).is_err());
+        let mut wrong = s.clone();
+        wrong.number = wrong.number.map(|n| n + 1);
+        assert!(verify(&k, ChallengeKind::Pow, &binding(42), &wrong, 0, 0).is_err());
+        wrong.challenge = None;
+        assert!(verify(&k, ChallengeKind::Pow, &binding(42), &wrong, 0, 0).is_err());
+        let mut forged = s.clone();
+        forged.signature = "00".repeat(32);
+        assert!(verify(&k, ChallengeKind::Pow, &binding(42), &forged, 0, 0).is_err());
+        // A salt rewritten for another user breaks the challenge's hash, hence the signature.
+        let mut moved = s.clone();
+        moved.salt = s.salt.replace("&u=42&", "&u=43&");
+        assert!(verify(&k, ChallengeKind::Pow, &binding(43), &moved, 0, 0).is_err());
+    }
+
+    #[test]
+    fn a_question_needs_the_right_answer_and_a_human_pace() {
+        let k = keys();
+        let c = question(&k, &binding(42), 1_000, 100);
+        let Challenge::Question {
+            question,
+            salt,
+            signature,
+            ..
+        } = &c
+        else {
+            panic!()
+        };
+        let words: Vec<u64> = question
+            .split(|ch: char| !ch.is_ascii_digit())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        let answer = (words[0] + words[1]).to_string();
+        let s = |answer: &str| Solution {
+            number: None,
+            answer: Some(answer.into()),
+            salt: salt.clone(),
+            challenge: None,
+            signature: signature.clone(),
+            algorithm: None,
+            took: None,
+        };
+        let b = binding(42);
+        assert!(verify(&k, ChallengeKind::Question, &b, &s(&answer), 1_000, 2_000).is_ok());
+        assert!(verify(
+            &k,
+            ChallengeKind::Question,
+            &b,
+            &s(&format!(" {answer} ")),
+            1_000,
+            2_000
+        )
+        .is_ok());
+        assert_eq!(
+            verify(&k, ChallengeKind::Question, &b, &s(&answer), 1_000, 1_999),
+            Err(Failed("answered too fast"))
+        );
+        assert!(verify(&k, ChallengeKind::Question, &b, &s("1000"), 1_000, 2_000).is_err());
+        // A pow solution is not a question's, and the other way round.
+        assert!(verify(&k, ChallengeKind::Pow, &b, &s(&answer), 0, 2_000).is_err());
+    }
+
+    #[test]
+    fn the_replay_key_is_the_salts() {
+        let k = keys();
+        let (a, b) = (
+            pow(&k, &binding(1), 1_000, 50),
+            pow(&k, &binding(1), 1_000, 50),
+        );
+        let (sa, sb) = (pow_solution(&a), pow_solution(&b));
+        let va = verify(&k, ChallengeKind::Pow, &binding(1), &sa, 0, 0).unwrap();
+        let vb = verify(&k, ChallengeKind::Pow, &binding(1), &sb, 0, 0).unwrap();
+        assert_ne!(va.replay_key, vb.replay_key, "each challenge is its own");
+        assert_eq!(
+            va,
+            verify(&k, ChallengeKind::Pow, &binding(1), &sa, 0, 0).unwrap()
+        );
+    }
+}
