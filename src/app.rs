@@ -2,8 +2,8 @@
 //! migrations, starts the background tasks and binds the listener (port 0 in tests), and returns
 //! before serving so the caller knows the address.
 //!
-//! Background tasks (health monitors, table refresher, sold-out refresher, expiry sweeper,
-//! reconciler) run under one cancellation token and one task tracker; shutdown cancels them and
+//! Background tasks (health monitors, table refresher, blocklist refresher, limiter cleanup,
+//! front-door purge, sold-out refresher, expiry sweeper, reconciler) run under one cancellation token and one task tracker; shutdown cancels them and
 //! waits for them with a bound.
 
 use crate::config::Config;
@@ -30,6 +30,8 @@ pub struct AppState {
     pub admin_token: Option<crate::config::Secret>,
     /// Verifies user tokens.
     pub users: crate::auth::users::UserTokens,
+    /// Order tokens, challenges, rate limits, the blocklist.
+    pub frontdoor: crate::frontdoor::FrontDoor,
 }
 
 impl AppState {
@@ -53,8 +55,10 @@ impl AppState {
             crate::migrate::run(&cluster).await?;
         }
         let orders = OrderService::new(cluster.clone(), router.clone(), &config, tasks.clone());
+        let frontdoor = crate::frontdoor::FrontDoor::new(&config, cluster.clone(), router.clone());
         let state = Arc::new(AppState {
             users,
+            frontdoor,
             admin_token: config.server.admin_token.clone(),
             config: config.clone(),
             cluster,
@@ -62,6 +66,7 @@ impl AppState {
             orders,
         });
         refresh_table(&state).await;
+        state.frontdoor.refresh_blocklist().await;
         Ok(state)
     }
 
@@ -258,6 +263,39 @@ fn spawn_background(
         move || {
             let s = s.clone();
             async move { refresh_table(&s).await }
+        },
+    );
+    let s = state.clone();
+    every(
+        "blocklist",
+        Duration::from_millis(config.frontdoor.blocklist_refresh_ms.max(50)),
+        cancel,
+        tasks,
+        move || {
+            let s = s.clone();
+            async move { s.frontdoor.refresh_blocklist().await }
+        },
+    );
+    let s = state.clone();
+    every(
+        "limiter-cleanup",
+        Duration::from_millis(config.frontdoor.limiter_cleanup_ms.max(50)),
+        cancel,
+        tasks,
+        move || {
+            let s = s.clone();
+            async move { s.frontdoor.cleanup_limiters() }
+        },
+    );
+    let s = state.clone();
+    every(
+        "front-door-purge",
+        Duration::from_secs(60),
+        cancel,
+        tasks,
+        move || {
+            let s = s.clone();
+            async move { s.frontdoor.purge().await }
         },
     );
     let s = state.clone();

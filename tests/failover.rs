@@ -100,6 +100,13 @@ async fn buy_storm(
                                 }
                                 tokio::time::sleep(Duration::from_millis(50)).await;
                             }
+                            StatusCode::TOO_MANY_REQUESTS => {
+                                // Retrying every 50 ms through an outage exceeds the per-user
+                                // limit: wait as Retry-After says, as a client should.
+                                let secs: u64 =
+                                    r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                                tokio::time::sleep(Duration::from_secs(secs)).await;
+                            }
                             _ if r.code() == "sold_out" => return,
                             _ => panic!("unexpected answer {} {:?}", r.status, r.body),
                         }

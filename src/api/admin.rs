@@ -1,4 +1,4 @@
-//! The admin API (`/v1/admin/*`, the admin token): sales, audits, groups, payments.
+//! The admin API (`/v1/admin/*`, the admin token): sales, audits, groups, payments, the blocklist.
 
 use super::error::ApiError;
 use super::extract::{Json, Params};
@@ -138,4 +138,127 @@ pub async fn payments(
     }
     let found = s.orders.list_payments(sale, state, limit).await?;
     Ok(axum::Json(Payments { payments: found }).into_response())
+}
+
+/// Run `work` on the config group's writer (the blocklist lives there).
+async fn on_config_group<T>(
+    s: &AppState,
+    work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, crate::db::DbError>,
+) -> Result<T, ApiError> {
+    let (g, _) = s
+        .cluster
+        .by_name(s.config.config_group())
+        .ok_or_else(|| ApiError::not_found("the config group is not configured"))?;
+    Ok(s.cluster
+        .group(g)
+        .run::<_, crate::order::OrderError>(
+            crate::shard::Work::Settle,
+            s.config.request_timeout(),
+            work,
+        )
+        .await?)
+}
+
+/// The blocklist's entries in force.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct Blocklist {
+    pub entries: Vec<crate::frontdoor::blocklist::Entry>,
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/admin/blocklist",
+    tag = "admin",
+    summary = "Block a user or an IP (or CIDR) on every node within about a second",
+    request_body = crate::frontdoor::blocklist::NewEntry,
+    responses(
+        (status = 201, description = "the entry", body = crate::frontdoor::blocklist::Entry),
+        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "the kind, value, reason or ttl_secs is invalid", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the config group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn block(
+    State(s): State<Arc<AppState>>,
+    _: Admin,
+    Json(new): Json<crate::frontdoor::blocklist::NewEntry>,
+) -> Result<Response, ApiError> {
+    use crate::frontdoor::blocklist;
+    let value = new
+        .canonical()
+        .map_err(|(field, why)| ApiError::invalid(format!("{field}: {why}")))?;
+    let entry = on_config_group(&s, async |c| {
+        Ok(blocklist::add(c, new.kind, &value, &new.reason, new.ttl_secs).await?)
+    })
+    .await?;
+    tracing::info!(id = entry.id, kind = entry.kind.as_str(), value = %entry.value, "blocklist entry added");
+    // This node applies it at once; the others at their next refresh.
+    s.frontdoor.refresh_blocklist().await;
+    Ok((StatusCode::CREATED, axum::Json(entry)).into_response())
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/admin/blocklist",
+    tag = "admin",
+    summary = "The blocklist's entries in force, newest first",
+    responses(
+        (status = 200, body = Blocklist),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the config group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn blocklist(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
+    let entries = on_config_group(
+        &s,
+        async |c| Ok(crate::frontdoor::blocklist::list(c).await?),
+    )
+    .await?;
+    Ok(axum::Json(Blocklist { entries }).into_response())
+}
+
+#[utoipa::path(
+    delete,
+    path = "/v1/admin/blocklist/{id}",
+    tag = "admin",
+    summary = "Remove a blocklist entry",
+    params(("id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64)),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such entry", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "the id is not a positive integer", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "the config group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn unblock(
+    State(s): State<Arc<AppState>>,
+    _: Admin,
+    p: Params,
+) -> Result<Response, ApiError> {
+    let id = super::extract::id("id", p.get("id"), |n| {
+        u64::try_from(n)
+            .ok()
+            .filter(|n| (1..=i64::MAX as u64).contains(n))
+            .ok_or(crate::domain::DomainError::OutOfRange {
+                field: "id",
+                max: i64::MAX as u64,
+                value: n,
+            })
+    })?;
+    let removed = on_config_group(&s, async |c| {
+        Ok(crate::frontdoor::blocklist::remove(c, id).await?)
+    })
+    .await?;
+    if !removed {
+        return Err(ApiError::not_found(format!("no blocklist entry {id}")));
+    }
+    tracing::info!(id, "blocklist entry removed");
+    s.frontdoor.refresh_blocklist().await;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod error;
 pub mod extract;
+pub mod frontdoor;
 pub mod identity;
 pub mod observe;
 pub mod orders;
@@ -99,8 +100,13 @@ fn documented(admin_body_limit: usize) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(admin::audit))
         .routes(routes!(admin::groups))
         .routes(routes!(admin::payments))
+        .routes(routes!(admin::block, admin::blocklist))
+        .routes(routes!(admin::unblock))
         .routes(routes!(get_sale))
         .routes(routes!(orders::buy))
+        .routes(routes!(orders::buy_with_token))
+        .routes(routes!(frontdoor::challenge))
+        .routes(routes!(frontdoor::order_token))
         .routes(routes!(orders::list))
         .routes(routes!(orders::get))
         .routes(routes!(orders::cancel))

@@ -2,9 +2,11 @@
 
 use super::error::ApiError;
 use super::extract::{Json, Params};
+use super::frontdoor::Door;
 use super::identity::Caller;
 use crate::app::AppState;
 use crate::domain::{Quantity, RequestId, UserId};
+use crate::frontdoor::Refusal;
 use crate::order::BuyRequest;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -33,6 +35,17 @@ fn one() -> Quantity {
     Quantity::parse(1).unwrap_or_else(|_| unreachable!("1 is a valid quantity"))
 }
 
+/// The routes that buy (for the outcome metric).
+pub fn is_buy_route(route: &str) -> bool {
+    route == "/v1/sales/{sale_id}/items/{item_id}/orders"
+        || route == "/v1/sales/{sale_id}/items/{item_id}/orders/{token}"
+}
+
+/// Count one buy request's outcome in `seckill_orders_total`.
+pub fn count_outcome(outcome: &'static str) {
+    metrics::counter!(crate::telemetry::ORDERS, "outcome" => outcome).increment(1);
+}
+
 #[utoipa::path(
     post,
     path = "/v1/sales/{sale_id}/items/{item_id}/orders",
@@ -47,20 +60,70 @@ fn one() -> Quantity {
         (status = 201, description = "the order (header idempotent-replayed: true when the request_id had one already)", body = crate::order::store::Order),
         (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "token_required (a protected sale: buy through the order URL), blocked, or the user id is not the token's (forbidden)", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such sale or item", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 409, description = "not_started, ended, sold_out, limit_exceeded, or a replayed purchase whose order was cancelled or expired (order_cancelled / order_expired, the order in the body)", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "a field is out of range", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "rate_limited: retry (with the same request_id) after Retry-After seconds", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "overloaded or unavailable: retry (with the same request_id) after Retry-After", body = super::error::Problem, content_type = "application/problem+json"),
     ),
     security(("user_token" = []))
 )]
 pub async fn buy(
     State(s): State<Arc<AppState>>,
+    _: Door,
     caller: Caller,
     p: Params,
     Json(body): Json<BuyBody>,
+) -> Result<Response, ApiError> {
+    purchase(&s, &caller, &p, body, None).await
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/sales/{sale_id}/items/{item_id}/orders/{token}",
+    tag = "orders",
+    summary = "Buy on a protected sale, through the order URL an order token opened",
+    params(
+        ("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+        ("item_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+        ("token" = String, Path, max_length = 200, description = "the order token (from POST .../order-token)"),
+    ),
+    request_body = BuyBody,
+    responses(
+        (status = 201, description = "the order (header idempotent-replayed: true when the request_id had one already)", body = crate::order::store::Order),
+        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 403, description = "invalid_token (does not verify, or another user's, item's or sale's), token_expired, blocked, or the user id is not the token's (forbidden)", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such sale or item", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 409, description = "not_started, ended, sold_out, limit_exceeded, or a replayed purchase whose order was cancelled or expired", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is out of range", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "rate_limited: retry (with the same request_id) after Retry-After seconds", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or unavailable: retry (with the same request_id) after Retry-After", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("user_token" = []))
+)]
+pub async fn buy_with_token(
+    State(s): State<Arc<AppState>>,
+    _: Door,
+    caller: Caller,
+    p: Params,
+    Json(body): Json<BuyBody>,
+) -> Result<Response, ApiError> {
+    let token = p.get("token").to_string();
+    purchase(&s, &caller, &p, body, Some(&token)).await
+}
+
+/// The buy path after the client-address gate: the user blocklist, the order token (or, on a
+/// protected item's plain URL, `token_required`), the user's rate limit, then the order service.
+async fn purchase(
+    s: &AppState,
+    caller: &Caller,
+    p: &Params,
+    body: BuyBody,
+    token: Option<&str>,
 ) -> Result<Response, ApiError> {
     let req = BuyRequest {
         sale: p.sale()?,
@@ -69,20 +132,51 @@ pub async fn buy(
         quantity: body.quantity,
         request_id: body.request_id,
     };
-    let bought = s.orders.buy(req).await;
-    metrics::counter!(crate::telemetry::ORDERS, "outcome" => match &bought {
-        Ok(b) if b.replayed => "replayed",
-        Ok(_) => "created",
-        Err(e) => ApiError::from_order_ref(e).as_str(),
-    })
-    .increment(1);
-    let bought = bought?;
+    let bought = match admit(s, &req, token).await {
+        Ok(()) => s.orders.buy(req).await.map_err(|e| {
+            count_outcome(ApiError::from_order_ref(&e).as_str());
+            ApiError::from(e)
+        }),
+        Err(e) => {
+            count_outcome(e.code.as_str());
+            Err(e)
+        }
+    }?;
+    count_outcome(if bought.replayed {
+        "replayed"
+    } else {
+        "created"
+    });
     let mut resp = (StatusCode::CREATED, axum::Json(&bought.order)).into_response();
     if bought.replayed {
         resp.headers_mut()
             .insert("idempotent-replayed", HeaderValue::from_static("true"));
     }
     Ok(resp)
+}
+
+/// The front door's checks of one purchase, cheapest first (crate::frontdoor).
+async fn admit(s: &AppState, req: &BuyRequest, token: Option<&str>) -> Result<(), ApiError> {
+    let door = &s.frontdoor;
+    door.check_user(req.user)?;
+    match token {
+        Some(t) => {
+            door.verify_token(t, req.sale, req.item, req.user)?;
+        }
+        None => {
+            let protected = door
+                .rules
+                .get(req.sale, req.item)
+                .await?
+                .and_then(|r| r.protection)
+                .is_some_and(|p| p.order_token);
+            if protected {
+                return Err(Refusal::TokenRequired.into());
+            }
+        }
+    }
+    door.limit_user(req.user)?;
+    Ok(())
 }
 
 #[derive(Deserialize, utoipa::IntoParams)]

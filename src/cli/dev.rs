@@ -43,6 +43,7 @@ pub async fn dev(
             "user-token-secret",
         )?,
         payment_secret: engine_secret(&cluster, "SECKILL_PAYMENT_SECRET", "payment-secret")?,
+        token_key: engine_secret(&cluster, "SECKILL_TOKEN_KEY", "token-key")?,
     };
     let toml = cluster.shards_toml(listen, &secrets);
     let toml_path = dir.join("shards.toml");

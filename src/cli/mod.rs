@@ -101,6 +101,13 @@ pub enum Command {
         #[command(subcommand)]
         action: ShardMapAction,
     },
+    /// List or change the blocklist (users and IPs refused at the front door on every node).
+    Blocklist {
+        #[arg(long, default_value = "shards.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: BlocklistAction,
+    },
     /// Match reservations against orders, repair mismatches, check conservation.
     /// Exits 1 when an item breaks conservation or a group could not be checked.
     Reconcile {
@@ -135,6 +142,25 @@ pub enum ShardMapAction {
     },
     /// Remove an entry: the key falls back to hash routing.
     Delete { kind: String, key: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BlocklistAction {
+    /// Print the entries in force.
+    List,
+    /// Block a user id, or an IP address or CIDR.
+    Add {
+        /// `user` or `ip`.
+        kind: String,
+        value: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// The entry expires after this many seconds (default: never).
+        #[arg(long)]
+        ttl_secs: Option<u32>,
+    },
+    /// Remove an entry by its id.
+    Remove { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -189,6 +215,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Migrate { config } => migrate(&config).await,
         Command::CheckConfig { config } => check_config(&config),
         Command::ShardMap { config, action } => shard_map(&config, action).await,
+        Command::Blocklist { config, action } => blocklist(&config, action).await,
         Command::Reconcile {
             config,
             payments: Some(file),
@@ -377,6 +404,66 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
                 )
                 .await?;
             println!("{removed} entry removed");
+        }
+    }
+    Ok(())
+}
+
+async fn blocklist(path: &Path, action: BlocklistAction) -> CliResult {
+    use crate::frontdoor::blocklist::{self, Kind, NewEntry};
+    let config = Config::load(path)?;
+    let client = config_group_client(&config).await?;
+    match action {
+        BlocklistAction::List => {
+            let entries = blocklist::list(&client).await?;
+            println!(
+                "{:>20} {:<5} {:<24} {:<26} reason",
+                "id", "kind", "value", "expires_at"
+            );
+            for e in entries {
+                println!(
+                    "{:>20} {:<5} {:<24} {:<26} {}",
+                    e.id,
+                    e.kind.as_str(),
+                    e.value,
+                    e.expires_at.map_or("never".into(), |t| t.to_rfc3339()),
+                    e.reason
+                );
+            }
+        }
+        BlocklistAction::Add {
+            kind,
+            value,
+            reason,
+            ttl_secs,
+        } => {
+            let kind = match kind.as_str() {
+                "user" => Kind::User,
+                "ip" => Kind::Ip,
+                other => return Err(format!("kind must be `user` or `ip`, got {other:?}").into()),
+            };
+            let new = NewEntry {
+                kind,
+                value: serde_json::Value::String(value),
+                reason,
+                ttl_secs,
+            };
+            let value = new
+                .canonical()
+                .map_err(|(field, why)| format!("{field}: {why}"))?;
+            let e = blocklist::add(&client, kind, &value, &new.reason, ttl_secs).await?;
+            println!(
+                "blocked {} {} (id {}); every engine node refuses it within frontdoor.blocklist_refresh_ms",
+                e.kind.as_str(),
+                e.value,
+                e.id
+            );
+        }
+        BlocklistAction::Remove { id } => {
+            if !blocklist::remove(&client, id).await? {
+                return Err(format!("no blocklist entry {id}").into());
+            }
+            println!("entry {id} removed");
         }
     }
     Ok(())

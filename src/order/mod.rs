@@ -763,6 +763,11 @@ impl OrderService {
         }
     }
 
+    /// Whether this node knows the item to be sold out (no database work).
+    pub fn known_sold_out(&self, sale: SaleId, item: ItemId) -> bool {
+        self.hot.soldout.verdict(sale, item, None) == Verdict::SoldOut
+    }
+
     /// Wait for an item to sell out somewhere, then read its holders at once (the background
     /// sold-out task runs this between its ticks).
     pub async fn sold_out_changed(&self) {

@@ -20,6 +20,7 @@ use std::time::Duration;
 pub const TOKEN: &str = "test-admin-token-0123456789";
 pub const USER_SECRET: &str = "test-user-token-secret-0123456789abcdef";
 pub const PAYMENT_SECRET: &str = "test-payment-secret-0123456789";
+pub const TOKEN_KEY: &str = "test-order-token-key-0123456789abcdef";
 
 /// The engine's secrets in every test.
 pub fn secrets() -> EngineSecrets {
@@ -27,6 +28,7 @@ pub fn secrets() -> EngineSecrets {
         admin_token: Secret::new(TOKEN),
         user_token_secret: Secret::new(USER_SECRET),
         payment_secret: Secret::new(PAYMENT_SECRET),
+        token_key: Secret::new(TOKEN_KEY),
     }
 }
 
@@ -419,6 +421,13 @@ impl TestApp {
         let mut pause = 20u64;
         while start.elapsed() < Duration::from_secs(60) {
             let r = self.buy(sale, item, user, quantity, request_id).await;
+            if r.status == StatusCode::TOO_MANY_REQUESTS {
+                // As a client should: wait as long as Retry-After says.
+                let secs: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+                assert!(secs >= 1, "Retry-After is at least a second");
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                continue;
+            }
             if r.status != StatusCode::SERVICE_UNAVAILABLE {
                 return r;
             }

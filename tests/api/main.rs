@@ -4,6 +4,7 @@ mod helpers;
 
 mod coalescing;
 mod faults;
+mod frontdoor;
 mod lifecycle;
 mod orders;
 mod routing;

@@ -223,7 +223,9 @@ async fn the_same_request_id_never_makes_a_second_order() {
     let list = app.get(&format!("/v1/users/{user}/orders")).await;
     assert_eq!(list.body["orders"].as_array().map(Vec::len), Some(1));
     // A different request_id is a different purchase.
-    let r = app.buy(sale, item, user, 1, Some("checkout-2")).await;
+    let r = app
+        .buy_retrying(sale, item, user, 1, Some("checkout-2"))
+        .await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert!(!ids.contains(r.body["order_id"].as_str().unwrap_or_default()));
     assert_eq!(app.remaining(sale, item).await, 47);

@@ -117,7 +117,9 @@ class AdminToken:
         case.headers["Authorization"] = f"Bearer {data}"
 
 
-@schemathesis.auth(refresh_interval=None).apply_to(path_regex=r"^/v1/(users/|sales/.*/orders$)")
+@schemathesis.auth(refresh_interval=None).apply_to(
+    path_regex=r"^/v1/(users/|sales/[^/]+/items/[^/]+/(orders|orders/[^/]+|challenge|order-token)$)"
+)
 class UserToken:
     def get(self, case, ctx):
         return "user"
