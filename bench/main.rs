@@ -9,6 +9,7 @@
 //! concurrency; `--kill-master GROUP@SECONDS` SIGKILLs a local master mid-run (`--freeze-master`
 //! SIGSTOPs it) and reports the outage; `--request-ids` sends a request_id with every purchase.
 
+mod bots;
 mod chaos;
 mod conn;
 mod run;
@@ -34,6 +35,9 @@ pub enum Scenario {
     Soldout,
     /// Hot item, spread items and sale reads together.
     Mixed,
+    /// A protected item: honest buyers (challenge, token, order URL) with and without bots that
+    /// skip the challenge, forge or replay tokens, flood, or are blocked (see bench/bots.rs).
+    Bots,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -91,6 +95,9 @@ pub struct Args {
     /// a master that stops answering with its sockets open. It is continued after the run.
     #[arg(long)]
     pub freeze_master: Option<String>,
+    /// Bot connections of the `bots` scenario (beside --concurrency honest ones).
+    #[arg(long, default_value_t = 16)]
+    pub bots: usize,
     /// Send a request_id with every purchase (as the README recommends clients do).
     #[arg(long)]
     pub request_ids: bool,
@@ -172,6 +179,24 @@ async fn real_main(args: Args) -> Result<bool, String> {
             "user-token-secret",
         )?)),
     };
+    if args.scenario == Scenario::Bots {
+        let mut all_ok = true;
+        let mut reports = Vec::new();
+        let mut urls = vec![args.url.clone()];
+        urls.extend(args.against.clone());
+        for url in &urls {
+            let report = bots::run(&args, url, &keys).await?;
+            report.print();
+            all_ok &= report.ok;
+            reports.push(report);
+        }
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&serde_json::json!({ "runs": reports }))
+                .map_err(|e| e.to_string())?;
+            std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        return Ok(all_ok);
+    }
     let mut reports = Vec::new();
     let mut all_ok = true;
     let mut urls = vec![args.url.clone()];

@@ -26,6 +26,7 @@ pub const LAG: &str = "seckill_replication_lag_bytes";
 pub const FAILOVERS: &str = "seckill_failovers_total";
 pub const REPAIRS: &str = "seckill_reconcile_repairs_total";
 pub const VIOLATIONS: &str = "seckill_conservation_violations";
+pub const DB_WORK: &str = "seckill_db_work_total";
 pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
 pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
 pub const PROCESS_FDS: &str = "process_open_fds";
@@ -44,6 +45,7 @@ pub const ALL: &[&str] = &[
     FAILOVERS,
     REPAIRS,
     VIOLATIONS,
+    DB_WORK,
     PROCESS_RSS,
     PROCESS_CPU,
     PROCESS_FDS,

@@ -101,6 +101,9 @@ panel("Replication lag", [("seckill_replication_lag_bytes", "{{group}}")], unit=
 panel("Failovers (last hour)", [("increase(seckill_failovers_total[1h])", "{{group}}")], width=6)
 panel("Member roles", [("seckill_group_up == 1", "{{group}} {{member}}: {{role}}")], width=24,
       description="The role the engine last saw for each member (master, shadow, fenced, down).")
+panel("Database work per second",
+      [(f"sum by (group, work) (rate(seckill_db_work_total[{R}]))", "{{group}} {{work}}")], unit="ops",
+      description="Transactions and reads asked of each group: read, reserve (transaction 1), settle (the rest). A bot flood refused at the front door adds none.")
 panel("Pool connections",
       [("seckill_db_pool_connections", "{{group}} {{member}} {{state}}")], stack=True)
 panel("Reconciler",

@@ -56,11 +56,21 @@ pub enum ShardError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Work {
     /// Reads on behalf of clients: orders, sales, replays.
-    Read,
+    Read = 0,
     /// Transaction 1: stock decrements and reservations.
-    Reserve,
+    Reserve = 1,
     /// Transaction 2, compensation, releases, confirmations, sweeps, repairs, admin work.
-    Settle,
+    Settle = 2,
+}
+
+impl Work {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Work::Read => "read",
+            Work::Reserve => "reserve",
+            Work::Settle => "settle",
+        }
+    }
 }
 
 /// Role of a member as last seen.
@@ -131,6 +141,8 @@ pub struct ShardGroup {
     reads: Semaphore,
     read_queue: Semaphore,
     reserves: Semaphore,
+    /// `seckill_db_work_total{group, work}` for read, reserve and settle.
+    work_done: [metrics::Counter; 3],
 }
 
 /// A running engine connection's session settings (see [`ShardGroup::new`]).
@@ -217,7 +229,13 @@ impl ShardGroup {
             })
             .collect();
         let share = |divisor: usize| (pool_size / divisor).max(1);
+        // Counter handles made now are the recorder's only if it exists already.
+        let _ = crate::telemetry::recorder();
+        let work_done = [Work::Read, Work::Reserve, Work::Settle].map(|w| {
+            metrics::counter!(crate::telemetry::DB_WORK, "group" => name.to_string(), "work" => w.as_str())
+        });
         Ok(Self {
+            work_done,
             name: name.to_string(),
             members,
             writer: AtomicUsize::new(0),
@@ -283,6 +301,7 @@ impl ShardGroup {
     where
         E: From<ShardError> + From<DbError>,
     {
+        self.work_done[kind as usize].increment(1);
         let started = Instant::now();
         let _queued = match kind {
             Work::Read => Some(
