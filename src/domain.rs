@@ -258,6 +258,32 @@ impl Default for Protection {
 }
 
 impl Protection {
+    /// A protection as stored with a sale. Fields this engine does not know (written by a newer
+    /// one) are ignored; one it cannot read at all guards the item as strictly as it can (order
+    /// tokens behind a proof of work) rather than leave it open.
+    pub fn from_stored(stored: serde_json::Value) -> Self {
+        let known = serde_json::to_value(Self::default())
+            .ok()
+            .and_then(|v| v.as_object().cloned())
+            .unwrap_or_default();
+        let value = match stored {
+            serde_json::Value::Object(fields) => serde_json::Value::Object(
+                fields
+                    .into_iter()
+                    .filter(|(k, _)| known.contains_key(k))
+                    .collect(),
+            ),
+            other => other,
+        };
+        serde_json::from_value(value).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "unreadable sale protection: guarding with a proof of work");
+            Self {
+                challenge: ChallengeKind::Pow,
+                ..Self::default()
+            }
+        })
+    }
+
     /// Everything the type system could not say: the offending field and why.
     pub fn check(&self) -> Result<(), (&'static str, &'static str)> {
         if !(1_000..=10_000_000).contains(&self.pow_difficulty) {
@@ -339,6 +365,24 @@ mod tests {
         assert!(serde_json::from_str::<Quantity>("\"3\"").is_err());
         assert!(serde_json::from_str::<UserId>("1e30").is_err());
         assert_eq!(serde_json::from_str::<UserId>("42").unwrap().key(), 42);
+    }
+
+    #[test]
+    fn stored_protections_are_read_leniently_and_fail_closed() {
+        let p =
+            Protection::from_stored(serde_json::json!({"challenge": "question", "new_field": 1}));
+        assert_eq!(
+            p.challenge,
+            ChallengeKind::Question,
+            "unknown fields are ignored"
+        );
+        let p = Protection::from_stored(serde_json::json!({"challenge": "captcha-v9"}));
+        assert!(
+            p.order_token && p.challenge == ChallengeKind::Pow,
+            "unreadable: strictest"
+        );
+        let p = Protection::from_stored(serde_json::json!("garbage"));
+        assert!(p.order_token && p.challenge == ChallengeKind::Pow);
     }
 
     #[test]

@@ -301,10 +301,10 @@ impl SaleService<'_> {
                     ends_at: r.get(2),
                     payment_window_secs: r.get(3),
                     protection: r
-                        .try_get::<_, Option<tokio_postgres::types::Json<Protection>>>(5)
+                        .try_get::<_, Option<serde_json::Value>>(5)
                         .ok()
                         .flatten()
-                        .map(|j| j.0),
+                        .map(Protection::from_stored),
                     items: Vec::new(),
                 },
                 ids.into_iter().map(ItemId::from_db).collect(),

@@ -21,7 +21,7 @@ use std::sync::Arc;
         (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 413, description = "the body is larger than server.admin_body_limit_bytes", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "a field is out of range or the sale is inconsistent (the detail names the field)", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "a field is out of range or the sale is inconsistent (the detail names the field); a protection on an engine without token keys", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "a group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
     ),
     security(("admin_token" = []))
@@ -33,6 +33,12 @@ pub async fn create_sale(
 ) -> Result<Response, ApiError> {
     new.check()
         .map_err(|(field, reason)| ApiError::invalid(format!("{field}: {reason}")))?;
+    if new.protection.is_some() && !s.frontdoor.keys_configured() {
+        return Err(ApiError::invalid(
+            "protection: this engine has no frontdoor.token_keys (SECKILL_TOKEN_KEY); every node \
+             must share one to verify order tokens",
+        ));
+    }
     let view = s.sales().create(&new).await?;
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }

@@ -48,11 +48,13 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Door {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, s: &Arc<AppState>) -> Result<Self, ApiError> {
-        let forwarded: Vec<&str> = parts
+        // Every header line, in order; bytes that are not text stay in as junk, which ends the
+        // right-to-left walk there rather than vanish.
+        let forwarded: Vec<String> = parts
             .headers
             .get_all("x-forwarded-for")
             .iter()
-            .filter_map(|v| v.to_str().ok())
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
             .collect();
         let forwarded = (!forwarded.is_empty()).then(|| forwarded.join(","));
         let peer = super::server::peer(parts).map(|a| a.ip());

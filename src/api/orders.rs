@@ -155,27 +155,27 @@ async fn purchase(
     Ok(resp)
 }
 
-/// The front door's checks of one purchase, cheapest first (crate::frontdoor).
+/// The front door's checks of one purchase, cheapest first (crate::frontdoor): the user
+/// blocklist, the order token's signature, the user's limit, and only then (on a plain URL) the
+/// item's rules, which the first request for an item on a node reads from its group.
 async fn admit(s: &AppState, req: &BuyRequest, token: Option<&str>) -> Result<(), ApiError> {
     let door = &s.frontdoor;
     door.check_user(req.user)?;
-    match token {
-        Some(t) => {
-            door.verify_token(t, req.sale, req.item, req.user)?;
-        }
-        None => {
-            let protected = door
-                .rules
-                .get(req.sale, req.item)
-                .await?
-                .and_then(|r| r.protection)
-                .is_some_and(|p| p.order_token);
-            if protected {
-                return Err(Refusal::TokenRequired.into());
-            }
-        }
+    if let Some(t) = token {
+        door.verify_token(t, req.sale, req.item, req.user)?;
     }
     door.limit_user(req.user)?;
+    if token.is_none() {
+        let protected = door
+            .rules
+            .get(req.sale, req.item)
+            .await?
+            .and_then(|r| r.protection)
+            .is_some_and(|p| p.order_token);
+        if protected {
+            return Err(Refusal::TokenRequired.into());
+        }
+    }
     Ok(())
 }
 

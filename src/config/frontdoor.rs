@@ -172,15 +172,52 @@ impl FrontDoorConfig {
     }
 }
 
-/// An address (as its own /32 or /128) or a CIDR.
+/// An address (as its own /32 or /128) or a CIDR; IPv4-mapped IPv6 ones as IPv4 (as client
+/// addresses are compared).
 pub fn parse_net(text: &str) -> Option<ipnet::IpNet> {
     let text = text.trim();
-    text.parse::<ipnet::IpNet>()
+    let net = text
+        .parse::<ipnet::IpNet>()
         .ok()
         .map(|n| n.trunc())
         .or_else(|| {
             text.parse::<std::net::IpAddr>()
                 .ok()
                 .map(ipnet::IpNet::from)
-        })
+        })?;
+    if let ipnet::IpNet::V6(v6) = net {
+        if let (Some(v4), true) = (v6.addr().to_ipv4_mapped(), v6.prefix_len() >= 96) {
+            return ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .ok()
+                .map(ipnet::IpNet::V4);
+        }
+    }
+    Some(net)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_net;
+
+    #[test]
+    fn nets_parse_canonically() {
+        assert_eq!(parse_net("10.1.2.3/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            parse_net(" 192.0.2.1 ").unwrap().to_string(),
+            "192.0.2.1/32"
+        );
+        assert_eq!(
+            parse_net("::ffff:192.0.2.1").unwrap().to_string(),
+            "192.0.2.1/32"
+        );
+        assert_eq!(
+            parse_net("::ffff:192.0.2.0/120").unwrap().to_string(),
+            "192.0.2.0/24"
+        );
+        assert_eq!(
+            parse_net("2001:db8::1/64").unwrap().to_string(),
+            "2001:db8::/64"
+        );
+        assert!(parse_net("nonsense").is_none());
+    }
 }

@@ -132,6 +132,9 @@ impl Block {
 #[derive(Default)]
 struct Snapshot {
     users: HashMap<u64, Block>,
+    /// Single addresses, looked up directly.
+    addresses: HashMap<IpAddr, Block>,
+    /// Networks, scanned (blocks of whole ranges are few).
     nets: Vec<(IpNet, Block)>,
 }
 
@@ -139,6 +142,9 @@ struct Snapshot {
 pub struct Blocklist {
     current: RwLock<Arc<Snapshot>>,
     version: AtomicI64,
+    /// Automatic blocks made on this node, in force at once and until they expire, whatever the
+    /// table says meanwhile (they reach it at the next refresh).
+    local: RwLock<HashMap<u64, Block>>,
 }
 
 impl Default for Blocklist {
@@ -146,6 +152,7 @@ impl Default for Blocklist {
         Self {
             current: RwLock::new(Arc::new(Snapshot::default())),
             version: AtomicI64::new(-1),
+            local: RwLock::new(HashMap::new()),
         }
     }
 }
@@ -160,40 +167,57 @@ impl Blocklist {
 
     /// Why `user` is blocked, if it is.
     pub fn user(&self, user: UserId, now_ms: i64) -> Option<String> {
-        self.snapshot()
+        let shared = self
+            .snapshot()
             .users
             .get(&user.key())
             .filter(|b| b.active(now_ms))
-            .map(|b| b.reason.clone())
+            .map(|b| b.reason.clone());
+        shared.or_else(|| {
+            let local = match self.local.read() {
+                Ok(l) => l,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            local
+                .get(&user.key())
+                .filter(|b| b.active(now_ms))
+                .map(|b| b.reason.clone())
+        })
     }
 
     /// Why `ip` is blocked, if it is.
     pub fn ip(&self, ip: IpAddr, now_ms: i64) -> Option<String> {
-        self.snapshot()
+        let snapshot = self.snapshot();
+        if let Some(b) = snapshot.addresses.get(&ip).filter(|b| b.active(now_ms)) {
+            return Some(b.reason.clone());
+        }
+        snapshot
             .nets
             .iter()
             .find(|(n, b)| n.contains(&ip) && b.active(now_ms))
             .map(|(_, b)| b.reason.clone())
     }
 
-    /// Block `user` on this node at once (an automatic block, before the table has it).
-    pub fn block_user_here(&self, user: UserId, reason: &str, until_ms: i64) {
-        let mut guard = match self.current.write() {
-            Ok(g) => g,
+    /// Block `user` on this node at once (an automatic block, before the table has it). Returns
+    /// false when an automatic block of this node holds the user already.
+    pub fn block_user_here(&self, user: UserId, reason: &str, until_ms: i64) -> bool {
+        let mut local = match self.local.write() {
+            Ok(l) => l,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut next = Snapshot {
-            users: guard.users.clone(),
-            nets: guard.nets.clone(),
-        };
-        next.users.insert(
+        let now = until_ms.min(crate::frontdoor::now_ms());
+        local.retain(|_, b| b.active(now));
+        if local.get(&user.key()).is_some_and(|b| b.active(now)) {
+            return false;
+        }
+        local.insert(
             user.key(),
             Block {
                 reason: reason.into(),
                 until_ms: Some(until_ms),
             },
         );
-        *guard = Arc::new(next);
+        true
     }
 
     fn replace(&self, version: i64, entries: &[Entry]) {
@@ -209,11 +233,13 @@ impl Blocklist {
                         next.users.insert(u, block);
                     }
                 }
-                Kind::Ip => {
-                    if let Some(n) = parse_net(&e.value) {
-                        next.nets.push((n, block));
+                Kind::Ip => match parse_net(&e.value) {
+                    Some(n) if n.prefix_len() == n.max_prefix_len() => {
+                        next.addresses.insert(n.addr(), block);
                     }
-                }
+                    Some(n) => next.nets.push((n, block)),
+                    None => {}
+                },
             }
         }
         match self.current.write() {
@@ -379,8 +405,37 @@ mod tests {
         assert!(b.user(user(44), 0).is_none());
         assert!(b.ip("203.0.113.200".parse().unwrap(), 0).is_some());
         assert!(b.ip("203.0.114.1".parse().unwrap(), 0).is_none());
-        b.block_user_here(user(44), "auto", 2_000);
-        assert_eq!(b.user(user(44), 1_999).as_deref(), Some("auto"));
+        assert!(
+            b.ip("203.0.113.7".parse().unwrap(), 0).is_some(),
+            "a network"
+        );
+        b.replace(
+            2,
+            &[
+                e(Kind::User, "42", None),
+                e(Kind::Ip, "198.51.100.9", None),
+                e(Kind::Ip, "::ffff:192.0.2.1", None),
+            ],
+        );
+        assert!(
+            b.ip("198.51.100.9".parse().unwrap(), 0).is_some(),
+            "an address"
+        );
+        assert!(b.ip("198.51.100.10".parse().unwrap(), 0).is_none());
+        assert!(
+            b.ip("192.0.2.1".parse().unwrap(), 0).is_some(),
+            "mapped addresses are IPv4"
+        );
+        let far = i64::MAX / 2;
+        assert!(b.block_user_here(user(44), "auto", far));
+        assert!(!b.block_user_here(user(44), "auto", far), "once");
+        assert_eq!(b.user(user(44), 0).as_deref(), Some("auto"));
+        b.replace(3, &[e(Kind::User, "42", None)]);
+        assert_eq!(
+            b.user(user(44), 0).as_deref(),
+            Some("auto"),
+            "a reload does not wipe this node's automatic blocks"
+        );
         assert!(b.user(user(42), 0).is_some(), "the others stay");
     }
 }

@@ -113,6 +113,19 @@ impl Keys {
             .iter()
             .any(|k| hmac(&k.challenge, parts).verify_slice(&mac).is_ok())
     }
+
+    /// Like [`Keys::verify_challenge`] for a MAC cut to its first bytes (constant-time per key).
+    pub fn verify_challenge_prefix(&self, parts: &[&[u8]], prefix: &str) -> bool {
+        let Ok(mac) = hex::decode(prefix) else {
+            return false;
+        };
+        !mac.is_empty()
+            && self.keys.iter().any(|k| {
+                hmac(&k.challenge, parts)
+                    .verify_truncated_left(&mac)
+                    .is_ok()
+            })
+    }
 }
 
 #[cfg(test)]

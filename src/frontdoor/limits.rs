@@ -16,6 +16,15 @@ use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+/// A refusal of a limiter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limited {
+    /// Whole seconds, at least 1.
+    pub retry_after: u64,
+    /// The limiter is full of busy keys: nothing says this key was too fast.
+    pub shed: bool,
+}
+
 /// A keyed GCRA limit, or none (disabled).
 pub struct Limiter<K: Hash + Eq + Clone> {
     inner: Option<DefaultKeyedRateLimiter<K>>,
@@ -53,8 +62,8 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         Self::with(inner, max_keys)
     }
 
-    /// Ok, or how long until `key` may come again (at least 1 s, in whole seconds).
-    pub fn check(&self, key: &K) -> Result<(), u64> {
+    /// Ok, or when `key` may come again.
+    pub fn check(&self, key: &K) -> Result<(), Limited> {
         let Some(l) = &self.inner else {
             return Ok(());
         };
@@ -62,19 +71,23 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
             self.cleanup_soon();
             if l.len() >= self.max_keys {
                 // Every remembered key is still busy: shed until some go idle.
-                return Err(1);
+                return Err(Limited {
+                    retry_after: 1,
+                    shed: true,
+                });
             }
         }
-        l.check_key(key)
-            .map(|_| ())
-            .map_err(|n| whole_seconds(n.wait_time_from(DefaultClock::default().now())))
+        l.check_key(key).map(|_| ()).map_err(|n| Limited {
+            retry_after: whole_seconds(n.wait_time_from(DefaultClock::default().now())),
+            shed: false,
+        })
     }
 
-    /// A cleanup now, unless one ran in the last 100 ms.
+    /// A cleanup now, unless one ran in the last second.
     fn cleanup_soon(&self) {
         let now = self.started.elapsed().as_millis() as u64;
         let last = self.last_cleanup_ms.load(Ordering::Relaxed);
-        if now >= last + 100
+        if now >= last + 1000
             && self
                 .last_cleanup_ms
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
@@ -105,38 +118,32 @@ fn whole_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.as_secs() == 0))
 }
 
-/// The client of a request: the peer, unless the peer is a trusted proxy; then the first address
-/// of `X-Forwarded-For` from the right that is not a trusted proxy (a client can write anything at
-/// the left of that header, never at the right, which its proxies append). When every address is
-/// trusted, the leftmost.
+/// The client of a request: the peer, unless the peer is a trusted proxy; then `X-Forwarded-For`
+/// walked from the right (the end each proxy appends to; a client writes only at the left): the
+/// first address that is not a trusted proxy. A hop that is not an address ends the walk at the
+/// last good hop, so junk written by a client cannot move the key; when every hop is trusted, the
+/// leftmost.
 pub fn client_ip(
     peer: Option<IpAddr>,
     forwarded: Option<&str>,
     trusted: &[IpNet],
 ) -> Option<IpAddr> {
-    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(&canonical(*ip)));
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
     let peer = peer.map(canonical)?;
     if !is_trusted(&peer) {
         return Some(peer);
     }
-    let Some(header) = forwarded else {
-        return Some(peer);
-    };
-    let hops: Vec<IpAddr> = header
-        .split(',')
-        .map(str::trim)
-        .map_while(|h| h.parse::<IpAddr>().ok().map(canonical))
-        .collect();
-    // A malformed hop ends what can be believed: use what came before it, right to left.
-    if hops.len() != header.split(',').count() {
-        return Some(peer);
+    let mut last = peer;
+    for hop in forwarded.unwrap_or_default().rsplit(',') {
+        let Ok(ip) = hop.trim().parse::<IpAddr>().map(canonical) else {
+            return Some(last);
+        };
+        if !is_trusted(&ip) {
+            return Some(ip);
+        }
+        last = ip;
     }
-    hops.iter()
-        .rev()
-        .find(|ip| !is_trusted(ip))
-        .or(hops.first())
-        .copied()
-        .or(Some(peer))
+    Some(last)
 }
 
 /// IPv4-mapped IPv6 addresses as IPv4.
@@ -199,8 +206,21 @@ mod tests {
                 Some("garbage, 198.51.100.7"),
                 &trusted
             ),
-            Some(ip("10.0.0.2")),
-            "a malformed header is not believed"
+            Some(ip("198.51.100.7")),
+            "junk a client wrote at the left does not move the key"
+        );
+        assert_eq!(
+            client_ip(
+                Some(ip("10.0.0.2")),
+                Some("198.51.100.7, junk, 10.0.0.9"),
+                &trusted
+            ),
+            Some(ip("10.0.0.9")),
+            "a malformed hop ends the walk at the last good one"
+        );
+        assert_eq!(
+            client_ip(Some(ip("10.0.0.2")), Some(""), &trusted),
+            Some(ip("10.0.0.2"))
         );
         assert_eq!(
             client_ip(Some(ip("::ffff:203.0.113.9")), None, &[]),
@@ -225,7 +245,10 @@ mod tests {
         let passed = (0..40).filter(|_| l.check(&1).is_ok()).count();
         assert!((10..=11).contains(&passed), "{passed}");
         let wait = l.check(&1).unwrap_err();
-        assert!(wait >= 1, "Retry-After is at least a second");
+        assert!(
+            wait.retry_after >= 1 && !wait.shed,
+            "Retry-After is at least a second"
+        );
         assert!(l.check(&2).is_ok(), "another key is not affected");
         let off: Limiter<u64> = Limiter::new(None, 100);
         assert!((0..1000).all(|_| off.check(&1).is_ok()));
@@ -238,7 +261,14 @@ mod tests {
         for k in 0..50 {
             assert!(l.check(&k).is_ok());
         }
-        assert_eq!(l.check(&999), Err(1), "full of busy keys: shed");
+        assert_eq!(
+            l.check(&999),
+            Err(Limited {
+                retry_after: 1,
+                shed: true
+            }),
+            "full of busy keys: shed"
+        );
         assert_eq!(l.len(), 50);
     }
 

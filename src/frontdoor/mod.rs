@@ -49,6 +49,7 @@ pub enum Refusal {
 
 pub struct FrontDoor {
     keys: keys::Keys,
+    keys_configured: bool,
     users: limits::Limiter<UserId>,
     ips: limits::Limiter<IpAddr>,
     ip_limit_on: bool,
@@ -75,14 +76,16 @@ impl FrontDoor {
         let f = &config.frontdoor;
         if f.token_keys.is_empty() {
             tracing::warn!(
-                "no frontdoor.token_keys (SECKILL_TOKEN_KEY): order tokens and challenges are signed \
-                 with a random key and verify on this node only"
+                "no frontdoor.token_keys (SECKILL_TOKEN_KEY): protected sales cannot be created, and \
+                 the order tokens of existing ones are signed with a random key that verifies on this \
+                 node only"
             );
         }
         let max = f.max_limiter_keys;
         let limit = |on: bool, per_second, burst| on.then_some((per_second, burst));
         Self {
             keys: keys::Keys::new(&f.token_keys),
+            keys_configured: !f.token_keys.is_empty(),
             users: limits::Limiter::new(
                 limit(
                     f.user_limit.enabled,
@@ -139,7 +142,9 @@ impl FrontDoor {
         if self.ip_limit_on {
             self.ips
                 .check(&limits::ip_key(ip))
-                .map_err(|retry_after| Refusal::RateLimited { retry_after })?;
+                .map_err(|l| Refusal::RateLimited {
+                    retry_after: l.retry_after,
+                })?;
         }
         Ok(())
     }
@@ -152,20 +157,35 @@ impl FrontDoor {
         }
     }
 
-    /// The user's rate limit. A user who keeps hitting it is blocked when auto-blocking is on.
+    /// The user's rate limit. A user who keeps hitting it is blocked when auto-blocking is on
+    /// (a limiter shedding because it is full counts against nobody).
     pub fn limit_user(&self, user: UserId) -> Result<(), Refusal> {
-        let Err(retry_after) = self.users.check(&user) else {
+        let Err(limited) = self.users.check(&user) else {
             return Ok(());
         };
-        if self.auto_block.enabled && self.strikes.check(&user).is_err() {
-            let until = now_ms() + i64::from(self.auto_block.block_secs) * 1000;
-            self.blocklist.block_user_here(user, "auto", until);
-            if let Ok(mut pending) = self.pending_blocks.lock() {
+        if self.auto_block.enabled && !limited.shed {
+            if let Err(strike) = self.strikes.check(&user) {
+                if !strike.shed {
+                    self.block_automatically(user);
+                }
+            }
+        }
+        Err(Refusal::RateLimited {
+            retry_after: limited.retry_after,
+        })
+    }
+
+    fn block_automatically(&self, user: UserId) {
+        let until = now_ms() + i64::from(self.auto_block.block_secs) * 1000;
+        if !self.blocklist.block_user_here(user, "auto", until) {
+            return; // blocked here already: written (or about to be)
+        }
+        if let Ok(mut pending) = self.pending_blocks.lock() {
+            if pending.len() < 10_000 {
                 pending.push(user);
             }
-            tracing::warn!(%user, block_secs = self.auto_block.block_secs, "user blocked automatically: kept hitting the rate limit");
         }
-        Err(Refusal::RateLimited { retry_after })
+        tracing::warn!(%user, block_secs = self.auto_block.block_secs, "user blocked automatically: kept hitting the rate limit");
     }
 
     /// Verify the order token of an order URL for this sale, item and user.
@@ -199,25 +219,23 @@ impl FrontDoor {
         }
     }
 
-    /// Check a solution and record it as used (on the user's group): each works once.
+    /// Check a solution and record it as used (on the user's group): each works once, and a
+    /// question's first answer uses it up even when wrong.
     pub async fn accept_solution(
         &self,
         p: &Protection,
         b: &challenge::Binding,
         solution: &challenge::Solution,
     ) -> Result<Result<(), Refusal>, OrderError> {
-        let verified = match challenge::verify(
-            &self.keys,
-            p.challenge,
-            b,
-            solution,
-            p.min_answer_ms,
-            now_ms(),
-        ) {
+        let verified = match challenge::verify(&self.keys, p, b, solution, now_ms()) {
             Ok(v) => v,
             Err(f) => return Ok(Err(Refusal::ChallengeFailed(f))),
         };
-        let expires = DateTime::<Utc>::from_timestamp(verified.expires, 0).unwrap_or_else(Utc::now);
+        let Some(expires) = DateTime::<Utc>::from_timestamp(verified.expires, 0) else {
+            return Ok(Err(Refusal::ChallengeFailed(challenge::Failed(
+                "the salt is not one of ours",
+            ))));
+        };
         let fresh = self
             .cluster
             .group(self.router.user_group(b.user))
@@ -235,13 +253,19 @@ impl FrontDoor {
                 Ok(n == 1)
             })
             .await?;
-        Ok(if fresh {
-            Ok(())
-        } else {
-            Err(Refusal::ChallengeFailed(challenge::Failed(
-                "this solution has been used already",
-            )))
+        Ok(match (fresh, verified.then_fail) {
+            (false, _) => Err(Refusal::ChallengeFailed(challenge::Failed(
+                "this challenge has been used already: get a new one",
+            ))),
+            (true, Some(failed)) => Err(Refusal::ChallengeFailed(failed)),
+            (true, None) => Ok(()),
         })
+    }
+
+    /// Whether order tokens are signed with configured keys (shared by every node) rather than
+    /// a random key of this process.
+    pub fn keys_configured(&self) -> bool {
+        self.keys_configured
     }
 
     /// An order token for this grant.

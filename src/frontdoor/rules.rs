@@ -2,8 +2,8 @@
 //! fixed when the sale is made), and roughly how much is left.
 //!
 //! Read from the item's own row (`sale_items`, on the item's group) once per node and kept; an
-//! unknown (sale, item) is remembered as unknown for a second, so a bot probing ids costs at most
-//! one read per id per second. `remaining` is re-read at most every 250 ms, for the challenge and
+//! unknown (sale, item) is remembered as unknown for a second. Callers ask only after the user's
+//! rate limit, so probing made-up ids costs a user at most its rate in reads. `remaining` is re-read at most every 250 ms, for the challenge and
 //! order-token requests that refuse to hand out tokens for a sold-out item.
 
 use crate::domain::{ItemId, Protection, SaleId};
@@ -101,7 +101,9 @@ impl RulesCache {
             rules: row.as_ref().map(|r| Rules {
                 starts_at: r.get(0),
                 ends_at: r.get(1),
-                protection: r.get::<_, Option<serde_json::Value>>(2).map(protection),
+                protection: r
+                    .get::<_, Option<serde_json::Value>>(2)
+                    .map(Protection::from_stored),
             }),
             remaining: row.as_ref().map_or(0, |r| r.get(3)),
             read_at: Instant::now(),
@@ -111,18 +113,14 @@ impl RulesCache {
             Err(poisoned) => poisoned.into_inner(),
         };
         if entries.len() >= MAX_ENTRIES {
-            entries.clear();
+            // Forget the unknown ids first (a probe flood); the live items only if that was not
+            // enough.
+            entries.retain(|_, c| c.rules.is_some());
+            if entries.len() >= MAX_ENTRIES {
+                entries.clear();
+            }
         }
         entries.insert((sale, item), cached);
         Ok(cached)
     }
-}
-
-/// A stored protection; one this engine cannot read guards the item with order tokens rather than
-/// leave it open.
-fn protection(stored: serde_json::Value) -> Protection {
-    serde_json::from_value(stored).unwrap_or_else(|e| {
-        tracing::error!(error = %e, "unreadable sale protection: requiring order tokens");
-        Protection::default()
-    })
 }

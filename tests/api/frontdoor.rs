@@ -312,27 +312,33 @@ async fn wrong_forged_foreign_and_hasty_solutions_fail_the_challenge() {
         json!({"challenge": "question", "min_answer_ms": 800}),
     )
     .await;
+    // Answer a served question, rightly or not.
+    let answer = |q: &Value, right: bool| {
+        let numbers: Vec<u64> = q["question"]
+            .as_str()
+            .unwrap()
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        let sum = numbers[0] + numbers[1] + u64::from(!right);
+        json!({"solution": {"answer": sum.to_string(), "salt": q["salt"], "signature": q["signature"]}})
+    };
     let q = get_challenge(&app, q_sale, q_item, user).await;
     assert_eq!(q.status, StatusCode::OK, "{:?}", q.body);
     assert_eq!(q.body["kind"], "question");
-    let numbers: Vec<u64> = q.body["question"]
-        .as_str()
-        .unwrap()
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    let answer = (numbers[0] + numbers[1]).to_string();
-    let solution =
-        json!({"answer": answer, "salt": q.body["salt"], "signature": q.body["signature"]});
-    let hasty = order_token(&app, q_sale, q_item, user, json!({"solution": solution})).await;
+    let hasty = order_token(&app, q_sale, q_item, user, answer(&q.body, true)).await;
     assert_refused(&hasty, StatusCode::FORBIDDEN, "challenge_failed");
     assert!(hasty.body["detail"].as_str().unwrap().contains("too fast"));
     tokio::time::sleep(Duration::from_millis(900)).await;
-    let mut wrong = solution.clone();
-    wrong["answer"] = json!("999");
-    let r = order_token(&app, q_sale, q_item, user, json!({"solution": wrong})).await;
+    // A wrong answer uses the question up: guessing costs a new question each time.
+    let r = order_token(&app, q_sale, q_item, user, answer(&q.body, false)).await;
     assert_refused(&r, StatusCode::FORBIDDEN, "challenge_failed");
-    let r = order_token(&app, q_sale, q_item, user, json!({"solution": solution})).await;
+    let r = order_token(&app, q_sale, q_item, user, answer(&q.body, true)).await;
+    assert_refused(&r, StatusCode::FORBIDDEN, "challenge_failed");
+    assert!(r.body["detail"].as_str().unwrap().contains("used already"));
+    let q = get_challenge(&app, q_sale, q_item, user).await;
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let r = order_token(&app, q_sale, q_item, user, answer(&q.body, true)).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     let url = r.body["order_url"].as_str().unwrap();
     assert_eq!(
@@ -688,4 +694,24 @@ async fn a_user_who_keeps_hitting_the_limit_is_blocked_automatically() {
         app.buy(sale, item, fresh_item(), 1, None).await.status,
         StatusCode::CREATED
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_shared_token_keys_no_protected_sale_is_made() {
+    let app = spawn_app_with(|c| c.frontdoor.token_keys.clear()).await;
+    let now = chrono::Utc::now();
+    let body = json!({"name": "p", "starts_at": now.to_rfc3339(),
+        "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+        "items": [{"item_id": fresh_item(), "stock": 5, "price_cents": 1}],
+        "protection": {"order_token": true}});
+    let r = app
+        .send(
+            app.http
+                .post(format!("{}/v1/admin/sales", app.addr))
+                .bearer_auth(TOKEN)
+                .json(&body),
+        )
+        .await;
+    assert_refused(&r, StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
+    assert!(r.body["detail"].as_str().unwrap().contains("token_keys"));
 }
