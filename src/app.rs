@@ -32,6 +32,8 @@ pub struct AppState {
     pub users: crate::auth::users::UserTokens,
     /// Order tokens, challenges, rate limits, the blocklist.
     pub frontdoor: crate::frontdoor::FrontDoor,
+    /// The buyer's sale page and its assets.
+    pub pages: crate::api::page::SalePages,
 }
 
 impl AppState {
@@ -59,6 +61,7 @@ impl AppState {
         let state = Arc::new(AppState {
             users,
             frontdoor,
+            pages: Default::default(),
             admin_token: config.server.admin_token.clone(),
             config: config.clone(),
             cluster,

@@ -15,6 +15,7 @@ pub mod frontdoor;
 pub mod identity;
 pub mod observe;
 pub mod orders;
+pub mod page;
 pub mod payments;
 pub mod server;
 
@@ -111,6 +112,8 @@ fn documented(admin_body_limit: usize) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(orders::get))
         .routes(routes!(orders::cancel))
         .routes(routes!(payments::callback))
+        .routes(routes!(page::sale_page))
+        .routes(routes!(page::asset))
 }
 
 /// The OpenAPI document of this engine.
@@ -122,7 +125,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let server = &state.config.server;
     let body_limit = server.body_limit_bytes;
     let deadline = std::time::Duration::from_millis(server.http_timeout_ms);
-    let (router, _) = documented(server.admin_body_limit_bytes).split_for_parts();
+    let (mut router, _) = documented(server.admin_body_limit_bytes).split_for_parts();
+    if server.dev_login {
+        router = router.route("/dev/token", axum::routing::post(page::dev_token));
+    }
     router
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
@@ -264,7 +270,13 @@ async fn openapi_json() -> Response {
 )]
 async fn get_sale(State(s): State<Arc<AppState>>, p: Params) -> Result<Response, ApiError> {
     let view = s.sales().get(p.sale()?).await?;
-    Ok(axum::Json(view).into_response())
+    let mut resp = axum::Json(view).into_response();
+    // The remaining stock changes by the second: a cache must ask again every time.
+    resp.headers_mut().insert(
+        axum::http::header::CACHE_CONTROL,
+        axum::http::HeaderValue::from_static("no-cache"),
+    );
+    Ok(resp)
 }
 
 #[cfg(test)]
@@ -288,7 +300,9 @@ mod tests {
         for (path, ops) in doc["paths"].as_object().unwrap() {
             for (method, op) in ops.as_object().unwrap() {
                 for (status, resp) in op["responses"].as_object().unwrap() {
-                    if status.starts_with('4') || status.starts_with('5') {
+                    // The sale page's friendly 404 is a page for people.
+                    let is_page = resp["content"].get("text/html").is_some();
+                    if (status.starts_with('4') || status.starts_with('5')) && !is_page {
                         let schema = &resp["content"]["application/problem+json"]["schema"];
                         assert_eq!(
                             schema["$ref"], "#/components/schemas/Problem",

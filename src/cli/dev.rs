@@ -50,12 +50,14 @@ pub async fn dev(
     write_private(&toml_path, &toml)?;
     let mut config = Config::from_toml(&toml, &toml_path.display().to_string())?;
     config.coalesce.enabled = !no_coalesce;
+    config.server.dev_login = true;
     let result = async {
         let app = Application::build(config).await?;
         let state = app.state();
         let sale = demo_sale(&state).await?;
+        let protected = protected_demo_sale(&state).await?;
         let addr = app.local_addr();
-        print_welcome(&addr.to_string(), sale, &toml_path, &secrets);
+        print_welcome(&addr.to_string(), [sale, protected], &toml_path, &secrets);
         serve_until_signal(app).await
     }
     .await;
@@ -65,7 +67,12 @@ pub async fn dev(
     result
 }
 
-fn print_welcome(addr: &str, sale: u64, toml_path: &Path, secrets: &EngineSecrets) {
+fn print_welcome(
+    addr: &str,
+    [sale, protected]: [u64; 2],
+    toml_path: &Path,
+    secrets: &EngineSecrets,
+) {
     let me = std::env::current_exe()
         .ok()
         .and_then(|p| {
@@ -79,6 +86,10 @@ fn print_welcome(addr: &str, sale: u64, toml_path: &Path, secrets: &EngineSecret
     println!("  admin token: {}", secrets.admin_token.expose());
     println!("  demo sale:   {sale} (items 1001: 100 units, 1002: 1000 units, limit 2 per user)");
     println!("  user tokens: {me} token --config {cfg} --user 42 [--ttl-secs 3600]");
+    println!("  sale page:   http://{addr}/sales/{sale} (sign in with any user id)");
+    println!(
+        "  protected:   http://{addr}/sales/{protected} (starts 2 min after this, proof of work)"
+    );
     println!("\ntry:");
     println!("  TOKEN=$({me} token --config {cfg} --user 42)");
     println!("  curl -s -X POST http://{addr}/v1/sales/{sale}/items/1001/orders -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"quantity\": 1, \"request_id\": \"try-1\"}}'");
@@ -101,6 +112,24 @@ async fn demo_sale(state: &Arc<crate::AppState>) -> Result<u64, Box<dyn std::err
             {"item_id": 1001, "stock": 100, "price_cents": 999, "per_user_limit": 2},
             {"item_id": 1002, "stock": 1000, "price_cents": 4999, "per_user_limit": 2}
         ]
+    }))?;
+    Ok(state.sales().create(&sale).await?.sale_id)
+}
+
+/// A sale behind order tokens and a proof of work, starting two minutes from now: the sale page
+/// shows the countdown, solves the challenge during it, and buys through the order URL.
+async fn protected_demo_sale(
+    state: &Arc<crate::AppState>,
+) -> Result<u64, Box<dyn std::error::Error>> {
+    let starts = chrono::Utc::now() + chrono::Duration::minutes(2);
+    let sale: crate::sale::NewSale = serde_json::from_value(serde_json::json!({
+        "name": "protected demo sale",
+        "starts_at": starts.to_rfc3339(),
+        "ends_at": (starts + chrono::Duration::hours(24)).to_rfc3339(),
+        "items": [
+            {"item_id": 2001, "stock": 50, "price_cents": 1999, "per_user_limit": 1}
+        ],
+        "protection": {"order_token": true, "challenge": "pow", "challenge_lead_secs": 60}
     }))?;
     Ok(state.sales().create(&sale).await?.sale_id)
 }

@@ -182,6 +182,10 @@ pub struct ServerConfig {
     /// `GET /metrics` needs the admin token. Default false: open on the listener (keep the
     /// listener on a private network, or set this).
     pub metrics_need_admin: bool,
+    /// `POST /dev/token` mints user tokens for the sale page's sign-in form: `seckill dev` only,
+    /// never from a file.
+    #[serde(skip)]
+    pub dev_login: bool,
 }
 
 impl Default for ServerConfig {
@@ -198,6 +202,7 @@ impl Default for ServerConfig {
             max_connections: 10_000,
             drain_ms: 10_000,
             metrics_need_admin: false,
+            dev_login: false,
         }
     }
 }

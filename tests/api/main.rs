@@ -7,6 +7,7 @@ mod faults;
 mod frontdoor;
 mod lifecycle;
 mod orders;
+mod page;
 mod routing;
 mod trust;
 mod validation;
