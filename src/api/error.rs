@@ -221,6 +221,12 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body was never read: the connection cannot carry another request,
+            // and a client must not put it back in its pool.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         // For the request log and the metrics: what this answer was.
         resp.extensions_mut().insert(self.code);
         resp
