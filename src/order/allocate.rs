@@ -8,7 +8,7 @@
 //! reservation (a retry) allocates nothing and resumes that reservation; the same txn_id twice in one
 //! batch gets the first one's outcome.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use uuid::Uuid;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +87,17 @@ pub fn allocate(
         })
         .collect();
     (decisions, taken)
+}
+
+/// A shard group's batch split by item: each item's positions in the batch, in arrival order, and
+/// the items in key order (the order their rows are locked in). Allocation then runs per item, so a
+/// batch of several items is exactly its items' batches side by side.
+pub fn by_item<K: Ord>(keys: impl IntoIterator<Item = K>) -> BTreeMap<K, Vec<usize>> {
+    let mut items: BTreeMap<K, Vec<usize>> = BTreeMap::new();
+    for (i, k) in keys.into_iter().enumerate() {
+        items.entry(k).or_default().push(i);
+    }
+    items
 }
 
 #[cfg(test)]
@@ -179,7 +190,57 @@ mod tests {
             .collect()
     }
 
+    /// A group batch the way the store runs one: split by item, each item allocated on its own,
+    /// the decisions put back in arrival order.
+    fn allocate_group(stock: &[(i32, i32)], asks: &[(usize, Ask)]) -> (Vec<Decision>, Vec<i32>) {
+        let mut decisions = vec![None; asks.len()];
+        let mut taken = vec![0; stock.len()];
+        for (item, positions) in by_item(asks.iter().map(|(item, _)| *item)) {
+            let item_asks: Vec<Ask> = positions.iter().map(|&p| asks[p].1).collect();
+            let (remaining, limit) = stock[item];
+            let (d, t) = allocate(remaining, limit, &item_asks, &Holdings::default());
+            taken[item] = t;
+            for (p, d) in positions.into_iter().zip(d) {
+                decisions[p] = Some(d);
+            }
+        }
+        (
+            decisions
+                .into_iter()
+                .map(|d| d.expect("every ask decided"))
+                .collect(),
+            taken,
+        )
+    }
+
     proptest! {
+        #[test]
+        fn a_group_batch_equals_one_by_one_per_item(
+            stock in proptest::collection::vec((0i32..20, 1i32..4), 1..5),
+            raw in proptest::collection::vec((0usize..5, 0u64..8, 1i32..4), 0..120),
+        ) {
+            let asks: Vec<(usize, Ask)> = raw.iter().enumerate()
+                .map(|(i, &(item, u, q))| (item % stock.len(), ask(i as u128 + 1, u, q))).collect();
+            let (d, taken) = allocate_group(&stock, &asks);
+            prop_assert_eq!(d.len(), asks.len());
+            for (item, &(remaining, limit)) in stock.iter().enumerate() {
+                // Per item: no oversell, nobody above the limit, the plain path's outcome.
+                let mine: Vec<(Ask, Decision)> = asks.iter().zip(&d)
+                    .filter(|((i, _), _)| *i == item).map(|((_, a), d)| (*a, *d)).collect();
+                let reserved: i32 = mine.iter().map(|(_, d)| match d { Decision::Reserve { quantity } => *quantity, _ => 0 }).sum();
+                prop_assert!(reserved <= remaining);
+                prop_assert_eq!(reserved, taken[item]);
+                let mut per_user: HashMap<u64, i64> = HashMap::new();
+                for (a, d) in &mine {
+                    if let Decision::Reserve { quantity } = d { *per_user.entry(a.user).or_default() += i64::from(*quantity); }
+                }
+                prop_assert!(per_user.values().all(|&v| v <= i64::from(limit)));
+                let only: Vec<Ask> = mine.iter().map(|(a, _)| *a).collect();
+                let served: Vec<bool> = mine.iter().map(|(_, d)| matches!(d, Decision::Reserve { .. })).collect();
+                prop_assert_eq!(served, one_by_one(remaining, limit, &only));
+            }
+        }
+
         #[test]
         fn batch_equals_one_by_one_and_keeps_invariants(
             remaining in 0i32..40,

@@ -1,13 +1,17 @@
 //! Coalescing: many buy requests -> one transaction.
 //!
 //! One row lock per item serialises every conditional decrement, so one transaction per request
-//! caps an item at a few hundred sales per second. The [`Coalescer`] serves all requests for an item
-//! that arrive while a decrement is in flight with the *next* single transaction
-//! ([`super::store::reserve_batch`]): one row lock, one decrement, one bulk insert, however many
-//! buyers. Transaction 2 is batched the same way per user group (one multi-row insert).
+//! caps an item at a few hundred sales per second; and with a synchronous shadow every commit costs
+//! a replication round trip, so one transaction per item caps a sale of many items. The
+//! [`Coalescer`] batches per shard group: all requests for any items of a group that arrive while
+//! that group's transaction 1 is in flight share the *next* one ([`super::batch`]): each item's
+//! row locked once (in a fixed order), one decrement statement, one bulk insert, one commit,
+//! however many buyers and items. Transaction 2 is batched the same way per user group (one
+//! multi-row insert).
 
-use super::hot::{HotPath, ItemKey};
-use super::store::{self, BatchAsk, NewOrder, Order, Refusal, Reserved};
+use super::batch::{self, BatchAsk};
+use super::hot::HotPath;
+use super::store::{self, NewOrder, Order, Refusal, Reserved};
 use super::{BuyRequest, OrderError};
 use crate::batcher::Batcher;
 use crate::db::DbError;
@@ -49,8 +53,11 @@ type ReserveResult = Result<Result<Reserved, Refusal>, BatchFailure>;
 type InsertResult = Result<Option<Order>, BatchFailure>;
 
 pub struct Coalescer {
-    reserve: Arc<Batcher<ItemKey, BatchAsk, ReserveResult>>,
+    /// Transaction 1, batched per item group.
+    reserve: Arc<Batcher<usize, BatchAsk, ReserveResult>>,
+    /// Transaction 2, batched per user group.
     insert: Arc<Batcher<usize, NewOrder, InsertResult>>,
+    router: Arc<Router>,
 }
 
 impl Coalescer {
@@ -63,37 +70,38 @@ impl Coalescer {
         tasks: tokio_util::task::TaskTracker,
     ) -> Self {
         let max_wait = Duration::from_micros(config.max_wait_us);
-        let (c, r) = (cluster.clone(), router.clone());
+        let c = cluster.clone();
         let reserve = Batcher::new(
             config.max_batch,
             max_wait,
             tasks.clone(),
-            move |(sale, item): ItemKey, asks: Vec<BatchAsk>| {
-                let (cluster, router, hot) = (c.clone(), r.clone(), hot.clone());
+            move |group: usize, asks: Vec<BatchAsk>| {
+                let (cluster, hot) = (c.clone(), hot.clone());
                 async move {
-                let n = asks.len();
-                let started = std::time::Instant::now();
-                let group = cluster.group(router.item_group(item));
-                let work = group.run::<_, OrderError>(Work::Reserve, timeout, async |c| {
-                    store::reserve_batch(c, sale, item, &asks).await
-                });
-                metrics::histogram!(crate::telemetry::BATCH).record(n as f64);
-                match work.await {
-                    Ok((outcomes, remaining)) => {
-                        if let Some(rem) = remaining {
-                            hot.observe(sale, item, rem);
+                    let n = asks.len();
+                    let started = std::time::Instant::now();
+                    let group = cluster.group(group);
+                    let work = group.run::<_, OrderError>(Work::Reserve, timeout, async |c| {
+                        batch::reserve_batch(c, &asks).await
+                    });
+                    metrics::histogram!(crate::telemetry::BATCH).record(n as f64);
+                    match work.await {
+                        Ok(settled) => {
+                            for &(sale, item, rem) in &settled.remaining {
+                                hot.observe(sale, item, rem);
+                            }
+                            tracing::trace!(group = %group.name, batch = n, items = settled.remaining.len(),
+                                micros = started.elapsed().as_micros() as u64, "coalesced reserve");
+                            settled.outcomes.into_iter().map(Ok).collect()
                         }
-                        tracing::trace!(%item, batch = n, micros = started.elapsed().as_micros() as u64, "coalesced reserve");
-                        outcomes.into_iter().map(Ok).collect()
-                    }
-                    Err(e) => {
-                        let f = BatchFailure::from_order_error(&e);
-                        tracing::warn!(%item, batch = n, error = %e, "coalesced reserve failed");
-                        vec![Err(f); n]
+                        Err(e) => {
+                            let f = BatchFailure::from_order_error(&e);
+                            tracing::warn!(group = %group.name, batch = n, error = %e, "coalesced reserve failed");
+                            vec![Err(f); n]
+                        }
                     }
                 }
-            }
-            .boxed()
+                .boxed()
             },
         );
         let insert = Batcher::new(
@@ -124,21 +132,28 @@ impl Coalescer {
                 .boxed()
             },
         );
-        Self { reserve, insert }
+        Self {
+            reserve,
+            insert,
+            router,
+        }
     }
 
-    /// Transaction 1 through the item's batch.
+    /// Transaction 1 through the item group's batch.
     pub async fn reserve(
         &self,
         req: &BuyRequest,
         txn_id: Uuid,
     ) -> Result<Result<Reserved, Refusal>, OrderError> {
         let ask = BatchAsk {
+            sale: req.sale,
+            item: req.item,
             txn_id,
             user: req.user,
             quantity: req.quantity,
         };
-        match self.reserve.submit((req.sale, req.item), ask).await {
+        let group = self.router.item_group(req.item);
+        match self.reserve.submit(group, ask).await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(f)) => Err(f.into_order_error()),
             Err(lost) => Err(OrderError::Db(DbError::Lost(lost.to_string()))),

@@ -3,8 +3,9 @@
 //!
 //! A purchase:
 //! 1. the hot path answers from memory what it can ([`hot`]: sold out, overloaded);
-//! 2. transaction 1 on the item's group ([`store::reserve_one`], or a coalesced batch through
-//!    [`coalesce`]) decrements the stock and writes the reservation;
+//! 2. transaction 1 on the item's group ([`store::reserve_one`], or, coalesced through
+//!    [`coalesce`], a batch of that group's buyers of any of its items: [`batch`]) decrements the
+//!    stock and writes the reservation;
 //! 3. transaction 2 on the user's group inserts the order (`order_id = txn_id`);
 //! 4. if transaction 2 surely did not commit, a compensating release on the item's group returns the
 //!    stock; if its outcome is unknown (connection lost mid-commit) nothing is undone: the reservation
@@ -31,6 +32,7 @@
 //! over, say) every node's drainer retries it within seconds ([`OrderService::drain_releases`]).
 
 pub mod allocate;
+pub mod batch;
 pub mod coalesce;
 pub mod hot;
 pub mod payments;
@@ -522,7 +524,7 @@ impl OrderService {
             let user_group = self.router.user_group(notice.user);
             self.return_stock(user_group, vec![(order.order_id, item.db())])
                 .await;
-        } else if settled.payment.state == "applied" {
+        } else if settled.payment.state == payments::PaymentState::Applied {
             let order_id = order.order_id;
             let follow = self
                 .cluster
@@ -542,7 +544,7 @@ impl OrderService {
     pub async fn list_payments(
         &self,
         sale: Option<SaleId>,
-        state: Option<&str>,
+        state: Option<payments::PaymentState>,
         limit: i64,
     ) -> Result<Vec<payments::Payment>, OrderError> {
         let mut all = Vec::new();

@@ -67,7 +67,7 @@ pub fn free_port_block(n: u16) -> u16 {
     panic!("no block of {n} free ports found");
 }
 
-fn rand_u64() -> u64 {
+pub fn rand_u64() -> u64 {
     uuid::Uuid::new_v4().as_u64_pair().0
 }
 

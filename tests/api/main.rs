@@ -5,6 +5,7 @@ mod helpers;
 mod coalescing;
 mod faults;
 mod frontdoor;
+mod group_batch;
 mod lifecycle;
 mod orders;
 mod page;

@@ -1,0 +1,456 @@
+//! Transaction 1 for a coalesced batch of one shard group: several items, one transaction.
+//!
+//! The [`super::coalesce::Coalescer`] batches per shard group, so the asks of a batch may name any
+//! items of that group. One transaction serves them all and commits once (with a synchronous
+//! shadow the commit is the expensive part):
+//!
+//! 1. lock every item row of the batch in `(sale_id, item_id)` order — every batch locks in the
+//!    same order, so concurrent batches (on any engine node) never deadlock — and read the live
+//!    holdings of the batch's buyers of each item, in one round trip. In READ COMMITTED the
+//!    holdings read takes its snapshot after the locks are granted, so it sees every purchase
+//!    committed before ours: the per-user limits are exact;
+//! 2. allocate each item's stock to its asks in arrival order ([`super::allocate`]): a batch of
+//!    several items is exactly its items' batches side by side;
+//! 3. one decrement for all items, one plain `INSERT` for the reservations with a fresh random
+//!    txn id (a v7 id cannot exist yet, so no speculative `ON CONFLICT`), one
+//!    `INSERT .. ON CONFLICT` for the ids derived from a `request_id` (an earlier, released attempt
+//!    is revived), one `UPDATE` bumping the attempt of resumed reservations — one round trip —
+//!    then one `COMMIT`.
+//!
+//! Outside its sale window an item sells nothing new, but a retry still resumes the reservation its
+//! earlier attempt holds (and so gets its order). The decrement keeps the window in its condition as
+//! a last guard: an item whose window closed while the batch waited for its lock is refused as
+//! ended and the transaction runs again without it.
+
+use super::allocate::{allocate, by_item, Ask, Decision, Holdings};
+use super::store::{Refusal, Reserved};
+use crate::db::DbError;
+use crate::domain::{ItemId, Quantity, SaleId, UserId};
+use deadpool_postgres::ClientWrapper;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+use uuid::Uuid;
+
+/// One request of a coalesced batch.
+#[derive(Debug, Clone)]
+pub struct BatchAsk {
+    pub sale: SaleId,
+    pub item: ItemId,
+    pub txn_id: Uuid,
+    pub user: UserId,
+    pub quantity: Quantity,
+}
+
+/// An item as the database keys it; also the lock order.
+type Key = (i64, i64);
+
+/// What a batch settled: each ask's outcome (in the batch's order) and each found item's remaining
+/// stock after the batch.
+pub struct Settled {
+    pub outcomes: Vec<Result<Reserved, Refusal>>,
+    pub remaining: Vec<(SaleId, ItemId, i32)>,
+}
+
+/// Run transaction 1 for `asks` (any items of one group).
+pub async fn reserve_batch(
+    client: &mut ClientWrapper,
+    asks: &[BatchAsk],
+) -> Result<Settled, DbError> {
+    let items = by_item(asks.iter().map(|a| (a.sale.db(), a.item.db())));
+    let mut closed = BTreeSet::new();
+    loop {
+        match attempt(client, asks, &items, &closed).await? {
+            Attempt::Settled(settled) => return Ok(settled),
+            Attempt::ClosedMeanwhile(keys) => closed.extend(keys),
+        }
+    }
+}
+
+enum Attempt {
+    Settled(Settled),
+    /// These items' windows closed while the batch waited for their locks: rolled back.
+    ClosedMeanwhile(Vec<Key>),
+}
+
+/// An item's row, read under its lock.
+struct ItemRow {
+    remaining: i32,
+    limit: i32,
+    price_cents: i64,
+    window: i32,
+    closed: Option<Refusal>,
+}
+
+impl ItemRow {
+    fn from_row(row: &Row) -> Self {
+        let closed = if !row.get::<_, bool>(6) {
+            Some(Refusal::NotStarted)
+        } else if !row.get::<_, bool>(7) {
+            Some(Refusal::Ended)
+        } else {
+            None
+        };
+        Self {
+            remaining: row.get(2),
+            limit: row.get(3),
+            price_cents: row.get(4),
+            window: row.get(5),
+            closed,
+        }
+    }
+}
+
+/// What the allocation decided for every item of the batch, ready to be written.
+#[derive(Default)]
+struct Writes {
+    decrements: (Vec<i64>, Vec<i64>, Vec<i32>),
+    fresh: Reservations,
+    revivable: Reservations,
+    resumed: Vec<Uuid>,
+}
+
+#[derive(Default)]
+struct Reservations {
+    txn: Vec<Uuid>,
+    sale: Vec<i64>,
+    item: Vec<i64>,
+    user: Vec<i64>,
+    quantity: Vec<i32>,
+}
+
+impl Reservations {
+    fn push(&mut self, (sale, item): Key, a: &BatchAsk, quantity: i32) {
+        self.txn.push(a.txn_id);
+        self.sale.push(sale);
+        self.item.push(item);
+        self.user.push(a.user.db());
+        self.quantity.push(quantity);
+    }
+}
+
+impl Writes {
+    fn is_empty(&self) -> bool {
+        self.decrements.0.is_empty() && self.resumed.is_empty()
+    }
+}
+
+async fn attempt(
+    client: &mut ClientWrapper,
+    asks: &[BatchAsk],
+    items: &BTreeMap<Key, Vec<usize>>,
+    closed: &BTreeSet<Key>,
+) -> Result<Attempt, DbError> {
+    let live: Vec<Key> = items
+        .keys()
+        .filter(|k| !closed.contains(k))
+        .copied()
+        .collect();
+    let tx = client.transaction().await?;
+    let (rows, held) = lock_and_read(&tx, asks, items, &live).await?;
+
+    let Plan {
+        decisions,
+        writes,
+        remaining,
+    } = plan(asks, items, &live, &rows, &held);
+
+    let attempts = if writes.is_empty() {
+        tx.rollback().await?;
+        Attempts::default()
+    } else {
+        match write(&tx, &writes).await? {
+            Ok(attempts) => {
+                tx.commit().await?;
+                attempts
+            }
+            Err(closed_meanwhile) => {
+                tx.rollback().await?;
+                return Ok(Attempt::ClosedMeanwhile(closed_meanwhile));
+            }
+        }
+    };
+
+    let outcomes = asks
+        .iter()
+        .zip(decisions)
+        .map(|(a, d)| {
+            let key = (a.sale.db(), a.item.db());
+            let Some(row) = rows.get(&key) else {
+                return Err(if closed.contains(&key) {
+                    Refusal::Ended
+                } else {
+                    Refusal::NotFound
+                });
+            };
+            outcome(
+                a,
+                row,
+                d.unwrap_or(Decision::SoldOut { remaining: 0 }),
+                &attempts,
+            )
+        })
+        .collect();
+    Ok(Attempt::Settled(Settled {
+        outcomes,
+        remaining,
+    }))
+}
+
+/// What the allocation decided: each ask's decision (None: its item was not found or closed
+/// meanwhile), the writes, and each found item's stock after the batch.
+struct Plan {
+    decisions: Vec<Option<Decision>>,
+    writes: Writes,
+    remaining: Vec<(SaleId, ItemId, i32)>,
+}
+
+/// Step 2: allocate each live item's stock to its asks; what to write, each ask's decision (None:
+/// its item was not found or closed meanwhile), and each found item's stock after the batch.
+fn plan(
+    asks: &[BatchAsk],
+    items: &BTreeMap<Key, Vec<usize>>,
+    live: &[Key],
+    rows: &HashMap<Key, ItemRow>,
+    held: &HashMap<Key, Holdings>,
+) -> Plan {
+    let mut decisions: Vec<Option<Decision>> = vec![None; asks.len()];
+    let mut writes = Writes::default();
+    let mut remaining_after = Vec::new();
+    for key in live {
+        let Some(row) = rows.get(key) else { continue };
+        let positions = &items[key];
+        let plan: Vec<Ask> = positions
+            .iter()
+            .map(|&p| Ask {
+                txn_id: asks[p].txn_id,
+                user: asks[p].user.key(),
+                quantity: asks[p].quantity.db(),
+            })
+            .collect();
+        let stock = if row.closed.is_some() {
+            0
+        } else {
+            row.remaining
+        };
+        let empty = Holdings::default();
+        let (item_decisions, taken) =
+            allocate(stock, row.limit, &plan, held.get(key).unwrap_or(&empty));
+        if taken > 0 {
+            writes.decrements.0.push(key.0);
+            writes.decrements.1.push(key.1);
+            writes.decrements.2.push(taken);
+        }
+        for (&p, d) in positions.iter().zip(&item_decisions) {
+            match d {
+                // Only a txn id derived from a request_id can exist already.
+                Decision::Reserve { quantity } if asks[p].txn_id.get_version_num() == 7 => {
+                    writes.fresh.push(*key, &asks[p], *quantity)
+                }
+                Decision::Reserve { quantity } => writes.revivable.push(*key, &asks[p], *quantity),
+                Decision::Existing { .. } => writes.resumed.push(asks[p].txn_id),
+                _ => {}
+            }
+        }
+        for (p, d) in positions.iter().zip(item_decisions) {
+            decisions[*p] = Some(d);
+        }
+        let first = &asks[positions[0]];
+        remaining_after.push((first.sale, first.item, row.remaining - taken));
+    }
+
+    Plan {
+        decisions,
+        writes,
+        remaining: remaining_after,
+    }
+}
+
+/// Step 1: lock the live items' rows in key order and read their buyers' live holdings, in one
+/// round trip.
+async fn lock_and_read(
+    tx: &deadpool_postgres::Transaction<'_>,
+    asks: &[BatchAsk],
+    items: &BTreeMap<Key, Vec<usize>>,
+    live: &[Key],
+) -> Result<(HashMap<Key, ItemRow>, HashMap<Key, Holdings>), DbError> {
+    // `ORDER BY` under `FOR UPDATE`: the rows are locked as the sort hands them out.
+    let lock_stmt = tx
+        .prepare_cached(
+            "SELECT s.sale_id, s.item_id, s.remaining, s.per_user_limit, s.price_cents,
+                    s.payment_window_secs, s.starts_at <= clock_timestamp(),
+                    clock_timestamp() < s.ends_at
+             FROM unnest($1::bigint[], $2::bigint[]) AS k(sale_id, item_id)
+             JOIN sale_items s ON s.sale_id = k.sale_id AND s.item_id = k.item_id
+             ORDER BY s.sale_id, s.item_id
+             FOR UPDATE OF s",
+        )
+        .await?;
+    // One index probe per (item, buyer) on all three columns of `reservations_by_buyer`. A sale's
+    // ids are new to the table statistics, so a plainer `user_id = ANY(...)` lets the planner keep
+    // the array as a filter over every reservation of the item: each batch would read the item's
+    // whole history under the row lock. `OFFSET 0` keeps the subquery from being flattened.
+    let held_stmt = tx
+        .prepare_cached(
+            "SELECT u.sale_id, u.item_id, r.txn_id, r.user_id, r.quantity
+             FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS u(sale_id, item_id, user_id)
+             CROSS JOIN LATERAL (
+                 SELECT x.txn_id, x.user_id, x.quantity FROM reservations x
+                 WHERE x.sale_id = u.sale_id AND x.item_id = u.item_id AND x.user_id = u.user_id
+                   AND x.state <> 'released'
+                 OFFSET 0) AS r",
+        )
+        .await?;
+    let (lock_sales, lock_items): (Vec<i64>, Vec<i64>) = live.iter().copied().unzip();
+    let buyers: BTreeSet<(i64, i64, i64)> = live
+        .iter()
+        .flat_map(|key| {
+            items[key]
+                .iter()
+                .map(|&p| (key.0, key.1, asks[p].user.db()))
+        })
+        .collect();
+    let (mut held_sales, mut held_items, mut held_users) = (Vec::new(), Vec::new(), Vec::new());
+    for (s, i, u) in buyers {
+        held_sales.push(s);
+        held_items.push(i);
+        held_users.push(u);
+    }
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&lock_sales, &lock_items];
+    let held_params: [&(dyn ToSql + Sync); 3] = [&held_sales, &held_items, &held_users];
+    // Pipelined: the server runs them in this order.
+    let (locked, held) = futures::try_join!(
+        tx.query(&lock_stmt, &lock_params),
+        tx.query(&held_stmt, &held_params),
+    )?;
+    let rows = locked
+        .iter()
+        .map(|r| ((r.get(0), r.get(1)), ItemRow::from_row(r)))
+        .collect();
+    let mut holdings: HashMap<Key, Holdings> = HashMap::new();
+    for r in &held {
+        let key: Key = (r.get(0), r.get(1));
+        let (txn, user, q): (Uuid, i64, i32) = (r.get(2), r.get(3), r.get(4));
+        let h = holdings.entry(key).or_default();
+        *h.by_user.entry(user.unsigned_abs()).or_default() += i64::from(q);
+        h.live_txns.insert(txn, q);
+    }
+    Ok((rows, holdings))
+}
+
+/// The attempt numbers the batch gave: of the reservations it revived, and of those it resumed
+/// (earlier attempts of the same requests, which can then no longer compensate them). A fresh
+/// reservation is attempt 1.
+#[derive(Default)]
+struct Attempts {
+    created: HashMap<Uuid, i32>,
+    resumed: HashMap<Uuid, i32>,
+}
+
+/// Step 3: the batch's writes in one round trip. The attempt numbers; or the items whose window
+/// closed while the batch waited.
+async fn write(
+    tx: &deadpool_postgres::Transaction<'_>,
+    w: &Writes,
+) -> Result<Result<Attempts, Vec<Key>>, DbError> {
+    let decrement_stmt = tx
+        .prepare_cached(
+            "UPDATE sale_items s SET remaining = s.remaining - d.taken, version = s.version + 1
+             FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS d(sale_id, item_id, taken)
+             WHERE s.sale_id = d.sale_id AND s.item_id = d.item_id AND s.remaining >= d.taken
+               AND s.starts_at <= clock_timestamp() AND clock_timestamp() < s.ends_at
+             RETURNING s.sale_id, s.item_id",
+        )
+        .await?;
+    let fresh_stmt = tx
+        .prepare_cached(
+            "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
+             SELECT t, s, i, u, q, 'reserved'
+             FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[])
+                  AS x(t, s, i, u, q)",
+        )
+        .await?;
+    let revive_stmt = tx
+        .prepare_cached(
+            "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
+             SELECT t, s, i, u, q, 'reserved'
+             FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[])
+                  AS x(t, s, i, u, q)
+             ON CONFLICT (txn_id) DO UPDATE
+                SET state = 'reserved', quantity = EXCLUDED.quantity,
+                    attempt = reservations.attempt + 1, created_at = now(), updated_at = now()
+                WHERE reservations.state = 'released'
+             RETURNING txn_id, attempt",
+        )
+        .await?;
+    let resume_stmt = tx
+        .prepare_cached(
+            "UPDATE reservations SET attempt = attempt + 1, updated_at = now()
+             WHERE txn_id = ANY($1) AND state <> 'released'
+             RETURNING txn_id, attempt",
+        )
+        .await?;
+    let (d, f, r) = (&w.decrements, &w.fresh, &w.revivable);
+    let decrement_params: [&(dyn ToSql + Sync); 3] = [&d.0, &d.1, &d.2];
+    let fresh_params: [&(dyn ToSql + Sync); 5] = [&f.txn, &f.sale, &f.item, &f.user, &f.quantity];
+    let revive_params: [&(dyn ToSql + Sync); 5] = [&r.txn, &r.sale, &r.item, &r.user, &r.quantity];
+    let resume_params: [&(dyn ToSql + Sync); 1] = [&w.resumed];
+    let (decremented, _, revived, bumped) = futures::try_join!(
+        tx.query(&decrement_stmt, &decrement_params),
+        tx.execute(&fresh_stmt, &fresh_params),
+        tx.query(&revive_stmt, &revive_params),
+        tx.query(&resume_stmt, &resume_params),
+    )?;
+    if decremented.len() != d.0.len() {
+        // The stock cannot change under our locks: these items' windows closed meanwhile.
+        let done: BTreeSet<Key> = decremented.iter().map(|r| (r.get(0), r.get(1))).collect();
+        let missed =
+            d.0.iter()
+                .zip(&d.1)
+                .map(|(&s, &i)| (s, i))
+                .filter(|k| !done.contains(k))
+                .collect();
+        return Ok(Err(missed));
+    }
+    let numbers = |rows: &[Row]| {
+        rows.iter()
+            .map(|r| (r.get::<_, Uuid>(0), r.get::<_, i32>(1)))
+            .collect()
+    };
+    Ok(Ok(Attempts {
+        created: numbers(&revived),
+        resumed: numbers(&bumped),
+    }))
+}
+
+/// One ask's outcome from its item's decision.
+fn outcome(
+    a: &BatchAsk,
+    row: &ItemRow,
+    d: Decision,
+    attempts: &Attempts,
+) -> Result<Reserved, Refusal> {
+    match d {
+        Decision::Reserve { quantity } | Decision::Existing { quantity } => {
+            let existing = matches!(d, Decision::Existing { .. });
+            let numbers = if existing {
+                &attempts.resumed
+            } else {
+                &attempts.created
+            };
+            Ok(Reserved {
+                txn_id: a.txn_id,
+                quantity,
+                price_cents: row.price_cents,
+                payment_window_secs: row.window,
+                existing,
+                attempt: numbers.get(&a.txn_id).copied().unwrap_or(1),
+            })
+        }
+        _ if row.closed.is_some() => Err(row.closed.clone().unwrap_or(Refusal::Ended)),
+        Decision::SoldOut { remaining } => Err(Refusal::SoldOut { remaining }),
+        Decision::LimitExceeded { limit, already } => {
+            Err(Refusal::LimitExceeded { limit, already })
+        }
+    }
+}
