@@ -3,7 +3,7 @@
 //! sockets open, as a frozen host or a network partition looks; it is thawed after the run). Then
 //! measure the write outage from the acknowledged orders' timestamps.
 
-use crate::run::Acked;
+use crate::sale::Acked;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 

@@ -13,6 +13,7 @@ mod bots;
 mod chaos;
 mod conn;
 mod run;
+mod sale;
 mod verify;
 
 use clap::{Parser, ValueEnum};

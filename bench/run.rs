@@ -1,5 +1,6 @@
 //! Running one scenario against one engine and reporting it.
 
+use crate::sale::{Acked, Setup};
 use crate::{chaos, conn, verify, Args, Scenario};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -28,16 +29,6 @@ impl Latency {
             max_ms: ms(h.max()),
         }
     }
-}
-
-/// One acknowledged order.
-#[derive(Debug, Clone)]
-pub struct Acked {
-    pub item: u64,
-    pub user: u64,
-    pub quantity: i64,
-    pub order_id: String,
-    pub at_s: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -100,13 +91,6 @@ impl Report {
         }
         self.verification.print();
     }
-}
-
-pub struct Setup {
-    pub sale_id: u64,
-    /// (item id, stock)
-    pub items: Vec<(u64, i64)>,
-    pub user_base: u64,
 }
 
 fn rand_u64() -> u64 {

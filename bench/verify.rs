@@ -1,7 +1,7 @@
 //! After a run: is the outcome right? Through the API always, directly in the shards when DSNs are
 //! given.
 
-use crate::run::{Acked, Setup};
+use crate::sale::{Acked, Setup};
 use crate::{Args, Scenario};
 use serde::Serialize;
 use std::collections::HashMap;

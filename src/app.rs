@@ -7,9 +7,9 @@
 //! waits for them with a bound.
 
 use crate::config::Config;
-use crate::order::OrderService;
-use crate::router::Router;
-use crate::shard::Cluster;
+pub use crate::state::{AppState, StartError};
+use futures::future::BoxFuture;
+use futures::FutureExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,85 +20,6 @@ use tokio_util::task::TaskTracker;
 /// A release recorded in the outbox is left to the request that recorded it for this long before
 /// the drainer takes over.
 const OUTBOX_GRACE: Duration = Duration::from_secs(2);
-
-/// Everything handlers share.
-pub struct AppState {
-    pub config: Arc<Config>,
-    pub cluster: Arc<Cluster>,
-    pub router: Arc<Router>,
-    pub orders: Arc<OrderService>,
-    pub admin_token: Option<crate::config::Secret>,
-    /// Verifies user tokens.
-    pub users: crate::auth::users::UserTokens,
-    /// Order tokens, challenges, rate limits, the blocklist.
-    pub frontdoor: crate::frontdoor::FrontDoor,
-    /// The buyer's sale page and its assets.
-    pub pages: crate::api::page::SalePages,
-}
-
-impl AppState {
-    /// Connect to the shard groups, apply migrations (when configured) and find the writable
-    /// members and the routing table; no listener, no background tasks. Used by the server and by
-    /// one-shot commands such as `seckill reconcile`.
-    pub async fn connect(config: Config, tasks: &TaskTracker) -> Result<Arc<Self>, StartError> {
-        let config = Arc::new(config);
-        let users = crate::auth::users::UserTokens::new(&config.auth)?;
-        if config.auth.users == crate::config::UsersAuth::None {
-            tracing::warn!(
-                "auth.users = \"none\": user ids are trusted as given; only run this behind a \
-                 gateway that authenticates users"
-            );
-        }
-        let cluster = Arc::new(Cluster::new(&config)?);
-        let router = Arc::new(Router::from_config(&config)?);
-        // Know the writable members before migrating and before the first request.
-        cluster.discover().await;
-        if config.server.migrate_on_start {
-            crate::migrate::run(&cluster).await?;
-        }
-        let orders = OrderService::new(cluster.clone(), router.clone(), &config, tasks.clone());
-        let frontdoor = crate::frontdoor::FrontDoor::new(&config, cluster.clone(), router.clone());
-        let state = Arc::new(AppState {
-            users,
-            frontdoor,
-            pages: Default::default(),
-            admin_token: config.server.admin_token.clone(),
-            config: config.clone(),
-            cluster,
-            router,
-            orders,
-        });
-        refresh_table(&state).await;
-        state.frontdoor.refresh_blocklist().await;
-        Ok(state)
-    }
-
-    pub fn sales(&self) -> crate::sale::SaleService<'_> {
-        crate::sale::SaleService {
-            cluster: &self.cluster,
-            router: &self.router,
-            timeout: self.config.request_timeout(),
-            default_window: self.config.orders.payment_window_secs,
-        }
-    }
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum StartError {
-    #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
-    #[error(transparent)]
-    Shard(#[from] crate::shard::ShardError),
-    #[error("auth: {0}")]
-    Auth(#[from] crate::auth::users::KeyError),
-    #[error("migrations failed: {0}")]
-    Migrate(#[from] crate::migrate::MigrateError),
-    #[error("cannot listen on {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
-}
 
 /// Which background tasks to run; tests switch some off to drive them by hand.
 #[derive(Debug, Clone)]
@@ -197,25 +118,6 @@ impl Application {
     }
 }
 
-async fn refresh_table(state: &AppState) {
-    let Some((g, _)) = state.cluster.by_name(state.config.config_group()) else {
-        return;
-    };
-    let table = state.router.table();
-    let read = state
-        .cluster
-        .group(g)
-        .run::<_, crate::order::OrderError>(
-            crate::shard::Work::Settle,
-            state.config.request_timeout(),
-            async |c| Ok(table.refresh(c).await?),
-        )
-        .await;
-    if let Err(e) = read {
-        tracing::warn!(error = %e, "cannot read the router-config table");
-    }
-}
-
 /// Run `work` every `every` until cancelled.
 fn every<F, Fut>(
     name: &'static str,
@@ -243,6 +145,7 @@ fn every<F, Fut>(
     });
 }
 
+/// The background tasks of DESIGN.md, each on its own period.
 fn spawn_background(
     state: &Arc<AppState>,
     background: &Background,
@@ -250,6 +153,12 @@ fn spawn_background(
     tasks: &TaskTracker,
 ) {
     let config = &state.config;
+    let ms = |v: u64| Duration::from_millis(v.max(50));
+    // Run `work` on the shared state every `period`.
+    let periodic = |name, period, work: fn(Arc<AppState>) -> BoxFuture<'static, ()>| {
+        let s = state.clone();
+        every(name, period, cancel, tasks, move || work(s.clone()));
+    };
     if background.monitor {
         tasks.spawn(crate::shard::monitor::run(
             state.cluster.clone(),
@@ -257,94 +166,38 @@ fn spawn_background(
             cancel.clone(),
         ));
     }
-    let s = state.clone();
-    every(
-        "router-table",
-        Duration::from_millis(config.routing.table_refresh_ms.max(50)),
-        cancel,
-        tasks,
-        move || {
-            let s = s.clone();
-            async move { refresh_table(&s).await }
-        },
-    );
-    let s = state.clone();
-    every(
-        "blocklist",
-        Duration::from_millis(config.frontdoor.blocklist_refresh_ms.max(50)),
-        cancel,
-        tasks,
-        move || {
-            let s = s.clone();
-            async move { s.frontdoor.refresh_blocklist().await }
-        },
-    );
-    let s = state.clone();
-    every(
-        "limiter-cleanup",
-        Duration::from_millis(config.frontdoor.limiter_cleanup_ms.max(50)),
-        cancel,
-        tasks,
-        move || {
-            let s = s.clone();
-            async move { s.frontdoor.cleanup_limiters() }
-        },
-    );
-    let s = state.clone();
-    every(
-        "front-door-purge",
-        Duration::from_secs(60),
-        cancel,
-        tasks,
-        move || {
-            let s = s.clone();
-            async move { s.frontdoor.purge().await }
-        },
-    );
-    let s = state.clone();
-    let refresh = Duration::from_millis(config.coalesce.soldout_refresh_ms.max(50));
-    let stop = cancel.clone();
-    tasks.spawn(async move {
-        // On every tick, and at once when an item sells out (to read its holders).
-        let mut tick = tokio::time::interval(refresh);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
-                _ = s.orders.sold_out_changed() => {}
-            }
-            s.orders.refresh_sold_out().await;
-        }
+    periodic("router-table", ms(config.routing.table_refresh_ms), |s| {
+        async move { s.refresh_table().await }.boxed()
     });
+    periodic(
+        "blocklist",
+        ms(config.frontdoor.blocklist_refresh_ms),
+        |s| async move { s.frontdoor.refresh_blocklist().await }.boxed(),
+    );
+    periodic(
+        "limiter-cleanup",
+        ms(config.frontdoor.limiter_cleanup_ms),
+        |s| async move { s.frontdoor.cleanup_limiters() }.boxed(),
+    );
+    periodic("front-door-purge", Duration::from_secs(60), |s| {
+        async move { s.frontdoor.purge().await }.boxed()
+    });
+    spawn_sold_out_refresher(state, ms(config.coalesce.soldout_refresh_ms), cancel, tasks);
     if background.sweeper {
-        let s = state.clone();
-        every(
-            "release-outbox",
-            Duration::from_millis(config.orders.sweep_interval_ms.max(50)),
-            cancel,
-            tasks,
-            move || {
-                let s = s.clone();
-                async move {
-                    s.orders.drain_releases(OUTBOX_GRACE).await;
-                }
-            },
-        );
-        let s = state.clone();
-        let batch = config.orders.sweep_batch;
-        every(
-            "expiry-sweeper",
-            Duration::from_millis(config.orders.sweep_interval_ms.max(50)),
-            cancel,
-            tasks,
-            move || {
-                let s = s.clone();
-                async move {
-                    crate::reconcile::sweep(&s.orders, batch).await;
-                }
-            },
-        );
+        let period = ms(config.orders.sweep_interval_ms);
+        periodic("release-outbox", period, |s| {
+            async move {
+                s.orders.drain_releases(OUTBOX_GRACE).await;
+            }
+            .boxed()
+        });
+        periodic("expiry-sweeper", period, |s| {
+            async move {
+                let batch = s.config.orders.sweep_batch;
+                crate::reconcile::sweep(&s.orders, batch).await;
+            }
+            .boxed()
+        });
     }
     if background.reconciler && config.orders.reconcile_interval_ms > 0 {
         let s = state.clone();
@@ -365,4 +218,27 @@ fn spawn_background(
             },
         );
     }
+}
+
+/// The sold-out refresher: on every tick, and at once when an item sells out (to read its
+/// holders).
+fn spawn_sold_out_refresher(
+    state: &Arc<AppState>,
+    refresh: Duration,
+    cancel: &CancellationToken,
+    tasks: &TaskTracker,
+) {
+    let (s, stop) = (state.clone(), cancel.clone());
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(refresh);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+                _ = s.orders.sold_out_changed() => {}
+            }
+            s.orders.refresh_sold_out().await;
+        }
+    });
 }

@@ -40,7 +40,9 @@ pub mod router;
 pub mod sale;
 pub mod settlement;
 pub mod shard;
+pub mod state;
 pub mod telemetry;
 
-pub use app::{AppState, Application};
+pub use app::Application;
 pub use config::Config;
+pub use state::AppState;

@@ -15,7 +15,7 @@
 //!
 //! and every payment the engine applied but the file does not list is `paid_not_settled`.
 
-use crate::order::payments::{Payment, Refused};
+use crate::order::payments::{Payment, PaymentState, Refused};
 use crate::order::{OrderError, OrderService};
 use crate::shard::Work;
 use serde::Serialize;
@@ -151,7 +151,7 @@ pub fn compare(settled: &[Settled], recorded: &[Payment]) -> Vec<Mismatch> {
         }
     }
     for p in recorded {
-        if p.state == "applied" && !lines.contains_key(p.payment_ref.as_str()) {
+        if p.state == PaymentState::Applied && !lines.contains_key(p.payment_ref.as_str()) {
             out.push(Mismatch {
                 kind: "paid_not_settled",
                 payment_ref: p.payment_ref.clone(),
@@ -201,11 +201,10 @@ mod tests {
             sale_id: Some(1),
             amount_cents: cents,
             state: if reason.is_some() {
-                "refund_due"
+                PaymentState::RefundDue
             } else {
-                "applied"
-            }
-            .into(),
+                PaymentState::Applied
+            },
             reason,
             received_at: chrono::Utc::now(),
         }

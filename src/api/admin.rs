@@ -3,7 +3,7 @@
 use super::error::ApiError;
 use super::extract::{Json, Params};
 use super::identity::Admin;
-use crate::app::AppState;
+use crate::state::AppState;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -131,12 +131,14 @@ pub async fn payments(
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     let state = match q.state.as_deref() {
         None => None,
-        Some(s @ ("applied" | "refund_due")) => Some(s),
-        Some(other) => {
-            return Err(ApiError::invalid(format!(
-                "state must be `applied` or `refund_due`, got {other:?}"
-            )))
-        }
+        Some(text) => match crate::order::payments::PaymentState::parse(text) {
+            Some(state) => Some(state),
+            None => {
+                return Err(ApiError::invalid(format!(
+                    "state must be `applied` or `refund_due`, got {text:?}"
+                )))
+            }
+        },
     };
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {

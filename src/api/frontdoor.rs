@@ -5,11 +5,11 @@
 use super::error::{ApiError, Code};
 use super::extract::{Json, Params};
 use super::identity::Caller;
-use crate::app::AppState;
 use crate::domain::{ChallengeKind, Protection, UserId};
 use crate::frontdoor::challenge::{Binding, Challenge, Solution};
 use crate::frontdoor::token::Grant;
 use crate::frontdoor::{now_ms, Refusal};
+use crate::state::AppState;
 use axum::extract::{Query, State};
 use axum::http::{header, request::Parts, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -64,9 +64,9 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Door {
             if parts
                 .extensions
                 .get::<axum::extract::MatchedPath>()
-                .is_some_and(|m| super::orders::is_buy_route(m.as_str()))
+                .is_some_and(|m| super::observe::is_buy_route(m.as_str()))
             {
-                super::orders::count_outcome(e.code.as_str());
+                super::observe::count_outcome(e.code.as_str());
             }
             e
         })?;

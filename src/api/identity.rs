@@ -5,9 +5,9 @@
 //! Bearer`; a user id in the path or body that is not the token's is 403 `forbidden`.
 
 use super::error::ApiError;
-use crate::app::AppState;
 use crate::config::UsersAuth;
 use crate::domain::UserId;
+use crate::state::AppState;
 use axum::http::{header, request::Parts, HeaderMap};
 use std::sync::Arc;
 

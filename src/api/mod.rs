@@ -19,7 +19,7 @@ pub mod page;
 pub mod payments;
 pub mod server;
 
-use crate::app::AppState;
+use crate::state::AppState;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};

@@ -5,7 +5,7 @@
 //! a problem+json body names it as `instance`.
 
 use super::error::{Code, REQUEST_ID};
-use crate::app::AppState;
+use crate::state::AppState;
 use crate::telemetry as t;
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{HeaderValue, StatusCode};
@@ -153,4 +153,15 @@ fn record_state(s: &AppState) {
         metrics::gauge!(t::LAG, "group" => g.name.clone()).set(lag.unwrap_or(0) as f64);
         metrics::counter!(t::FAILOVERS, "group" => g.name.clone()).absolute(g.failovers());
     }
+}
+
+/// The routes that buy (for the outcome metric).
+pub fn is_buy_route(route: &str) -> bool {
+    route == "/v1/sales/{sale_id}/items/{item_id}/orders"
+        || route == "/v1/sales/{sale_id}/items/{item_id}/orders/{token}"
+}
+
+/// Count one buy request's outcome in `seckill_orders_total`.
+pub fn count_outcome(outcome: &'static str) {
+    metrics::counter!(crate::telemetry::ORDERS, "outcome" => outcome).increment(1);
 }

@@ -4,10 +4,10 @@ use super::error::ApiError;
 use super::extract::{Json, Params};
 use super::frontdoor::Door;
 use super::identity::Caller;
-use crate::app::AppState;
 use crate::domain::{Quantity, RequestId, UserId};
 use crate::frontdoor::Refusal;
 use crate::order::BuyRequest;
+use crate::state::AppState;
 use axum::extract::{Query, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -33,17 +33,6 @@ pub struct BuyBody {
 
 fn one() -> Quantity {
     Quantity::parse(1).unwrap_or_else(|_| unreachable!("1 is a valid quantity"))
-}
-
-/// The routes that buy (for the outcome metric).
-pub fn is_buy_route(route: &str) -> bool {
-    route == "/v1/sales/{sale_id}/items/{item_id}/orders"
-        || route == "/v1/sales/{sale_id}/items/{item_id}/orders/{token}"
-}
-
-/// Count one buy request's outcome in `seckill_orders_total`.
-pub fn count_outcome(outcome: &'static str) {
-    metrics::counter!(crate::telemetry::ORDERS, "outcome" => outcome).increment(1);
 }
 
 #[utoipa::path(
@@ -134,15 +123,15 @@ async fn purchase(
     };
     let bought = match admit(s, &req, token).await {
         Ok(()) => s.orders.buy(req).await.map_err(|e| {
-            count_outcome(ApiError::from_order_ref(&e).as_str());
+            super::observe::count_outcome(ApiError::from_order_ref(&e).as_str());
             ApiError::from(e)
         }),
         Err(e) => {
-            count_outcome(e.code.as_str());
+            super::observe::count_outcome(e.code.as_str());
             Err(e)
         }
     }?;
-    count_outcome(if bought.replayed {
+    super::observe::count_outcome(if bought.replayed {
         "replayed"
     } else {
         "created"

@@ -11,8 +11,8 @@
 
 use super::error::ApiError;
 use super::extract::{Json, Params};
-use crate::app::AppState;
 use crate::domain::{SaleId, UserId};
+use crate::state::AppState;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -46,6 +46,9 @@ struct Page {
     html: String,
     etag: String,
 }
+
+/// The page, the 404 page and the assets, rendered once per process.
+static PAGES: std::sync::LazyLock<SalePages> = std::sync::LazyLock::new(SalePages::default);
 
 pub struct SalePages {
     page: Page,
@@ -177,7 +180,7 @@ pub async fn sale_page(
     p: Params,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let pages = &s.pages;
+    let pages = &*PAGES;
     let missing = || {
         html(
             StatusCode::NOT_FOUND,
@@ -212,14 +215,9 @@ pub async fn sale_page(
         (status = 404, description = "no such file", body = super::error::Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn asset(
-    State(s): State<Arc<AppState>>,
-    p: Params,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
+pub async fn asset(p: Params, headers: HeaderMap) -> Result<Response, ApiError> {
     let name = p.get("name");
-    let a = s
-        .pages
+    let a = PAGES
         .assets
         .iter()
         .find(|a| a.name == name)

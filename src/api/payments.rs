@@ -8,9 +8,9 @@
 
 use super::error::{ApiError, Code};
 use super::extract::{parse_json, RawBody};
-use crate::app::AppState;
 use crate::domain::UserId;
 use crate::order::payments::{Notice, Refused};
+use crate::state::AppState;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -102,7 +102,7 @@ fn print_welcome(
     println!("\nCtrl-C stops the engine and the servers.");
 }
 
-async fn demo_sale(state: &Arc<crate::AppState>) -> Result<u64, Box<dyn std::error::Error>> {
+async fn demo_sale(state: &Arc<crate::state::AppState>) -> Result<u64, Box<dyn std::error::Error>> {
     let now = chrono::Utc::now();
     let sale: crate::sale::NewSale = serde_json::from_value(serde_json::json!({
         "name": "demo flash sale",
@@ -119,7 +119,7 @@ async fn demo_sale(state: &Arc<crate::AppState>) -> Result<u64, Box<dyn std::err
 /// A sale behind order tokens and a proof of work, starting two minutes from now: the sale page
 /// shows the countdown, solves the challenge during it, and buys through the order URL.
 async fn protected_demo_sale(
-    state: &Arc<crate::AppState>,
+    state: &Arc<crate::state::AppState>,
 ) -> Result<u64, Box<dyn std::error::Error>> {
     let starts = chrono::Utc::now() + chrono::Duration::minutes(2);
     let sale: crate::sale::NewSale = serde_json::from_value(serde_json::json!({

@@ -182,6 +182,29 @@ pub enum GroupAction {
     },
 }
 
+/// `seckill group ...`: the cluster from the config, then the action (`shard::admin`).
+async fn group(config_path: &Path, action: GroupAction) -> crate::shard::admin::Result<()> {
+    use crate::shard::{admin, groups_report, Cluster};
+    let config = Config::load(config_path)?;
+    let cluster = Cluster::new(&config)?;
+    cluster.discover().await;
+    match action {
+        GroupAction::Status => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&groups_report(&cluster))?
+            );
+            Ok(())
+        }
+        GroupAction::Switchover { group } => admin::switchover(&cluster, &group).await,
+        GroupAction::Rejoin {
+            group,
+            data_dir,
+            port,
+        } => admin::rejoin(&cluster, &group, &data_dir, port).await,
+    }
+}
+
 pub fn init_tracing(format: LogFormat) {
     crate::telemetry::init_tracing(format == LogFormat::Json);
 }
@@ -224,7 +247,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Reconcile {
             config, grace_secs, ..
         } => return reconcile(&config, grace_secs).await,
-        Command::Group { config, action } => crate::shard::admin::run(&config, action).await,
+        Command::Group { config, action } => group(&config, action).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -485,7 +508,7 @@ async fn settle(path: &Path, file: &Path) -> ExitCode {
     };
     config.server.migrate_on_start = false;
     let tasks = tokio_util::task::TaskTracker::new();
-    let state = match crate::app::AppState::connect(config, &tasks).await {
+    let state = match crate::state::AppState::connect(config, &tasks).await {
         Ok(s) => s,
         Err(e) => return fail(e),
     };
@@ -534,7 +557,7 @@ async fn reconcile(path: &Path, grace_secs: Option<u32>) -> ExitCode {
     let mut config = config;
     config.server.migrate_on_start = false;
     let tasks = tokio_util::task::TaskTracker::new();
-    let state = match crate::app::AppState::connect(config, &tasks).await {
+    let state = match crate::state::AppState::connect(config, &tasks).await {
         Ok(s) => s,
         Err(e) => return fail(e),
     };

@@ -13,6 +13,7 @@
 
 pub mod dsn;
 pub mod frontdoor;
+pub mod routing;
 pub mod secret;
 
 pub use dsn::{Dsn, Resolved, TlsMode};
@@ -725,12 +726,7 @@ impl Config {
             ("items", &self.routing.items),
             ("users", &self.routing.users),
         ] {
-            crate::router::KindRouter::build(
-                kind,
-                routing,
-                self.routing.slots,
-                &self.group_names(),
-            )?;
+            routing::resolve(kind, routing, self.routing.slots, &self.group_names())?;
         }
         Ok(())
     }

@@ -25,6 +25,33 @@ pub struct Notice {
     pub payment_ref: String,
 }
 
+/// What became of a recorded payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum PaymentState {
+    /// It paid its order.
+    Applied,
+    /// It paid nothing (see its reason): the money goes back.
+    RefundDue,
+}
+
+impl PaymentState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PaymentState::Applied => "applied",
+            PaymentState::RefundDue => "refund_due",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "applied" => Some(PaymentState::Applied),
+            "refund_due" => Some(PaymentState::RefundDue),
+            _ => None,
+        }
+    }
+}
+
 /// Why a payment did not pay its order (recorded as `refund_due`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -95,9 +122,7 @@ pub struct Payment {
     pub user_id: u64,
     pub sale_id: Option<u64>,
     pub amount_cents: i64,
-    /// `applied` or `refund_due`.
-    #[schema(example = "applied")]
-    pub state: String,
+    pub state: PaymentState,
     pub reason: Option<Refused>,
     pub received_at: DateTime<Utc>,
 }
@@ -110,7 +135,7 @@ impl Payment {
             user_id: r.get::<_, i64>(2).unsigned_abs(),
             sale_id: r.get::<_, Option<i64>>(3).map(i64::unsigned_abs),
             amount_cents: r.get(4),
-            state: r.get(5),
+            state: PaymentState::parse(r.get(5)).unwrap_or(PaymentState::RefundDue),
             reason: r.get::<_, Option<&str>>(6).map(Refused::from_db),
             received_at: r.get(7),
         }
@@ -165,13 +190,15 @@ pub async fn settle(
     }
     let decision = decide(order.as_ref(), notice.amount_cents, past_window);
     let (state, reason) = match decision {
-        Decision::Apply => ("applied", None),
-        Decision::ExpireAndRefuse => ("refund_due", Some(Refused::OrderExpired)),
-        Decision::Refuse(r) => ("refund_due", Some(r)),
+        Decision::Apply => (PaymentState::Applied, None),
+        Decision::ExpireAndRefuse => (PaymentState::RefundDue, Some(Refused::OrderExpired)),
+        Decision::Refuse(r) => (PaymentState::RefundDue, Some(r)),
     };
     let order = match (decision, order) {
-        (Decision::Apply, Some(_)) => Some(change_status(&tx, notice, "paid").await?),
-        (Decision::ExpireAndRefuse, Some(_)) => Some(change_status(&tx, notice, "expired").await?),
+        (Decision::Apply, Some(_)) => Some(change_status(&tx, notice, OrderStatus::Paid).await?),
+        (Decision::ExpireAndRefuse, Some(_)) => {
+            Some(change_status(&tx, notice, OrderStatus::Expired).await?)
+        }
         (_, order) => order,
     };
     let insert_sql = format!(
@@ -191,7 +218,7 @@ pub async fn settle(
                 &notice.user.db(),
                 &sale,
                 &notice.amount_cents,
-                &state,
+                &state.as_str(),
                 &reason.map(Refused::as_str),
             ],
         )
@@ -215,8 +242,9 @@ pub async fn settle(
 async fn change_status(
     tx: &deadpool_postgres::Transaction<'_>,
     notice: &Notice,
-    to: &str,
+    to: OrderStatus,
 ) -> Result<Order, DbError> {
+    let to = to.as_str();
     let sql = format!(
         "WITH o AS (
              UPDATE orders SET status = $3,
@@ -239,9 +267,10 @@ async fn change_status(
 pub async fn list(
     client: &ClientWrapper,
     sale: Option<i64>,
-    state: Option<&str>,
+    state: Option<PaymentState>,
     limit: i64,
 ) -> Result<Vec<Payment>, DbError> {
+    let state = state.map(PaymentState::as_str);
     // Two shapes, not one with optional filters: a generic plan would read every payment.
     let rows = match sale {
         Some(sale) => {

@@ -13,7 +13,8 @@
 pub mod hash;
 pub mod table;
 
-use crate::config::{invalid_field, parse_slot_range, ConfigError, KindRouting, Strategy};
+use crate::config::routing::{resolve, KindRoutes};
+use crate::config::{ConfigError, KindRouting, Strategy};
 use std::sync::Arc;
 
 pub use hash::{fnv1a64, slot_of};
@@ -55,122 +56,26 @@ pub struct KindRouter {
     ranges: Vec<(u64, Option<u64>, GroupIdx)>,
 }
 
+impl From<KindRoutes> for KindRouter {
+    fn from(r: KindRoutes) -> Self {
+        Self {
+            strategy: r.strategy,
+            slot_map: r.slot_map,
+            ranges: r.ranges,
+        }
+    }
+}
+
 impl KindRouter {
-    /// Resolve and check one kind's routing section. `kind` names the section in errors.
+    /// Resolve and check one kind's routing section ([`crate::config::routing::resolve`]).
+    /// `kind` names the section in errors.
     pub fn build(
         kind: &str,
         routing: &KindRouting,
         slots: u32,
         groups: &[String],
     ) -> Result<Self, ConfigError> {
-        let group_idx = |field: String, name: &str| {
-            groups
-                .iter()
-                .position(|g| g == name)
-                .ok_or_else(|| invalid_field(field, format!("unknown group {name:?}")))
-        };
-        let base = format!("routing.{kind}");
-        let slot_map = if routing.slot_map.is_empty() {
-            // Default: slots split evenly over the groups in file order.
-            (0..slots)
-                .map(|s| (s as usize * groups.len()) / slots as usize)
-                .collect()
-        } else {
-            let mut owner: Vec<Option<GroupIdx>> = vec![None; slots as usize];
-            for (i, a) in routing.slot_map.iter().enumerate() {
-                let field = format!("{base}.slot_map[{i}]");
-                let (lo, hi) = parse_slot_range(&a.slots).ok_or_else(|| {
-                    invalid_field(
-                        format!("{field}.slots"),
-                        format!("{:?} is not \"N\" or \"LO-HI\"", a.slots),
-                    )
-                })?;
-                if hi >= slots {
-                    return Err(invalid_field(
-                        format!("{field}.slots"),
-                        format!("slot {hi} is beyond the slot count {slots}"),
-                    ));
-                }
-                let g = group_idx(format!("{field}.group"), &a.group)?;
-                for s in lo..=hi {
-                    if owner[s as usize].replace(g).is_some() {
-                        return Err(invalid_field(
-                            format!("{field}.slots"),
-                            format!("slot {s} is assigned twice"),
-                        ));
-                    }
-                }
-            }
-            if let Some(missing) = owner.iter().position(Option::is_none) {
-                return Err(invalid_field(
-                    format!("{base}.slot_map"),
-                    format!("slot {missing} is not assigned to any group"),
-                ));
-            }
-            owner.into_iter().flatten().collect()
-        };
-
-        let mut ranges = Vec::new();
-        if routing.strategy == Strategy::Range {
-            if routing.ranges.is_empty() {
-                return Err(invalid_field(
-                    format!("{base}.ranges"),
-                    "strategy \"range\" needs at least one range",
-                ));
-            }
-            let mut sorted: Vec<_> = routing.ranges.iter().enumerate().collect();
-            sorted.sort_by_key(|(_, r)| r.start);
-            let mut next: Option<u64> = Some(0);
-            for (i, r) in sorted {
-                let field = format!("{base}.ranges[{i}]");
-                match next {
-                    None => {
-                        return Err(invalid_field(
-                            field,
-                            "overlaps an earlier range that runs to the largest key",
-                        ))
-                    }
-                    Some(n) if r.start != n => {
-                        return Err(invalid_field(
-                            field,
-                            if r.start > n {
-                                format!("keys {n}..{} are not covered by any range", r.start)
-                            } else {
-                                format!("start {} overlaps the previous range", r.start)
-                            },
-                        ))
-                    }
-                    _ => {}
-                }
-                if let Some(end) = r.end {
-                    if end <= r.start {
-                        return Err(invalid_field(
-                            format!("{field}.end"),
-                            "must be greater than start",
-                        ));
-                    }
-                }
-                let g = group_idx(format!("{field}.group"), &r.group)?;
-                ranges.push((r.start, r.end, g));
-                next = r.end;
-            }
-            if let Some(n) = next {
-                return Err(invalid_field(
-                    format!("{base}.ranges"),
-                    format!("keys from {n} up are not covered (omit `end` on the last range)"),
-                ));
-            }
-        } else if !routing.ranges.is_empty() {
-            return Err(invalid_field(
-                format!("{base}.ranges"),
-                "ranges are only used with strategy \"range\"",
-            ));
-        }
-        Ok(Self {
-            strategy: routing.strategy,
-            slot_map,
-            ranges,
-        })
+        Ok(Self::from(resolve(kind, routing, slots, groups)?))
     }
 
     pub fn strategy(&self) -> Strategy {

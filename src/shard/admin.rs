@@ -6,34 +6,11 @@
 
 use super::monitor::{admin, probe, FENCE_SQL, UNFENCE_SQL};
 use super::Cluster;
-use crate::cli::GroupAction;
-use crate::config::Config;
 use crate::local::{LocalServer, PgBin};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-pub async fn run(config_path: &Path, action: GroupAction) -> Result<()> {
-    let config = Config::load(config_path)?;
-    let cluster = Cluster::new(&config)?;
-    cluster.discover().await;
-    match action {
-        GroupAction::Status => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&super::groups_report(&cluster))?
-            );
-            Ok(())
-        }
-        GroupAction::Switchover { group } => switchover(&cluster, &group).await,
-        GroupAction::Rejoin {
-            group,
-            data_dir,
-            port,
-        } => rejoin(&cluster, &group, &data_dir, port).await,
-    }
-}
+pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 async fn lsn(config: &super::tls::Endpoint, sql: &str) -> Result<i64> {
     let (client, task) = config.connect().await?;

@@ -1,0 +1,108 @@
+//! The state every handler and background task shares ([`AppState`]), and how it is made: connect
+//! the shard groups, apply migrations, build the order service, the router and the front door.
+//! Below the HTTP layer (`api`) and the server's startup (`app`), which both use it.
+
+use crate::config::Config;
+use crate::order::OrderService;
+use crate::router::Router;
+use crate::shard::Cluster;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio_util::task::TaskTracker;
+
+/// Everything handlers share.
+pub struct AppState {
+    pub config: Arc<Config>,
+    pub cluster: Arc<Cluster>,
+    pub router: Arc<Router>,
+    pub orders: Arc<OrderService>,
+    pub admin_token: Option<crate::config::Secret>,
+    /// Verifies user tokens.
+    pub users: crate::auth::users::UserTokens,
+    /// Order tokens, challenges, rate limits, the blocklist.
+    pub frontdoor: crate::frontdoor::FrontDoor,
+}
+
+impl AppState {
+    /// Connect to the shard groups, apply migrations (when configured) and find the writable
+    /// members and the routing table; no listener, no background tasks. Used by the server and by
+    /// one-shot commands such as `seckill reconcile`.
+    pub async fn connect(config: Config, tasks: &TaskTracker) -> Result<Arc<Self>, StartError> {
+        let config = Arc::new(config);
+        let users = crate::auth::users::UserTokens::new(&config.auth)?;
+        if config.auth.users == crate::config::UsersAuth::None {
+            tracing::warn!(
+                "auth.users = \"none\": user ids are trusted as given; only run this behind a \
+                 gateway that authenticates users"
+            );
+        }
+        let cluster = Arc::new(Cluster::new(&config)?);
+        let router = Arc::new(Router::from_config(&config)?);
+        // Know the writable members before migrating and before the first request.
+        cluster.discover().await;
+        if config.server.migrate_on_start {
+            crate::migrate::run(&cluster).await?;
+        }
+        let orders = OrderService::new(cluster.clone(), router.clone(), &config, tasks.clone());
+        let frontdoor = crate::frontdoor::FrontDoor::new(&config, cluster.clone(), router.clone());
+        let state = Arc::new(AppState {
+            users,
+            frontdoor,
+            admin_token: config.server.admin_token.clone(),
+            config: config.clone(),
+            cluster,
+            router,
+            orders,
+        });
+        state.refresh_table().await;
+        state.frontdoor.refresh_blocklist().await;
+        Ok(state)
+    }
+
+    /// Read the router-config table (the `table` routing strategy) from the config group.
+    pub async fn refresh_table(&self) {
+        let state = self;
+        let Some((g, _)) = state.cluster.by_name(state.config.config_group()) else {
+            return;
+        };
+        let table = state.router.table();
+        let read = state
+            .cluster
+            .group(g)
+            .run::<_, crate::order::OrderError>(
+                crate::shard::Work::Settle,
+                state.config.request_timeout(),
+                async |c| Ok(table.refresh(c).await?),
+            )
+            .await;
+        if let Err(e) = read {
+            tracing::warn!(error = %e, "cannot read the router-config table");
+        }
+    }
+
+    pub fn sales(&self) -> crate::sale::SaleService<'_> {
+        crate::sale::SaleService {
+            cluster: &self.cluster,
+            router: &self.router,
+            timeout: self.config.request_timeout(),
+            default_window: self.config.orders.payment_window_secs,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error(transparent)]
+    Shard(#[from] crate::shard::ShardError),
+    #[error("auth: {0}")]
+    Auth(#[from] crate::auth::users::KeyError),
+    #[error("migrations failed: {0}")]
+    Migrate(#[from] crate::migrate::MigrateError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
