@@ -40,6 +40,7 @@ pub mod router;
 pub mod sale;
 pub mod settlement;
 pub mod shard;
+pub mod shardmap;
 pub mod state;
 pub mod telemetry;
 

@@ -18,6 +18,7 @@ pub mod orders;
 pub mod page;
 pub mod payments;
 pub mod server;
+pub mod shardmap;
 
 use crate::state::AppState;
 use axum::extract::{DefaultBodyLimit, State};
@@ -103,6 +104,9 @@ fn documented(admin_body_limit: usize) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(admin::payments))
         .routes(routes!(admin::block, admin::blocklist))
         .routes(routes!(admin::unblock))
+        .routes(routes!(shardmap::route))
+        .routes(routes!(shardmap::list))
+        .routes(routes!(shardmap::set, shardmap::remove))
         .routes(routes!(get_sale))
         .routes(routes!(orders::buy))
         .routes(routes!(orders::buy_with_token))

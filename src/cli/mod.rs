@@ -132,15 +132,18 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum ShardMapAction {
-    /// Print every entry.
+    /// Print every entry and the table's version.
     List,
-    /// Route one key of a kind (`items` or `users`) to a group.
+    /// Where one key of a kind (`items` or `users`) routes, and why (hash, range or table).
+    Route { kind: String, key: u64 },
+    /// Route one key to a group. Refused (exit 1, `has_data`) when the key has rows on its
+    /// current or its new group: a key with rows must be moved, not re-routed.
     Set {
         kind: String,
         key: u64,
         group: String,
     },
-    /// Remove an entry: the key falls back to hash routing.
+    /// Remove an entry: the key routes by its rule again (refused like `set` when it has rows).
     Delete { kind: String, key: u64 },
 }
 
@@ -370,63 +373,57 @@ async fn config_group_client(
 
 async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
     let config = Config::load(path)?;
-    let client = config_group_client(&config).await?;
+    let cluster = crate::shard::Cluster::new(&config)?;
+    cluster.discover().await;
+    let router = crate::router::Router::from_config(&config)?;
+    let maps = crate::shardmap::Maps {
+        config: &config,
+        cluster: &cluster,
+        router: &router,
+    };
     let kind = |k: &str| {
         KeyKind::parse(k).ok_or_else(|| format!("kind must be `items` or `users`, got {k:?}"))
     };
     let key = |k: u64| {
-        i64::try_from(k)
-            .ok()
-            .filter(|k| *k > 0)
+        Some(k)
+            .filter(|k| (1..=i64::MAX as u64).contains(k))
             .ok_or("key must be between 1 and 2^63-1")
+    };
+    let print_route = |r: &crate::shardmap::Route| -> CliResult {
+        println!("{}", serde_json::to_string(r)?);
+        Ok(())
     };
     match action {
         ShardMapAction::List => {
-            let rows = client
-                .query("SELECT kind, key, group_name, updated_at::text FROM shard_map ORDER BY kind, key", &[])
-                .await?;
+            let map = maps.list().await?;
+            println!("version {}", map.version);
             println!("{:<6} {:>20} {:<12} updated_at", "kind", "key", "group");
-            for r in rows {
+            for e in map.entries {
                 println!(
                     "{:<6} {:>20} {:<12} {}",
-                    r.get::<_, &str>(0),
-                    r.get::<_, i64>(1),
-                    r.get::<_, &str>(2),
-                    r.get::<_, &str>(3)
+                    e.kind,
+                    e.key,
+                    e.group,
+                    e.updated_at.to_rfc3339()
                 );
             }
+        }
+        ShardMapAction::Route { kind: k, key: n } => {
+            maps.refresh().await?;
+            print_route(&maps.route(kind(&k)?, key(n)?))?;
         }
         ShardMapAction::Set {
             kind: k,
             key: n,
             group,
         } => {
-            let kind = kind(&k)?;
-            if !config.groups.iter().any(|g| g.name == group) {
-                return Err(format!(
-                    "unknown group {group:?} (groups: {})",
-                    config.group_names().join(", ")
-                )
-                .into());
-            }
-            client
-                .execute(
-                    "INSERT INTO shard_map (kind, key, group_name) VALUES ($1, $2, $3)
-                     ON CONFLICT (kind, key) DO UPDATE SET group_name = EXCLUDED.group_name, updated_at = now()",
-                    &[&kind.as_str(), &key(n)?, &group],
-                )
-                .await?;
-            println!("{} {n} -> {group} (engine nodes pick it up within routing.table_refresh_ms; existing rows are not moved)", kind.as_str());
+            let route = maps.change(kind(&k)?, key(n)?, Some(&group)).await?;
+            print_route(&route)?;
+            eprintln!("engine nodes pick it up within routing.table_refresh_ms");
         }
         ShardMapAction::Delete { kind: k, key: n } => {
-            let kind = kind(&k)?;
-            let removed = client
-                .execute(
-                    "DELETE FROM shard_map WHERE kind = $1 AND key = $2",
-                    &[&kind.as_str(), &key(n)?],
-                )
-                .await?;
-            println!("{removed} entry removed");
+            let route = maps.change(kind(&k)?, key(n)?, None).await?;
+            print_route(&route)?;
         }
     }
     Ok(())

@@ -19,8 +19,11 @@
 //!
 //! Outside its sale window an item sells nothing new, but a retry still resumes the reservation its
 //! earlier attempt holds (and so gets its order). The decrement keeps the window in its condition as
-//! a last guard: an item whose window closed while the batch waited for its lock is refused as
-//! ended and the transaction runs again without it.
+//! a last guard: when an item's window closed while the batch waited for its lock, the transaction
+//! runs again with that item closed (nothing new sold, retries still resumed).
+//!
+//! One item's trouble (a lock timeout, a failed statement) fails the whole group batch: every buyer
+//! in it gets 503 and retries. That is the price of one commit for many items.
 
 use super::allocate::{allocate, by_item, Ask, Decision, Holdings};
 use super::store::{Refusal, Reserved};
@@ -141,19 +144,21 @@ async fn attempt(
     items: &BTreeMap<Key, Vec<usize>>,
     closed: &BTreeSet<Key>,
 ) -> Result<Attempt, DbError> {
-    let live: Vec<Key> = items
-        .keys()
-        .filter(|k| !closed.contains(k))
-        .copied()
-        .collect();
+    let keys: Vec<Key> = items.keys().copied().collect();
     let tx = client.transaction().await?;
-    let (rows, held) = lock_and_read(&tx, asks, items, &live).await?;
+    let (mut rows, held) = lock_and_read(&tx, asks, items, &keys).await?;
+    // Closed meanwhile: nothing new is sold, but retries still resume what they hold.
+    for key in closed {
+        if let Some(row) = rows.get_mut(key) {
+            row.closed.get_or_insert(Refusal::Ended);
+        }
+    }
 
     let Plan {
         decisions,
         writes,
         remaining,
-    } = plan(asks, items, &live, &rows, &held);
+    } = plan(asks, items, &rows, &held);
 
     let attempts = if writes.is_empty() {
         tx.rollback().await?;
@@ -177,11 +182,7 @@ async fn attempt(
         .map(|(a, d)| {
             let key = (a.sale.db(), a.item.db());
             let Some(row) = rows.get(&key) else {
-                return Err(if closed.contains(&key) {
-                    Refusal::Ended
-                } else {
-                    Refusal::NotFound
-                });
+                return Err(Refusal::NotFound);
             };
             outcome(
                 a,
@@ -205,19 +206,18 @@ struct Plan {
     remaining: Vec<(SaleId, ItemId, i32)>,
 }
 
-/// Step 2: allocate each live item's stock to its asks; what to write, each ask's decision (None:
+/// Step 2: allocate each item's stock to its asks; what to write, each ask's decision (None:
 /// its item was not found or closed meanwhile), and each found item's stock after the batch.
 fn plan(
     asks: &[BatchAsk],
     items: &BTreeMap<Key, Vec<usize>>,
-    live: &[Key],
     rows: &HashMap<Key, ItemRow>,
     held: &HashMap<Key, Holdings>,
 ) -> Plan {
     let mut decisions: Vec<Option<Decision>> = vec![None; asks.len()];
     let mut writes = Writes::default();
     let mut remaining_after = Vec::new();
-    for key in live {
+    for key in items.keys() {
         let Some(row) = rows.get(key) else { continue };
         let positions = &items[key];
         let plan: Vec<Ask> = positions
@@ -266,13 +266,13 @@ fn plan(
     }
 }
 
-/// Step 1: lock the live items' rows in key order and read their buyers' live holdings, in one
+/// Step 1: lock the items' rows in key order and read their buyers' live holdings, in one
 /// round trip.
 async fn lock_and_read(
     tx: &deadpool_postgres::Transaction<'_>,
     asks: &[BatchAsk],
     items: &BTreeMap<Key, Vec<usize>>,
-    live: &[Key],
+    keys: &[Key],
 ) -> Result<(HashMap<Key, ItemRow>, HashMap<Key, Holdings>), DbError> {
     // `ORDER BY` under `FOR UPDATE`: the rows are locked as the sort hands them out.
     let lock_stmt = tx
@@ -301,8 +301,8 @@ async fn lock_and_read(
                  OFFSET 0) AS r",
         )
         .await?;
-    let (lock_sales, lock_items): (Vec<i64>, Vec<i64>) = live.iter().copied().unzip();
-    let buyers: BTreeSet<(i64, i64, i64)> = live
+    let (lock_sales, lock_items): (Vec<i64>, Vec<i64>) = keys.iter().copied().unzip();
+    let buyers: BTreeSet<(i64, i64, i64)> = keys
         .iter()
         .flat_map(|key| {
             items[key]
@@ -401,6 +401,14 @@ async fn write(
         tx.query(&revive_stmt, &revive_params),
         tx.query(&resume_stmt, &resume_params),
     )?;
+    // Every revivable id was inserted or revived, every resumed one bumped; otherwise a concurrent
+    // attempt of the same request made it live meanwhile: undo, the retry resumes it.
+    let resumed: BTreeSet<&Uuid> = w.resumed.iter().collect();
+    if revived.len() != r.txn.len() || bumped.len() != resumed.len() {
+        return Err(DbError::Busy(
+            "a concurrent attempt of this request is in progress".into(),
+        ));
+    }
     if decremented.len() != d.0.len() {
         // The stock cannot change under our locks: these items' windows closed meanwhile.
         let done: BTreeSet<Key> = decremented.iter().map(|r| (r.get(0), r.get(1))).collect();

@@ -91,6 +91,14 @@ impl KindRouter {
         self.slot_map[slot_of(key, self.slot_count()) as usize]
     }
 
+    /// The group of `key` by the kind's rule (ranges, or the hash slots), ignoring the table.
+    pub fn by_rule(&self, key: u64) -> GroupIdx {
+        match self.strategy {
+            Strategy::Range => self.by_range(key),
+            _ => self.by_hash(key),
+        }
+    }
+
     fn by_range(&self, key: u64) -> GroupIdx {
         // Ranges are sorted and contiguous from 0, so the last range starting at or below the
         // key holds it.

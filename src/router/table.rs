@@ -56,8 +56,12 @@ impl TableCache {
         self.len() == 0
     }
 
-    /// Install a freshly read table.
+    /// Install a freshly read table; an older one than this cache holds (a slow refresh that
+    /// started before a faster one) is ignored.
     pub fn replace(&self, version: i64, rows: Vec<(KeyKind, u64, String)>) {
+        if version < self.version() {
+            return;
+        }
         let mut entries = HashMap::with_capacity(rows.len());
         for (kind, key, group) in rows {
             match self.groups.iter().position(|g| *g == group) {

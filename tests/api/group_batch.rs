@@ -100,6 +100,23 @@ async fn one_batch_spans_items_and_one_sells_out_mid_batch() {
         .as_ref()
         .is_ok_and(|r| r.existing && r.attempt == 2));
     assert_eq!(app.remaining(sale, b).await, 1);
+    // Once the sale has ended nothing new is sold, but the retry still resumes (attempt 3).
+    c.execute(
+        "UPDATE sale_items SET ends_at = now() - interval '1 second' WHERE item_id = $1",
+        &[&(b as i64)],
+    )
+    .await
+    .expect("end the sale");
+    let after = reserve_batch(
+        &mut c,
+        &[ask(sale, b, u, 1, derived), ask(sale, b, u + 3, 1, fresh())],
+    )
+    .await
+    .expect("batch");
+    assert!(after.outcomes[0]
+        .as_ref()
+        .is_ok_and(|r| r.existing && r.attempt == 3));
+    assert_eq!(after.outcomes[1], Err(Refusal::Ended));
     let live = app
         .sql_i64(
             0,

@@ -10,5 +10,6 @@ mod lifecycle;
 mod orders;
 mod page;
 mod routing;
+mod shardmap;
 mod trust;
 mod validation;

@@ -1,0 +1,244 @@
+//! The shard map for DBAs: route introspection, the table's entries, and re-routing that refuses
+//! keys with rows (a re-route would strand them: 409 `has_data`).
+
+use crate::helpers::*;
+use reqwest::StatusCode;
+use seckill::config::Strategy;
+use seckill::router::KeyKind;
+use serde_json::{json, Value};
+
+async fn admin(app: &TestApp, method: reqwest::Method, path: &str, body: Option<Value>) -> Resp {
+    let mut req = app
+        .http
+        .request(method, format!("{}{path}", app.addr))
+        .bearer_auth(TOKEN);
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    app.send(req).await
+}
+
+#[tokio::test]
+async fn a_route_says_where_and_why() {
+    let app = spawn_app().await;
+    let item = fresh_item_in(&app, 1);
+    let r = app
+        .admin_get(&format!("/v1/admin/route/items/{item}"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["kind"], "items");
+    assert_eq!(r.body["key"], item);
+    assert_eq!(r.body["group"], "g1");
+    assert_eq!(r.body["source"], "hash");
+    let slot = seckill::router::slot_of(item, app.state.router.kind(KeyKind::Items).slot_count());
+    assert_eq!(r.body["slot"], slot);
+    let user = app.admin_get("/v1/admin/route/users/42").await;
+    assert_eq!(user.status, StatusCode::OK);
+    let expected = app.state.router.route(KeyKind::Users, 42);
+    assert_eq!(user.body["group"], format!("g{expected}"));
+
+    for bad in [
+        "/v1/admin/route/orders/1",
+        "/v1/admin/route/items/0",
+        "/v1/admin/route/items/x",
+    ] {
+        let r = app.admin_get(bad).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {:?}",
+            r.body
+        );
+    }
+    let anonymous = app.get(&format!("/v1/admin/route/items/{item}")).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_key_without_rows_is_re_routed_and_back() {
+    let app = spawn_app_with(|c| c.routing.items.strategy = Strategy::Table).await;
+    let item = fresh_item_in(&app, 0);
+    let path = format!("/v1/admin/shard-map/items/{item}");
+    let before = app.admin_get("/v1/admin/shard-map").await;
+    assert_eq!(before.status, StatusCode::OK);
+
+    let r = admin(
+        &app,
+        reqwest::Method::PUT,
+        &path,
+        Some(json!({"group": "g1"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        (r.body["group"].as_str(), r.body["source"].as_str()),
+        (Some("g1"), Some("table"))
+    );
+    assert_eq!(
+        app.state.router.route(KeyKind::Items, item),
+        1,
+        "this node at once"
+    );
+    let listed = app.admin_get("/v1/admin/shard-map").await;
+    assert!(listed.body["version"].as_i64() > before.body["version"].as_i64());
+    assert!(listed.body["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["key"] == item && e["group"] == "g1" && e["kind"] == "items"));
+
+    // The item sells on its new group.
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 3, "price_cents": 1}]))
+        .await;
+    let bought = app.buy(sale, item, fresh_item(), 1, None).await;
+    assert_eq!(bought.status, StatusCode::CREATED, "{:?}", bought.body);
+    let on_g1 = app
+        .sql_i64(
+            1,
+            &format!("SELECT count(*) FROM sale_items WHERE item_id = {item}"),
+        )
+        .await;
+    assert_eq!(on_g1, 1);
+
+    // Now it has rows: neither another group nor the way back.
+    let r = admin(
+        &app,
+        reqwest::Method::PUT,
+        &path,
+        Some(json!({"group": "g0"})),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "has_data"),
+        "{:?}",
+        r.body
+    );
+    let r = admin(&app, reqwest::Method::DELETE, &path, None).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "has_data"),
+        "{:?}",
+        r.body
+    );
+    assert_eq!(
+        app.state.router.route(KeyKind::Items, item),
+        1,
+        "nothing changed"
+    );
+    assert_eq!(
+        app.remaining(sale, item).await,
+        2,
+        "the item is still reachable"
+    );
+
+    // A fresh key goes back to its hash group when its entry is removed.
+    let other = fresh_item_in(&app, 0);
+    let other_path = format!("/v1/admin/shard-map/items/{other}");
+    let r = admin(
+        &app,
+        reqwest::Method::PUT,
+        &other_path,
+        Some(json!({"group": "g1"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = admin(&app, reqwest::Method::DELETE, &other_path, None).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(
+        (r.body["group"].as_str(), r.body["source"].as_str()),
+        (Some("g0"), Some("hash"))
+    );
+    let r = admin(&app, reqwest::Method::DELETE, &other_path, None).await;
+    assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
+}
+
+#[tokio::test]
+async fn users_with_orders_and_bad_requests_are_refused() {
+    let app = spawn_app_with(|c| c.routing.users.strategy = Strategy::Table).await;
+    let item = fresh_item();
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 3, "price_cents": 1}]))
+        .await;
+    let user = fresh_item();
+    let bought = app.buy(sale, item, user, 1, None).await;
+    assert_eq!(bought.status, StatusCode::CREATED);
+    let home = app.state.router.route(KeyKind::Users, user);
+    let elsewhere = format!("g{}", 1 - home);
+    let path = format!("/v1/admin/shard-map/users/{user}");
+    let r = admin(
+        &app,
+        reqwest::Method::PUT,
+        &path,
+        Some(json!({"group": elsewhere})),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "has_data"),
+        "{:?}",
+        r.body
+    );
+    assert!(r.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains(&format!("g{home}")));
+    // The order is still found.
+    let mine = app.get(&format!("/v1/users/{user}/orders")).await;
+    assert_eq!(mine.body["orders"].as_array().unwrap().len(), 1);
+
+    // An unknown group, a misspelt body, and items (routed by hash here: an entry would be
+    // ignored) are refused.
+    let items_path = format!("/v1/admin/shard-map/items/{}", fresh_item());
+    for (target, body) in [
+        (&path, json!({"group": "g9"})),
+        (&path, json!({"grup": "g1"})),
+        (&items_path, json!({"group": "g1"})),
+    ] {
+        let r = admin(&app, reqwest::Method::PUT, target, Some(body.clone())).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{target} {body}: {:?}",
+            r.body
+        );
+    }
+    let anonymous = app
+        .send(
+            app.http
+                .put(format!("{}{path}", app.addr))
+                .json(&json!({"group": "g0"})),
+        )
+        .await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+
+    // The CLI refuses the same way, with a non-zero exit.
+    let dir = std::env::temp_dir().join(format!("seckill-shardmap-{}", fresh_item()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let toml = cluster().shards_toml("127.0.0.1:0", &secrets())
+        + "\n[routing.users]\nstrategy = \"table\"\n";
+    let config = dir.join("shards.toml");
+    std::fs::write(&config, toml).unwrap();
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_seckill"))
+            .arg("shard-map")
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .output()
+            .expect("the CLI runs")
+    };
+    let user_arg = user.to_string();
+    let out = cli(&["set", "users", &user_arg, &elsewhere]);
+    assert!(!out.status.success(), "set on a user with orders must fail");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("has rows"),
+        "{out:?}"
+    );
+    let out = cli(&["route", "users", &user_arg]);
+    assert!(out.status.success(), "{out:?}");
+    let route: Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    assert_eq!(route["group"], format!("g{home}"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
