@@ -19,7 +19,7 @@ use crate::router::Router;
 use crate::shard::{Cluster, Work};
 use futures::FutureExt;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use uuid::Uuid;
 
@@ -57,7 +57,26 @@ pub struct Coalescer {
     reserve: Arc<Batcher<usize, BatchAsk, ReserveResult>>,
     /// Transaction 2, batched per user group.
     insert: Arc<Batcher<usize, NewOrder, InsertResult>>,
+    /// Confirmations waiting for their group's next transaction 1 ([`Coalescer::confirm_later`]).
+    confirms: Arc<Confirms>,
     router: Arc<Router>,
+}
+
+/// Reservations to mark `ordered`, per item group.
+#[derive(Default)]
+struct Confirms(Mutex<HashMap<usize, Vec<Uuid>>>);
+
+impl Confirms {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<usize, Vec<Uuid>>> {
+        match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn take(&self, group: usize) -> Vec<Uuid> {
+        self.lock().remove(&group).unwrap_or_default()
+    }
 }
 
 impl Coalescer {
@@ -71,18 +90,21 @@ impl Coalescer {
     ) -> Self {
         let max_wait = Duration::from_micros(config.max_wait_us);
         let c = cluster.clone();
+        let confirms = Arc::new(Confirms::default());
+        let waiting = confirms.clone();
         let reserve = Batcher::new(
             config.max_batch,
             max_wait,
             tasks.clone(),
             move |group: usize, asks: Vec<BatchAsk>| {
                 let (cluster, hot) = (c.clone(), hot.clone());
+                let confirm = waiting.take(group);
                 async move {
                     let n = asks.len();
                     let started = std::time::Instant::now();
                     let group = cluster.group(group);
                     let work = group.run::<_, OrderError>(Work::Reserve, timeout, async |c| {
-                        batch::reserve_batch(c, &asks).await
+                        batch::reserve_batch(c, &asks, &confirm).await
                     });
                     metrics::histogram!(crate::telemetry::BATCH).record(n as f64);
                     match work.await {
@@ -96,7 +118,9 @@ impl Coalescer {
                         }
                         Err(e) => {
                             let f = BatchFailure::from_order_error(&e);
-                            tracing::warn!(group = %group.name, batch = n, error = %e, "coalesced reserve failed");
+                            // The confirmations are lost with it: the reconciler marks those.
+                            tracing::warn!(group = %group.name, batch = n, confirmations = confirm.len(),
+                                error = %e, "coalesced reserve failed");
                             vec![Err(f); n]
                         }
                     }
@@ -135,6 +159,7 @@ impl Coalescer {
         Self {
             reserve,
             insert,
+            confirms,
             router,
         }
     }
@@ -158,6 +183,20 @@ impl Coalescer {
             Ok(Err(f)) => Err(f.into_order_error()),
             Err(lost) => Err(OrderError::Db(DbError::Lost(lost.to_string()))),
         }
+    }
+
+    /// Leave the confirmation of `txn_id` (its order exists) to the next transaction 1 of its item
+    /// group, if one is coming: buyers are queued there. Otherwise false, and the caller confirms
+    /// on its own. Checking the queue and leaving the confirmation happen under one lock, which the
+    /// batch also takes to collect them, so a confirmation left here is never stranded: the queued
+    /// buyers' batch starts after it.
+    pub fn confirm_later(&self, group: usize, txn_id: Uuid) -> bool {
+        let mut waiting = self.confirms.lock();
+        if self.reserve.queued(&group) == 0 {
+            return false;
+        }
+        waiting.entry(group).or_default().push(txn_id);
+        true
     }
 
     /// Transaction 2 through the user group's batch: the order if this call inserted it.

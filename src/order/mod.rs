@@ -430,6 +430,12 @@ impl OrderService {
     /// reconciler needs it, and the reconciler repairs what this misses.
     fn confirm_reservation(&self, item: ItemId, txn_id: Uuid) {
         let group = self.router.item_group(item);
+        // Under a storm the group's next transaction 1 carries it: no commit of its own.
+        if let Some(c) = &self.coalescer {
+            if c.confirm_later(group, txn_id) {
+                return;
+            }
+        }
         let confirmer = self.confirmer.clone();
         self.tasks.spawn(async move {
             // Ignored on failure by design (see above).

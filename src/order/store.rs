@@ -638,6 +638,10 @@ impl ReservationState {
     }
 }
 
+/// Mark reservations `ordered` (their orders exist): only from `reserved`.
+pub const CONFIRM_SQL: &str = "UPDATE reservations SET state = 'ordered', updated_at = now()
+     WHERE txn_id = ANY($1) AND state = 'reserved'";
+
 /// Move live reservations forward to `ordered` or `paid` (never backwards, never out of released).
 pub async fn advance_reservations(
     client: &ClientWrapper,

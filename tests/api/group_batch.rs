@@ -54,7 +54,7 @@ async fn one_batch_spans_items_and_one_sells_out_mid_batch() {
         .writer()
         .await
         .expect("connection");
-    let settled = reserve_batch(&mut c, &asks).await.expect("batch");
+    let settled = reserve_batch(&mut c, &asks, &[]).await.expect("batch");
     let o = &settled.outcomes;
     assert!(o[0]
         .as_ref()
@@ -93,7 +93,8 @@ async fn one_batch_spans_items_and_one_sells_out_mid_batch() {
     assert_eq!(app.remaining(sale, b).await, 1);
 
     // The same derived txn again: resumed (attempt 2), nothing taken twice.
-    let again = reserve_batch(&mut c, &[ask(sale, b, u, 1, derived)])
+    // It also carries the confirmation of the first ask's order.
+    let again = reserve_batch(&mut c, &[ask(sale, b, u, 1, derived)], &[asks[0].txn_id])
         .await
         .expect("batch");
     assert!(again.outcomes[0]
@@ -110,6 +111,7 @@ async fn one_batch_spans_items_and_one_sells_out_mid_batch() {
     let after = reserve_batch(
         &mut c,
         &[ask(sale, b, u, 1, derived), ask(sale, b, u + 3, 1, fresh())],
+        &[],
     )
     .await
     .expect("batch");
@@ -125,7 +127,17 @@ async fn one_batch_spans_items_and_one_sells_out_mid_batch() {
             ),
         )
         .await;
-    assert_eq!(live, 4);
+    assert_eq!(live, 3);
+    let confirmed = app
+        .sql_i64(
+            0,
+            &format!(
+                "SELECT count(*) FROM reservations WHERE txn_id = '{}' AND state = 'ordered'",
+                asks[0].txn_id
+            ),
+        )
+        .await;
+    assert_eq!(confirmed, 1, "the confirmation rode along");
 }
 
 /// Two engine nodes, one group, many items: every buyer picks an item at random, so the nodes'
@@ -185,4 +197,16 @@ async fn concurrent_multi_item_batches_on_two_nodes_never_deadlock() {
         assert_eq!(nodes[0].remaining(sale, *item).await, stock - s);
     }
     assert_eq!(nodes[1].audit(sale).await["conserved"], true);
+    // Every order's reservation gets confirmed (most rode along with a batch): none stranded.
+    let node = nodes[0].clone();
+    let sql =
+        format!("SELECT count(*) FROM reservations WHERE sale_id = {sale} AND state = 'reserved'");
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || {
+            let (node, sql) = (node.clone(), sql.clone());
+            async move { node.sql_i64(0, &sql).await == 0 }
+        })
+        .await,
+        "every reservation marked ordered"
+    );
 }
