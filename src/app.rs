@@ -1,10 +1,12 @@
-//! Startup that tests can drive: [`Application::build`] connects the shard groups, applies
-//! migrations, starts the background tasks and binds the listener (port 0 in tests), and returns
-//! before serving so the caller knows the address.
+//! Startup that tests can drive: [`Application::build`] makes the shared state
+//! ([`crate::state::AppState::connect`]: the shard groups, migrations, the services), starts the
+//! background tasks and binds the listener (port 0 in tests), and returns before serving so the
+//! caller knows the address.
 //!
 //! Background tasks (health monitors, table refresher, blocklist refresher, limiter cleanup,
-//! front-door purge, sold-out refresher, expiry sweeper, reconciler) run under one cancellation token and one task tracker; shutdown cancels them and
-//! waits for them with a bound.
+//! front-door purge, sold-out refresher, release-outbox drainer, expiry sweeper, reconciler) run
+//! under one cancellation token and one task tracker; shutdown cancels them and waits for them
+//! with a bound.
 
 use crate::config::Config;
 pub use crate::state::{AppState, StartError};
@@ -145,7 +147,7 @@ fn every<F, Fut>(
     });
 }
 
-/// The background tasks of DESIGN.md, each on its own period.
+/// The background tasks, each on its own period.
 fn spawn_background(
     state: &Arc<AppState>,
     background: &Background,

@@ -1,6 +1,6 @@
 //! Domain newtypes, built only from valid input ("parse, don't validate").
 //!
-//! Keys are u64 in the routing layer (DESIGN.md) but are stored as PostgreSQL `bigint`, so every id
+//! Keys are u64 in the routing layer but are stored as PostgreSQL `bigint`, so every id
 //! the API accepts lies in `1..=i64::MAX`; a larger or zero id is refused at the edge with
 //! `invalid_request` instead of wrapping around in the database.
 
@@ -49,7 +49,7 @@ macro_rules! id_type {
                     })
                 }
             }
-            /// The routing key (DESIGN.md: keys are u64).
+            /// The routing key (keys are u64).
             pub fn key(self) -> u64 {
                 self.0
             }

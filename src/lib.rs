@@ -1,27 +1,29 @@
 //! seckill: a database-centric flash-sale order engine on sharded PostgreSQL.
 //!
-//! Data flows top to bottom (DESIGN.md):
+//! Data flows one way, down this table: no module imports one above it.
 //!
 //! | module | concept |
 //! |---|---|
-//! | [`api`] | HTTP: routes, validation, identity and admin checks, problem+json errors |
-//! | [`auth`] | the trust boundary: user tokens (JWT) and signed payment callbacks |
-//! | [`frontdoor`] | against bots: order tokens, challenges, rate limits, the blocklist (cheapest check first) |
-//! | [`order`] | the order service: sold-out fast path and admission, coalescing, the two short transactions, compensation, idempotency, pay/cancel/expiry |
-//! | [`sale`] | sales and their items across groups |
+//! | [`cli`] | the `seckill` command's subcommands |
+//! | [`app`] | startup: `Application::build`, background tasks, shutdown |
+//! | [`api`] | HTTP: routes, validation, identity and admin checks, problem+json errors, the sale page |
+//! | [`state`] | what handlers and background tasks share (`AppState`) and how it is made |
 //! | [`reconcile`] | reservations vs orders by txn_id, repairs, conservation audit, expiry sweep |
 //! | [`settlement`] | the payment provider's settlement file vs the recorded payments |
-//! | [`router`] | item/user keys -> shard group (hash slots, ranges, router-config table) |
-//! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing |
+//! | [`frontdoor`] | against bots: order tokens, challenges, rate limits, the blocklist (cheapest check first) |
+//! | [`sale`] | sales and their items across groups |
+//! | [`shardmap`] | the shard map for DBAs: route introspection, safe re-routing |
+//! | [`order`] | the order service: sold-out fast path and admission, coalescing per shard group, the two short transactions, compensation, idempotency, pay/cancel/expiry |
 //! | [`migrate`] | refinery migrations on every group |
+//! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing |
+//! | [`auth`] | the trust boundary: user tokens (JWT) and signed payment callbacks |
+//! | [`local`] | local PostgreSQL groups for `seckill dev` and the tests |
+//! | [`router`] | item/user keys -> shard group (hash slots, ranges, router-config table) |
+//! | [`telemetry`] | logs (text or JSON) and Prometheus metrics |
 //! | [`batcher`] | a generic per-key batching queue (no crate imports): the mechanism of coalescing |
 //! | [`db`] | what a database error means (surely not committed vs outcome unknown) |
 //! | [`domain`] | validated newtypes: ids, quantity, request id, txn id |
-//! | [`config`] | shards.toml |
-//! | [`app`] | startup: `Application::build`, background tasks, shutdown |
-//! | [`local`] | local PostgreSQL groups for `seckill dev` and the tests |
-//! | [`telemetry`] | logs (text or JSON) and Prometheus metrics |
-//! | [`cli`] | the `seckill` command's subcommands |
+//! | [`config`] | shards.toml, as plain data (imports nothing else of the crate) |
 
 pub mod api;
 pub mod app;

@@ -4,7 +4,7 @@
 //! **A re-route never strands rows.** Changing a table entry only changes where a key's *new* rows
 //! go. For a key that already has rows, that would leave a live item unreachable (404, its cancels
 //! and expiries doing nothing) or let a retry create a second copy of a user's order on the new
-//! group. So [`change`] refuses (`has_data`) when the key has rows on the group it routes to now
+//! group. So [`Maps::change`] refuses (`has_data`) when the key has rows on the group it routes to now
 //! or on the group it would route to; moving rows is a move, not a re-route. What counts as rows:
 //! for `items`, a sale item (and so its reservations) or a sale with that id (sales route with the
 //! items' router, by sale id); for `users`, an order or a recorded payment.

@@ -1,4 +1,4 @@
-//! `seckill dev`: the whole system on this machine (DESIGN.md "Dev cluster").
+//! `seckill dev`: the whole system on this machine (README "The two commands").
 
 use super::{serve_until_signal, CliResult};
 use crate::app::Application;

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-/// Default number of hash slots (DESIGN.md). Never change it for a live cluster: keys would move.
+/// Default number of hash slots (README "Routing"). Never change it for a live cluster: keys would move.
 pub const DEFAULT_SLOTS: u32 = 1024;
 
 /// Longest payment window, of the configuration and of a sale: 7 days.
@@ -344,13 +344,13 @@ impl Default for OrdersConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CoalesceConfig {
-    /// Serve concurrent buy requests for one item with one transaction. Default true;
-    /// `false` keeps one transaction per request (for comparison).
+    /// Serve concurrent buy requests for the items of one shard group with one transaction.
+    /// Default true; `false` keeps one transaction per request (for comparison).
     pub enabled: bool,
-    /// Most requests served by one transaction. Default 256.
+    /// Most requests served by one transaction (over all its items). Default 256.
     pub max_batch: usize,
     /// How long the first request of a batch may wait for company, in microseconds, when no
-    /// transaction is in flight for the item. Default 0: requests that arrive while one is in
+    /// transaction is in flight for the group. Default 0: requests that arrive while one is in
     /// flight already form the next batch, which is where the gain comes from.
     pub max_wait_us: u64,
     /// Admission: at most this many times the item's remaining stock may be in flight. Default 4.

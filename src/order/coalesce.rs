@@ -5,8 +5,9 @@
 //! a replication round trip, so one transaction per item caps a sale of many items. The
 //! [`Coalescer`] batches per shard group: all requests for any items of a group that arrive while
 //! that group's transaction 1 is in flight share the *next* one ([`super::batch`]): each item's
-//! row locked once (in a fixed order), one decrement statement, one bulk insert, one commit,
-//! however many buyers and items. Transaction 2 is batched the same way per user group (one
+//! row locked once (in a fixed order), one decrement statement, bulk inserts of the reservations,
+//! one commit, however many buyers and items; the `ordered` marks of orders made meanwhile ride
+//! along ([`Coalescer::confirm_later`]). Transaction 2 is batched the same way per user group (one
 //! multi-row insert).
 
 use super::batch::{self, BatchAsk};

@@ -10,7 +10,8 @@
 //! 4. if transaction 2 surely did not commit, a compensating release on the item's group returns the
 //!    stock; if its outcome is unknown (connection lost mid-commit) nothing is undone: the reservation
 //!    stays and the reconciler settles it by txn_id, while a retry with the same `request_id`
-//!    finishes it.
+//!    finishes it;
+//! 5. once the order exists, off the request path, the reservation is marked `ordered`.
 //!
 //! **A purchase finishes what it started, whatever the client does.** Once admitted, steps 2-4 run
 //! as a task of their own that the HTTP handler merely awaits: a client that disconnects (hyper
@@ -26,7 +27,8 @@
 //! `order_cancelled` / `order_expired` (the order in the body), never answered 201.
 //!
 //! Once an order exists, the order row on the user's group is the source of truth for its state;
-//! the reservation follows it (pay -> `paid`, cancel/expiry -> `released`). A cancel or an expiry
+//! the reservation follows it (order made -> `ordered`, pay -> `paid`, cancel/expiry ->
+//! `released`). A cancel or an expiry
 //! records the stock it must return in `release_outbox` in the same transaction as the status
 //! change; the release follows at once, and when the item's group cannot be reached then (failing
 //! over, say) every node's drainer retries it within seconds ([`OrderService::drain_releases`]).
@@ -163,7 +165,7 @@ impl OrderService {
         })
     }
 
-    /// Buy: the whole order path of DESIGN.md (module docs).
+    /// Buy: the whole order path (module docs).
     pub async fn buy(self: &Arc<Self>, req: BuyRequest) -> Result<Bought, OrderError> {
         let txn_id = txn_id_for(req.sale, req.item, req.user, req.request_id.as_ref());
         let retry = req.request_id.as_ref().map(|_| txn_id);
@@ -425,9 +427,10 @@ impl OrderService {
         Ok(())
     }
 
-    /// Mark a reservation `ordered` after its order committed. Off the request path and batched
-    /// per item group (one UPDATE for many orders): the state is informational until the
-    /// reconciler needs it, and the reconciler repairs what this misses.
+    /// Mark a reservation `ordered` after its order committed, off the request path: with the
+    /// item group's next transaction 1 when buyers are queued for it, else in a batch of its own
+    /// (one UPDATE for many orders). The state is informational until the reconciler needs it,
+    /// and the reconciler repairs what this misses.
     fn confirm_reservation(&self, item: ItemId, txn_id: Uuid) {
         let group = self.router.item_group(item);
         // Under a storm the group's next transaction 1 carries it: no commit of its own.

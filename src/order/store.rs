@@ -1,8 +1,9 @@
-//! The SQL of the order path, one function per short transaction.
+//! The SQL of the order path, one function per short transaction (the coalesced transaction 1,
+//! over several items, is in [`super::batch`]).
 //!
-//! Transaction 1 runs on the item's group. The conditional decrement comes first: it takes the row
-//! lock on the item, so every later statement of the transaction runs while no other buyer of this
-//! item can commit. The per-user count is read by a *separate* statement after the lock, which in
+//! Transaction 1 of the plain path ([`reserve_one`]) runs on the item's group. The conditional
+//! decrement comes first: it takes the row lock on the item, so every later statement of the
+//! transaction runs while no other buyer of this item can commit. The per-user count is read by a *separate* statement after the lock, which in
 //! READ COMMITTED gets a fresh snapshot that includes every purchase committed before we got the
 //! lock: that is what makes the per-user limit exact under concurrency.
 //!
@@ -19,7 +20,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-/// Where an order is in its life (DESIGN.md "Data model"); the text is what the `orders.status`
+/// Where an order is in its life (README "Order lifecycle"); the text is what the `orders.status`
 /// column and the API carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
@@ -238,6 +239,41 @@ pub async fn reserve_one(
     };
     let (limit, price_cents, window): (i32, i64, i32) = (row.get(0), row.get(1), row.get(2));
     let after: i32 = row.get(3);
+    let attempt = match record(&tx, sale, item, user, quantity, txn_id, limit).await {
+        Ok(Ok(attempt)) => attempt,
+        Ok(Err(refusal)) => {
+            tx.rollback().await?;
+            return Ok((Err(refusal), None));
+        }
+        Err(e) => {
+            let _ = tx.rollback().await;
+            return Err(e);
+        }
+    };
+    tx.commit().await?;
+    let reserved = Reserved {
+        txn_id,
+        quantity: quantity.db(),
+        price_cents,
+        payment_window_secs: window,
+        existing: false,
+        attempt,
+    };
+    Ok((Ok(reserved), Some(after)))
+}
+
+/// Transaction 1's second half, under the item's row lock: the user's holdings against the limit,
+/// then the reservation. The attempt number, a refusal, or `Busy` when a concurrent attempt of
+/// the same request holds the reservation (the caller rolls back).
+async fn record(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sale: SaleId,
+    item: ItemId,
+    user: UserId,
+    quantity: Quantity,
+    txn_id: Uuid,
+    limit: i32,
+) -> Result<Result<i32, Refusal>, DbError> {
     let prior = tx
         .query_one(
             &tx.prepare_cached("SELECT coalesce(sum(quantity) FILTER (WHERE txn_id <> $4 AND state <> 'released'), 0)::bigint,
@@ -250,14 +286,12 @@ pub async fn reserve_one(
     if prior.get::<_, Option<bool>>(1) == Some(true) {
         // A concurrent attempt of this same request made the reservation live after our resume
         // check: undo our decrement; the retry will resume it.
-        tx.rollback().await?;
         return Err(DbError::Busy(
             "a concurrent attempt of this request is in progress".into(),
         ));
     }
     if already + i64::from(quantity.db()) > i64::from(limit) {
-        tx.rollback().await?;
-        return Ok((Err(Refusal::LimitExceeded { limit, already }), None));
+        return Ok(Err(Refusal::LimitExceeded { limit, already }));
     }
     let attempt = tx
         .query_opt(
@@ -271,22 +305,9 @@ pub async fn reserve_one(
             &[&txn_id, &sale.db(), &item.db(), &user.db(), &quantity.db()],
         )
         .await?;
-    let Some(attempt) = attempt.map(|r| r.get::<_, i32>(0)) else {
-        tx.rollback().await?;
-        return Err(DbError::Busy(
-            "a concurrent attempt of this request is in progress".into(),
-        ));
-    };
-    tx.commit().await?;
-    let reserved = Reserved {
-        txn_id,
-        quantity: quantity.db(),
-        price_cents,
-        payment_window_secs: window,
-        existing: false,
-        attempt,
-    };
-    Ok((Ok(reserved), Some(after)))
+    attempt
+        .map(|r| Ok(r.get::<_, i32>(0)))
+        .ok_or_else(|| DbError::Busy("a concurrent attempt of this request is in progress".into()))
 }
 
 /// Take over a live reservation of `txn_id` (an earlier attempt of the same request), bumping its
@@ -608,7 +629,7 @@ pub async fn release(
         .collect())
 }
 
-/// Where a reservation is: the item-side ledger's state (DESIGN.md "Data model").
+/// Where a reservation is: the item-side ledger's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReservationState {
     Reserved,

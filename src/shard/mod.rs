@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tls::Endpoint;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, SemaphorePermit};
 use tokio_util::sync::CancellationToken;
 
 /// No member is known to be writable.
@@ -303,33 +303,7 @@ impl ShardGroup {
     {
         self.work_done[kind as usize].increment(1);
         let started = Instant::now();
-        let _queued = match kind {
-            Work::Read => Some(
-                self.read_queue
-                    .try_acquire()
-                    .map_err(|_| ShardError::Busy {
-                        group: self.name.clone(),
-                    })?,
-            ),
-            _ => None,
-        };
-        let share = match kind {
-            Work::Read => Some(&self.reads),
-            Work::Reserve => Some(&self.reserves),
-            Work::Settle => None,
-        };
-        let exhausted = || ShardError::Exhausted {
-            group: self.name.clone(),
-        };
-        let _permit = match share {
-            Some(s) => Some(
-                tokio::time::timeout(budget, s.acquire())
-                    .await
-                    .map_err(|_| exhausted())?
-                    .map_err(|_| exhausted())?,
-            ),
-            None => None,
-        };
+        let _shares = self.shares(kind, budget).await?;
         // The epoch first: `set_writer` moves the writer before it ends the old epoch, so work
         // bound to an old writer always holds that writer's epoch (at worst a new writer with the
         // old epoch, given up once too often: harmless).
@@ -346,7 +320,7 @@ impl ShardGroup {
         };
         let mut client = tokio::select! {
             got = member.pool.timeout_get(&timeouts) => got.map_err(|e| match e {
-                PoolError::Timeout(_) => exhausted(),
+                PoolError::Timeout(_) => ShardError::Exhausted { group: self.name.clone() },
                 source => ShardError::Pool { group: self.name.clone(), source },
             })?,
             _ = epoch.cancelled() => return Err(ShardError::NoMaster { group: self.name.clone() }.into()),
@@ -358,6 +332,53 @@ impl ShardGroup {
             r = tokio::time::timeout(budget, work(&mut client)) => r.ok(),
             _ = epoch.cancelled() => None,
         };
+        Ok(self.settle(member, client, outcome, &epoch, budget)?)
+    }
+
+    /// The shares of the pool `kind` waits for within `budget` (module docs): reads take a place
+    /// in the bounded read queue (none left: busy), then a permit of the read share; transaction
+    /// 1 batches a permit of theirs; settling work takes any free connection.
+    async fn shares(
+        &self,
+        kind: Work,
+        budget: Duration,
+    ) -> Result<(Option<SemaphorePermit<'_>>, Option<SemaphorePermit<'_>>), ShardError> {
+        let queued = match kind {
+            Work::Read => Some(
+                self.read_queue
+                    .try_acquire()
+                    .map_err(|_| ShardError::Busy {
+                        group: self.name.clone(),
+                    })?,
+            ),
+            _ => None,
+        };
+        let share = match kind {
+            Work::Read => &self.reads,
+            Work::Reserve => &self.reserves,
+            Work::Settle => return Ok((queued, None)),
+        };
+        let exhausted = || ShardError::Exhausted {
+            group: self.name.clone(),
+        };
+        let permit = tokio::time::timeout(budget, share.acquire())
+            .await
+            .map_err(|_| exhausted())?
+            .map_err(|_| exhausted())?;
+        Ok((queued, Some(permit)))
+    }
+
+    /// What the work's outcome means for the member and its connection: an answer marks the
+    /// member alive; a connection whose answer may still arrive (lost, or given up
+    /// mid-statement) is never returned to the pool.
+    fn settle<T>(
+        &self,
+        member: &Member,
+        client: Object,
+        outcome: Option<Result<T, DbError>>,
+        epoch: &CancellationToken,
+        budget: Duration,
+    ) -> Result<T, DbError> {
         match outcome {
             Some(r) => {
                 if r.is_ok() || matches!(r, Err(DbError::Rejected { .. } | DbError::Busy(_))) {
@@ -366,7 +387,7 @@ impl ShardGroup {
                 if matches!(r, Err(DbError::Lost(_))) {
                     drop(Object::take(client));
                 }
-                Ok(r?)
+                r
             }
             None => {
                 // Given up mid-statement: the answer may still arrive on this connection.
@@ -376,7 +397,7 @@ impl ShardGroup {
                 } else {
                     format!("no answer within {} ms", budget.as_millis())
                 };
-                Err(DbError::Lost(why).into())
+                Err(DbError::Lost(why))
             }
         }
     }
