@@ -198,3 +198,12 @@ BEGIN
 END $$;
 CREATE TRIGGER blocklist_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON blocklist
     FOR EACH STATEMENT EXECUTE FUNCTION blocklist_bump();
+
+-- The routing layout a cluster runs with (strategies, slot maps, ranges, by group name), kept on
+-- the config group: an engine whose configuration would route existing keys to other groups
+-- refuses to start instead (README "Changing the layout").
+CREATE TABLE cluster_layout (
+    id         integer     PRIMARY KEY CHECK (id = 1),
+    layout     jsonb       NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);

@@ -13,6 +13,7 @@
 //! | [`frontdoor`] | against bots: order tokens, challenges, rate limits, the blocklist (cheapest check first) |
 //! | [`sale`] | sales and their items across groups |
 //! | [`shardmap`] | the shard map for DBAs: route introspection, safe re-routing |
+//! | [`layout`] | the layout guard: no start with a routing layout that moves existing keys |
 //! | [`order`] | the order service: sold-out fast path and admission, coalescing per shard group, the two short transactions, compensation, idempotency, pay/cancel/expiry |
 //! | [`migrate`] | refinery migrations on every group |
 //! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing |
@@ -34,6 +35,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod frontdoor;
+pub mod layout;
 pub mod local;
 pub mod migrate;
 pub mod order;

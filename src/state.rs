@@ -43,6 +43,9 @@ impl AppState {
         if config.server.migrate_on_start {
             crate::migrate::run(&cluster).await?;
         }
+        if config.server.layout_guard {
+            crate::layout::guard(&config, &cluster, config.server.accept_layout_change).await?;
+        }
         let orders = OrderService::new(cluster.clone(), router.clone(), &config, tasks.clone());
         let frontdoor = crate::frontdoor::FrontDoor::new(&config, cluster.clone(), router.clone());
         let state = Arc::new(AppState {
@@ -98,6 +101,8 @@ pub enum StartError {
     Shard(#[from] crate::shard::ShardError),
     #[error("auth: {0}")]
     Auth(#[from] crate::auth::users::KeyError),
+    #[error(transparent)]
+    Layout(#[from] crate::layout::LayoutError),
     #[error("migrations failed: {0}")]
     Migrate(#[from] crate::migrate::MigrateError),
     #[error("cannot listen on {addr}: {source}")]

@@ -20,12 +20,18 @@ fn engine_secret(
     }
 }
 
+/// The switches of `seckill dev` beyond where it runs.
+pub struct DevOptions {
+    pub no_coalesce: bool,
+    pub accept_layout_change: bool,
+}
+
 pub async fn dev(
     dir: &Path,
     base_port: u16,
     groups: usize,
     listen: &str,
-    no_coalesce: bool,
+    options: DevOptions,
 ) -> CliResult {
     let dir = std::env::current_dir()?.join(dir);
     let cluster = LocalCluster::open(&dir, base_port, groups)?;
@@ -49,7 +55,8 @@ pub async fn dev(
     let toml_path = dir.join("shards.toml");
     write_private(&toml_path, &toml)?;
     let mut config = Config::from_toml(&toml, &toml_path.display().to_string())?;
-    config.coalesce.enabled = !no_coalesce;
+    config.coalesce.enabled = !options.no_coalesce;
+    config.server.accept_layout_change = options.accept_layout_change;
     config.server.dev_login = true;
     let result = async {
         let app = Application::build(config).await?;

@@ -50,6 +50,10 @@ pub enum Command {
         /// Serve one transaction per request instead of coalescing (for comparison).
         #[arg(long)]
         no_coalesce: bool,
+        /// Record this configuration's routing layout as the cluster's even though it routes
+        /// existing keys to other groups (after moving their data): see README "Changing the layout".
+        #[arg(long)]
+        accept_layout_change: bool,
     },
     /// Serve the API for the cluster described by a shards.toml.
     Serve {
@@ -61,6 +65,10 @@ pub enum Command {
         /// One transaction per request instead of coalescing (`coalesce.enabled = false`).
         #[arg(long)]
         no_coalesce: bool,
+        /// Record this configuration's routing layout as the cluster's even though it routes
+        /// existing keys to other groups (after moving their data): see README "Changing the layout".
+        #[arg(long)]
+        accept_layout_change: bool,
     },
     /// Mint a user token (HS256, signed with `auth.hs256_secret` or SECKILL_USER_TOKEN_SECRET) and
     /// print it: for the dev cluster, tests and the bench.
@@ -225,12 +233,20 @@ pub async fn run(cli: Cli) -> ExitCode {
             groups,
             listen,
             no_coalesce,
-        } => dev::dev(&dir, base_port, groups.into(), &listen, no_coalesce).await,
+            accept_layout_change,
+        } => {
+            let options = dev::DevOptions {
+                no_coalesce,
+                accept_layout_change,
+            };
+            dev::dev(&dir, base_port, groups.into(), &listen, options).await
+        }
         Command::Serve {
             config,
             listen,
             no_coalesce,
-        } => serve(&config, listen, no_coalesce).await,
+            accept_layout_change,
+        } => serve(&config, listen, no_coalesce, accept_layout_change).await,
         Command::Token {
             config,
             user,
@@ -294,8 +310,14 @@ pub(crate) async fn serve_until_signal(app: Application) -> CliResult {
     Ok(())
 }
 
-async fn serve(path: &Path, listen: Option<std::net::SocketAddr>, no_coalesce: bool) -> CliResult {
+async fn serve(
+    path: &Path,
+    listen: Option<std::net::SocketAddr>,
+    no_coalesce: bool,
+    accept_layout_change: bool,
+) -> CliResult {
     let mut config = Config::load(path)?;
+    config.server.accept_layout_change = accept_layout_change;
     if let Some(addr) = listen {
         config.server.listen = addr;
     }

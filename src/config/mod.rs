@@ -187,6 +187,14 @@ pub struct ServerConfig {
     /// never from a file.
     #[serde(skip)]
     pub dev_login: bool,
+    /// Refuse to start when the routing layout would move existing keys (`layout` module):
+    /// always on, except for test harnesses that share one database among engines routed
+    /// differently on purpose. Never from a file.
+    #[serde(skip)]
+    pub layout_guard: bool,
+    /// `--accept-layout-change`: record this configuration's layout as the cluster's.
+    #[serde(skip)]
+    pub accept_layout_change: bool,
 }
 
 impl Default for ServerConfig {
@@ -204,6 +212,8 @@ impl Default for ServerConfig {
             drain_ms: 10_000,
             metrics_need_admin: false,
             dev_login: false,
+            layout_guard: true,
+            accept_layout_change: false,
         }
     }
 }

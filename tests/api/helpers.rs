@@ -113,6 +113,9 @@ pub fn base_config(cluster: &LocalCluster) -> Config {
     config.failover.probe_interval_ms = 100;
     // Tests that need the reconciler drive it themselves (tests/reconcile.rs).
     config.orders.reconcile_interval_ms = 0;
+    // Tests route the shared cluster in several ways on purpose; the guard is tested on its own
+    // (tests/api/shardmap.rs).
+    config.server.layout_guard = false;
     config
 }
 
@@ -160,7 +163,8 @@ pub async fn spawn_with_dead_users(dead_from: u64, coalesce: bool) -> TestApp {
         c.dsn(&c.groups[0].master),
         c.admin_dsn(&c.groups[0].master),
     );
-    let config = Config::from_toml(&toml, "test").expect("config");
+    let mut config = Config::from_toml(&toml, "test").expect("config");
+    config.server.layout_guard = false;
     spawn_config(config, quiet()).await
 }
 

@@ -242,3 +242,63 @@ async fn users_with_orders_and_bad_requests_are_refused() {
     assert_eq!(route["group"], format!("g{home}"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The only test with the layout guard on (the others route the shared cluster in several ways on
+/// purpose): a configuration that would move existing keys does not start; accepted, it becomes
+/// the cluster's layout.
+#[tokio::test]
+async fn a_layout_that_moves_keys_is_refused_until_accepted() {
+    use seckill::app::Application;
+    let guarded = |tweak: &dyn Fn(&mut seckill::Config)| {
+        let mut c = base_config(cluster());
+        c.server.layout_guard = true;
+        tweak(&mut c);
+        c
+    };
+    let swapped = |c: &mut seckill::Config| {
+        c.routing.items.slot_map = vec![
+            seckill::config::SlotAssignment {
+                slots: "0-511".into(),
+                group: "g1".into(),
+            },
+            seckill::config::SlotAssignment {
+                slots: "512-1023".into(),
+                group: "g0".into(),
+            },
+        ];
+    };
+    // Build (and drop) an engine with no background work: Ok, or the start error's text.
+    let starts = |config: seckill::Config| async move {
+        Application::build_with(config, quiet())
+            .await
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    // The usual layout: recorded by the first start (or already the recorded one).
+    assert_eq!(starts(guarded(&|_| {})).await, Ok(()));
+    // Swapping the slot halves would move every item.
+    let text = starts(guarded(&swapped))
+        .await
+        .expect_err("a layout that moves keys must not start");
+    assert!(
+        text.contains("routing.items slots 0-511: g0 -> g1"),
+        "{text}"
+    );
+    assert!(text.contains("--accept-layout-change"), "{text}");
+    assert!(
+        text.contains(r#"routing.items.slot_map = [{ slots = "0-511", group = "g0" }"#),
+        "the recorded slot map, ready to pin: {text}"
+    );
+    // Users routed by the table fall back to the same slots: that is no change.
+    let table = guarded(&|c| c.routing.users.strategy = seckill::config::Strategy::Table);
+    assert_eq!(starts(table).await, Ok(()));
+    // Accepted, it becomes the layout; then the old one is the change. Put it back.
+    let accepted = guarded(&|c| {
+        swapped(c);
+        c.server.accept_layout_change = true;
+    });
+    assert_eq!(starts(accepted).await, Ok(()));
+    assert!(starts(guarded(&|_| {})).await.is_err());
+    let restored = guarded(&|c| c.server.accept_layout_change = true);
+    assert_eq!(starts(restored).await, Ok(()));
+}
