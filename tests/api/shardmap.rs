@@ -18,6 +18,20 @@ async fn admin(app: &TestApp, method: reqwest::Method, path: &str, body: Option<
     app.send(req).await
 }
 
+async fn put(app: &TestApp, path: &str, group: &str) -> Resp {
+    admin(
+        app,
+        reqwest::Method::PUT,
+        path,
+        Some(json!({ "group": group })),
+    )
+    .await
+}
+
+async fn delete(app: &TestApp, path: &str) -> Resp {
+    admin(app, reqwest::Method::DELETE, path, None).await
+}
+
 #[tokio::test]
 async fn a_route_says_where_and_why() {
     let app = spawn_app().await;
@@ -62,13 +76,7 @@ async fn a_key_without_rows_is_re_routed_and_back() {
     let before = app.admin_get("/v1/admin/shard-map").await;
     assert_eq!(before.status, StatusCode::OK);
 
-    let r = admin(
-        &app,
-        reqwest::Method::PUT,
-        &path,
-        Some(json!({"group": "g1"})),
-    )
-    .await;
+    let r = put(&app, &path, "g1").await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(
         (r.body["group"].as_str(), r.body["source"].as_str()),
@@ -102,20 +110,14 @@ async fn a_key_without_rows_is_re_routed_and_back() {
     assert_eq!(on_g1, 1);
 
     // Now it has rows: neither another group nor the way back.
-    let r = admin(
-        &app,
-        reqwest::Method::PUT,
-        &path,
-        Some(json!({"group": "g0"})),
-    )
-    .await;
+    let r = put(&app, &path, "g0").await;
     assert_eq!(
         (r.status, r.code()),
         (StatusCode::CONFLICT, "has_data"),
         "{:?}",
         r.body
     );
-    let r = admin(&app, reqwest::Method::DELETE, &path, None).await;
+    let r = delete(&app, &path).await;
     assert_eq!(
         (r.status, r.code()),
         (StatusCode::CONFLICT, "has_data"),
@@ -136,21 +138,15 @@ async fn a_key_without_rows_is_re_routed_and_back() {
     // A fresh key goes back to its hash group when its entry is removed.
     let other = fresh_item_in(&app, 0);
     let other_path = format!("/v1/admin/shard-map/items/{other}");
-    let r = admin(
-        &app,
-        reqwest::Method::PUT,
-        &other_path,
-        Some(json!({"group": "g1"})),
-    )
-    .await;
+    let r = put(&app, &other_path, "g1").await;
     assert_eq!(r.status, StatusCode::OK);
-    let r = admin(&app, reqwest::Method::DELETE, &other_path, None).await;
+    let r = delete(&app, &other_path).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(
         (r.body["group"].as_str(), r.body["source"].as_str()),
         (Some("g0"), Some("hash"))
     );
-    let r = admin(&app, reqwest::Method::DELETE, &other_path, None).await;
+    let r = delete(&app, &other_path).await;
     assert_eq!((r.status, r.code()), (StatusCode::NOT_FOUND, "not_found"));
 }
 
@@ -167,13 +163,7 @@ async fn users_with_orders_and_bad_requests_are_refused() {
     let home = app.state.router.route(KeyKind::Users, user);
     let elsewhere = format!("g{}", 1 - home);
     let path = format!("/v1/admin/shard-map/users/{user}");
-    let r = admin(
-        &app,
-        reqwest::Method::PUT,
-        &path,
-        Some(json!({"group": elsewhere})),
-    )
-    .await;
+    let r = put(&app, &path, &elsewhere).await;
     assert_eq!(
         (r.status, r.code()),
         (StatusCode::CONFLICT, "has_data"),
