@@ -195,7 +195,7 @@ pub async fn guard(config: &Config, cluster: &Cluster, accept: bool) -> Result<(
     })?;
     let text =
         serde_json::to_value(&layout).map_err(|e| LayoutError::Unavailable(e.to_string()))?;
-    let recorded: Option<serde_json::Value> = cluster
+    let recorded: serde_json::Value = cluster
         .group(g)
         .run::<_, OrderError>(Work::Settle, config.request_timeout(), async |c| {
             // The first engine records its layout; every later one reads the recorded one.
@@ -207,12 +207,9 @@ pub async fn guard(config: &Config, cluster: &Cluster, accept: bool) -> Result<(
             let row = c
                 .query_one("SELECT layout FROM cluster_layout WHERE id = 1", &[])
                 .await?;
-            Ok::<_, DbError>(Some(row.get(0)))
+            Ok::<_, DbError>(row.get(0))
         })
         .await?;
-    let Some(recorded) = recorded else {
-        return Ok(());
-    };
     let recorded: Layout = serde_json::from_value(recorded)
         .map_err(|e| LayoutError::Unavailable(format!("the recorded layout is unreadable: {e}")))?;
     let changes = recorded.changes_to(&layout);

@@ -195,15 +195,19 @@ impl Maps<'_> {
                 kind: kind.as_str(),
             });
         }
-        if let Some(name) = to {
-            if self.cluster.by_name(name).is_none() {
-                return Err(ShardMapError::UnknownGroup(name.to_string()));
-            }
-        }
+        let target = match to {
+            Some(name) => Some(
+                self.cluster
+                    .by_name(name)
+                    .map(|(g, _)| g)
+                    .ok_or_else(|| ShardMapError::UnknownGroup(name.to_string()))?,
+            ),
+            None => None,
+        };
         self.refresh().await?;
         let now = self.router.route(kind, key);
-        let after = match to {
-            Some(name) => self.cluster.by_name(name).map_or(now, |(g, _)| g),
+        let after = match target {
+            Some(g) => g,
             None => {
                 if self.router.table().get(kind, key).is_none() {
                     return Err(ShardMapError::NoEntry {

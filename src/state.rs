@@ -64,22 +64,17 @@ impl AppState {
 
     /// Read the router-config table (the `table` routing strategy) from the config group.
     pub async fn refresh_table(&self) {
-        let state = self;
-        let Some((g, _)) = state.cluster.by_name(state.config.config_group()) else {
-            return;
-        };
-        let table = state.router.table();
-        let read = state
-            .cluster
-            .group(g)
-            .run::<_, crate::order::OrderError>(
-                crate::shard::Work::Settle,
-                state.config.request_timeout(),
-                async |c| Ok(table.refresh(c).await?),
-            )
-            .await;
-        if let Err(e) = read {
+        if let Err(e) = self.maps().refresh().await {
             tracing::warn!(error = %e, "cannot read the router-config table");
+        }
+    }
+
+    /// The shard map as DBAs see and change it.
+    pub fn maps(&self) -> crate::shardmap::Maps<'_> {
+        crate::shardmap::Maps {
+            config: &self.config,
+            cluster: &self.cluster,
+            router: &self.router,
         }
     }
 

@@ -244,30 +244,6 @@ fn status_code(status: OrderStatus) -> Code {
     }
 }
 
-impl ApiError {
-    /// The code an order error answers with (for the outcome metrics), without logging it.
-    pub fn from_order_ref(e: &OrderError) -> Code {
-        match e {
-            OrderError::SaleNotFound(_)
-            | OrderError::ItemNotFound { .. }
-            | OrderError::OrderNotFound(_) => Code::NotFound,
-            OrderError::NotStarted => Code::NotStarted,
-            OrderError::Ended => Code::Ended,
-            OrderError::SoldOut { .. } => Code::SoldOut,
-            OrderError::LimitExceeded { .. } => Code::LimitExceeded,
-            OrderError::WrongState { status, .. } => status_code(*status),
-            OrderError::DeadOrder(order) => status_code(order.status),
-            OrderError::Overloaded
-            | OrderError::Shard(ShardError::Busy { .. } | ShardError::Exhausted { .. })
-            | OrderError::Db(crate::db::DbError::Busy(_)) => Code::Overloaded,
-            OrderError::Db(crate::db::DbError::Rejected { .. }) => Code::Internal,
-            OrderError::Unavailable(_) | OrderError::Shard(_) | OrderError::Db(_) => {
-                Code::Unavailable
-            }
-        }
-    }
-}
-
 impl From<OrderError> for ApiError {
     fn from(e: OrderError) -> Self {
         use StatusCode as S;

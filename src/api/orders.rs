@@ -121,16 +121,11 @@ async fn purchase(
         quantity: body.quantity,
         request_id: body.request_id,
     };
-    let bought = match admit(s, &req, token).await {
-        Ok(()) => s.orders.buy(req).await.map_err(|e| {
-            super::observe::count_outcome(ApiError::from_order_ref(&e).as_str());
-            ApiError::from(e)
-        }),
-        Err(e) => {
-            super::observe::count_outcome(e.code.as_str());
-            Err(e)
-        }
-    }?;
+    let outcome = match admit(s, &req, token).await {
+        Ok(()) => s.orders.buy(req).await.map_err(ApiError::from),
+        Err(e) => Err(e),
+    };
+    let bought = outcome.inspect_err(|e| super::observe::count_outcome(e.code.as_str()))?;
     super::observe::count_outcome(if bought.replayed {
         "replayed"
     } else {

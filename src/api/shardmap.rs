@@ -5,20 +5,12 @@ use super::error::{ApiError, Code};
 use super::extract::{Json, Params};
 use super::identity::Admin;
 use crate::router::KeyKind;
-use crate::shardmap::{Maps, ShardMapError};
+use crate::shardmap::ShardMapError;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
-
-fn maps(s: &AppState) -> Maps<'_> {
-    Maps {
-        config: &s.config,
-        cluster: &s.cluster,
-        router: &s.router,
-    }
-}
 
 impl From<ShardMapError> for ApiError {
     fn from(e: ShardMapError) -> Self {
@@ -69,7 +61,7 @@ pub async fn route(
     p: Params,
 ) -> Result<Response, ApiError> {
     let (kind, key) = kind_and_key(&p)?;
-    Ok(axum::Json(maps(&s).route(kind, key)).into_response())
+    Ok(axum::Json(s.maps().route(kind, key)).into_response())
 }
 
 #[utoipa::path(
@@ -85,7 +77,7 @@ pub async fn route(
     security(("admin_token" = []))
 )]
 pub async fn list(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
-    Ok(axum::Json(maps(&s).list().await?).into_response())
+    Ok(axum::Json(s.maps().list().await?).into_response())
 }
 
 /// Where a key should route.
@@ -123,7 +115,7 @@ pub async fn set(
     Json(body): Json<SetRoute>,
 ) -> Result<Response, ApiError> {
     let (kind, key) = kind_and_key(&p)?;
-    let route = maps(&s).change(kind, key, Some(&body.group)).await?;
+    let route = s.maps().change(kind, key, Some(&body.group)).await?;
     Ok(axum::Json(route).into_response())
 }
 
@@ -152,6 +144,6 @@ pub async fn remove(
     p: Params,
 ) -> Result<Response, ApiError> {
     let (kind, key) = kind_and_key(&p)?;
-    let route = maps(&s).change(kind, key, None).await?;
+    let route = s.maps().change(kind, key, None).await?;
     Ok(axum::Json(route).into_response())
 }

@@ -249,19 +249,17 @@ fn plan(
             writes.decrements.1.push(key.1);
             writes.decrements.2.push(taken);
         }
-        for (&p, d) in positions.iter().zip(&item_decisions) {
+        for (&p, d) in positions.iter().zip(item_decisions) {
             match d {
                 // Only a txn id derived from a request_id can exist already.
                 Decision::Reserve { quantity } if asks[p].txn_id.get_version_num() == 7 => {
-                    writes.fresh.push(*key, &asks[p], *quantity)
+                    writes.fresh.push(*key, &asks[p], quantity)
                 }
-                Decision::Reserve { quantity } => writes.revivable.push(*key, &asks[p], *quantity),
+                Decision::Reserve { quantity } => writes.revivable.push(*key, &asks[p], quantity),
                 Decision::Existing { .. } => writes.resumed.push(asks[p].txn_id),
                 _ => {}
             }
-        }
-        for (p, d) in positions.iter().zip(item_decisions) {
-            decisions[*p] = Some(d);
+            decisions[p] = Some(d);
         }
         let first = &asks[positions[0]];
         remaining_after.push((first.sale, first.item, row.remaining - taken));

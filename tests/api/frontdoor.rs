@@ -190,39 +190,28 @@ async fn tampered_copied_and_expired_tokens_are_refused() {
         .await;
         assert_refused(&r, StatusCode::FORBIDDEN, "invalid_token");
     }
-    // Another user presenting it; the token on another item's and another sale's URL.
-    let r = buy_at(
-        &app,
-        &format!("/v1/sales/{sale}/items/{item}/orders/{tok}"),
-        other_user,
-        "t",
-    )
-    .await;
-    assert_refused(&r, StatusCode::FORBIDDEN, "invalid_token");
-    let r = buy_at(
-        &app,
-        &format!("/v1/sales/{other_sale}/items/{other_item}/orders/{tok}"),
-        user,
-        "t",
-    )
-    .await;
-    assert_refused(&r, StatusCode::FORBIDDEN, "invalid_token");
-    let r = buy_at(
-        &app,
-        &format!("/v1/sales/{sale}/items/{other_item}/orders/{tok}"),
-        user,
-        "t",
-    )
-    .await;
-    assert_refused(&r, StatusCode::FORBIDDEN, "invalid_token");
-    let r = buy_at(
-        &app,
-        &format!("/v1/sales/{sale}/items/{item}/orders/garbage"),
-        user,
-        "t",
-    )
-    .await;
-    assert_refused(&r, StatusCode::FORBIDDEN, "invalid_token");
+    // Another user presenting it; the token on another item's and another sale's URL; garbage.
+    for (path, buyer) in [
+        (
+            format!("/v1/sales/{sale}/items/{item}/orders/{tok}"),
+            other_user,
+        ),
+        (
+            format!("/v1/sales/{other_sale}/items/{other_item}/orders/{tok}"),
+            user,
+        ),
+        (
+            format!("/v1/sales/{sale}/items/{other_item}/orders/{tok}"),
+            user,
+        ),
+        (
+            format!("/v1/sales/{sale}/items/{item}/orders/garbage"),
+            user,
+        ),
+    ] {
+        let r = buy_at(&app, &path, buyer, "t").await;
+        assert_refused(&r, StatusCode::FORBIDDEN, "invalid_token");
+    }
 
     // A token past its expiry, made with the engine's key.
     let keys = Keys::new(&[Secret::new(TOKEN_KEY)]);
