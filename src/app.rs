@@ -171,6 +171,9 @@ fn spawn_background(
     periodic("router-table", ms(config.routing.table_refresh_ms), |s| {
         async move { s.refresh_table().await }.boxed()
     });
+    periodic("moves", Duration::from_secs(2), |s| {
+        async move { s.moves.resume_pending().await }.boxed()
+    });
     periodic(
         "blocklist",
         ms(config.frontdoor.blocklist_refresh_ms),

@@ -14,6 +14,7 @@
 //! | [`sale`] | sales and their items across groups |
 //! | [`shardmap`] | the shard map for DBAs: route introspection, safe re-routing |
 //! | [`layout`] | the layout guard: no start with a routing layout that moves existing keys |
+//! | [`moves`] | live moves of item keys between groups: copy, catch up, fence, switch, reverse |
 //! | [`order`] | the order service: sold-out fast path and admission, coalescing per shard group, the two short transactions, compensation, idempotency, pay/cancel/expiry |
 //! | [`migrate`] | refinery migrations on every group |
 //! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing |
@@ -38,6 +39,7 @@ pub mod frontdoor;
 pub mod layout;
 pub mod local;
 pub mod migrate;
+pub mod moves;
 pub mod order;
 pub mod reconcile;
 pub mod router;

@@ -82,6 +82,33 @@ pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError
     Ok(applied)
 }
 
+/// The newest migration a group's writable member has applied, read with the admin role (the
+/// application role may not read the history).
+pub async fn applied_version(group: &crate::shard::ShardGroup) -> Result<i64, MigrateError> {
+    let idx = group.writer_index().ok_or_else(|| MigrateError::NoMaster {
+        group: group.name.clone(),
+    })?;
+    let connect_err = |source| MigrateError::Connect {
+        group: group.name.clone(),
+        source,
+    };
+    let (client, conn_task) = group.members[idx]
+        .admin
+        .connect()
+        .await
+        .map_err(connect_err)?;
+    let version = client
+        .query_one(
+            "SELECT coalesce(max(version), 0)::bigint FROM refinery_schema_history",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0));
+    drop(client);
+    conn_task.abort();
+    version.map_err(connect_err)
+}
+
 /// DML on every table of the schema for the application role, and for tables made later; but not
 /// on the migration history (it could make a later migration be skipped).
 async fn grant_dml(

@@ -25,6 +25,10 @@
 //!   conserved (every decrement and every release moves it; a state change between reserved,
 //!   ordered and paid cannot change the sum). An item found in violation is audited again on every
 //!   pass, so the error keeps being logged until someone repairs it.
+//!
+//! Items fenced by a move ([`crate::moves`]) are skipped, reservations and audit alike: the fenced
+//! copy is either being filled or the inactive one left behind, and the live copy on the item's
+//! group is the one reconciled (never both, so nothing is counted or released twice).
 
 use crate::domain::{ItemId, SaleId, UserId};
 use crate::order::store::{self, NewOrder, OrderStatus, ReservationState};
@@ -75,8 +79,12 @@ macro_rules! audit_sql {
     };
 }
 
-/// Every item of a group.
-const AUDIT_SQL: &str = audit_sql!("sale_items si", " ORDER BY si.sale_id, si.item_id");
+/// Every item of a group, but for the copies a move keeps fenced (they are audited where they
+/// live).
+const AUDIT_SQL: &str = audit_sql!(
+    "(SELECT * FROM sale_items WHERE fenced_by IS NULL) si",
+    " ORDER BY si.sale_id, si.item_id"
+);
 
 /// A list of (sale, item) pairs. (Not one statement with optional filters: a prepared
 /// `$1 IS NULL OR sale_id = $1` gets a generic plan that aggregates every sale.)
@@ -293,7 +301,8 @@ impl Reconciler {
                             .prepare_cached(
                                 "SELECT sale_id, item_id, version FROM sale_items
                                  WHERE ends_at + make_interval(secs => payment_window_secs)
-                                       > now() - interval '1 hour'",
+                                       > now() - interval '1 hour'
+                                   AND fenced_by IS NULL",
                             )
                             .await?,
                         &[],
@@ -389,6 +398,8 @@ macro_rules! live_page_sql {
             $states,
             " AND updated_at < now() - make_interval(secs => $1)
                AND ($2::uuid IS NULL OR txn_id > $2)
+               AND NOT EXISTS (SELECT 1 FROM sale_items f WHERE f.sale_id = reservations.sale_id
+                               AND f.item_id = reservations.item_id AND f.fenced_by IS NOT NULL)
              ORDER BY txn_id LIMIT $3"
         )
     };

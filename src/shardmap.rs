@@ -64,6 +64,8 @@ pub struct ShardMap {
     /// Bumped by every change; engine nodes reload when it moves.
     pub version: i64,
     pub entries: Vec<Entry>,
+    /// Moves in flight or resting switched (not completed, failed or cancelled).
+    pub moves: Vec<crate::moves::Move>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,8 +78,6 @@ pub enum ShardMapError {
         key: u64,
         group: String,
     },
-    #[error("routing.{kind}.strategy is not \"table\": table entries would be ignored")]
-    NotTable { kind: &'static str },
     #[error("no table entry for {kind} {key}")]
     NoEntry { kind: &'static str, key: u64 },
     #[error(transparent)]
@@ -117,12 +117,12 @@ impl Maps<'_> {
     /// Where `key` routes now, on this node.
     pub fn route(&self, kind: KeyKind, key: u64) -> Route {
         let rules = self.router.kind(kind);
-        let source = match rules.strategy() {
-            crate::config::Strategy::Range => Source::Range,
-            crate::config::Strategy::Table if self.router.table().get(kind, key).is_some() => {
-                Source::Table
-            }
-            _ => Source::Hash,
+        let source = if self.router.table().get(kind, key).is_some() {
+            Source::Table
+        } else if rules.strategy() == crate::config::Strategy::Range {
+            Source::Range
+        } else {
+            Source::Hash
         };
         Route {
             kind: kind.as_str(),
@@ -176,7 +176,12 @@ impl Maps<'_> {
                         updated_at: r.get(3),
                     })
                     .collect();
-                Ok(ShardMap { version, entries })
+                let moves = crate::moves::open_moves(c).await?;
+                Ok(ShardMap {
+                    version,
+                    entries,
+                    moves,
+                })
             })
             .await?)
     }
@@ -190,11 +195,6 @@ impl Maps<'_> {
         key: u64,
         to: Option<&str>,
     ) -> Result<Route, ShardMapError> {
-        if self.router.kind(kind).strategy() != crate::config::Strategy::Table {
-            return Err(ShardMapError::NotTable {
-                kind: kind.as_str(),
-            });
-        }
         let target = match to {
             Some(name) => Some(
                 self.cluster

@@ -21,6 +21,8 @@ pub struct AppState {
     pub users: crate::auth::users::UserTokens,
     /// Order tokens, challenges, rate limits, the blocklist.
     pub frontdoor: crate::frontdoor::FrontDoor,
+    /// Live moves of keys between groups.
+    pub moves: Arc<crate::moves::Mover>,
 }
 
 impl AppState {
@@ -48,6 +50,12 @@ impl AppState {
         }
         let orders = OrderService::new(cluster.clone(), router.clone(), &config, tasks.clone());
         let frontdoor = crate::frontdoor::FrontDoor::new(&config, cluster.clone(), router.clone());
+        let moves = crate::moves::Mover::new(
+            config.clone(),
+            cluster.clone(),
+            router.clone(),
+            tasks.clone(),
+        );
         let state = Arc::new(AppState {
             users,
             frontdoor,
@@ -56,6 +64,7 @@ impl AppState {
             cluster,
             router,
             orders,
+            moves,
         });
         state.refresh_table().await;
         state.frontdoor.refresh_blocklist().await;

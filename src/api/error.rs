@@ -32,6 +32,8 @@ pub enum Code {
     OrderExpired,
     AmountMismatch,
     HasData,
+    MoveConflict,
+    PrecheckFailed,
     TokenRequired,
     InvalidToken,
     TokenExpired,
@@ -61,6 +63,8 @@ impl Code {
             Code::OrderExpired => "order_expired",
             Code::AmountMismatch => "amount_mismatch",
             Code::HasData => "has_data",
+            Code::MoveConflict => "move_conflict",
+            Code::PrecheckFailed => "precheck_failed",
             Code::TokenRequired => "token_required",
             Code::InvalidToken => "invalid_token",
             Code::TokenExpired => "token_expired",
@@ -90,6 +94,8 @@ impl Code {
             Code::OrderExpired => "Order expired",
             Code::AmountMismatch => "Amount mismatch",
             Code::HasData => "Key has data",
+            Code::MoveConflict => "Move conflict",
+            Code::PrecheckFailed => "Move pre-check failed",
             Code::TokenRequired => "Order token required",
             Code::InvalidToken => "Invalid order token",
             Code::TokenExpired => "Order token expired",
@@ -266,6 +272,10 @@ impl From<OrderError> for ApiError {
             }
             OrderError::Overloaded => {
                 ApiError::new(S::SERVICE_UNAVAILABLE, Code::Overloaded, e.to_string())
+                    .retry_after(1)
+            }
+            OrderError::Moving(_) => {
+                ApiError::new(S::SERVICE_UNAVAILABLE, Code::Unavailable, e.to_string())
                     .retry_after(1)
             }
             OrderError::Shard(ShardError::Busy { .. } | ShardError::Exhausted { .. }) => {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod extract;
 pub mod frontdoor;
 pub mod identity;
+pub mod moves;
 pub mod observe;
 pub mod orders;
 pub mod page;
@@ -107,6 +108,9 @@ fn documented(admin_body_limit: usize) -> OpenApiRouter<Arc<AppState>> {
         .routes(routes!(shardmap::route))
         .routes(routes!(shardmap::list))
         .routes(routes!(shardmap::set, shardmap::remove))
+        .routes(routes!(moves::start, moves::list))
+        .routes(routes!(moves::get))
+        .routes(routes!(moves::action))
         .routes(routes!(get_sale))
         .routes(routes!(orders::buy))
         .routes(routes!(orders::buy_with_token))

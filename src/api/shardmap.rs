@@ -15,9 +15,7 @@ use std::sync::Arc;
 impl From<ShardMapError> for ApiError {
     fn from(e: ShardMapError) -> Self {
         match e {
-            ShardMapError::UnknownGroup(_) | ShardMapError::NotTable { .. } => {
-                ApiError::invalid(e.to_string())
-            }
+            ShardMapError::UnknownGroup(_) => ApiError::invalid(e.to_string()),
             ShardMapError::HasData { .. } => {
                 ApiError::new(StatusCode::CONFLICT, Code::HasData, e.to_string())
             }
@@ -103,7 +101,7 @@ pub struct SetRoute {
         (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 409, description = "has_data: the key has rows on its current or its new group", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "an unknown kind or group, a key out of range, or a kind not routed by the table", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an unknown kind or group, or a key out of range", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "a group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
     ),
     security(("admin_token" = []))

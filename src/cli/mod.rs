@@ -9,6 +9,7 @@ use crate::router::KeyKind;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -153,6 +154,29 @@ pub enum ShardMapAction {
     },
     /// Remove an entry: the key routes by its rule again (refused like `set` when it has rows).
     Delete { kind: String, key: u64 },
+    /// Move an item key (its sale items, reservations and sale row) to another group while it
+    /// sells, and wait until it has switched (README "Moving keys"). Exit 1 when it fails.
+    Move {
+        kind: String,
+        key: u64,
+        /// The destination group.
+        #[arg(long)]
+        to: String,
+        /// Only run the pre-checks and print what would be copied.
+        #[arg(long)]
+        dry_run: bool,
+        /// Drop the source's copy right after the switch (no way back but a new move).
+        #[arg(long)]
+        complete: bool,
+    },
+    /// List the moves (newest first), or show one.
+    Moves { move_id: Option<u64> },
+    /// Roll back a move that has not switched yet.
+    MoveCancel { move_id: u64 },
+    /// Move the key of a switched or completed move back (a new move); waits like `move`.
+    MoveReverse { move_id: u64 },
+    /// Drop the source's copy of a switched move.
+    MoveComplete { move_id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -394,10 +418,17 @@ async fn config_group_client(
 }
 
 async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
-    let config = Config::load(path)?;
-    let cluster = crate::shard::Cluster::new(&config)?;
+    let config = Arc::new(Config::load(path)?);
+    let cluster = Arc::new(crate::shard::Cluster::new(&config)?);
     cluster.discover().await;
-    let router = crate::router::Router::from_config(&config)?;
+    let router = Arc::new(crate::router::Router::from_config(&config)?);
+    let tasks = tokio_util::task::TaskTracker::new();
+    let mover = crate::moves::Mover::new(
+        config.clone(),
+        cluster.clone(),
+        router.clone(),
+        tasks.clone(),
+    );
     let maps = crate::shardmap::Maps {
         config: &config,
         cluster: &cluster,
@@ -447,8 +478,86 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
             let route = maps.change(kind(&k)?, key(n)?, None).await?;
             print_route(&route)?;
         }
+        ShardMapAction::Move {
+            kind: k,
+            key: n,
+            to,
+            dry_run,
+            complete,
+        } => {
+            let (k, n) = (kind(&k)?, key(n)?);
+            if dry_run {
+                let plan = mover.plan(k, n, &to).await?;
+                println!("{}", serde_json::to_string_pretty(&plan)?);
+                eprintln!("dry run: nothing was changed");
+            } else {
+                let m = mover.start(k, n, &to, complete).await?;
+                follow_move(&mover, m.move_id).await?;
+            }
+        }
+        ShardMapAction::Moves { move_id } => match move_id {
+            Some(id) => println!("{}", serde_json::to_string_pretty(&mover.get(id).await?)?),
+            None => {
+                println!(
+                    "{:>6} {:<6} {:>20} {:<6} {:<6} {:<12} {:>10} {:>9}",
+                    "move", "kind", "key", "from", "to", "phase", "rows", "pause_ms"
+                );
+                for m in mover.list(100).await? {
+                    println!(
+                        "{:>6} {:<6} {:>20} {:<6} {:<6} {:<12} {:>10} {:>9}",
+                        m.move_id,
+                        m.kind,
+                        m.key,
+                        m.from,
+                        m.to,
+                        m.phase.as_str(),
+                        m.rows_copied,
+                        m.write_pause_ms.map(|p| p.to_string()).unwrap_or_default()
+                    );
+                }
+            }
+        },
+        ShardMapAction::MoveCancel { move_id } => {
+            mover.cancel(move_id).await?;
+            follow_move(&mover, move_id).await?;
+        }
+        ShardMapAction::MoveReverse { move_id } => {
+            let m = mover.reverse(move_id, false).await?;
+            follow_move(&mover, m.move_id).await?;
+        }
+        ShardMapAction::MoveComplete { move_id } => {
+            mover.complete(move_id).await?;
+            follow_move(&mover, move_id).await?;
+        }
     }
+    tasks.close();
+    tasks.wait().await;
     Ok(())
+}
+
+/// Print a move's progress until it rests; an error when it failed.
+async fn follow_move(mover: &crate::moves::Mover, id: u64) -> CliResult {
+    let mut shown = None;
+    loop {
+        let m = mover.get(id).await?;
+        let now = (m.phase, m.rows_copied);
+        if shown != Some(now) {
+            eprintln!(
+                "move {id}: {} ({} rows copied)",
+                m.phase.as_str(),
+                m.rows_copied
+            );
+            shown = Some(now);
+        }
+        if m.at_rest() {
+            println!("{}", serde_json::to_string_pretty(&m)?);
+            if m.phase == crate::moves::Phase::Failed {
+                return Err(format!("move {id} failed: {}", m.error.unwrap_or_default()).into());
+            }
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
 }
 
 async fn blocklist(path: &Path, action: BlocklistAction) -> CliResult {

@@ -27,6 +27,11 @@
 //! a last guard: when an item's window closed while the batch waited for its lock, the transaction
 //! runs again with that item closed (nothing new sold, retries still resumed).
 //!
+//! An item fenced by a move ([`crate::moves`]) is read under its lock like any other and answered
+//! [`Refusal::Moving`]: nothing is written for it on this group. Reservations are stamped with
+//! `clock_timestamp()` (taken under the lock, not at the transaction's start), which is what lets
+//! a move copy only the rows changed since its last pass.
+//!
 //! One item's trouble (a lock timeout, a failed statement) fails the whole group batch: every buyer
 //! in it gets 503 and retries. That is the price of one commit for many items.
 
@@ -90,6 +95,8 @@ struct ItemRow {
     price_cents: i64,
     window: i32,
     closed: Option<Refusal>,
+    /// Fenced by a move ([`crate::moves`]): nothing is written for it here.
+    moving: bool,
 }
 
 impl ItemRow {
@@ -107,6 +114,7 @@ impl ItemRow {
             price_cents: row.get(4),
             window: row.get(5),
             closed,
+            moving: row.get(8),
         }
     }
 }
@@ -192,6 +200,9 @@ async fn attempt(
             let Some(row) = rows.get(&key) else {
                 return Err(Refusal::NotFound);
             };
+            if row.moving {
+                return Err(Refusal::Moving);
+            }
             outcome(
                 a,
                 row,
@@ -226,7 +237,9 @@ fn plan(
     let mut writes = Writes::default();
     let mut remaining_after = Vec::new();
     for key in items.keys() {
-        let Some(row) = rows.get(key) else { continue };
+        let Some(row) = rows.get(key).filter(|r| !r.moving) else {
+            continue;
+        };
         let positions = &items[key];
         let plan: Vec<Ask> = positions
             .iter()
@@ -285,7 +298,7 @@ async fn lock_and_read(
         .prepare_cached(
             "SELECT s.sale_id, s.item_id, s.remaining, s.per_user_limit, s.price_cents,
                     s.payment_window_secs, s.starts_at <= clock_timestamp(),
-                    clock_timestamp() < s.ends_at
+                    clock_timestamp() < s.ends_at, s.fenced_by IS NOT NULL
              FROM unnest($1::bigint[], $2::bigint[]) AS k(sale_id, item_id)
              JOIN sale_items s ON s.sale_id = k.sale_id AND s.item_id = k.item_id
              ORDER BY s.sale_id, s.item_id
@@ -365,34 +378,36 @@ async fn write(
             "UPDATE sale_items s SET remaining = s.remaining - d.taken, version = s.version + 1
              FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS d(sale_id, item_id, taken)
              WHERE s.sale_id = d.sale_id AND s.item_id = d.item_id AND s.remaining >= d.taken
+               AND s.fenced_by IS NULL
                AND s.starts_at <= clock_timestamp() AND clock_timestamp() < s.ends_at
              RETURNING s.sale_id, s.item_id",
         )
         .await?;
     let fresh_stmt = tx
         .prepare_cached(
-            "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
-             SELECT t, s, i, u, q, 'reserved'
+            "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state, updated_at)
+             SELECT t, s, i, u, q, 'reserved', clock_timestamp()
              FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[])
                   AS x(t, s, i, u, q)",
         )
         .await?;
     let revive_stmt = tx
         .prepare_cached(
-            "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
-             SELECT t, s, i, u, q, 'reserved'
+            "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state, updated_at)
+             SELECT t, s, i, u, q, 'reserved', clock_timestamp()
              FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[])
                   AS x(t, s, i, u, q)
              ON CONFLICT (txn_id) DO UPDATE
                 SET state = 'reserved', quantity = EXCLUDED.quantity,
-                    attempt = reservations.attempt + 1, created_at = now(), updated_at = now()
+                    attempt = reservations.attempt + 1, created_at = now(),
+                    updated_at = clock_timestamp()
                 WHERE reservations.state = 'released'
              RETURNING txn_id, attempt",
         )
         .await?;
     let resume_stmt = tx
         .prepare_cached(
-            "UPDATE reservations SET attempt = attempt + 1, updated_at = now()
+            "UPDATE reservations SET attempt = attempt + 1, updated_at = clock_timestamp()
              WHERE txn_id = ANY($1) AND state <> 'released'
              RETURNING txn_id, attempt",
         )

@@ -77,6 +77,10 @@ pub enum OrderError {
     DeadOrder(Box<Order>),
     #[error("too many requests in flight for this item")]
     Overloaded,
+    /// The item is being moved to another shard group and the switch took longer than a buyer
+    /// waits for it.
+    #[error("item {0} is moving to another shard group; retry shortly")]
+    Moving(ItemId),
     #[error("shard group temporarily unavailable: {0}")]
     Unavailable(String),
     #[error(transparent)]
@@ -95,6 +99,7 @@ impl OrderError {
             Refusal::LimitExceeded { limit, already } => {
                 OrderError::LimitExceeded { limit, already }
             }
+            Refusal::Moving => OrderError::Moving(item),
         }
     }
 }
@@ -124,7 +129,14 @@ pub struct OrderService {
     coalescer: Option<coalesce::Coalescer>,
     pub hot: Arc<HotPath>,
     confirmer: Arc<Batcher<usize, Uuid, ()>>,
+    /// Where the router-config table lives, and when this node last re-read it for a buyer of a
+    /// moving item ([`Self::refresh_routes`]).
+    config_group: Option<usize>,
+    routes_read: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a buyer of an item fenced by a move waits for the move to switch (then 503).
+const FENCE_WAIT: Duration = Duration::from_secs(2);
 
 /// How many outbox entries one drain handles per group.
 const DRAIN_BATCH: i64 = 500;
@@ -154,6 +166,7 @@ impl OrderService {
             config.coalesce.max_batch.max(64),
             tasks.clone(),
         );
+        let config_group = cluster.by_name(config.config_group()).map(|(g, _)| g);
         Arc::new(Self {
             cluster,
             router,
@@ -162,6 +175,8 @@ impl OrderService {
             coalescer,
             hot,
             confirmer,
+            config_group,
+            routes_read: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -192,8 +207,51 @@ impl OrderService {
             .map_err(|e| OrderError::Db(DbError::Lost(format!("the purchase task failed: {e}"))))?
     }
 
-    /// Transaction 1, then the order (or the stock back).
+    /// Transaction 1, then the order (or the stock back). An item fenced by a move is retried on
+    /// its route as re-read, for up to [`FENCE_WAIT`]: the move switches it to its new group.
     async fn purchase(&self, req: &BuyRequest, txn_id: Uuid) -> Result<Bought, OrderError> {
+        let started = std::time::Instant::now();
+        let reserved = loop {
+            match self.reserve(req, txn_id).await? {
+                Err(Refusal::Moving) if started.elapsed() < FENCE_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    self.refresh_routes().await;
+                }
+                outcome => break outcome,
+            }
+        };
+        let reserved = reserved.map_err(|r| OrderError::from_refusal(r, req.sale, req.item))?;
+        self.place_order(req, reserved).await
+    }
+
+    /// Re-read the router-config table now, at most once per 20 ms however many buyers ask (the
+    /// others wait for the read in flight and use it).
+    pub async fn refresh_routes(&self) {
+        let Some(g) = self.config_group else { return };
+        let mut last = self.routes_read.lock().await;
+        if last.is_some_and(|t| t.elapsed() < Duration::from_millis(20)) {
+            return;
+        }
+        let table = self.router.table().clone();
+        let read = self
+            .cluster
+            .group(g)
+            .run::<_, OrderError>(Work::Read, self.timeout, async |c| {
+                Ok(table.refresh(c).await?)
+            })
+            .await;
+        if let Err(e) = read {
+            tracing::debug!(error = %e, "router-config table not re-read");
+        }
+        *last = Some(std::time::Instant::now());
+    }
+
+    /// Transaction 1 on the item's group, as routed now.
+    async fn reserve(
+        &self,
+        req: &BuyRequest,
+        txn_id: Uuid,
+    ) -> Result<Result<Reserved, Refusal>, OrderError> {
         let group = self.router.item_group(req.item);
         let span = tracing::info_span!("reserve", group = %self.cluster.group(group).name,
             %txn_id, outcome = tracing::field::Empty);
@@ -203,14 +261,12 @@ impl OrderService {
                 None => self.reserve_plain(req, txn_id).await,
             }
         };
-        let reserved = phase("reserve", span, work, |r| match r {
+        phase("reserve", span, work, |r| match r {
             Ok(Ok(_)) => "reserved".into(),
             Ok(Err(refusal)) => format!("{refusal:?}"),
             Err(e) => e.to_string(),
         })
-        .await;
-        let reserved = reserved?.map_err(|r| OrderError::from_refusal(r, req.sale, req.item))?;
-        self.place_order(req, reserved).await
+        .await
     }
 
     async fn reserve_plain(
@@ -413,16 +469,23 @@ impl OrderService {
         txn_ids: &[Uuid],
         attempts: &[Option<i32>],
     ) -> Result<(), OrderError> {
-        let back = self
+        let released = self
             .cluster
             .group(item_group)
             .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
                 store::release(c, txn_ids, attempts).await
             })
             .await?;
-        for (sale, item, remaining) in back {
+        for (sale, item, remaining) in released.back {
             self.hot
                 .observe(SaleId::from_db(sale), ItemId::from_db(item), remaining);
+        }
+        if released.moving > 0 {
+            // Kept by the caller (outbox, reconciler) and retried on the item's new group.
+            return Err(OrderError::Unavailable(format!(
+                "{} item(s) of this release are moving to another shard group",
+                released.moving
+            )));
         }
         Ok(())
     }

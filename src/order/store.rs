@@ -158,8 +158,15 @@ pub enum Refusal {
     NotFound,
     NotStarted,
     Ended,
-    SoldOut { remaining: i32 },
-    LimitExceeded { limit: i32, already: i64 },
+    SoldOut {
+        remaining: i32,
+    },
+    LimitExceeded {
+        limit: i32,
+        already: i64,
+    },
+    /// The item is fenced by a move ([`crate::moves`]): it is about to live on another group.
+    Moving,
 }
 
 /// Find out why the conditional decrement matched no row.
@@ -172,8 +179,9 @@ pub async fn diagnose(
         .query_opt(
             &client
                 .prepare_cached(
-                    "SELECT remaining, starts_at <= clock_timestamp(), clock_timestamp() < ends_at FROM sale_items
-             WHERE sale_id = $1 AND item_id = $2",
+                    "SELECT remaining, starts_at <= clock_timestamp(), clock_timestamp() < ends_at,
+                    fenced_by IS NOT NULL
+             FROM sale_items WHERE sale_id = $1 AND item_id = $2",
                 )
                 .await?,
             &[&sale.db(), &item.db()],
@@ -181,6 +189,7 @@ pub async fn diagnose(
         .await?;
     Ok(match row {
         None => Refusal::NotFound,
+        Some(r) if r.get::<_, bool>(3) => Refusal::Moving,
         Some(r) if !r.get::<_, bool>(1) => Refusal::NotStarted,
         Some(r) if !r.get::<_, bool>(2) => Refusal::Ended,
         Some(r) => Refusal::SoldOut {
@@ -213,7 +222,7 @@ pub async fn reserve_one(
         .query_opt(
             &tx.prepare_cached(
                 "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
-             WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3
+             WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3 AND fenced_by IS NULL
                AND starts_at <= clock_timestamp() AND clock_timestamp() < ends_at
              RETURNING per_user_limit, price_cents, payment_window_secs, remaining,
                        clock_timestamp() < ends_at",
@@ -295,11 +304,11 @@ async fn record(
     }
     let attempt = tx
         .query_opt(
-            &tx.prepare_cached("INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
-         VALUES ($1, $2, $3, $4, $5, 'reserved')
+            &tx.prepare_cached("INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state, updated_at)
+         VALUES ($1, $2, $3, $4, $5, 'reserved', clock_timestamp())
          ON CONFLICT (txn_id) DO UPDATE
             SET state = 'reserved', quantity = EXCLUDED.quantity, attempt = reservations.attempt + 1,
-                created_at = now(), updated_at = now()
+                created_at = now(), updated_at = clock_timestamp()
             WHERE reservations.state = 'released'
          RETURNING attempt").await?,
             &[&txn_id, &sale.db(), &item.db(), &user.db(), &quantity.db()],
@@ -311,7 +320,8 @@ async fn record(
 }
 
 /// Take over a live reservation of `txn_id` (an earlier attempt of the same request), bumping its
-/// attempt. None when there is none.
+/// attempt. None when there is none, or when the item is fenced by a move (transaction 1 then
+/// says so).
 pub async fn resume(
     client: &ClientWrapper,
     sale: SaleId,
@@ -321,8 +331,10 @@ pub async fn resume(
     let stmt = client
         .prepare_cached(
             "WITH r AS (
-                 UPDATE reservations SET attempt = attempt + 1, updated_at = now()
+                 UPDATE reservations SET attempt = attempt + 1, updated_at = clock_timestamp()
                  WHERE txn_id = $1 AND sale_id = $2 AND item_id = $3 AND state <> 'released'
+                   AND NOT EXISTS (SELECT 1 FROM sale_items f WHERE f.sale_id = $2
+                                   AND f.item_id = $3 AND f.fenced_by IS NOT NULL)
                  RETURNING quantity, attempt)
              SELECT r.quantity, r.attempt, si.price_cents, si.payment_window_secs
              FROM r JOIN sale_items si ON si.sale_id = $2 AND si.item_id = $3",
@@ -582,12 +594,15 @@ pub async fn list_orders(
 /// statement. A reservation already released or paid is left alone, so a release can never happen
 /// twice, whoever (compensation, cancel, sweeper, reconciler) asks for it and however often.
 /// `attempts[i]`, when given, restricts the release of `txn_ids[i]` to that attempt (compensation).
-/// Returns `(sale_id, item_id, remaining_after)` for every item that got stock back.
+///
+/// Reservations of an item fenced by a move are left alone (read under the item's lock, so a move
+/// never misses a release): [`Released::moving`] counts them, and the caller retries them on the
+/// item's new group.
 pub async fn release(
     client: &mut ClientWrapper,
     txn_ids: &[Uuid],
     attempts: &[Option<i32>],
-) -> Result<Vec<(i64, i64, i32)>, DbError> {
+) -> Result<Released, DbError> {
     let attempts: Vec<Option<i32>> = if attempts.is_empty() {
         vec![None; txn_ids.len()]
     } else {
@@ -599,7 +614,7 @@ pub async fn release(
     // deadlock.
     let lock = tx
         .prepare_cached(
-            "SELECT 1 FROM sale_items WHERE (sale_id, item_id) IN
+            "SELECT fenced_by IS NOT NULL FROM sale_items WHERE (sale_id, item_id) IN
                  (SELECT sale_id, item_id FROM reservations WHERE txn_id = ANY($1))
              ORDER BY sale_id, item_id FOR UPDATE",
         )
@@ -608,10 +623,12 @@ pub async fn release(
         .prepare_cached(
             "WITH k AS (SELECT * FROM unnest($1::uuid[], $2::int[]) AS k(t, a)),
              r AS (
-                 UPDATE reservations res SET state = 'released', updated_at = now()
+                 UPDATE reservations res SET state = 'released', updated_at = clock_timestamp()
                  FROM k
                  WHERE res.txn_id = k.t AND (k.a IS NULL OR res.attempt = k.a)
                    AND res.state IN ('reserved', 'ordered')
+                   AND NOT EXISTS (SELECT 1 FROM sale_items f WHERE f.sale_id = res.sale_id
+                                   AND f.item_id = res.item_id AND f.fenced_by IS NOT NULL)
                  RETURNING res.sale_id, res.item_id, res.quantity),
              s AS (SELECT sale_id, item_id, sum(quantity)::int AS q FROM r GROUP BY 1, 2)
              UPDATE sale_items si SET remaining = si.remaining + s.q, version = si.version + 1
@@ -621,12 +638,25 @@ pub async fn release(
         .await?;
     let lock_params: [&(dyn ToSql + Sync); 1] = [&txn_ids];
     let params: [&(dyn ToSql + Sync); 2] = [&txn_ids, &attempts];
-    let (_, rows) = futures::try_join!(tx.query(&lock, &lock_params), tx.query(&stmt, &params))?;
+    let (locked, rows) =
+        futures::try_join!(tx.query(&lock, &lock_params), tx.query(&stmt, &params))?;
     tx.commit().await?;
-    Ok(rows
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2)))
-        .collect())
+    Ok(Released {
+        back: rows
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+        moving: locked.iter().filter(|r| r.get::<_, bool>(0)).count(),
+    })
+}
+
+/// What [`release`] did.
+#[derive(Debug)]
+pub struct Released {
+    /// `(sale_id, item_id, remaining_after)` for every item that got stock back.
+    pub back: Vec<(i64, i64, i32)>,
+    /// How many of the items asked about are fenced by a move (their reservations untouched).
+    pub moving: usize,
 }
 
 /// Where a reservation is: the item-side ledger's state.

@@ -8,6 +8,9 @@
 //!   ([`table::TableCache`]) and refreshed when its version changes; keys it does not name fall
 //!   back to `hash`.
 //!
+//! A key moved to another group ([`crate::moves`]) gets an entry in the same table, and an entry
+//! wins under every strategy: moving a key never means rewriting slot maps or ranges.
+//!
 //! Groups are referred to by their index in the configuration's group list ([`GroupIdx`]).
 
 pub mod hash;
@@ -144,13 +147,11 @@ impl Router {
         }
     }
 
+    /// The key's table entry if it has one (set, or written by a move), else its kind's rule.
     pub fn route(&self, kind: KeyKind, key: u64) -> GroupIdx {
-        let r = self.kind(kind);
-        match r.strategy {
-            Strategy::Hash => r.by_hash(key),
-            Strategy::Range => r.by_range(key),
-            Strategy::Table => self.table.get(kind, key).unwrap_or_else(|| r.by_hash(key)),
-        }
+        self.table
+            .get(kind, key)
+            .unwrap_or_else(|| self.kind(kind).by_rule(key))
     }
 
     pub fn item_group(&self, item: crate::domain::ItemId) -> GroupIdx {
@@ -261,9 +262,10 @@ mod tests {
             router.route(KeyKind::Items, 1),
             router.kind(KeyKind::Items).by_hash(1)
         );
-        // The users kind uses hash: the table does not apply to it.
-        table.replace(2, vec![(KeyKind::Users, 0, "g1".into())]);
+        // The users kind uses hash, but an entry (a moved key) wins there too.
         assert_eq!(router.route(KeyKind::Users, 0), 0);
+        table.replace(2, vec![(KeyKind::Users, 0, "g1".into())]);
+        assert_eq!(router.route(KeyKind::Users, 0), 1);
     }
 
     proptest! {

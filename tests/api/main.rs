@@ -7,6 +7,7 @@ mod faults;
 mod frontdoor;
 mod group_batch;
 mod lifecycle;
+mod moves;
 mod orders;
 mod page;
 mod routing;

@@ -1,0 +1,576 @@
+//! Live moves of item keys between groups, under load: every acknowledged order survives, stock is
+//! conserved, replays keep their order, the route follows; refusals carry codes; a move whose
+//! runner died is resumed, and a cancelled one rolls back.
+
+use crate::helpers::*;
+use reqwest::StatusCode;
+use seckill::router::KeyKind;
+use serde_json::{json, Value};
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+async fn admin_post(app: &TestApp, path: &str, body: Value) -> Resp {
+    app.send(
+        app.http
+            .post(format!("{}{path}", app.addr))
+            .bearer_auth(TOKEN)
+            .json(&body),
+    )
+    .await
+}
+
+/// Start a move and wait until it rests; the move as shown at the end.
+async fn move_and_wait(app: &TestApp, body: Value) -> Value {
+    let r = admin_post(app, "/v1/admin/moves", body.clone()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{body}: {:?}", r.body);
+    wait_for_rest(app, r.body["move_id"].as_u64().expect("move_id")).await
+}
+
+async fn wait_for_rest(app: &TestApp, id: u64) -> Value {
+    let path = format!("/v1/admin/moves/{id}");
+    let started = std::time::Instant::now();
+    loop {
+        let r = app.admin_get(&path).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let b = r.body;
+        let rest = match b["phase"].as_str() {
+            Some("switched") => b["dest_live"] == true && b["complete_requested"] == false,
+            Some("completed" | "failed" | "cancelled") => b["cleanup_pending"] == false,
+            _ => false,
+        };
+        if rest {
+            return b;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "move {id} did not come to rest: {b}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What one buyer saw.
+#[derive(Default)]
+struct Seen {
+    /// (user, request_id, order_id) of every purchase answered 201 (or 200: a replay).
+    orders: Vec<(u64, String, String)>,
+    unavailable: usize,
+    greedy: u64,
+}
+
+/// A buyer hammering one item until `stop`: fresh users, and every fifth purchase by one greedy
+/// user (limit 2). Every 503 must carry Retry-After and is retried with its request_id until it
+/// settles; anything but an order or a refusal with a code fails the test.
+async fn buyer(app: Arc<TestApp>, sale: u64, item: u64, stop: Arc<AtomicBool>) -> Seen {
+    let mut seen = Seen {
+        greedy: fresh_item(),
+        ..Default::default()
+    };
+    let mut i = 0u64;
+    while !stop.load(Ordering::SeqCst) {
+        i += 1;
+        let user = if i.is_multiple_of(5) {
+            seen.greedy
+        } else {
+            fresh_item()
+        };
+        let rid = uuid::Uuid::new_v4().to_string();
+        let mut r = app.buy(sale, item, user, 1, Some(&rid)).await;
+        if r.status == StatusCode::SERVICE_UNAVAILABLE {
+            assert!(
+                r.headers.contains_key("retry-after"),
+                "503 without Retry-After: {:?}",
+                r.body
+            );
+            seen.unavailable += 1;
+            r = app.buy_retrying(sale, item, user, 1, Some(&rid)).await;
+        }
+        match r.status {
+            StatusCode::CREATED | StatusCode::OK => {
+                let id = r.body["order_id"].as_str().expect("order_id").to_string();
+                seen.orders.push((user, rid, id));
+            }
+            StatusCode::CONFLICT if ["limit_exceeded", "sold_out"].contains(&r.code()) => {}
+            // The greedy user asks faster than the per-user rate limit allows.
+            StatusCode::TOO_MANY_REQUESTS if user == seen.greedy => {}
+            s => panic!("unexpected answer {s}: {:?}", r.body),
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_item_moves_and_back_while_it_sells() {
+    let app = Arc::new(spawn_app().await);
+    let item = fresh_item_in(&app, 0);
+    let stock = 20_000;
+    let sale = app
+        .create_sale(
+            json!([{"item_id": item, "stock": stock, "price_cents": 5, "per_user_limit": 2}]),
+        )
+        .await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let buyers: Vec<_> = (0..16)
+        .map(|_| tokio::spawn(buyer(app.clone(), sale, item, stop.clone())))
+        .collect();
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let there = move_and_wait(&app, json!({"kind": "items", "key": item, "to": "g1"})).await;
+    assert_eq!(there["phase"], "switched", "{there}");
+    eprintln!(
+        "move g0 -> g1 under load: write pause {} ms, {} rows copied",
+        there["write_pause_ms"], there["rows_copied"]
+    );
+    assert!(there["write_pause_ms"].as_i64().is_some(), "{there}");
+    let route = app
+        .admin_get(&format!("/v1/admin/route/items/{item}"))
+        .await;
+    assert_eq!(
+        (route.body["group"].as_str(), route.body["source"].as_str()),
+        (Some("g1"), Some("table"))
+    );
+    // The source keeps an inactive (fenced) copy: the way back.
+    let fenced_on_g0 =
+        format!("SELECT count(*) FROM sale_items WHERE item_id = {item} AND fenced_by IS NOT NULL");
+    assert_eq!(app.sql_i64(0, &fenced_on_g0).await, 1);
+    let listed = app.admin_get("/v1/admin/shard-map").await;
+    assert!(listed.body["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["move_id"] == there["move_id"]));
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first = there["move_id"].as_u64().unwrap();
+    let r = admin_post(&app, &format!("/v1/admin/moves/{first}/reverse"), json!({})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let back = wait_for_rest(&app, r.body["move_id"].as_u64().unwrap()).await;
+    assert_eq!(
+        (
+            back["phase"].as_str(),
+            back["from"].as_str(),
+            back["to"].as_str()
+        ),
+        (Some("switched"), Some("g1"), Some("g0")),
+        "{back}"
+    );
+    eprintln!(
+        "move g1 -> g0 (reverse) under load: write pause {} ms, {} rows copied",
+        back["write_pause_ms"], back["rows_copied"]
+    );
+    let old = app.admin_get(&format!("/v1/admin/moves/{first}")).await;
+    assert_eq!(old.body["reversed_by"], back["move_id"]);
+    assert_eq!(old.body["phase"], "cancelled");
+    assert_eq!(app.state.router.route(KeyKind::Items, item), 0);
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut seen = Vec::new();
+    for b in buyers {
+        seen.push(b.await.expect("buyer"));
+    }
+    let orders: Vec<&(u64, String, String)> = seen.iter().flat_map(|s| &s.orders).collect();
+    let unavailable: usize = seen.iter().map(|s| s.unavailable).sum();
+    eprintln!(
+        "{} orders, {unavailable} answers 503 (each retried to an outcome)",
+        orders.len()
+    );
+    assert!(orders.len() > 50, "the buyers bought: {}", orders.len());
+    let ids: HashSet<&String> = orders.iter().map(|o| &o.2).collect();
+    assert_eq!(ids.len(), orders.len(), "no order acknowledged twice");
+
+    // Stock: sold == acknowledged orders, conserved, on the item's group.
+    let audit = app.audit(sale).await;
+    assert_eq!(audit["conserved"], true, "{audit}");
+    let a = &audit["items"][0];
+    let sold = a["reserved"].as_i64().unwrap()
+        + a["ordered"].as_i64().unwrap()
+        + a["paid"].as_i64().unwrap();
+    assert_eq!(sold, orders.len() as i64, "{audit}");
+    assert_eq!(app.remaining(sale, item).await, stock - sold);
+    // Nobody over the limit.
+    for s in &seen {
+        let greedy = orders.iter().filter(|o| o.0 == s.greedy).count();
+        assert!(greedy <= 2, "user {} bought {greedy}", s.greedy);
+    }
+    // Every acknowledged order exists (on its user's group), each is readable through the API,
+    // and a replay of its request returns it.
+    let list = orders
+        .iter()
+        .map(|o| format!("'{}'", o.2))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut stored = 0;
+    for g in 0..2 {
+        stored += app
+            .sql_i64(
+                g,
+                &format!("SELECT count(*) FROM orders WHERE order_id IN ({list})"),
+            )
+            .await;
+    }
+    assert_eq!(stored, orders.len() as i64, "every 201 order is stored");
+    for (user, rid, id) in orders.iter().step_by(7) {
+        let r = app.get(&format!("/v1/users/{user}/orders/{id}")).await;
+        assert_eq!(r.status, StatusCode::OK, "order {id}: {:?}", r.body);
+        let again = app.buy(sale, item, *user, 1, Some(rid)).await;
+        if again.status == StatusCode::TOO_MANY_REQUESTS {
+            continue; // a greedy user's replays count against its rate limit too
+        }
+        assert_eq!(
+            again.status,
+            StatusCode::CREATED,
+            "replay {rid}: {:?}",
+            again.body
+        );
+        assert_eq!(again.headers["idempotent-replayed"], "true");
+        assert_eq!(again.body["order_id"].as_str(), Some(id.as_str()));
+    }
+    // A cancel after the moves returns the stock on the item's group.
+    let (user, _, id) = orders[0];
+    let r = app
+        .post_as(
+            *user,
+            &format!("/v1/users/{user}/orders/{id}/cancel"),
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(app.remaining(sale, item).await, stock - sold + 1);
+    assert_eq!(app.audit(sale).await["conserved"], true);
+
+    // Completing drops the copy on g1 (its sale_items row stays, fenced, as a tombstone).
+    let second = back["move_id"].as_u64().unwrap();
+    let r = admin_post(
+        &app,
+        &format!("/v1/admin/moves/{second}/complete"),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let done = wait_for_rest(&app, second).await;
+    assert_eq!(done["phase"], "completed", "{done}");
+    let on_g1 = |table: &str| format!("SELECT count(*) FROM {table} WHERE item_id = {item}");
+    assert_eq!(app.sql_i64(1, &on_g1("reservations")).await, 0);
+    assert_eq!(
+        app.sql_i64(
+            1,
+            &format!(
+                "SELECT count(*) FROM sale_items WHERE item_id = {item} AND fenced_by IS NOT NULL"
+            )
+        )
+        .await,
+        1
+    );
+    assert_eq!(app.audit(sale).await["conserved"], true);
+}
+
+#[tokio::test]
+async fn moves_that_cannot_be_are_refused_with_a_code() {
+    let app = spawn_app().await;
+    let item = fresh_item_in(&app, 0);
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 10, "price_cents": 1, "per_user_limit": 2}]))
+        .await;
+    assert_eq!(
+        app.buy(sale, item, fresh_item(), 2, None).await.status,
+        StatusCode::CREATED
+    );
+    let listed = app.admin_get("/v1/admin/moves").await;
+    assert_eq!(listed.status, StatusCode::OK, "{:?}", listed.body);
+
+    // A dry run says what would be copied and changes nothing.
+    let r = admin_post(
+        &app,
+        "/v1/admin/moves",
+        json!({"kind": "items", "key": item, "to": "g1", "dry_run": true}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["from"], "g0");
+    assert_eq!(r.body["source"]["reservations"], 1);
+    assert_eq!(r.body["rows_to_copy"], 2);
+    assert!(!r.body["checks"].as_array().unwrap().is_empty());
+    let after = app.admin_get("/v1/admin/moves").await;
+    assert!(
+        after.body["moves"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|m| m["key"] != item),
+        "a dry run records no move"
+    );
+    assert_eq!(app.state.router.route(KeyKind::Items, item), 0);
+    assert_eq!(
+        app.sql_i64(
+            1,
+            &format!("SELECT count(*) FROM sale_items WHERE item_id = {item}")
+        )
+        .await,
+        0
+    );
+
+    for (body, status, code) in [
+        (
+            json!({"kind": "items", "key": item, "to": "g9"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"kind": "items", "key": item, "to": "g0"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"kind": "users", "key": 7, "to": "g1"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"kind": "orders", "key": 7, "to": "g1"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"kind": "items", "key": 0, "to": "g1"}),
+            422,
+            "invalid_request",
+        ),
+        (
+            json!({"kind": "items", "key": item, "to": "g1", "extra": 1}),
+            422,
+            "invalid_request",
+        ),
+    ] {
+        let r = admin_post(&app, "/v1/admin/moves", body.clone()).await;
+        assert_eq!(
+            (r.status.as_u16(), r.code()),
+            (status, code),
+            "{body}: {:?}",
+            r.body
+        );
+    }
+
+    // Live rows for the key on the destination: refused before any copy.
+    let other = fresh_item_in(&app, 0);
+    let other_sale = app
+        .create_sale(json!([{"item_id": other, "stock": 5, "price_cents": 1}]))
+        .await;
+    let g1 = app.state.cluster.group(1).writer().await.expect("g1");
+    g1.execute(
+        &format!(
+            "INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
+                 starts_at, ends_at, payment_window_secs)
+             VALUES ({}, {other}, 1, 1, 1, 1, now(), now() + interval '1 hour', 60)",
+            other_sale + 1
+        ),
+        &[],
+    )
+    .await
+    .expect("stray row");
+    let r = admin_post(
+        &app,
+        "/v1/admin/moves",
+        json!({"kind": "items", "key": other, "to": "g1"}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "has_data"),
+        "{:?}",
+        r.body
+    );
+    g1.execute(
+        &format!("DELETE FROM sale_items WHERE item_id = {other}"),
+        &[],
+    )
+    .await
+    .expect("cleanup");
+
+    // A second move of a key with an open move; cancel of a switched move; a set on a key with
+    // rows (it must be moved).
+    let moved = move_and_wait(&app, json!({"kind": "items", "key": item, "to": "g1"})).await;
+    let id = moved["move_id"].as_u64().unwrap();
+    let r = admin_post(
+        &app,
+        "/v1/admin/moves",
+        json!({"kind": "items", "key": item, "to": "g0"}),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "move_conflict"),
+        "{:?}",
+        r.body
+    );
+    let r = admin_post(&app, &format!("/v1/admin/moves/{id}/cancel"), json!({})).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "move_conflict"),
+        "{:?}",
+        r.body
+    );
+    let r = admin_post(&app, &format!("/v1/admin/moves/{id}/jump"), json!({})).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = admin_post(&app, "/v1/admin/moves/999999999/cancel", json!({})).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app
+        .send(
+            app.http
+                .put(format!("{}/v1/admin/shard-map/items/{item}", app.addr))
+                .bearer_auth(TOKEN)
+                .json(&json!({"group": "g0"})),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "has_data"),
+        "{:?}",
+        r.body
+    );
+    // The item sells on its new group.
+    assert_eq!(app.remaining(sale, item).await, 8);
+    assert_eq!(
+        app.buy(sale, item, fresh_item(), 1, None).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(app.remaining(sale, item).await, 7);
+    let anonymous = app
+        .send(
+            app.http
+                .post(format!("{}/v1/admin/moves", app.addr))
+                .json(&json!({"kind": "items", "key": item, "to": "g0"})),
+        )
+        .await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+}
+
+/// Insert a move as a runner that died would leave it: claimed by a gone owner whose lease ran
+/// out.
+async fn orphan_move(app: &TestApp, item: u64, phase: &str, extra: &str) -> u64 {
+    let config = app
+        .state
+        .cluster
+        .group(0)
+        .writer()
+        .await
+        .expect("config group");
+    let id: i64 = config
+        .query_one(
+            &format!(
+                "INSERT INTO moves (move_id, kind, key, from_group, to_group, phase, owner,
+                     lease_until, watermark {extra_cols})
+                 SELECT coalesce(max(move_id), 0) + 1, 'items', {item}, 'g0', 'g1', '{phase}',
+                        'gone-node', now() - interval '1 minute', now() - interval '1 hour'
+                        {extra_vals}
+                 FROM moves RETURNING move_id",
+                extra_cols = if extra.is_empty() {
+                    ""
+                } else {
+                    ", cancel_requested"
+                },
+                extra_vals = if extra.is_empty() {
+                    "".to_string()
+                } else {
+                    format!(", {extra}")
+                },
+            ),
+            &[],
+        )
+        .await
+        .expect("orphan move")
+        .get(0);
+    id as u64
+}
+
+#[tokio::test]
+async fn a_move_whose_runner_died_is_resumed_and_a_cancelled_one_rolls_back() {
+    let app = spawn_app().await;
+    // Died mid-copy: half a copy on g1 (a stale sale_items row, fenced), the route untouched.
+    let item = fresh_item_in(&app, 0);
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 10, "price_cents": 1}]))
+        .await;
+    let mut bought = HashMap::new();
+    for _ in 0..3 {
+        let user = fresh_item();
+        let r = app.buy(sale, item, user, 1, None).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+        bought.insert(user, r.body["order_id"].as_str().unwrap().to_string());
+    }
+    let id = orphan_move(&app, item, "copying", "").await;
+    let g1 = app.state.cluster.group(1).writer().await.expect("g1");
+    g1.execute(
+        &format!(
+            "INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
+                 starts_at, ends_at, payment_window_secs, fenced_by)
+             SELECT {sale}, {item}, 10, 10, 1, 1, now(), now() + interval '1 hour', 60, {id}"
+        ),
+        &[],
+    )
+    .await
+    .expect("half a copy");
+    // While it is orphaned the item still sells on g0.
+    let r = app.buy(sale, item, fresh_item(), 1, None).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let resumed = wait_for_rest(&app, id).await;
+    assert_eq!(resumed["phase"], "switched", "{resumed}");
+    // Any engine node on the cluster may have resumed it: this one sees the route within
+    // routing.table_refresh_ms.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.state.router.route(KeyKind::Items, item) == 1
+        })
+        .await
+    );
+    assert_eq!(app.remaining(sale, item).await, 6);
+    for (user, order) in &bought {
+        let r = app.get(&format!("/v1/users/{user}/orders/{order}")).await;
+        assert_eq!(r.status, StatusCode::OK);
+    }
+    let r = app.buy(sale, item, fresh_item(), 1, None).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let audit = app.audit(sale).await;
+    assert_eq!(audit["conserved"], true, "{audit}");
+    assert_eq!(audit["items"][0]["remaining"], 5);
+
+    // Cancelled while its runner is gone: the source is unfenced, the copy dropped.
+    let item = fresh_item_in(&app, 0);
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 4, "price_cents": 1}]))
+        .await;
+    let id = orphan_move(&app, item, "fenced", "true").await;
+    let g0 = app.state.cluster.group(0).writer().await.expect("g0");
+    g0.execute(
+        &format!("UPDATE sale_items SET fenced_by = {id} WHERE item_id = {item}"),
+        &[],
+    )
+    .await
+    .expect("fence");
+    g1.execute(
+        &format!(
+            "INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
+                 starts_at, ends_at, payment_window_secs, fenced_by)
+             SELECT {sale}, {item}, 4, 4, 1, 1, now(), now() + interval '1 hour', 60, {id}"
+        ),
+        &[],
+    )
+    .await
+    .expect("copy");
+    let cancelled = wait_for_rest(&app, id).await;
+    assert_eq!(cancelled["phase"], "cancelled", "{cancelled}");
+    assert_eq!(app.state.router.route(KeyKind::Items, item), 0);
+    assert_eq!(
+        app.sql_i64(
+            1,
+            &format!("SELECT count(*) FROM sale_items WHERE item_id = {item}")
+        )
+        .await,
+        0
+    );
+    let r = app.buy(sale, item, fresh_item(), 1, None).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(app.remaining(sale, item).await, 3);
+}
