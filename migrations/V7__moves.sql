@@ -11,7 +11,9 @@ ALTER TABLE sale_items ADD COLUMN fenced_by bigint;
 CREATE TABLE moves (
     move_id        bigint      PRIMARY KEY CHECK (move_id > 0),
     kind           text        NOT NULL CHECK (kind IN ('items', 'users')),
-    key            bigint      NOT NULL CHECK (key > 0),
+    -- The unit moved: one key, or every key of one hash slot.
+    key            bigint      CHECK (key > 0),
+    slot           integer     CHECK (slot >= 0),
     from_group     text        NOT NULL,
     to_group       text        NOT NULL CHECK (to_group <> from_group),
     phase          text        NOT NULL CHECK (phase IN ('copying', 'catching_up', 'fenced',
@@ -37,9 +39,32 @@ CREATE TABLE moves (
     updated_at     timestamptz NOT NULL DEFAULT now(),
     fenced_at      timestamptz,
     switched_at    timestamptz,
-    finished_at    timestamptz
+    finished_at    timestamptz,
+    CHECK ((key IS NULL) <> (slot IS NULL))
 );
--- One open move per key: a second one is refused until the first is completed, failed, cancelled
--- or reversed.
+-- One open move per key and per slot: a second one is refused until the first is completed,
+-- failed, cancelled or reversed.
 CREATE UNIQUE INDEX moves_one_open_per_key ON moves (kind, key)
-    WHERE phase IN ('copying', 'catching_up', 'fenced', 'switched');
+    WHERE key IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced', 'switched');
+CREATE UNIQUE INDEX moves_one_open_per_slot ON moves (kind, slot)
+    WHERE slot IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced', 'switched');
+
+-- Hash slots moved off the group the configuration gives them (a slot move's switch writes
+-- here). Read with `shard_map` by every node; a key's own entry wins over its slot's.
+CREATE TABLE slot_map (
+    kind       text    NOT NULL CHECK (kind IN ('items', 'users')),
+    slot       integer NOT NULL CHECK (slot >= 0),
+    group_name text    NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (kind, slot)
+);
+CREATE TRIGGER slot_map_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON slot_map
+    FOR EACH STATEMENT EXECUTE FUNCTION shard_map_bump();
+
+-- The fence of users being moved: while a user is named here, orders, payments and cancels of
+-- that user are refused on this group (every such statement checks), and the mover waits for
+-- the transactions that started before the fence before it copies the last changes.
+CREATE TABLE user_fences (
+    user_id bigint PRIMARY KEY,
+    move_id bigint NOT NULL
+);

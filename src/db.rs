@@ -19,6 +19,10 @@ pub enum DbError {
     /// statement was refused, nothing committed; the client should retry shortly.
     #[error("the item is too busy right now: {0}")]
     Busy(String),
+    /// The key is fenced by a move to another shard group ([`crate::moves`]): refused, not
+    /// committed; the caller re-reads the route and retries there.
+    #[error("moving to another shard group: {0}")]
+    Moving(String),
     /// The connection broke or the deadline passed mid-statement: the outcome is unknown.
     #[error("connection lost mid-statement; outcome unknown: {0}")]
     Lost(String),

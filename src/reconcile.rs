@@ -550,6 +550,7 @@ async fn tombstone(
             store::insert_orders(c, &missing).await
         })
         .await?;
+    let inserted = inserted.orders;
     for o in &inserted {
         tracing::warn!(txn_id = %o.order_id, item_id = o.item_id, user_id = o.user_id,
             "reservation without an order: tombstoned and released");

@@ -30,7 +30,7 @@ pub enum Source {
     Hash,
     /// A key range of `strategy = "range"`.
     Range,
-    /// An entry of the router-config table.
+    /// An entry of the router-config table: the key's own, or its moved slot's.
     Table,
 }
 
@@ -58,12 +58,25 @@ pub struct Entry {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A hash slot moved off the group the configuration gives it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SlotEntry {
+    #[schema(example = "users")]
+    pub kind: String,
+    pub slot: u32,
+    #[schema(example = "g2")]
+    pub group: String,
+    pub updated_at: DateTime<Utc>,
+}
+
 /// The router-config table.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ShardMap {
     /// Bumped by every change; engine nodes reload when it moves.
     pub version: i64,
     pub entries: Vec<Entry>,
+    /// Moved slots (a key's own entry wins over its slot's).
+    pub slots: Vec<SlotEntry>,
     /// Moves in flight or resting switched (not completed, failed or cancelled).
     pub moves: Vec<crate::moves::Move>,
 }
@@ -117,7 +130,9 @@ impl Maps<'_> {
     /// Where `key` routes now, on this node.
     pub fn route(&self, kind: KeyKind, key: u64) -> Route {
         let rules = self.router.kind(kind);
-        let source = if self.router.table().get(kind, key).is_some() {
+        let table = self.router.table();
+        let moved_slot = table.slot(kind, slot_of(key, rules.slot_count())).is_some();
+        let source = if table.get(kind, key).is_some() || moved_slot {
             Source::Table
         } else if rules.strategy() == crate::config::Strategy::Range {
             Source::Range
@@ -176,10 +191,25 @@ impl Maps<'_> {
                         updated_at: r.get(3),
                     })
                     .collect();
+                let slots = c
+                    .query(
+                        "SELECT kind, slot, group_name, updated_at FROM slot_map ORDER BY kind, slot",
+                        &[],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| SlotEntry {
+                        kind: r.get(0),
+                        slot: r.get::<_, i32>(1).unsigned_abs(),
+                        group: r.get(2),
+                        updated_at: r.get(3),
+                    })
+                    .collect();
                 let moves = crate::moves::open_moves(c).await?;
                 Ok(ShardMap {
                     version,
                     entries,
+                    slots,
                     moves,
                 })
             })

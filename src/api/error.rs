@@ -304,6 +304,12 @@ impl From<OrderError> for ApiError {
                     "this item is busy; retry shortly",
                 )
                 .retry_after(1),
+                crate::db::DbError::Moving(_) => ApiError::new(
+                    S::SERVICE_UNAVAILABLE,
+                    Code::Unavailable,
+                    "moving to another shard group; retry shortly",
+                )
+                .retry_after(1),
                 crate::db::DbError::Rejected { .. } => {
                     tracing::error!(error = %e, "database refused a statement");
                     ApiError::new(S::INTERNAL_SERVER_ERROR, Code::Internal, "internal error")

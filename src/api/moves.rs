@@ -4,7 +4,7 @@
 use super::error::{ApiError, Code};
 use super::extract::{Json, Params};
 use super::identity::Admin;
-use crate::moves::MoveError;
+use crate::moves::{MoveError, Unit};
 use crate::router::KeyKind;
 use crate::state::AppState;
 use axum::extract::State;
@@ -37,11 +37,15 @@ impl From<MoveError> for ApiError {
 #[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewMove {
-    /// `items` (users' keys cannot be moved yet).
+    /// `items` (sale items with their reservations, and sales, by id) or `users` (orders,
+    /// payments and pending stock releases).
     #[schema(example = "items")]
     kind: String,
+    /// One key to move, or
     #[schema(minimum = 1, maximum = 9223372036854775807_u64, example = 1001)]
-    key: u64,
+    key: Option<u64>,
+    /// one hash slot (every key of it). Exactly one of the two.
+    slot: Option<u32>,
     /// The destination group.
     #[schema(example = "g1")]
     to: String,
@@ -63,7 +67,7 @@ pub struct MoveList {
     post,
     path = "/v1/admin/moves",
     tag = "admin",
-    summary = "Move an item key (its sale items, reservations and sale row) to another group, live",
+    summary = "Move a key or a hash slot of items or users to another group, live",
     request_body = NewMove,
     responses(
         (status = 202, description = "started; follow it at /v1/admin/moves/{move_id}", body = crate::moves::Move),
@@ -87,17 +91,17 @@ pub async fn start(
             body.kind
         ))
     })?;
-    if !(1..=i64::MAX as u64).contains(&body.key) {
-        return Err(ApiError::invalid("key must be between 1 and 2^63-1"));
-    }
+    let unit = match (body.key, body.slot) {
+        (Some(k), None) if (1..=i64::MAX as u64).contains(&k) => Unit::Key(k),
+        (Some(_), None) => return Err(ApiError::invalid("key must be between 1 and 2^63-1")),
+        (None, Some(s)) => Unit::Slot(s),
+        _ => return Err(ApiError::invalid("give either key or slot")),
+    };
     if body.dry_run {
-        let plan = s.moves.plan(kind, body.key, &body.to).await?;
+        let plan = s.moves.plan(kind, unit, &body.to).await?;
         return Ok(axum::Json(plan).into_response());
     }
-    let m = s
-        .moves
-        .start(kind, body.key, &body.to, body.complete)
-        .await?;
+    let m = s.moves.start(kind, unit, &body.to, body.complete).await?;
     Ok((StatusCode::ACCEPTED, axum::Json(m)).into_response())
 }
 

@@ -154,11 +154,16 @@ pub enum ShardMapAction {
     },
     /// Remove an entry: the key routes by its rule again (refused like `set` when it has rows).
     Delete { kind: String, key: u64 },
-    /// Move an item key (its sale items, reservations and sale row) to another group while it
+    /// Move a key (or with --slot, a hash slot) of items or users to another group while it
     /// sells, and wait until it has switched (README "Moving keys"). Exit 1 when it fails.
     Move {
         kind: String,
-        key: u64,
+        /// The key; omit it with --slot.
+        #[arg(required_unless_present = "slot", conflicts_with = "slot")]
+        key: Option<u64>,
+        /// Move every key of this hash slot.
+        #[arg(long)]
+        slot: Option<u32>,
         /// The destination group.
         #[arg(long)]
         to: String,
@@ -168,6 +173,18 @@ pub enum ShardMapAction {
         /// Drop the source's copy right after the switch (no way back but a new move).
         #[arg(long)]
         complete: bool,
+    },
+    /// Even out how many hash slots of a kind each group holds (e.g. after adding a group with no
+    /// slots): plans the slot moves and runs them one at a time, each completed before the next,
+    /// printing progress. Stops at the first move that fails (exit 1).
+    Rebalance {
+        kind: String,
+        /// Print the plan only.
+        #[arg(long)]
+        dry_run: bool,
+        /// Run at most this many moves now (the rest on a later run).
+        #[arg(long)]
+        max_moves: Option<usize>,
     },
     /// List the moves (newest first), or show one.
     Moves { move_id: Option<u64> },
@@ -481,11 +498,16 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
         ShardMapAction::Move {
             kind: k,
             key: n,
+            slot,
             to,
             dry_run,
             complete,
         } => {
-            let (k, n) = (kind(&k)?, key(n)?);
+            let k = kind(&k)?;
+            let n = match (n, slot) {
+                (Some(n), _) => crate::moves::Unit::Key(key(n)?),
+                (None, s) => crate::moves::Unit::Slot(s.unwrap_or_default()),
+            };
             if dry_run {
                 let plan = mover.plan(k, n, &to).await?;
                 println!("{}", serde_json::to_string_pretty(&plan)?);
@@ -495,19 +517,69 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
                 follow_move(&mover, m.move_id).await?;
             }
         }
+        ShardMapAction::Rebalance {
+            kind: k,
+            dry_run,
+            max_moves,
+        } => {
+            let k = kind(&k)?;
+            let plan = mover.rebalance_plan(k).await?;
+            let n = plan.len().min(max_moves.unwrap_or(usize::MAX));
+            eprintln!(
+                "rebalance {}: {} slot move(s) planned{}",
+                k.as_str(),
+                plan.len(),
+                if n < plan.len() {
+                    format!(", running {n} now")
+                } else {
+                    String::new()
+                }
+            );
+            for (i, (slot, from, to)) in plan.into_iter().take(n).enumerate() {
+                println!("slot {slot}: {from} -> {to}");
+                if dry_run {
+                    continue;
+                }
+                let started = std::time::Instant::now();
+                let m = mover
+                    .start(k, crate::moves::Unit::Slot(slot), &to, true)
+                    .await?;
+                let done = wait_for_move(&mover, m.move_id).await?;
+                eprintln!(
+                    "  [{}/{n}] move {}: {} in {:.1} s, {} rows, write pause {} ms",
+                    i + 1,
+                    done.move_id,
+                    done.phase.as_str(),
+                    started.elapsed().as_secs_f64(),
+                    done.rows_copied,
+                    done.write_pause_ms.unwrap_or_default()
+                );
+                if done.phase != crate::moves::Phase::Completed {
+                    return Err(format!(
+                        "move {} ended {}: {}",
+                        done.move_id,
+                        done.phase.as_str(),
+                        done.error.unwrap_or_default()
+                    )
+                    .into());
+                }
+            }
+        }
         ShardMapAction::Moves { move_id } => match move_id {
             Some(id) => println!("{}", serde_json::to_string_pretty(&mover.get(id).await?)?),
             None => {
                 println!(
                     "{:>6} {:<6} {:>20} {:<6} {:<6} {:<12} {:>10} {:>9}",
-                    "move", "kind", "key", "from", "to", "phase", "rows", "pause_ms"
+                    "move", "kind", "key/slot", "from", "to", "phase", "rows", "pause_ms"
                 );
                 for m in mover.list(100).await? {
                     println!(
                         "{:>6} {:<6} {:>20} {:<6} {:<6} {:<12} {:>10} {:>9}",
                         m.move_id,
                         m.kind,
-                        m.key,
+                        m.key
+                            .map(|k| k.to_string())
+                            .unwrap_or_else(|| format!("slot {}", m.slot.unwrap_or_default())),
                         m.from,
                         m.to,
                         m.phase.as_str(),
@@ -533,6 +605,20 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
     tasks.close();
     tasks.wait().await;
     Ok(())
+}
+
+/// Wait until a move rests, quietly.
+async fn wait_for_move(
+    mover: &crate::moves::Mover,
+    id: u64,
+) -> Result<crate::moves::Move, Box<dyn std::error::Error>> {
+    loop {
+        let m = mover.get(id).await?;
+        if m.at_rest() {
+            return Ok(m);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
 
 /// Print a move's progress until it rests; an error when it failed.

@@ -1,23 +1,27 @@
-//! Live moves of an item key from its shard group to another, while it sells (README "Moving
-//! keys").
+//! Live moves of keys between shard groups, while they sell (README "Moving keys"). The unit
+//! moved is one key or one hash slot (every key of that slot), of items (sale items, their
+//! reservations, sales by id: [`items`]) or of users (orders, payments, pending stock releases:
+//! [`users`]).
 //!
-//! A move is a persisted state machine in the `moves` table on the config group:
+//! A move is a persisted state machine in the `moves` table on the config group
+//! ([`run`] drives it):
 //!
-//! 1. **copying**: the key's rows (its `sale_items` rows, their reservations, the sale whose id is
-//!    the key) are copied to the destination, where they stay *fenced* (inactive);
+//! 1. **copying**: the unit's rows are copied to the destination, where they stay *fenced*
+//!    (inactive);
 //! 2. **catching_up**: the rows changed since the last pass are copied again, until a pass finds
-//!    few (writers stamp reservations with `clock_timestamp()` under the item's row lock, and each
-//!    pass reads its watermark under that lock, so "changed since" is exact);
-//! 3. **fenced**: the source's `sale_items` rows are fenced (`fenced_by` = the move). Every writer
-//!    of an item's stock locks those rows first (transaction 1, releases), so from the fence's
-//!    commit nothing changes there: the last changes are copied, then one transaction on the config
-//!    group writes the key's route and marks the move switched — the commit point;
-//! 4. **switched**: the destination's copy is unfenced. Buyers that met the fence re-read the route
-//!    and go on there (they wait up to 2 s, then get 503 with Retry-After). The source keeps its
-//!    fenced copy: `reverse` moves the key back from here, `complete` drops it;
-//! 5. **completed** (the source's reservations and sale row dropped; its fenced `sale_items` rows
-//!    stay as tombstones that turn away a node still routing there), or **failed** / **cancelled**
-//!    (before the switch: the source unfenced, the destination's copy dropped).
+//!    few (each kind's module says how "changed since" is exact);
+//! 3. **fenced**: the source's rows are fenced: from the fence on, no writer changes them there
+//!    (items: the fence is in the rows that every writer locks first; users: every writer checks
+//!    the fence and the mover waits out the transactions older than it). The last changes are
+//!    copied, then one transaction on the config group writes the route and marks the move
+//!    switched — the commit point;
+//! 4. **switched**: the destination's copy is unfenced. Writers that met the fence re-read the
+//!    route and go on there (buyers, cancels and payments wait up to 2 s, then 503 with
+//!    Retry-After). The source keeps its fenced copy: `reverse` moves the unit back from here,
+//!    `complete` drops it;
+//! 5. **completed** (the source's copy dropped; its fences stay as tombstones that turn away a node
+//!    still routing there), or **failed** / **cancelled** (before the switch: the source unfenced,
+//!    the destination's copy dropped).
 //!
 //! Whoever runs a move (the engine node that accepted it, or the CLI) holds a lease on it and
 //! renews it at every step; every engine node looks for moves whose lease ran out and resumes them
@@ -25,21 +29,27 @@
 //! after it, only reversed: a move never stays half-switched.
 //!
 //! Pre-checks before any copy: both groups writable with their shadows streaming, the same schema
-//! version, nothing live for the key on the destination, no other open move of the key.
+//! version, nothing live for the unit on the destination, no other open move of the key or slot.
 //!
-//! Not covered: a sale created for the item while it moves (between the fence and the switch) —
-//! create sales before moving their items. Users' keys are not movable yet (their orders and
-//! payments would move the same way, fenced by the order rows).
+//! A key moved alone gets an entry in the router-config table; a slot gets an entry in `slot_map`
+//! (and the keys of that slot whose entries named the source lose them). Entries win under every
+//! strategy; slots cannot be moved for a kind routed by ranges.
+//!
+//! Not covered: a key that gets its first rows on the source between the fence and the switch of
+//! a slot move (a sale created, a first order placed in those milliseconds) stays behind;
+//! reads (a sale's stock, a user's orders) on a node that has not re-read the route yet see the
+//! source's inactive copy for up to `routing.table_refresh_ms`.
 
-pub mod copy;
+pub mod items;
+mod run;
+pub mod users;
 
 use crate::config::Config;
 use crate::db::DbError;
 use crate::order::OrderError;
-use crate::router::{KeyKind, Router};
+use crate::router::{slot_of, KeyKind, Router};
 use crate::shard::{Cluster, Role, Work};
 use chrono::{DateTime, Utc};
-use copy::Holdings;
 use serde::Serialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -48,13 +58,8 @@ use tokio_util::task::TaskTracker;
 
 /// How long a claim on a move holds without being renewed.
 const LEASE: &str = "10 seconds";
-/// Budget of one step against one group (a copy of a big item takes a while).
+/// Budget of one step against one group (a copy of a big unit takes a while).
 const STEP_BUDGET: Duration = Duration::from_secs(120);
-/// Fence once a catch-up pass copies fewer rows than this, or after [`CATCH_UP_PASSES`] passes.
-const CATCH_UP_ROWS: u64 = 500;
-const CATCH_UP_PASSES: u32 = 5;
-/// Failed attempts at a step before the move is rolled back (and marked failed).
-const STEP_ATTEMPTS: u32 = 3;
 
 /// Where a move is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
@@ -107,7 +112,10 @@ pub struct Move {
     pub move_id: u64,
     #[schema(example = "items")]
     pub kind: String,
-    pub key: u64,
+    /// The key moved, or
+    pub key: Option<u64>,
+    /// the hash slot moved (all its keys).
+    pub slot: Option<u32>,
     #[schema(example = "g0")]
     pub from: String,
     #[schema(example = "g1")]
@@ -115,7 +123,7 @@ pub struct Move {
     pub phase: Phase,
     /// Rows written to the destination so far (re-copies of changed rows included).
     pub rows_copied: i64,
-    /// How long the item's writes were fenced (from the source's fence to the destination's copy
+    /// How long the unit's writes were fenced (from the source's fence to the destination's copy
     /// going live); set at the switch.
     pub write_pause_ms: Option<i64>,
     /// Why it failed, or the last error of a step that is being retried.
@@ -139,7 +147,7 @@ pub struct Move {
 const MOVE_COLUMNS: &str = "move_id, kind, key, from_group, to_group, phase, rows_copied,
     write_pause_ms, error, cancel_requested, complete_requested, dest_live, cleanup_pending,
     reverse_of, reversed_by, created_at, updated_at, fenced_at, switched_at, finished_at,
-    watermark";
+    watermark, slot";
 
 impl Move {
     fn from_row(r: &tokio_postgres::Row) -> Self {
@@ -147,7 +155,8 @@ impl Move {
         Move {
             move_id: id(r.get(0)),
             kind: r.get(1),
-            key: id(r.get(2)),
+            key: r.get::<_, Option<i64>>(2).map(id),
+            slot: r.get::<_, Option<i32>>(21).map(|s| s.unsigned_abs()),
             from: r.get(3),
             to: r.get(4),
             phase: Phase::from_db(r.get(5)),
@@ -168,6 +177,18 @@ impl Move {
         }
     }
 
+    /// What it moves.
+    pub fn unit(&self) -> Unit {
+        match (self.key, self.slot) {
+            (Some(k), _) => Unit::Key(k),
+            (None, s) => Unit::Slot(s.unwrap_or_default()),
+        }
+    }
+
+    fn key_kind(&self) -> Result<KeyKind, MoveError> {
+        KeyKind::parse(&self.kind).ok_or_else(|| MoveError::Unsupported(self.kind.clone()))
+    }
+
     /// Nothing left to do until someone asks for more (complete, reverse).
     pub fn at_rest(&self) -> bool {
         match self.phase {
@@ -183,9 +204,12 @@ impl Move {
 pub struct Plan {
     #[schema(example = "items")]
     pub kind: String,
-    pub key: u64,
+    pub key: Option<u64>,
+    pub slot: Option<u32>,
     pub from: String,
     pub to: String,
+    /// Keys the move carries (for a slot: those with rows on the source now).
+    pub keys: usize,
     /// Rows the first pass copies.
     pub rows_to_copy: i64,
     pub source: Holdings,
@@ -198,14 +222,10 @@ pub struct Plan {
 pub enum MoveError {
     #[error("unknown group {0:?}")]
     UnknownGroup(String),
-    #[error("{kind} {key} already lives on group {group}")]
-    SameGroup {
-        kind: &'static str,
-        key: u64,
-        group: String,
-    },
-    #[error("moving {0} keys is not supported yet (only items)")]
-    Unsupported(&'static str),
+    #[error("{what} already lives on group {group}")]
+    SameGroup { what: String, group: String },
+    #[error("cannot move {0}")]
+    Unsupported(String),
     #[error("move {0} not found")]
     NotFound(u64),
     /// Another open move of the key, or an action the move's phase does not allow.
@@ -214,12 +234,8 @@ pub enum MoveError {
     /// A pre-check failed: nothing was copied.
     #[error("pre-check failed: {0}")]
     Precheck(String),
-    #[error("{kind} {key} has live rows on the destination group {group}")]
-    HasData {
-        kind: &'static str,
-        key: u64,
-        group: String,
-    },
+    #[error("{what} has live rows on the destination group {group}")]
+    HasData { what: String, group: String },
     #[error(transparent)]
     Order(#[from] OrderError),
 }
@@ -236,7 +252,103 @@ impl From<crate::shard::ShardError> for MoveError {
     }
 }
 
-/// Runs moves: starts them, drives them through their phases, resumes the ones whose runner died.
+/// The unit a move carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    Key(u64),
+    Slot(u32),
+}
+
+impl Unit {
+    fn describe(self, kind: KeyKind) -> String {
+        match self {
+            Unit::Key(k) => format!("{} {k}", kind.as_str()),
+            Unit::Slot(s) => format!("{} slot {s}", kind.as_str()),
+        }
+    }
+}
+
+/// What a group holds of a move's keys.
+#[derive(Debug, Clone, Copy, Default, Serialize, utoipa::ToSchema)]
+pub struct Holdings {
+    /// Rows (items: sale items, reservations, sales; users: orders, payments).
+    pub rows: i64,
+    /// Keys with rows here.
+    pub keys: i64,
+    /// Of which live (not fenced: neither a copy being filled nor one left behind).
+    pub live: i64,
+}
+
+// Each kind's SQL, behind one set of names.
+
+async fn candidates(kind: KeyKind, c: &Client, move_id: i64) -> Result<Vec<i64>, DbError> {
+    match kind {
+        KeyKind::Items => items::candidates(c, move_id).await,
+        KeyKind::Users => users::candidates(c, move_id).await,
+    }
+}
+
+async fn watermark(kind: KeyKind, c: &mut Client, keys: &[i64]) -> Result<DateTime<Utc>, DbError> {
+    match kind {
+        KeyKind::Items => items::watermark(c, keys).await,
+        KeyKind::Users => users::watermark(c, keys).await,
+    }
+}
+
+async fn copy(
+    kind: KeyKind,
+    src: &Client,
+    dst: &mut Client,
+    move_id: i64,
+    keys: &[i64],
+    since: Option<DateTime<Utc>>,
+) -> Result<u64, DbError> {
+    match kind {
+        KeyKind::Items => items::copy(src, dst, move_id, keys, since).await,
+        KeyKind::Users => users::copy(src, dst, move_id, keys, since).await,
+    }
+}
+
+async fn fence(kind: KeyKind, c: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, DbError> {
+    match kind {
+        KeyKind::Items => items::fence(c, move_id, keys).await,
+        KeyKind::Users => users::fence(c, move_id, keys).await,
+    }
+}
+
+async fn unfence(kind: KeyKind, c: &Client, move_id: i64) -> Result<u64, DbError> {
+    match kind {
+        KeyKind::Items => items::unfence(c, move_id).await,
+        KeyKind::Users => users::unfence(c, move_id).await,
+    }
+}
+
+async fn drop_copy(
+    kind: KeyKind,
+    c: &mut Client,
+    move_id: i64,
+    keys: &[i64],
+    tombstones: bool,
+) -> Result<u64, DbError> {
+    match kind {
+        KeyKind::Items => items::drop_copy(c, move_id, keys, tombstones).await,
+        KeyKind::Users => users::drop_copy(c, move_id, keys, tombstones).await,
+    }
+}
+
+async fn holdings(kind: KeyKind, c: &Client, keys: &[i64]) -> Result<Holdings, DbError> {
+    match kind {
+        KeyKind::Items => items::holdings(c, keys).await,
+        KeyKind::Users => users::holdings(c, keys).await,
+    }
+}
+
+fn db_key(key: u64) -> i64 {
+    i64::try_from(key).unwrap_or(i64::MAX)
+}
+
+/// Runs moves: starts them, drives them through their phases ([`run`]), resumes the ones whose
+/// runner died.
 pub struct Mover {
     config: Arc<Config>,
     cluster: Arc<Cluster>,
@@ -361,43 +473,139 @@ impl Mover {
         .await
     }
 
-    /// The pre-checks of a move of `key` to `to`, and what it would copy. Changes nothing.
-    pub async fn plan(&self, kind: KeyKind, key: u64, to: &str) -> Result<Plan, MoveError> {
-        if kind != KeyKind::Items {
-            return Err(MoveError::Unsupported(kind.as_str()));
+    /// The group a unit lives on now.
+    fn home(&self, kind: KeyKind, unit: Unit) -> Result<usize, MoveError> {
+        match unit {
+            Unit::Key(k) => Ok(self.router.route(kind, k)),
+            Unit::Slot(s) => {
+                let rules = self.router.kind(kind);
+                if rules.strategy() == crate::config::Strategy::Range {
+                    return Err(MoveError::Unsupported(format!(
+                        "slots of {}: they are routed by ranges",
+                        kind.as_str()
+                    )));
+                }
+                if s >= rules.slot_count() {
+                    return Err(MoveError::Unsupported(format!(
+                        "slot {s}: there are {} slots",
+                        rules.slot_count()
+                    )));
+                }
+                Ok(self
+                    .router
+                    .table()
+                    .slot(kind, s)
+                    .or_else(|| self.router.slot_home(kind, s))
+                    .unwrap_or_default())
+            }
         }
-        let to_idx = self.group_idx(to)?;
-        self.refresh_routes().await?;
-        let from_idx = self.router.route(kind, key);
-        let from = self.cluster.group(from_idx).name.clone();
-        if from_idx == to_idx {
-            return Err(MoveError::SameGroup {
-                kind: kind.as_str(),
-                key,
-                group: from,
-            });
-        }
-        let mut checks = Vec::new();
-        let db = db_key(key);
+    }
+
+    /// The keys a move of `unit` carries from group `from` (a slot's: the keys of that slot with
+    /// rows there, live or fenced by this move, that route there).
+    async fn keys(
+        &self,
+        kind: KeyKind,
+        unit: Unit,
+        from: &str,
+        move_id: i64,
+    ) -> Result<Vec<i64>, MoveError> {
+        let slot = match unit {
+            Unit::Key(k) => return Ok(vec![db_key(k)]),
+            Unit::Slot(s) => s,
+        };
+        let from_idx = self.group_idx(from)?;
+        let slots = self.router.kind(kind).slot_count();
+        let all = self
+            .on_group(from, async |c| candidates(kind, c, move_id).await)
+            .await?;
+        Ok(all
+            .into_iter()
+            .filter(|&k| {
+                let k = k.unsigned_abs();
+                slot_of(k, slots) == slot && self.router.route(kind, k) == from_idx
+            })
+            .collect())
+    }
+
+    /// No other open move of the key, its slot, the slot, or a key of the slot (`except`: the move
+    /// a reverse closes).
+    async fn check_no_open(
+        &self,
+        kind: KeyKind,
+        unit: Unit,
+        except: Option<u64>,
+    ) -> Result<(), MoveError> {
+        let except = except.map(db_key).unwrap_or(0);
         let open = self
             .on_config(async |c| {
-                Ok(c.query_opt(
-                    "SELECT move_id, phase FROM moves WHERE kind = $1 AND key = $2
+                Ok(c.query(
+                    "SELECT move_id, phase, key, slot FROM moves WHERE kind = $1 AND move_id <> $2
                        AND (phase IN ('copying', 'catching_up', 'fenced', 'switched')
                             OR cleanup_pending)",
-                    &[&kind.as_str(), &db],
+                    &[&kind.as_str(), &except],
                 )
                 .await?
-                .map(|r| (r.get::<_, i64>(0), r.get::<_, String>(1))))
+                .iter()
+                .map(|r| {
+                    (
+                        r.get::<_, i64>(0),
+                        r.get::<_, String>(1),
+                        r.get::<_, Option<i64>>(2).map(|k| k.unsigned_abs()),
+                        r.get::<_, Option<i32>>(3).map(|s| s.unsigned_abs()),
+                    )
+                })
+                .collect::<Vec<_>>())
             })
             .await?;
-        if let Some((id, phase)) = open {
-            return Err(MoveError::Conflict(format!(
-                "move {id} of {} {key} is {phase}: complete, reverse or cancel it first",
-                kind.as_str()
-            )));
+        let slots = self.router.kind(kind).slot_count();
+        let slot_of_unit = match unit {
+            Unit::Key(k) => slot_of(k, slots),
+            Unit::Slot(s) => s,
+        };
+        for (id, phase, key, slot) in open {
+            let clash = match (unit, key, slot) {
+                (Unit::Key(k), Some(other), _) => k == other,
+                (Unit::Slot(_), Some(other), _) => slot_of(other, slots) == slot_of_unit,
+                (_, None, Some(s)) => s == slot_of_unit,
+                _ => false,
+            };
+            if clash {
+                return Err(MoveError::Conflict(format!(
+                    "move {id} ({}) is {phase}: complete, reverse or cancel it first",
+                    match (key, slot) {
+                        (Some(k), _) => format!("{} {k}", kind.as_str()),
+                        (_, s) => format!("{} slot {}", kind.as_str(), s.unwrap_or_default()),
+                    }
+                )));
+            }
         }
-        checks.push("no other open move of the key".to_string());
+        Ok(())
+    }
+
+    /// The pre-checks of a move of `unit` to `to`, and what it would copy. Changes nothing.
+    pub async fn plan(&self, kind: KeyKind, unit: Unit, to: &str) -> Result<Plan, MoveError> {
+        self.plan_except(kind, unit, to, None).await
+    }
+
+    async fn plan_except(
+        &self,
+        kind: KeyKind,
+        unit: Unit,
+        to: &str,
+        except: Option<u64>,
+    ) -> Result<Plan, MoveError> {
+        let to_idx = self.group_idx(to)?;
+        self.refresh_routes().await?;
+        let from_idx = self.home(kind, unit)?;
+        let from = self.cluster.group(from_idx).name.clone();
+        let what = unit.describe(kind);
+        if from_idx == to_idx {
+            return Err(MoveError::SameGroup { what, group: from });
+        }
+        let mut checks = Vec::new();
+        self.check_no_open(kind, unit, except).await?;
+        checks.push("no other open move of the key or its slot".to_string());
         for g in [from_idx, to_idx] {
             self.check_group(g)?;
         }
@@ -419,26 +627,32 @@ impl Mover {
                 )))
             }
         }
+        let keys = self.keys(kind, unit, &from, 0).await?;
         let source = self
-            .on_group(&from, async |c| copy::holdings(c, db).await)
+            .on_group(&from, async |c| holdings(kind, c, &keys).await)
             .await?;
         let destination = self
-            .on_group(to, async |c| copy::holdings(c, db).await)
+            .on_group(to, async |c| holdings(kind, c, &keys).await)
             .await?;
-        if !destination.nothing_live() {
+        if destination.live > 0 {
             return Err(MoveError::HasData {
-                kind: kind.as_str(),
-                key,
+                what,
                 group: to.to_string(),
             });
         }
-        checks.push("nothing live for the key on the destination".to_string());
+        checks.push("nothing live for it on the destination".to_string());
+        let (key, slot) = match unit {
+            Unit::Key(k) => (Some(k), None),
+            Unit::Slot(s) => (None, Some(s)),
+        };
         Ok(Plan {
             kind: kind.as_str().to_string(),
             key,
+            slot,
             from,
             to: to.to_string(),
-            rows_to_copy: source.rows(),
+            keys: keys.len(),
+            rows_to_copy: source.rows,
             source,
             destination,
             checks,
@@ -465,18 +679,18 @@ impl Mover {
         Ok(())
     }
 
-    /// Check, record and start a move; it runs in the background ([`Self::run`]).
+    /// Check, record and start a move; it runs in the background ([`run`]).
     pub async fn start(
         self: &Arc<Self>,
         kind: KeyKind,
-        key: u64,
+        unit: Unit,
         to: &str,
         complete: bool,
     ) -> Result<Move, MoveError> {
-        let plan = self.plan(kind, key, to).await?;
+        let plan = self.plan(kind, unit, to).await?;
         let id = self.record(&plan, complete, None).await?;
-        tracing::info!(move_id = id, kind = %plan.kind, key, from = %plan.from, to = %plan.to,
-            rows = plan.rows_to_copy, "move started");
+        tracing::info!(move_id = id, unit = %unit.describe(kind), from = %plan.from,
+            to = %plan.to, keys = plan.keys, rows = plan.rows_to_copy, "move started");
         self.spawn(id);
         self.get(id).await
     }
@@ -489,7 +703,8 @@ impl Mover {
         complete: bool,
         reverses: Option<i64>,
     ) -> Result<u64, MoveError> {
-        let key = db_key(plan.key);
+        let key = plan.key.map(db_key);
+        let slot = plan.slot.map(|s| i32::try_from(s).unwrap_or(i32::MAX));
         let inserted = self
             .on_config(async |c| {
                 let tx = c.transaction().await?;
@@ -506,16 +721,17 @@ impl Mover {
                 let id: i64 = tx
                     .query_one(
                         &format!(
-                            "INSERT INTO moves (move_id, kind, key, from_group, to_group,
-                                     phase, complete_requested, reverse_of, owner, lease_until)
-                         SELECT coalesce(max(move_id), 0) + 1, $1, $2, $3, $4, 'copying', $5, $6,
-                                $7, now() + interval '{LEASE}'
-                         FROM moves
-                         RETURNING move_id"
+                            "INSERT INTO moves (move_id, kind, key, slot, from_group, to_group,
+                                 phase, complete_requested, reverse_of, owner, lease_until)
+                             SELECT coalesce(max(move_id), 0) + 1, $1, $2, $3, $4, $5, 'copying',
+                                    $6, $7, $8, now() + interval '{LEASE}'
+                             FROM moves
+                             RETURNING move_id"
                         ),
                         &[
                             &plan.kind,
                             &key,
+                            &slot,
                             &plan.from,
                             &plan.to,
                             &complete,
@@ -542,10 +758,9 @@ impl Mover {
             Err(MoveError::Order(OrderError::Db(DbError::Rejected { code, .. })))
                 if code == "23505" =>
             {
-                Err(MoveError::Conflict(format!(
-                    "another move of {} {} started meanwhile",
-                    plan.kind, plan.key
-                )))
+                Err(MoveError::Conflict(
+                    "another move of the same key or slot started meanwhile".to_string(),
+                ))
             }
             Err(e) => Err(e),
         }
@@ -570,13 +785,12 @@ impl Mover {
         self.get(id).await
     }
 
-    /// Ask a switched move to drop the source's copy.
+    /// Ask a move to drop the source's copy once it has switched.
     pub async fn complete(self: &Arc<Self>, id: u64) -> Result<Move, MoveError> {
         let m = self.get(id).await?;
         match m.phase {
             Phase::Completed => return Ok(m),
-            Phase::Switched => {}
-            Phase::Copying | Phase::CatchingUp | Phase::Fenced => {}
+            Phase::Switched | Phase::Copying | Phase::CatchingUp | Phase::Fenced => {}
             _ => {
                 return Err(MoveError::Conflict(format!(
                     "move {id} is {}: nothing to complete",
@@ -589,8 +803,8 @@ impl Mover {
         self.get(id).await
     }
 
-    /// Move the key of a switched (or completed) move back where it came from: a new move, which
-    /// overwrites the inactive copy left there.
+    /// Move the unit of a switched (or completed) move back where it came from: a new move,
+    /// which overwrites the inactive copy left there.
     pub async fn reverse(self: &Arc<Self>, id: u64, complete: bool) -> Result<Move, MoveError> {
         let m = self.get(id).await?;
         if !matches!(m.phase, Phase::Switched | Phase::Completed) || m.reversed_by.is_some() {
@@ -602,64 +816,18 @@ impl Mover {
                     .unwrap_or_default()
             )));
         }
-        let kind = KeyKind::parse(&m.kind).ok_or(MoveError::Unsupported("unknown"))?;
         if m.phase == Phase::Switched && !m.dest_live {
             return Err(MoveError::Conflict(format!(
                 "move {id} is still switching; retry in a moment"
             )));
         }
-        // The open switched move is closed by `record`, so the pre-check's "other open move"
-        // must not count it.
-        let plan = match self.plan(kind, m.key, &m.from).await {
-            Err(MoveError::Conflict(_)) if m.phase == Phase::Switched => {
-                self.plan_ignoring_open(kind, m.key, &m.from).await?
-            }
-            other => other?,
-        };
+        let plan = self
+            .plan_except(m.key_kind()?, m.unit(), &m.from, Some(id))
+            .await?;
         let new = self.record(&plan, complete, Some(db_key(id))).await?;
         tracing::info!(move_id = new, reverses = id, "move reversed");
         self.spawn(new);
         self.get(new).await
-    }
-
-    /// [`Self::plan`] for a reverse of a switched move: the same checks but the open-move one
-    /// (the move being reversed is that open move).
-    async fn plan_ignoring_open(
-        &self,
-        kind: KeyKind,
-        key: u64,
-        to: &str,
-    ) -> Result<Plan, MoveError> {
-        let to_idx = self.group_idx(to)?;
-        let from_idx = self.router.route(kind, key);
-        let from = self.cluster.group(from_idx).name.clone();
-        for g in [from_idx, to_idx] {
-            self.check_group(g)?;
-        }
-        let db = db_key(key);
-        let source = self
-            .on_group(&from, async |c| copy::holdings(c, db).await)
-            .await?;
-        let destination = self
-            .on_group(to, async |c| copy::holdings(c, db).await)
-            .await?;
-        if !destination.nothing_live() {
-            return Err(MoveError::HasData {
-                kind: kind.as_str(),
-                key,
-                group: to.to_string(),
-            });
-        }
-        Ok(Plan {
-            kind: kind.as_str().to_string(),
-            key,
-            from,
-            to: to.to_string(),
-            rows_to_copy: source.rows(),
-            source,
-            destination,
-            checks: vec!["both groups writable, their shadows streaming".to_string()],
-        })
     }
 
     async fn request(&self, id: u64, flag: &'static str) -> Result<(), MoveError> {
@@ -675,77 +843,53 @@ impl Mover {
         .await
     }
 
-    /// Run the move here if nobody holds it.
-    async fn kick(self: &Arc<Self>, id: u64) -> Result<(), MoveError> {
-        if self.claim(id).await? {
-            self.spawn(id);
+    /// The slot moves that even out how many hash slots of `kind` each group holds (to within
+    /// one), taking slots from the fullest groups for the emptiest: `(slot, from, to)`, in the
+    /// order to run them. A group just added with no slots gets its share.
+    pub async fn rebalance_plan(
+        &self,
+        kind: KeyKind,
+    ) -> Result<Vec<(u32, String, String)>, MoveError> {
+        let rules = self.router.kind(kind);
+        if rules.strategy() == crate::config::Strategy::Range {
+            return Err(MoveError::Unsupported(format!(
+                "slots of {}: they are routed by ranges",
+                kind.as_str()
+            )));
         }
-        Ok(())
-    }
-
-    /// Take the move if its lease ran out (or it has none, or it is already ours).
-    async fn claim(&self, id: u64) -> Result<bool, MoveError> {
-        let db_id = db_key(id);
-        let owner = self.owner.clone();
-        self.on_config(async |c| {
-            Ok(c.execute(
-                &format!(
-                    "UPDATE moves SET owner = $2, lease_until = now() + interval '{LEASE}'
-                     WHERE move_id = $1
-                       AND (owner IS NULL OR owner = $2 OR lease_until < now())"
-                ),
-                &[&db_id, &owner],
-            )
-            .await?
-                == 1)
-        })
-        .await
-    }
-
-    /// Keep the claim; false when another runner took the move over.
-    async fn renew(&self, id: u64) -> Result<bool, MoveError> {
-        let db_id = db_key(id);
-        let owner = self.owner.clone();
-        self.on_config(async |c| {
-            Ok(c.execute(
-                &format!(
-                    "UPDATE moves SET lease_until = now() + interval '{LEASE}'
-                     WHERE move_id = $1 AND owner = $2"
-                ),
-                &[&db_id, &owner],
-            )
-            .await?
-                == 1)
-        })
-        .await
-    }
-
-    async fn let_go(&self, id: u64) {
-        let db_id = db_key(id);
-        let owner = self.owner.clone();
-        let done = self
-            .on_config(async |c| {
-                c.execute(
-                    "UPDATE moves SET owner = NULL, lease_until = NULL
-                     WHERE move_id = $1 AND owner = $2",
-                    &[&db_id, &owner],
-                )
-                .await?;
-                Ok(())
-            })
-            .await;
-        if let Err(e) = done {
-            tracing::debug!(move_id = id, error = %e, "lease not released; it runs out");
+        self.refresh_routes().await?;
+        let groups = self.cluster.groups.len();
+        let mut owned: Vec<Vec<u32>> = vec![Vec::new(); groups];
+        for s in 0..rules.slot_count() {
+            owned[self.home(kind, Unit::Slot(s))?].push(s);
         }
-    }
-
-    fn spawn(self: &Arc<Self>, id: u64) {
-        let this = self.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = this.run(id).await {
-                tracing::warn!(move_id = id, error = %e, "move paused; it resumes when its lease runs out");
+        let mut plan = Vec::new();
+        loop {
+            let (full, _) = owned
+                .iter()
+                .enumerate()
+                .max_by_key(|(g, o)| (o.len(), std::cmp::Reverse(*g)))
+                .map(|(g, o)| (g, o.len()))
+                .unwrap_or_default();
+            let (empty, _) = owned
+                .iter()
+                .enumerate()
+                .min_by_key(|(g, o)| (o.len(), *g))
+                .map(|(g, o)| (g, o.len()))
+                .unwrap_or_default();
+            if owned[full].len() <= owned[empty].len() + 1 {
+                return Ok(plan);
             }
-        });
+            let Some(slot) = owned[full].pop() else {
+                return Ok(plan);
+            };
+            owned[empty].push(slot);
+            plan.push((
+                slot,
+                self.cluster.group(full).name.clone(),
+                self.cluster.group(empty).name.clone(),
+            ));
+        }
     }
 
     /// Resume every move whose runner died (its lease ran out) and that has work left.
@@ -783,299 +927,4 @@ impl Mover {
             }
         }
     }
-
-    /// Drive a claimed move until it rests (switched and live, or finished), then let it go.
-    pub async fn run(&self, id: u64) -> Result<Move, MoveError> {
-        let mut passes = 0;
-        let mut failures = 0;
-        loop {
-            let m = self.get(id).await?;
-            if m.at_rest() {
-                self.let_go(id).await;
-                return Ok(m);
-            }
-            if !self.renew(id).await? {
-                return Ok(m);
-            }
-            match self.step(&m, &mut passes).await {
-                Ok(()) => failures = 0,
-                Err(e) => {
-                    failures += 1;
-                    tracing::warn!(move_id = id, phase = m.phase.as_str(), failures, error = %e,
-                        "move step failed");
-                    self.note_error(id, &e.to_string()).await;
-                    if failures >= STEP_ATTEMPTS && m.phase.before_switch() && !m.cleanup_pending {
-                        self.abandon(&m, Phase::Failed, &e.to_string()).await?;
-                        failures = 0;
-                    } else if failures >= STEP_ATTEMPTS * 3 {
-                        // Leave it to a later resume (the lease runs out).
-                        return Err(e);
-                    }
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(failures))).await;
-                }
-            }
-        }
-    }
-
-    /// One step of the state machine ([module docs](self)).
-    async fn step(&self, m: &Move, passes: &mut u32) -> Result<(), MoveError> {
-        let key = db_key(m.key);
-        let id = db_key(m.move_id);
-        if m.cleanup_pending {
-            return self.clean_up(m).await;
-        }
-        if m.cancel_requested && m.phase.before_switch() {
-            return self.abandon(m, Phase::Cancelled, "cancelled").await;
-        }
-        match m.phase {
-            Phase::Copying => {
-                let (at, n) = self.pass(m, None).await?;
-                self.advance(id, Phase::CatchingUp, Some(at), n).await
-            }
-            Phase::CatchingUp => {
-                let (at, n) = self.pass(m, self.watermark(id).await?).await?;
-                *passes += 1;
-                let next = if n < CATCH_UP_ROWS || *passes >= CATCH_UP_PASSES {
-                    Phase::Fenced
-                } else {
-                    Phase::CatchingUp
-                };
-                self.advance(id, next, Some(at), n).await
-            }
-            Phase::Fenced => {
-                self.on_group(&m.from, async |c| copy::fence(c, id, key).await)
-                    .await?;
-                self.on_config(async |c| {
-                    c.execute(
-                        "UPDATE moves SET fenced_at = coalesce(fenced_at, clock_timestamp())
-                         WHERE move_id = $1",
-                        &[&id],
-                    )
-                    .await?;
-                    Ok(())
-                })
-                .await?;
-                let n = self.copy_since(m, self.watermark(id).await?).await?;
-                self.switch(m, n).await
-            }
-            Phase::Switched if !m.dest_live => {
-                self.on_group(&m.to, async |c| copy::unfence(c, id, key).await)
-                    .await?;
-                self.on_config(async |c| {
-                    c.execute(
-                        "UPDATE moves SET dest_live = true, updated_at = now(),
-                             write_pause_ms = (extract(epoch FROM clock_timestamp() - fenced_at)
-                                               * 1000)::bigint
-                         WHERE move_id = $1",
-                        &[&id],
-                    )
-                    .await?;
-                    Ok(())
-                })
-                .await?;
-                let m = self.get(m.move_id).await?;
-                tracing::info!(
-                    move_id = m.move_id,
-                    write_pause_ms = m.write_pause_ms,
-                    rows = m.rows_copied,
-                    "move switched"
-                );
-                Ok(())
-            }
-            Phase::Switched if m.complete_requested => {
-                self.on_group(&m.from, async |c| copy::drop_copy(c, id, key, true).await)
-                    .await?;
-                self.on_config(async |c| {
-                    c.execute(
-                        "UPDATE moves SET phase = 'completed', finished_at = now(),
-                             updated_at = now()
-                         WHERE move_id = $1 AND phase = 'switched'",
-                        &[&id],
-                    )
-                    .await?;
-                    Ok(())
-                })
-                .await?;
-                tracing::info!(move_id = m.move_id, "move completed");
-                Ok(())
-            }
-            _ => Ok(()),
-        }
-    }
-
-    async fn watermark(&self, id: i64) -> Result<Option<DateTime<Utc>>, MoveError> {
-        self.on_config(async |c| {
-            Ok(
-                c.query_one("SELECT watermark FROM moves WHERE move_id = $1", &[&id])
-                    .await?
-                    .get(0),
-            )
-        })
-        .await
-    }
-
-    /// One copy pass (all rows when `since` is None); returns its watermark and the rows written.
-    async fn pass(
-        &self,
-        m: &Move,
-        since: Option<DateTime<Utc>>,
-    ) -> Result<(DateTime<Utc>, u64), MoveError> {
-        let key = db_key(m.key);
-        let at = self
-            .on_group(&m.from, async |c| copy::watermark(c, key).await)
-            .await?;
-        let n = self.copy_since(m, since).await?;
-        Ok((at, n))
-    }
-
-    /// Copy what changed since `since` (everything when None) from the source to the
-    /// destination; returns the rows written.
-    async fn copy_since(&self, m: &Move, since: Option<DateTime<Utc>>) -> Result<u64, MoveError> {
-        let (key, id) = (db_key(m.key), db_key(m.move_id));
-        let src = self.cluster.group(self.group_idx(&m.from)?);
-        let dst = self.cluster.group(self.group_idx(&m.to)?);
-        Ok(src
-            .run::<_, OrderError>(Work::Settle, STEP_BUDGET, async |s| {
-                dst.run::<_, OrderError>(Work::Settle, STEP_BUDGET, async |d| {
-                    copy::copy(s, d, id, key, since).await
-                })
-                .await
-                // Copying is idempotent: whatever went wrong, the step runs again.
-                .map_err(|e| DbError::Lost(e.to_string()))
-            })
-            .await?)
-    }
-
-    async fn advance(
-        &self,
-        id: i64,
-        next: Phase,
-        watermark: Option<DateTime<Utc>>,
-        copied: u64,
-    ) -> Result<(), MoveError> {
-        let copied = i64::try_from(copied).unwrap_or(i64::MAX);
-        self.on_config(async |c| {
-            c.execute(
-                "UPDATE moves SET phase = $2, watermark = coalesce($3, watermark),
-                     rows_copied = rows_copied + $4, updated_at = now(), error = NULL
-                 WHERE move_id = $1 AND phase IN ('copying', 'catching_up', 'fenced')",
-                &[&id, &next.as_str(), &watermark, &copied],
-            )
-            .await?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// The commit point: the key's route and the move's phase, in one transaction on the config
-    /// group (only while this runner holds the move and nobody asked to cancel it).
-    async fn switch(&self, m: &Move, copied: u64) -> Result<(), MoveError> {
-        let (key, id) = (db_key(m.key), db_key(m.move_id));
-        let kind = KeyKind::parse(&m.kind).ok_or(MoveError::Unsupported("unknown"))?;
-        let to = self.group_idx(&m.to)?;
-        // Back to the group its rule names: no entry needed.
-        let by_rule = self.router.kind(kind).by_rule(m.key) == to;
-        let copied = i64::try_from(copied).unwrap_or(i64::MAX);
-        let owner = self.owner.clone();
-        self.on_config(async |c| {
-            let tx = c.transaction().await?;
-            let switched = tx
-                .execute(
-                    "UPDATE moves SET phase = 'switched', switched_at = now(), updated_at = now(),
-                         rows_copied = rows_copied + $3, error = NULL
-                     WHERE move_id = $1 AND phase = 'fenced' AND owner = $2
-                       AND NOT cancel_requested",
-                    &[&id, &owner, &copied],
-                )
-                .await?;
-            if switched == 0 {
-                tx.rollback().await?;
-                return Ok(());
-            }
-            if by_rule {
-                tx.execute(
-                    "DELETE FROM shard_map WHERE kind = $1 AND key = $2",
-                    &[&m.kind, &key],
-                )
-                .await?;
-            } else {
-                tx.execute(
-                    "INSERT INTO shard_map (kind, key, group_name) VALUES ($1, $2, $3)
-                     ON CONFLICT (kind, key) DO UPDATE
-                        SET group_name = EXCLUDED.group_name, updated_at = now()",
-                    &[&m.kind, &key, &m.to],
-                )
-                .await?;
-            }
-            tx.commit().await?;
-            Ok(())
-        })
-        .await?;
-        self.refresh_routes().await
-    }
-
-    /// Give up a move that has not switched: mark it `to` (failed or cancelled) with clean-up
-    /// pending, then clean up. Only this runner, and only before the switch.
-    async fn abandon(&self, m: &Move, to: Phase, why: &str) -> Result<(), MoveError> {
-        let id = db_key(m.move_id);
-        let owner = self.owner.clone();
-        let marked = self
-            .on_config(async |c| {
-                Ok(c.execute(
-                    "UPDATE moves SET phase = $3, error = $4, cleanup_pending = true,
-                         finished_at = now(), updated_at = now()
-                     WHERE move_id = $1 AND owner = $2
-                       AND phase IN ('copying', 'catching_up', 'fenced')",
-                    &[&id, &owner, &to.as_str(), &why],
-                )
-                .await?)
-            })
-            .await?;
-        if marked == 0 {
-            return Ok(());
-        }
-        tracing::warn!(
-            move_id = m.move_id,
-            phase = to.as_str(),
-            reason = why,
-            "move rolled back"
-        );
-        self.clean_up(m).await
-    }
-
-    /// Undo a move that did not switch: unfence the source, drop the destination's copy.
-    async fn clean_up(&self, m: &Move) -> Result<(), MoveError> {
-        let (key, id) = (db_key(m.key), db_key(m.move_id));
-        self.on_group(&m.from, async |c| copy::unfence(c, id, key).await)
-            .await?;
-        self.on_group(&m.to, async |c| copy::drop_copy(c, id, key, false).await)
-            .await?;
-        self.on_config(async |c| {
-            c.execute(
-                "UPDATE moves SET cleanup_pending = false, updated_at = now() WHERE move_id = $1",
-                &[&id],
-            )
-            .await?;
-            Ok(())
-        })
-        .await
-    }
-
-    async fn note_error(&self, id: u64, error: &str) {
-        let db_id = db_key(id);
-        let _ = self
-            .on_config(async |c| {
-                c.execute(
-                    "UPDATE moves SET error = $2, updated_at = now() WHERE move_id = $1",
-                    &[&db_id, &error],
-                )
-                .await?;
-                Ok(())
-            })
-            .await;
-    }
-}
-
-fn db_key(key: u64) -> i64 {
-    i64::try_from(key).unwrap_or(i64::MAX)
 }

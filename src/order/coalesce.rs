@@ -31,6 +31,8 @@ pub enum BatchFailure {
     NotCommitted(String),
     /// The batch may have committed.
     Unknown(String),
+    /// Not inserted: the order's user is being moved to another group.
+    Moving(String),
 }
 
 impl BatchFailure {
@@ -46,6 +48,7 @@ impl BatchFailure {
         match self {
             BatchFailure::NotCommitted(m) => OrderError::Unavailable(m),
             BatchFailure::Unknown(m) => OrderError::Db(DbError::Lost(m)),
+            BatchFailure::Moving(m) => OrderError::Db(DbError::Moving(m)),
         }
     }
 }
@@ -144,11 +147,20 @@ impl Coalescer {
                     );
                     match work.await {
                         Ok(inserted) => {
-                            let mut by_id: HashMap<Uuid, Order> =
-                                inserted.into_iter().map(|o| (o.order_id, o)).collect();
+                            let mut by_id: HashMap<Uuid, Order> = inserted
+                                .orders
+                                .into_iter()
+                                .map(|o| (o.order_id, o))
+                                .collect();
                             orders
                                 .iter()
-                                .map(|o| Ok(by_id.remove(&o.order_id)))
+                                .map(|o| {
+                                    if inserted.moving.contains(&o.order_id) {
+                                        Err(BatchFailure::Moving(format!("user {}", o.user.key())))
+                                    } else {
+                                        Ok(by_id.remove(&o.order_id))
+                                    }
+                                })
                                 .collect()
                         }
                         Err(e) => vec![Err(BatchFailure::from_order_error(&e)); n],

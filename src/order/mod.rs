@@ -377,23 +377,36 @@ impl OrderService {
         new: NewOrder,
     ) -> Result<Option<Order>, OrderError> {
         const ATTEMPTS: u32 = 4;
-        let user_group = self.router.user_group(req.user);
         let started = std::time::Instant::now();
         let mut unknown_outcome = None;
         let mut attempt = 0;
         loop {
-            attempt += 1;
+            // Routed afresh each time: the user may have moved to another group meanwhile.
+            let user_group = self.router.user_group(req.user);
             let outcome = match &self.coalescer {
                 Some(c) => c.insert(user_group, new.clone()).await,
                 None => self
                     .insert_orders_on(user_group, std::slice::from_ref(&new))
                     .await
-                    .map(|inserted| inserted.into_iter().next()),
+                    .and_then(|inserted| match inserted.moving.first() {
+                        Some(_) => Err(OrderError::Db(DbError::Moving(format!(
+                            "user {}",
+                            req.user.key()
+                        )))),
+                        None => Ok(inserted.orders.into_iter().next()),
+                    }),
             };
             let e = match outcome {
                 Ok(order) => return Ok(order),
                 Err(e) => e,
             };
+            if matches!(e, OrderError::Db(DbError::Moving(_))) && started.elapsed() < FENCE_WAIT {
+                // Not inserted: the user is being moved. The move switches it shortly.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                self.refresh_routes().await;
+                continue;
+            }
+            attempt += 1;
             let permanent = matches!(e, OrderError::Db(DbError::Rejected { .. }));
             if let OrderError::Db(db) = &e {
                 if !db.surely_not_committed() {
@@ -416,13 +429,35 @@ impl OrderService {
         &self,
         user_group: usize,
         orders: &[NewOrder],
-    ) -> Result<Vec<Order>, OrderError> {
+    ) -> Result<store::Inserted, OrderError> {
         self.cluster
             .group(user_group)
             .run(Work::Settle, self.timeout, async |c| {
                 store::insert_orders(c, orders).await
             })
             .await
+    }
+
+    /// Work on a user's group that a move may fence ([`DbError::Moving`]): retried on the user's
+    /// route as re-read, for up to [`FENCE_WAIT`].
+    async fn on_user_group<T, Fut>(
+        &self,
+        user: UserId,
+        work: impl Fn(usize) -> Fut,
+    ) -> Result<T, OrderError>
+    where
+        Fut: std::future::Future<Output = Result<T, OrderError>>,
+    {
+        let started = std::time::Instant::now();
+        loop {
+            match work(self.router.user_group(user)).await {
+                Err(OrderError::Db(DbError::Moving(_))) if started.elapsed() < FENCE_WAIT => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    self.refresh_routes().await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Transaction 2 failed: release the reservations if the orders surely do not exist, and
@@ -558,12 +593,14 @@ impl OrderService {
         order_id: Uuid,
         transition: store::Transition,
     ) -> Result<Option<Order>, OrderError> {
-        self.cluster
-            .group(self.router.user_group(user))
-            .run(Work::Settle, self.timeout, async |c| {
-                store::transition_order(c, user, order_id, transition).await
-            })
-            .await
+        self.on_user_group(user, |g| {
+            self.cluster
+                .group(g)
+                .run(Work::Settle, self.timeout, async move |c| {
+                    store::transition_order(c, user, order_id, transition).await
+                })
+        })
+        .await
     }
 
     /// A payment callback ([`payments`]): applied to its order, or refused, and recorded either
@@ -573,12 +610,16 @@ impl OrderService {
         &self,
         notice: payments::Notice,
     ) -> Result<payments::Settled, OrderError> {
-        let group = self.cluster.group(self.router.user_group(notice.user));
         let mut settled = None;
         for _ in 0..3 {
-            settled = group
-                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
-                    payments::settle(c, &notice).await
+            let notice = &notice;
+            settled = self
+                .on_user_group(notice.user, |g| {
+                    self.cluster
+                        .group(g)
+                        .run(Work::Settle, self.timeout, async move |c| {
+                            payments::settle(c, notice).await
+                        })
                 })
                 .await?;
             if settled.is_some() {

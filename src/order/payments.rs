@@ -164,6 +164,7 @@ pub async fn settle(
     notice: &Notice,
 ) -> Result<Option<Settled>, DbError> {
     let tx = client.transaction().await?;
+    super::store::check_user_fence(&tx, notice.user).await?;
     // The database's clock judges the window, as the sweeper's does.
     let order_sql = format!(
         "SELECT {}, expires_at <= now(), pg_current_xact_id() FROM orders

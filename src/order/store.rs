@@ -94,10 +94,27 @@ pub enum Transition {
     Cancel,
 }
 
+/// Whether a user is fenced by a move on this group ([`crate::moves`]): first statement of every
+/// transaction that changes the user's orders or payments here. (The mover waits for the
+/// transactions that began before its fence, so a check that passed is never overtaken.)
+pub async fn check_user_fence(
+    tx: &deadpool_postgres::Transaction<'_>,
+    user: UserId,
+) -> Result<(), DbError> {
+    let stmt = tx
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM user_fences WHERE user_id = $1)")
+        .await?;
+    if tx.query_one(&stmt, &[&user.db()]).await?.get::<_, bool>(0) {
+        return Err(DbError::Moving(format!("user {}", user.key())));
+    }
+    Ok(())
+}
+
 /// Apply a transition if the order is in a state that allows it; None when it is not (or the
-/// order does not exist): the caller then reads the order to tell which.
+/// order does not exist): the caller then reads the order to tell which. [`DbError::Moving`] when
+/// the user is being moved to another group.
 pub async fn transition_order(
-    client: &ClientWrapper,
+    client: &mut ClientWrapper,
     user: UserId,
     order_id: Uuid,
     transition: Transition,
@@ -114,27 +131,36 @@ pub async fn transition_order(
              SELECT * FROM o"
         ),
     };
-    let stmt = client.prepare_cached(sql).await?;
-    Ok(client
+    let tx = client.transaction().await?;
+    check_user_fence(&tx, user).await?;
+    let stmt = tx.prepare_cached(sql).await?;
+    let order = tx
         .query_opt(&stmt, &[&order_id, &user.db()])
         .await?
         .as_ref()
-        .map(Order::from_row))
+        .map(Order::from_row);
+    tx.commit().await?;
+    Ok(order)
 }
 
 impl Order {
     pub fn from_row(row: &Row) -> Self {
+        Self::from_row_at(row, 0)
+    }
+
+    /// The order's columns from column `at` on.
+    pub fn from_row_at(row: &Row, at: usize) -> Self {
         Self {
-            order_id: row.get(0),
-            user_id: row.get::<_, i64>(1).unsigned_abs(),
-            sale_id: row.get::<_, i64>(2).unsigned_abs(),
-            item_id: row.get::<_, i64>(3).unsigned_abs(),
-            quantity: row.get(4),
-            amount_cents: row.get(5),
-            status: OrderStatus::from_db(row.get(6)),
-            created_at: row.get(7),
-            expires_at: row.get(8),
-            paid_at: row.get(9),
+            order_id: row.get(at),
+            user_id: row.get::<_, i64>(at + 1).unsigned_abs(),
+            sale_id: row.get::<_, i64>(at + 2).unsigned_abs(),
+            item_id: row.get::<_, i64>(at + 3).unsigned_abs(),
+            quantity: row.get(at + 4),
+            amount_cents: row.get(at + 5),
+            status: OrderStatus::from_db(row.get(at + 6)),
+            created_at: row.get(at + 7),
+            expires_at: row.get(at + 8),
+            paid_at: row.get(at + 9),
         }
     }
 }
@@ -374,7 +400,7 @@ pub struct NewOrder {
 pub async fn insert_orders(
     client: &ClientWrapper,
     orders: &[NewOrder],
-) -> Result<Vec<Order>, DbError> {
+) -> Result<Inserted, DbError> {
     let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
     let users: Vec<i64> = orders.iter().map(|o| o.user.db()).collect();
     let sales: Vec<i64> = orders.iter().map(|o| o.sale.db()).collect();
@@ -383,13 +409,22 @@ pub async fn insert_orders(
     let amount: Vec<i64> = orders.iter().map(|o| o.amount_cents).collect();
     let window: Vec<i32> = orders.iter().map(|o| o.payment_window_secs).collect();
     let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
+    // One statement (one snapshot): the users fenced by a move are skipped and reported.
     let sql = format!(
-        "INSERT INTO orders (order_id, user_id, sale_id, item_id, quantity, amount_cents, status, expires_at)
-         SELECT o, u, s, i, q, a, st, now() + make_interval(secs => w)
-         FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[], $6::bigint[], $7::text[], $8::int[])
-              AS t(o, u, s, i, q, a, st, w)
-         ON CONFLICT (order_id) DO NOTHING
-         RETURNING {ORDER_COLUMNS}"
+        "WITH t AS (
+             SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
+                                  $6::bigint[], $7::text[], $8::int[]) AS t(o, u, s, i, q, a, st, w)),
+         f AS (SELECT user_id FROM user_fences WHERE user_id = ANY($2)),
+         ins AS (
+             INSERT INTO orders (order_id, user_id, sale_id, item_id, quantity, amount_cents, status, expires_at)
+             SELECT o, u, s, i, q, a, st, now() + make_interval(secs => w)
+             FROM t WHERE u NOT IN (SELECT user_id FROM f)
+             ON CONFLICT (order_id) DO NOTHING
+             RETURNING {ORDER_COLUMNS})
+         SELECT false, * FROM ins
+         UNION ALL
+         SELECT true, o, u, s, i, q, a, st, now(), now(), NULL::timestamptz
+         FROM t WHERE u IN (SELECT user_id FROM f)"
     );
     let rows = client
         .query(
@@ -399,7 +434,27 @@ pub async fn insert_orders(
             ],
         )
         .await?;
-    Ok(rows.iter().map(Order::from_row).collect())
+    let (mut inserted, mut moving) = (Vec::new(), Vec::new());
+    for r in &rows {
+        if r.get::<_, bool>(0) {
+            moving.push(r.get::<_, Uuid>(1));
+        } else {
+            inserted.push(Order::from_row_at(r, 1));
+        }
+    }
+    Ok(Inserted {
+        orders: inserted,
+        moving,
+    })
+}
+
+/// What [`insert_orders`] did.
+#[derive(Debug, Default)]
+pub struct Inserted {
+    /// The orders inserted (an order that existed already is not among them).
+    pub orders: Vec<Order>,
+    /// The ids of orders not inserted because their user is being moved to another group.
+    pub moving: Vec<Uuid>,
 }
 
 pub async fn get_order(
@@ -450,6 +505,7 @@ pub async fn expire_due(
                  SELECT order_id FROM orders
                  WHERE status = 'pending_payment' AND expires_at <= now()
                    AND ($1::uuid IS NULL OR order_id = $1)
+                   AND NOT EXISTS (SELECT 1 FROM user_fences f WHERE f.user_id = orders.user_id)
                  ORDER BY expires_at LIMIT $2
                  FOR UPDATE SKIP LOCKED),
              o AS (

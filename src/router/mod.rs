@@ -147,11 +147,19 @@ impl Router {
         }
     }
 
-    /// The key's table entry if it has one (set, or written by a move), else its kind's rule.
+    /// The key's table entry if it has one (set, or written by a move), else its slot's if the slot
+    /// was moved, else its kind's rule.
     pub fn route(&self, kind: KeyKind, key: u64) -> GroupIdx {
+        let rules = self.kind(kind);
         self.table
             .get(kind, key)
-            .unwrap_or_else(|| self.kind(kind).by_rule(key))
+            .or_else(|| self.table.slot(kind, slot_of(key, rules.slot_count())))
+            .unwrap_or_else(|| rules.by_rule(key))
+    }
+
+    /// The group the configuration gives a slot (hash and table strategies).
+    pub fn slot_home(&self, kind: KeyKind, slot: u32) -> Option<GroupIdx> {
+        self.kind(kind).slot_map.get(slot as usize).copied()
     }
 
     pub fn item_group(&self, item: crate::domain::ItemId) -> GroupIdx {

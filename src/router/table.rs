@@ -1,4 +1,5 @@
-//! The router-config table: explicit key -> group entries in `shard_map` on the config group.
+//! The router-config table: explicit key -> group entries in `shard_map` on the config group, and
+//! moved hash slots in `slot_map` (slot moves write them; a key's own entry wins).
 //!
 //! Every engine node keeps the whole table in memory (it is small: it names only the keys a DBA
 //! moved) and polls `shard_map_version`, which a trigger bumps on every change, so a change is seen
@@ -13,6 +14,7 @@ use std::sync::{Arc, RwLock};
 struct Snapshot {
     version: i64,
     entries: HashMap<(KeyKind, u64), GroupIdx>,
+    slots: HashMap<(KeyKind, u32), GroupIdx>,
 }
 
 #[derive(Debug)]
@@ -43,6 +45,21 @@ impl TableCache {
         self.snapshot().entries.get(&(kind, key)).copied()
     }
 
+    /// Where a moved hash slot lives now, if it was moved.
+    pub fn slot(&self, kind: KeyKind, slot: u32) -> Option<GroupIdx> {
+        self.snapshot().slots.get(&(kind, slot)).copied()
+    }
+
+    /// The keys of `kind` with an entry naming group `group`.
+    pub fn keys_on(&self, kind: KeyKind, group: GroupIdx) -> Vec<u64> {
+        self.snapshot()
+            .entries
+            .iter()
+            .filter(|((k, _), g)| *k == kind && **g == group)
+            .map(|((_, key), _)| *key)
+            .collect()
+    }
+
     /// The version of the table this cache holds (-1 before the first load).
     pub fn version(&self) -> i64 {
         self.snapshot().version
@@ -59,24 +76,48 @@ impl TableCache {
     /// Install a freshly read table; an older one than this cache holds (a slow refresh that
     /// started before a faster one) is ignored.
     pub fn replace(&self, version: i64, rows: Vec<(KeyKind, u64, String)>) {
+        self.replace_with_slots(version, rows, Vec::new());
+    }
+
+    /// [`Self::replace`], with the moved slots.
+    pub fn replace_with_slots(
+        &self,
+        version: i64,
+        rows: Vec<(KeyKind, u64, String)>,
+        slot_rows: Vec<(KeyKind, u32, String)>,
+    ) {
         if version < self.version() {
             return;
         }
+        let known = |kind: KeyKind, what: String, group: &str| {
+            let idx = self.groups.iter().position(|g| g == group);
+            if idx.is_none() {
+                tracing::warn!(
+                    kind = kind.as_str(),
+                    what,
+                    group,
+                    "the router-config table names an unknown group; entry ignored"
+                );
+            }
+            idx
+        };
         let mut entries = HashMap::with_capacity(rows.len());
         for (kind, key, group) in rows {
-            match self.groups.iter().position(|g| *g == group) {
-                Some(idx) => {
-                    entries.insert((kind, key), idx);
-                }
-                None => tracing::warn!(
-                    kind = kind.as_str(),
-                    key,
-                    group,
-                    "shard_map names an unknown group; entry ignored"
-                ),
+            if let Some(idx) = known(kind, format!("key {key}"), &group) {
+                entries.insert((kind, key), idx);
             }
         }
-        let snapshot = Arc::new(Snapshot { version, entries });
+        let mut slots = HashMap::with_capacity(slot_rows.len());
+        for (kind, slot, group) in slot_rows {
+            if let Some(idx) = known(kind, format!("slot {slot}"), &group) {
+                slots.insert((kind, slot), idx);
+            }
+        }
+        let snapshot = Arc::new(Snapshot {
+            version,
+            entries,
+            slots,
+        });
         match self.current.write() {
             Ok(mut g) => *g = snapshot,
             Err(poisoned) => *poisoned.into_inner() = snapshot,
@@ -106,7 +147,17 @@ impl TableCache {
                 Some((kind, key.unsigned_abs(), r.get::<_, String>(2)))
             })
             .collect();
-        self.replace(version, parsed);
+        let slots = client
+            .query("SELECT kind, slot, group_name FROM slot_map", &[])
+            .await?
+            .iter()
+            .filter_map(|r| {
+                let kind = KeyKind::parse(r.get::<_, &str>(0))?;
+                let slot: i32 = r.get(1);
+                Some((kind, slot.unsigned_abs(), r.get::<_, String>(2)))
+            })
+            .collect();
+        self.replace_with_slots(version, parsed, slots);
         tracing::info!(version, entries = self.len(), "router-config table loaded");
         Ok(true)
     }

@@ -290,7 +290,8 @@ async fn moves_that_cannot_be_are_refused_with_a_code() {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["from"], "g0");
-    assert_eq!(r.body["source"]["reservations"], 1);
+    assert_eq!(r.body["source"]["keys"], 1);
+    assert_eq!(r.body["destination"]["live"], 0);
     assert_eq!(r.body["rows_to_copy"], 2);
     assert!(!r.body["checks"].as_array().unwrap().is_empty());
     let after = app.admin_get("/v1/admin/moves").await;
@@ -324,7 +325,13 @@ async fn moves_that_cannot_be_are_refused_with_a_code() {
             "invalid_request",
         ),
         (
-            json!({"kind": "users", "key": 7, "to": "g1"}),
+            json!({"kind": "items", "key": item, "slot": 3, "to": "g1"}),
+            422,
+            "invalid_request",
+        ),
+        (json!({"kind": "items", "to": "g1"}), 422, "invalid_request"),
+        (
+            json!({"kind": "items", "slot": 99_999, "to": "g1"}),
             422,
             "invalid_request",
         ),
@@ -573,4 +580,290 @@ async fn a_move_whose_runner_died_is_resumed_and_a_cancelled_one_rolls_back() {
     let r = app.buy(sale, item, fresh_item(), 1, None).await;
     assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     assert_eq!(app.remaining(sale, item).await, 3);
+}
+
+/// Users of one hash slot, `n` of them.
+fn users_in_slot(app: &TestApp, slot: u32, n: usize) -> Vec<u64> {
+    let slots = app.state.router.kind(KeyKind::Users).slot_count();
+    let mut users = Vec::new();
+    while users.len() < n {
+        let u = fresh_item();
+        if seckill::router::slot_of(u, slots) == slot {
+            users.push(u);
+        }
+    }
+    users
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_of_users_moves_while_they_buy_pay_and_cancel() {
+    let app = Arc::new(spawn_app().await);
+    let slots = app.state.router.kind(KeyKind::Users).slot_count();
+    let slot = seckill::router::slot_of(fresh_item(), slots);
+    let home = app
+        .state
+        .router
+        .route(KeyKind::Users, users_in_slot(&app, slot, 1)[0]);
+    let other = format!("g{}", 1 - home);
+    let users = Arc::new(users_in_slot(&app, slot, 24));
+    let item = fresh_item();
+    let stock = 5_000;
+    let sale = app
+        .create_sale(
+            json!([{"item_id": item, "stock": stock, "price_cents": 7, "per_user_limit": 1000}]),
+        )
+        .await;
+    // Orders made before the move: a third to be paid after it, a third cancelled.
+    let mut before = Vec::new();
+    for (i, &u) in users.iter().enumerate() {
+        let r = app.buy_retrying(sale, item, u, 1, None).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        before.push((u, r.body["order_id"].as_str().unwrap().to_string(), i % 3));
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let buyers: Vec<_> = (0..8)
+        .map(|b| {
+            let (app, stop, users) = (app.clone(), stop.clone(), users.clone());
+            tokio::spawn(async move {
+                let mut got = Vec::new();
+                let mut i = b;
+                while !stop.load(Ordering::SeqCst) {
+                    let u = users[i % users.len()];
+                    i += 8;
+                    let r = app.buy_retrying(sale, item, u, 1, None).await;
+                    match r.status {
+                        StatusCode::CREATED => {
+                            got.push((u, r.body["order_id"].as_str().unwrap().to_string()))
+                        }
+                        s => panic!("unexpected answer {s}: {:?}", r.body),
+                    }
+                }
+                got
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let moved = move_and_wait(
+        &app,
+        json!({"kind": "users", "slot": slot, "to": other, "complete": true}),
+    )
+    .await;
+    assert_eq!(moved["phase"], "completed", "{moved}");
+    eprintln!(
+        "slot {slot} of users {} -> {other} under load: write pause {} ms, {} rows copied",
+        moved["from"], moved["write_pause_ms"], moved["rows_copied"]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::SeqCst);
+    let mut during = Vec::new();
+    for b in buyers {
+        during.extend(b.await.expect("buyer"));
+    }
+    assert!(!during.is_empty());
+
+    // The slot routes to its new group, through the table.
+    let route = app
+        .admin_get(&format!("/v1/admin/route/users/{}", users[0]))
+        .await;
+    assert_eq!(
+        (route.body["group"].as_str(), route.body["source"].as_str()),
+        (Some(other.as_str()), Some("table"))
+    );
+    // Every order is found, on the new group only (the source's copy was completed away).
+    let all: Vec<(u64, String)> = before
+        .iter()
+        .map(|(u, o, _)| (*u, o.clone()))
+        .chain(during.iter().cloned())
+        .collect();
+    for (u, o) in &all {
+        let r = app.get(&format!("/v1/users/{u}/orders/{o}")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "order {o} of user {u}: {:?}",
+            r.body
+        );
+    }
+    let ids = all
+        .iter()
+        .map(|(_, o)| format!("'{o}'"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let count = format!("SELECT count(*) FROM orders WHERE order_id IN ({ids})");
+    assert_eq!(app.sql_i64(1 - home, &count).await, all.len() as i64);
+    assert_eq!(app.sql_i64(home, &count).await, 0);
+    // They can still be paid and cancelled, on the new group.
+    for (u, o, what) in &before {
+        let r = match what {
+            0 => app.pay(*u, o, 7, &format!("pay-{o}")).await,
+            1 => {
+                app.post_as(*u, &format!("/v1/users/{u}/orders/{o}/cancel"), json!({}))
+                    .await
+            }
+            _ => continue,
+        };
+        assert_eq!(r.status, StatusCode::OK, "{what} {o}: {:?}", r.body);
+    }
+    let cancelled = before.iter().filter(|b| b.2 == 1).count() as i64;
+    assert_eq!(
+        app.remaining(sale, item).await,
+        stock - all.len() as i64 + cancelled
+    );
+    let audit = app.audit(sale).await;
+    assert_eq!(audit["conserved"], true, "{audit}");
+    assert_eq!(
+        audit["items"][0]["paid"],
+        before.iter().filter(|b| b.2 == 0).count()
+    );
+}
+
+#[tokio::test]
+async fn a_slot_of_items_moves_with_its_sales() {
+    let app = spawn_app().await;
+    let slots = app.state.router.kind(KeyKind::Items).slot_count();
+    let first = fresh_item_in(&app, 0);
+    let slot = seckill::router::slot_of(first, slots);
+    let mut items = vec![first];
+    while items.len() < 3 {
+        let k = fresh_item();
+        if seckill::router::slot_of(k, slots) == slot {
+            items.push(k);
+        }
+    }
+    let sale = app
+        .create_sale(json!(items
+            .iter()
+            .map(|i| json!({"item_id": i, "stock": 5, "price_cents": 1}))
+            .collect::<Vec<_>>()))
+        .await;
+    for i in &items {
+        let r = app.buy(sale, *i, fresh_item(), 1, None).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let plan = admin_post(
+        &app,
+        "/v1/admin/moves",
+        json!({"kind": "items", "slot": slot, "to": "g1", "dry_run": true}),
+    )
+    .await;
+    assert_eq!(plan.status, StatusCode::OK, "{:?}", plan.body);
+    assert!(plan.body["keys"].as_u64().unwrap() >= 3, "{:?}", plan.body);
+    let moved = move_and_wait(&app, json!({"kind": "items", "slot": slot, "to": "g1"})).await;
+    assert_eq!(moved["phase"], "switched", "{moved}");
+    for i in &items {
+        assert_eq!(app.state.router.route(KeyKind::Items, *i), 1);
+        assert_eq!(app.remaining(sale, *i).await, 4);
+        let r = app.buy(sale, *i, fresh_item(), 1, None).await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    assert_eq!(app.audit(sale).await["conserved"], true);
+    let listed = app.admin_get("/v1/admin/shard-map").await;
+    assert!(listed.body["slots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["slot"] == slot && s["group"] == "g1" && s["kind"] == "items"));
+    // And back.
+    let r = admin_post(
+        &app,
+        &format!("/v1/admin/moves/{}/reverse", moved["move_id"]),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let back = wait_for_rest(&app, r.body["move_id"].as_u64().unwrap()).await;
+    assert_eq!(back["phase"], "switched", "{back}");
+    for i in &items {
+        assert_eq!(app.state.router.route(KeyKind::Items, *i), 0);
+        assert_eq!(app.remaining(sale, *i).await, 3);
+    }
+    assert_eq!(app.audit(sale).await["conserved"], true);
+    // Completed, the slot has no open move left (other tests' keys may share it).
+    let r = admin_post(
+        &app,
+        &format!("/v1/admin/moves/{}/complete", back["move_id"]),
+        json!({}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    let done = wait_for_rest(&app, back["move_id"].as_u64().unwrap()).await;
+    assert_eq!(done["phase"], "completed", "{done}");
+}
+
+/// A cluster of this test's own, stopped when dropped.
+struct OwnCluster(seckill::local::LocalCluster);
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.0.stop_all("immediate");
+        let _ = std::fs::remove_dir_all(&self.0.root);
+    }
+}
+
+/// The situation after adding a group: every slot on g0, none on g1 (its own cluster: the moves
+/// write slot entries every engine on the cluster reads).
+#[tokio::test]
+async fn rebalance_gives_an_empty_group_its_share_of_the_slots() {
+    let own = OwnCluster(start_cluster(2));
+    let mut config = base_config(&own.0);
+    config.routing.slots = 16;
+    for kind in [&mut config.routing.items, &mut config.routing.users] {
+        kind.slot_map = vec![seckill::config::SlotAssignment {
+            slots: "0-15".into(),
+            group: "g0".into(),
+        }];
+    }
+    let app = spawn_config(
+        config,
+        seckill::app::Background {
+            monitor: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let items: Vec<u64> = (0..6).map(|_| fresh_item()).collect();
+    let sale = app
+        .create_sale(json!(items
+            .iter()
+            .map(|i| json!({"item_id": i, "stock": 10, "price_cents": 1}))
+            .collect::<Vec<_>>()))
+        .await;
+    let mut orders = Vec::new();
+    for i in &items {
+        let user = fresh_item();
+        let r = app.buy(sale, *i, user, 1, None).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+        orders.push((user, r.body["order_id"].as_str().unwrap().to_string()));
+    }
+
+    let mover = app.state.moves.clone();
+    for kind in [KeyKind::Items, KeyKind::Users] {
+        let plan = mover.rebalance_plan(kind).await.expect("plan");
+        assert_eq!(plan.len(), 8, "{plan:?}");
+        assert!(plan.iter().all(|(_, from, to)| from == "g0" && to == "g1"));
+        for (slot, _, to) in plan {
+            let m = mover
+                .start(kind, seckill::moves::Unit::Slot(slot), &to, true)
+                .await
+                .expect("start");
+            let done = wait_for_rest(&app, m.move_id).await;
+            assert_eq!(done["phase"], "completed", "{done}");
+        }
+        assert!(mover.rebalance_plan(kind).await.expect("plan").is_empty());
+        let on_g1 = (0..16u32)
+            .filter(|&s| app.state.router.table().slot(kind, s) == Some(1))
+            .count();
+        assert_eq!(on_g1, 8);
+    }
+    // Everything is where the routes say, and still sells, pays and reads.
+    for (i, (user, order)) in items.iter().zip(&orders) {
+        assert_eq!(app.remaining(sale, *i).await, 9);
+        let r = app.get(&format!("/v1/users/{user}/orders/{order}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+        let r = app.buy(sale, *i, fresh_item(), 1, None).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+    let audit = app.audit(sale).await;
+    assert_eq!(audit["conserved"], true, "{audit}");
 }

@@ -1,10 +1,13 @@
-//! The SQL of a move of one item key: what is read on the source, written on the destination, and
+//! The SQL of a move of item keys: what is read on the source, written on the destination, and
 //! how the fence is set and lifted. Every function is idempotent, so a resumed move simply runs
 //! its phase again.
 //!
 //! What an item key holds on its group: its `sale_items` rows (one per sale it is part of), their
 //! reservations, and the sale whose id is the key, if any (sales route with the items' router).
+//! The fence is `sale_items.fenced_by`: transaction 1 and releases lock those rows first, so the
+//! fence's commit is the last moment anything changes them.
 
+use super::Holdings;
 use crate::db::DbError;
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
@@ -17,11 +20,11 @@ const CHUNK: usize = 5_000;
 /// The instant from which a later pass copies: read while holding the item's rows (`FOR SHARE`),
 /// so every writer that changes a reservation afterwards got the row lock after this instant and
 /// stamps its change later (writers stamp `clock_timestamp()` under the lock).
-pub async fn watermark(src: &mut Client, key: i64) -> Result<DateTime<Utc>, DbError> {
+pub async fn watermark(src: &mut Client, keys: &[i64]) -> Result<DateTime<Utc>, DbError> {
     let tx = src.transaction().await?;
     tx.execute(
-        "SELECT 1 FROM sale_items WHERE item_id = $1 ORDER BY sale_id FOR SHARE",
-        &[&key],
+        "SELECT 1 FROM sale_items WHERE item_id = ANY($1) ORDER BY sale_id, item_id FOR SHARE",
+        &[&keys],
     )
     .await?;
     let at: DateTime<Utc> = tx.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
@@ -29,10 +32,18 @@ pub async fn watermark(src: &mut Client, key: i64) -> Result<DateTime<Utc>, DbEr
     Ok(at)
 }
 
-/// The sales of the key's `sale_items` rows on a group (for index-friendly reservation reads).
-async fn sales_of(client: &Client, key: i64) -> Result<Vec<i64>, DbError> {
+/// Every item key with rows on a group that are live or fenced by `move_id` (the keys a slot
+/// move may have to carry; the caller keeps those of its slot).
+pub async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbError> {
     Ok(client
-        .query("SELECT sale_id FROM sale_items WHERE item_id = $1", &[&key])
+        .query(
+            "SELECT item_id FROM sale_items WHERE fenced_by IS NULL OR fenced_by = $1
+             UNION
+             SELECT s.sale_id FROM sales s
+             WHERE NOT EXISTS (SELECT 1 FROM sale_items f WHERE f.item_id = s.sale_id
+                               AND f.fenced_by IS DISTINCT FROM $1 AND f.fenced_by IS NOT NULL)",
+            &[&move_id],
+        )
         .await?
         .iter()
         .map(|r| r.get(0))
@@ -49,19 +60,17 @@ pub async fn copy(
     src: &Client,
     dst: &mut Client,
     move_id: i64,
-    key: i64,
+    keys: &[i64],
     since: Option<DateTime<Utc>>,
 ) -> Result<u64, DbError> {
-    let mut written = 0;
-    if since.is_none() {
-        written += copy_sale(src, dst, key).await?;
-    }
+    // Sales are immutable once made; a new one may appear under a slot's keys meanwhile.
+    let mut written = copy_sales(src, dst, keys).await?;
     let items = src
         .query(
             "SELECT sale_id, item_id, stock, remaining, price_cents, per_user_limit, starts_at,
                     ends_at, payment_window_secs, version, protection
-             FROM sale_items WHERE item_id = $1",
-            &[&key],
+             FROM sale_items WHERE item_id = ANY($1)",
+            &[&keys],
         )
         .await?;
     for r in &items {
@@ -96,15 +105,18 @@ pub async fn copy(
             )
             .await?;
     }
-    let sales: Vec<i64> = items.iter().map(|r| r.get(0)).collect();
+    let (sales, item_ids): (Vec<i64>, Vec<i64>) = items
+        .iter()
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+        .unzip();
     let rows = src
         .query(
-            &format!(
-                "SELECT {RESERVATION_COLUMNS} FROM reservations
-                 WHERE sale_id = ANY($1) AND item_id = $2
-                   AND ($3::timestamptz IS NULL OR updated_at >= $3)"
-            ),
-            &[&sales, &key, &since],
+            "SELECT r.txn_id, r.sale_id, r.item_id, r.user_id, r.quantity, r.state,
+                    r.created_at, r.updated_at, r.attempt
+             FROM unnest($1::bigint[], $2::bigint[]) AS k(s, i)
+             JOIN reservations r ON r.sale_id = k.s AND r.item_id = k.i
+             WHERE $3::timestamptz IS NULL OR r.updated_at >= $3",
+            &[&sales, &item_ids, &since],
         )
         .await?;
     for chunk in rows.chunks(CHUNK) {
@@ -113,20 +125,19 @@ pub async fn copy(
     Ok(written)
 }
 
-/// The sale whose id is the key (immutable once created, so written once).
-async fn copy_sale(src: &Client, dst: &Client, key: i64) -> Result<u64, DbError> {
-    let Some(r) = src
-        .query_opt(
+/// The sales whose ids are among the keys (immutable once created: written once).
+async fn copy_sales(src: &Client, dst: &Client, keys: &[i64]) -> Result<u64, DbError> {
+    let mut written = 0;
+    for r in src
+        .query(
             "SELECT sale_id, name, starts_at, ends_at, item_ids, payment_window_secs, protection,
                     created_at
-             FROM sales WHERE sale_id = $1",
-            &[&key],
+             FROM sales WHERE sale_id = ANY($1)",
+            &[&keys],
         )
         .await?
-    else {
-        return Ok(0);
-    };
-    Ok(dst
+    {
+        written += dst
         .execute(
             "INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs,
                  protection, created_at)
@@ -142,7 +153,9 @@ async fn copy_sale(src: &Client, dst: &Client, key: i64) -> Result<u64, DbError>
                 &r.get::<_, DateTime<Utc>>(7),
             ],
         )
-        .await?)
+        .await?;
+    }
+    Ok(written)
 }
 
 /// Upsert reservations as read on the source, all columns.
@@ -175,127 +188,110 @@ async fn write_reservations(dst: &Client, rows: &[Row]) -> Result<u64, DbError> 
         .await?)
 }
 
-/// Fence the key's rows on the source: from the commit on, transaction 1 and releases refuse the
-/// item there. Waits for the writers holding the rows (the UPDATE queues for their locks).
-pub async fn fence(src: &Client, move_id: i64, key: i64) -> Result<u64, DbError> {
-    Ok(src
+/// Fence the keys' rows on the source: from the commit on, transaction 1 and releases refuse the
+/// items there. Waits for the writers holding the rows (the UPDATE queues for their locks; rows
+/// are taken in the order every writer takes them).
+pub async fn fence(src: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, DbError> {
+    let tx = src.transaction().await?;
+    tx.execute(
+        "SELECT 1 FROM sale_items WHERE item_id = ANY($1) ORDER BY sale_id, item_id FOR UPDATE",
+        &[&keys],
+    )
+    .await?;
+    let n = tx
         .execute(
             "UPDATE sale_items SET fenced_by = $1
-             WHERE item_id = $2 AND (fenced_by IS NULL OR fenced_by = $1)",
-            &[&move_id, &key],
+             WHERE item_id = ANY($2) AND (fenced_by IS NULL OR fenced_by = $1)",
+            &[&move_id, &keys],
         )
-        .await?)
+        .await?;
+    tx.commit().await?;
+    Ok(n)
 }
 
-/// Lift this move's fence from a group's rows of the key (the destination at the switch, or the
-/// source when a move is rolled back).
-pub async fn unfence(client: &Client, move_id: i64, key: i64) -> Result<u64, DbError> {
+/// Lift this move's fence from a group (the destination at the switch, or the source when a move
+/// is rolled back).
+pub async fn unfence(client: &Client, move_id: i64) -> Result<u64, DbError> {
     Ok(client
         .execute(
-            "UPDATE sale_items SET fenced_by = NULL WHERE item_id = $2 AND fenced_by = $1",
-            &[&move_id, &key],
+            "UPDATE sale_items SET fenced_by = NULL WHERE fenced_by = $1",
+            &[&move_id],
         )
         .await?)
 }
 
-/// Drop this move's inactive copy of the key from a group: the reservations and the sale row,
-/// and the `sale_items` rows too when `tombstones` is false. Only rows fenced by this move are
-/// touched: a live copy is never dropped. With `tombstones` (completing a move: the source) the
-/// fenced `sale_items` rows stay, so a node that still routes the key here is told it moved.
+/// Drop this move's inactive copy from a group: the reservations of the items it fenced here and
+/// the sales among `keys` that no live item key here needs, and the `sale_items` rows too when
+/// `tombstones` is false. Only what this move fenced is touched: a live copy is never dropped.
+/// With `tombstones` (completing a move: the source) the fenced `sale_items` rows stay, so a node
+/// that still routes a key here is told it moved.
 pub async fn drop_copy(
     client: &mut Client,
     move_id: i64,
-    key: i64,
+    keys: &[i64],
     tombstones: bool,
 ) -> Result<u64, DbError> {
     let tx = client.transaction().await?;
-    let fenced: Vec<i64> = tx
+    let fenced = tx
         .query(
-            "SELECT sale_id FROM sale_items WHERE item_id = $1 AND fenced_by = $2 FOR UPDATE",
-            &[&key, &move_id],
+            "SELECT sale_id, item_id FROM sale_items WHERE fenced_by = $1
+             ORDER BY sale_id, item_id FOR UPDATE",
+            &[&move_id],
         )
-        .await?
+        .await?;
+    let (sales, items): (Vec<i64>, Vec<i64>) = fenced
         .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let live = tx
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM sale_items WHERE item_id = $1
-                            AND fenced_by IS DISTINCT FROM $2)",
-            &[&key, &move_id],
-        )
-        .await?
-        .get::<_, bool>(0);
-    if live {
-        // Another copy of the key lives here (not ours to drop): leave everything.
-        tx.rollback().await?;
-        return Ok(0);
-    }
+        .map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1)))
+        .unzip();
     let mut dropped = tx
         .execute(
-            "DELETE FROM reservations WHERE sale_id = ANY($1) AND item_id = $2",
-            &[&fenced, &key],
+            "DELETE FROM reservations r USING unnest($1::bigint[], $2::bigint[]) AS k(s, i)
+             WHERE r.sale_id = k.s AND r.item_id = k.i",
+            &[&sales, &items],
         )
         .await?;
     dropped += tx
-        .execute("DELETE FROM sales WHERE sale_id = $1", &[&key])
+        .execute(
+            "DELETE FROM sales s WHERE s.sale_id = ANY($1)
+               AND NOT EXISTS (SELECT 1 FROM sale_items f WHERE f.item_id = s.sale_id
+                               AND f.fenced_by IS NULL)",
+            &[&keys],
+        )
         .await?;
     if !tombstones {
         dropped += tx
-            .execute(
-                "DELETE FROM sale_items WHERE item_id = $1 AND fenced_by = $2",
-                &[&key, &move_id],
-            )
+            .execute("DELETE FROM sale_items WHERE fenced_by = $1", &[&move_id])
             .await?;
     }
     tx.commit().await?;
     Ok(dropped)
 }
 
-/// What a group holds of the key: (sale_items rows, of which fenced, reservations, sale row).
-pub async fn holdings(client: &Client, key: i64) -> Result<Holdings, DbError> {
-    let sales = sales_of(client, key).await?;
+/// What a group holds of the keys.
+pub async fn holdings(client: &Client, keys: &[i64]) -> Result<Holdings, DbError> {
     let r = client
         .query_one(
-            "SELECT (SELECT count(*) FROM sale_items WHERE item_id = $2),
-                    (SELECT count(*) FROM sale_items WHERE item_id = $2 AND fenced_by IS NOT NULL),
-                    (SELECT count(*) FROM reservations WHERE sale_id = ANY($1) AND item_id = $2),
-                    EXISTS (SELECT 1 FROM sales WHERE sale_id = $2)",
-            &[&sales, &key],
+            "WITH si AS (SELECT * FROM sale_items WHERE item_id = ANY($1)),
+                  live AS (SELECT item_id AS k FROM si WHERE fenced_by IS NULL
+                           UNION
+                           SELECT sale_id FROM sales s WHERE sale_id = ANY($1)
+                             AND NOT EXISTS (SELECT 1 FROM si WHERE si.item_id = s.sale_id
+                                             AND si.fenced_by IS NOT NULL)),
+                  held AS (SELECT item_id AS k FROM si
+                           UNION SELECT sale_id FROM sales WHERE sale_id = ANY($1))
+             SELECT (SELECT count(*) FROM si)
+                    + (SELECT count(*) FROM sales WHERE sale_id = ANY($1))
+                    + (SELECT count(*) FROM si JOIN reservations r
+                           ON r.sale_id = si.sale_id AND r.item_id = si.item_id),
+                    (SELECT count(*) FROM held),
+                    (SELECT count(*) FROM live)",
+            &[&keys],
         )
         .await?;
+    let (rows, held, live): (i64, i64, i64) = (r.get(0), r.get(1), r.get(2));
     Ok(Holdings {
-        items: r.get(0),
-        fenced: r.get(1),
-        reservations: r.get(2),
-        sale: r.get(3),
+        rows,
+        keys: held,
+        live,
     })
-}
-
-/// What a group holds of one item key.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize, utoipa::ToSchema)]
-pub struct Holdings {
-    /// `sale_items` rows (one per sale the item is part of).
-    pub items: i64,
-    /// Of which fenced by a move (a copy being filled, or an inactive one left behind).
-    pub fenced: i64,
-    pub reservations: i64,
-    /// Whether the sale whose id is the key lives here.
-    pub sale: bool,
-}
-
-impl Holdings {
-    /// Rows a move would copy.
-    pub fn rows(&self) -> i64 {
-        self.items + self.reservations + i64::from(self.sale)
-    }
-
-    /// Nothing live: no rows, or only an inactive copy (every `sale_items` row fenced).
-    pub fn nothing_live(&self) -> bool {
-        if self.items > 0 {
-            self.fenced == self.items
-        } else {
-            self.reservations == 0 && !self.sale
-        }
-    }
 }

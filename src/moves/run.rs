@@ -1,0 +1,483 @@
+//! Driving one move through its phases ([module docs](super)): the lease, the steps, the switch,
+//! the roll-back.
+
+use super::{
+    copy, drop_copy, fence, unfence, watermark, Move, MoveError, Mover, Phase, Unit, LEASE,
+    STEP_BUDGET,
+};
+use crate::db::DbError;
+use crate::order::OrderError;
+use crate::router::slot_of;
+use crate::shard::Work;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Fence once a catch-up pass copies fewer rows than this, or after [`CATCH_UP_PASSES`] passes.
+const CATCH_UP_ROWS: u64 = 500;
+const CATCH_UP_PASSES: u32 = 5;
+/// Failed attempts at a step before the move is rolled back (and marked failed).
+const STEP_ATTEMPTS: u32 = 3;
+
+impl Mover {
+    /// Run the move here if nobody holds it.
+    pub(super) async fn kick(self: &Arc<Self>, id: u64) -> Result<(), MoveError> {
+        if self.claim(id).await? {
+            self.spawn(id);
+        }
+        Ok(())
+    }
+
+    /// Take the move if its lease ran out (or it has none, or it is already ours).
+    pub(super) async fn claim(&self, id: u64) -> Result<bool, MoveError> {
+        let db_id = super::db_key(id);
+        let owner = self.owner.clone();
+        self.on_config(async |c| {
+            Ok(c.execute(
+                &format!(
+                    "UPDATE moves SET owner = $2, lease_until = now() + interval '{LEASE}'
+                     WHERE move_id = $1
+                       AND (owner IS NULL OR owner = $2 OR lease_until < now())"
+                ),
+                &[&db_id, &owner],
+            )
+            .await?
+                == 1)
+        })
+        .await
+    }
+
+    /// Keep the claim; false when another runner took the move over.
+    async fn renew(&self, id: u64) -> Result<bool, MoveError> {
+        let db_id = super::db_key(id);
+        let owner = self.owner.clone();
+        self.on_config(async |c| {
+            Ok(c.execute(
+                &format!(
+                    "UPDATE moves SET lease_until = now() + interval '{LEASE}'
+                     WHERE move_id = $1 AND owner = $2"
+                ),
+                &[&db_id, &owner],
+            )
+            .await?
+                == 1)
+        })
+        .await
+    }
+
+    async fn let_go(&self, id: u64) {
+        let db_id = super::db_key(id);
+        let owner = self.owner.clone();
+        let done = self
+            .on_config(async |c| {
+                c.execute(
+                    "UPDATE moves SET owner = NULL, lease_until = NULL
+                     WHERE move_id = $1 AND owner = $2",
+                    &[&db_id, &owner],
+                )
+                .await?;
+                Ok(())
+            })
+            .await;
+        if let Err(e) = done {
+            tracing::debug!(move_id = id, error = %e, "lease not released; it runs out");
+        }
+    }
+
+    pub(super) fn spawn(self: &Arc<Self>, id: u64) {
+        let this = self.clone();
+        self.tasks.spawn(async move {
+            if let Err(e) = this.run(id).await {
+                tracing::warn!(move_id = id, error = %e, "move paused; it resumes when its lease runs out");
+            }
+        });
+    }
+
+    /// Drive a claimed move until it rests (switched and live, or finished), then let it go.
+    pub async fn run(&self, id: u64) -> Result<Move, MoveError> {
+        let mut passes = 0;
+        let mut failures = 0;
+        loop {
+            let m = self.get(id).await?;
+            if m.at_rest() {
+                self.let_go(id).await;
+                return Ok(m);
+            }
+            if !self.renew(id).await? {
+                return Ok(m);
+            }
+            match self.step(&m, &mut passes).await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(move_id = id, phase = m.phase.as_str(), failures, error = %e,
+                        "move step failed");
+                    self.note_error(id, &e.to_string()).await;
+                    if failures >= STEP_ATTEMPTS && m.phase.before_switch() && !m.cleanup_pending {
+                        self.abandon(&m, Phase::Failed, &e.to_string()).await?;
+                        failures = 0;
+                    } else if failures >= STEP_ATTEMPTS * 3 {
+                        // Leave it to a later resume (the lease runs out).
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(200 * u64::from(failures))).await;
+                }
+            }
+        }
+    }
+
+    /// The keys the move carries now.
+    async fn move_keys(&self, m: &Move) -> Result<Vec<i64>, MoveError> {
+        self.keys(m.key_kind()?, m.unit(), &m.from, super::db_key(m.move_id))
+            .await
+    }
+
+    /// One step of the state machine ([module docs](super)).
+    async fn step(&self, m: &Move, passes: &mut u32) -> Result<(), MoveError> {
+        let kind = m.key_kind()?;
+        let id = super::db_key(m.move_id);
+        if m.cleanup_pending {
+            return self.clean_up(m).await;
+        }
+        if m.cancel_requested && m.phase.before_switch() {
+            return self.abandon(m, Phase::Cancelled, "cancelled").await;
+        }
+        match m.phase {
+            Phase::Copying => {
+                let keys = self.move_keys(m).await?;
+                let (at, n) = self.pass(m, &keys, None).await?;
+                self.advance(id, Phase::CatchingUp, Some(at), n).await
+            }
+            Phase::CatchingUp => {
+                let keys = self.move_keys(m).await?;
+                let (at, n) = self.pass(m, &keys, self.watermark_of(id).await?).await?;
+                *passes += 1;
+                let next = if n < CATCH_UP_ROWS || *passes >= CATCH_UP_PASSES {
+                    Phase::Fenced
+                } else {
+                    Phase::CatchingUp
+                };
+                self.advance(id, next, Some(at), n).await
+            }
+            Phase::Fenced => {
+                let keys = self.fence_all(m).await?;
+                self.on_config(async |c| {
+                    c.execute(
+                        "UPDATE moves SET fenced_at = coalesce(fenced_at, clock_timestamp())
+                         WHERE move_id = $1",
+                        &[&id],
+                    )
+                    .await?;
+                    Ok(())
+                })
+                .await?;
+                let n = self
+                    .copy_since(m, &keys, self.watermark_of(id).await?)
+                    .await?;
+                self.switch(m, &keys, n).await
+            }
+            Phase::Switched if !m.dest_live => {
+                self.on_group(&m.to, async |c| unfence(kind, c, id).await)
+                    .await?;
+                self.on_config(async |c| {
+                    c.execute(
+                        "UPDATE moves SET dest_live = true, updated_at = now(),
+                             write_pause_ms = (extract(epoch FROM clock_timestamp() - fenced_at)
+                                               * 1000)::bigint
+                         WHERE move_id = $1",
+                        &[&id],
+                    )
+                    .await?;
+                    Ok(())
+                })
+                .await?;
+                let m = self.get(m.move_id).await?;
+                tracing::info!(
+                    move_id = m.move_id,
+                    write_pause_ms = m.write_pause_ms,
+                    rows = m.rows_copied,
+                    "move switched"
+                );
+                Ok(())
+            }
+            Phase::Switched if m.complete_requested => {
+                let keys = self.move_keys(m).await?;
+                self.on_group(&m.from, async |c| drop_copy(kind, c, id, &keys, true).await)
+                    .await?;
+                self.on_config(async |c| {
+                    c.execute(
+                        "UPDATE moves SET phase = 'completed', finished_at = now(),
+                             updated_at = now()
+                         WHERE move_id = $1 AND phase = 'switched'",
+                        &[&id],
+                    )
+                    .await?;
+                    Ok(())
+                })
+                .await?;
+                tracing::info!(move_id = m.move_id, "move completed");
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Fence the move's keys on the source. A slot's keys are read again after each fence: a key
+    /// that got its first rows meanwhile is fenced (and copied) too.
+    async fn fence_all(&self, m: &Move) -> Result<Vec<i64>, MoveError> {
+        let kind = m.key_kind()?;
+        let id = super::db_key(m.move_id);
+        let mut keys = self.move_keys(m).await?;
+        for _ in 0..3 {
+            self.on_group(&m.from, async |c| fence(kind, c, id, &keys).await)
+                .await?;
+            let again = self.move_keys(m).await?;
+            if again.iter().all(|k| keys.contains(k)) {
+                break;
+            }
+            keys = again;
+        }
+        Ok(keys)
+    }
+
+    async fn watermark_of(&self, id: i64) -> Result<Option<DateTime<Utc>>, MoveError> {
+        self.on_config(async |c| {
+            Ok(
+                c.query_one("SELECT watermark FROM moves WHERE move_id = $1", &[&id])
+                    .await?
+                    .get(0),
+            )
+        })
+        .await
+    }
+
+    /// One copy pass (all rows when `since` is None); returns its watermark and the rows written.
+    async fn pass(
+        &self,
+        m: &Move,
+        keys: &[i64],
+        since: Option<DateTime<Utc>>,
+    ) -> Result<(DateTime<Utc>, u64), MoveError> {
+        let kind = m.key_kind()?;
+        let at = self
+            .on_group(&m.from, async |c| watermark(kind, c, keys).await)
+            .await?;
+        let n = self.copy_since(m, keys, since).await?;
+        Ok((at, n))
+    }
+
+    /// Copy what changed since `since` (everything when None) from the source to the
+    /// destination; returns the rows written.
+    async fn copy_since(
+        &self,
+        m: &Move,
+        keys: &[i64],
+        since: Option<DateTime<Utc>>,
+    ) -> Result<u64, MoveError> {
+        let kind = m.key_kind()?;
+        let id = super::db_key(m.move_id);
+        let src = self.cluster.group(self.group_idx(&m.from)?);
+        let dst = self.cluster.group(self.group_idx(&m.to)?);
+        Ok(src
+            .run::<_, OrderError>(Work::Settle, STEP_BUDGET, async |s| {
+                dst.run::<_, OrderError>(Work::Settle, STEP_BUDGET, async |d| {
+                    copy(kind, s, d, id, keys, since).await
+                })
+                .await
+                // Copying is idempotent: whatever went wrong, the step runs again.
+                .map_err(|e| DbError::Lost(e.to_string()))
+            })
+            .await?)
+    }
+
+    async fn advance(
+        &self,
+        id: i64,
+        next: Phase,
+        watermark: Option<DateTime<Utc>>,
+        copied: u64,
+    ) -> Result<(), MoveError> {
+        let copied = i64::try_from(copied).unwrap_or(i64::MAX);
+        self.on_config(async |c| {
+            c.execute(
+                "UPDATE moves SET phase = $2, watermark = coalesce($3, watermark),
+                     rows_copied = rows_copied + $4, updated_at = now(), error = NULL
+                 WHERE move_id = $1 AND phase IN ('copying', 'catching_up', 'fenced')",
+                &[&id, &next.as_str(), &watermark, &copied],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The commit point: the route and the move's phase, in one transaction on the config group
+    /// (only while this runner holds the move and nobody asked to cancel it).
+    async fn switch(&self, m: &Move, keys: &[i64], copied: u64) -> Result<(), MoveError> {
+        let kind = m.key_kind()?;
+        let id = super::db_key(m.move_id);
+        let (from, to) = (self.group_idx(&m.from)?, self.group_idx(&m.to)?);
+        let rules = self.router.kind(kind);
+        let route = match m.unit() {
+            // Back to the group its rule names: no entry needed.
+            Unit::Key(k) => Route::Key(
+                super::db_key(k),
+                rules.by_rule(k) == to && {
+                    let slot = slot_of(k, rules.slot_count());
+                    self.router.table().slot(kind, slot).is_none()
+                },
+            ),
+            Unit::Slot(s) => {
+                // Keys of the slot whose own entries named the source moved with it.
+                let stale: Vec<i64> = self
+                    .router
+                    .table()
+                    .keys_on(kind, from)
+                    .into_iter()
+                    .filter(|&k| slot_of(k, rules.slot_count()) == s)
+                    .map(super::db_key)
+                    .filter(|k| keys.contains(k))
+                    .collect();
+                Route::Slot(
+                    i32::try_from(s).unwrap_or(i32::MAX),
+                    self.router.slot_home(kind, s) == Some(to),
+                    stale,
+                )
+            }
+        };
+        let copied = i64::try_from(copied).unwrap_or(i64::MAX);
+        let owner = self.owner.clone();
+        self.on_config(async |c| {
+            let tx = c.transaction().await?;
+            let switched = tx
+                .execute(
+                    "UPDATE moves SET phase = 'switched', switched_at = now(), updated_at = now(),
+                         rows_copied = rows_copied + $3, error = NULL
+                     WHERE move_id = $1 AND phase = 'fenced' AND owner = $2
+                       AND NOT cancel_requested",
+                    &[&id, &owner, &copied],
+                )
+                .await?;
+            if switched == 0 {
+                tx.rollback().await?;
+                return Ok(());
+            }
+            match &route {
+                Route::Key(key, true) => {
+                    tx.execute(
+                        "DELETE FROM shard_map WHERE kind = $1 AND key = $2",
+                        &[&m.kind, key],
+                    )
+                    .await?;
+                }
+                Route::Key(key, false) => {
+                    tx.execute(
+                        "INSERT INTO shard_map (kind, key, group_name) VALUES ($1, $2, $3)
+                         ON CONFLICT (kind, key) DO UPDATE
+                            SET group_name = EXCLUDED.group_name, updated_at = now()",
+                        &[&m.kind, key, &m.to],
+                    )
+                    .await?;
+                }
+                Route::Slot(slot, home, stale) => {
+                    if *home {
+                        tx.execute(
+                            "DELETE FROM slot_map WHERE kind = $1 AND slot = $2",
+                            &[&m.kind, slot],
+                        )
+                        .await?;
+                    } else {
+                        tx.execute(
+                            "INSERT INTO slot_map (kind, slot, group_name) VALUES ($1, $2, $3)
+                             ON CONFLICT (kind, slot) DO UPDATE
+                                SET group_name = EXCLUDED.group_name, updated_at = now()",
+                            &[&m.kind, slot, &m.to],
+                        )
+                        .await?;
+                    }
+                    tx.execute(
+                        "DELETE FROM shard_map WHERE kind = $1 AND key = ANY($2)",
+                        &[&m.kind, stale],
+                    )
+                    .await?;
+                }
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await?;
+        self.refresh_routes().await
+    }
+
+    /// Give up a move that has not switched: mark it `to` (failed or cancelled) with clean-up
+    /// pending, then clean up. Only this runner, and only before the switch.
+    async fn abandon(&self, m: &Move, to: Phase, why: &str) -> Result<(), MoveError> {
+        let id = super::db_key(m.move_id);
+        let owner = self.owner.clone();
+        let marked = self
+            .on_config(async |c| {
+                Ok(c.execute(
+                    "UPDATE moves SET phase = $3, error = $4, cleanup_pending = true,
+                         finished_at = now(), updated_at = now()
+                     WHERE move_id = $1 AND owner = $2
+                       AND phase IN ('copying', 'catching_up', 'fenced')",
+                    &[&id, &owner, &to.as_str(), &why],
+                )
+                .await?)
+            })
+            .await?;
+        if marked == 0 {
+            return Ok(());
+        }
+        tracing::warn!(
+            move_id = m.move_id,
+            phase = to.as_str(),
+            reason = why,
+            "move rolled back"
+        );
+        self.clean_up(m).await
+    }
+
+    /// Undo a move that did not switch: unfence the source, drop the destination's copy.
+    async fn clean_up(&self, m: &Move) -> Result<(), MoveError> {
+        let kind = m.key_kind()?;
+        let id = super::db_key(m.move_id);
+        let keys = self.move_keys(m).await?;
+        self.on_group(&m.from, async |c| unfence(kind, c, id).await)
+            .await?;
+        self.on_group(&m.to, async |c| drop_copy(kind, c, id, &keys, false).await)
+            .await?;
+        self.on_config(async |c| {
+            c.execute(
+                "UPDATE moves SET cleanup_pending = false, updated_at = now() WHERE move_id = $1",
+                &[&id],
+            )
+            .await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn note_error(&self, id: u64, error: &str) {
+        let db_id = super::db_key(id);
+        let _ = self
+            .on_config(async |c| {
+                c.execute(
+                    "UPDATE moves SET error = $2, updated_at = now() WHERE move_id = $1",
+                    &[&db_id, &error],
+                )
+                .await?;
+                Ok(())
+            })
+            .await;
+    }
+}
+
+/// What the switch writes to the router-config table.
+enum Route {
+    /// A key's entry: (key, back on the group its rule names: the entry is removed).
+    Key(i64, bool),
+    /// A slot's entry: (slot, back on its configured group: removed), and the keys of the slot
+    /// whose own entries named the source (removed: they moved with the slot).
+    Slot(i32, bool, Vec<i64>),
+}

@@ -1,0 +1,257 @@
+//! The SQL of a move of user keys: a user's orders, payments and pending stock releases (the
+//! release outbox) move from one user group to another.
+//!
+//! The fence is a row per user in `user_fences`. Every transaction that changes a user's rows
+//! checks it first (order inserts in the same statement; cancels and payments as their first
+//! statement; the expiry sweep skips fenced users), and after fencing the mover waits for the
+//! transactions that began before the fence: from then on nothing changes the users' rows. The
+//! destination's copy is fenced the same way until the switch, so its sweeper leaves it alone.
+//!
+//! "Changed since" is judged by `orders.updated_at` and `payments.received_at` (the writing
+//! transaction's start): a pass's watermark is the start of the oldest transaction still running
+//! on the source when the pass begins (sessions of the engine's own role, which does all the
+//! writing), so a change committed after the pass read its rows is stamped later. Outbox entries
+//! are copied whole every pass (there are few); one the source forgets afterwards is released
+//! once more from the destination, which is harmless (a release is idempotent).
+
+use super::Holdings;
+use crate::db::DbError;
+use chrono::{DateTime, Utc};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// How long the fence waits for the transactions that began before it.
+const DRAIN_WAIT: Duration = Duration::from_secs(10);
+
+/// Every user with rows on a group that are live or fenced by `move_id`.
+pub async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbError> {
+    Ok(client
+        .query(
+            "SELECT k FROM (SELECT user_id AS k FROM orders UNION SELECT user_id FROM payments) u
+             WHERE NOT EXISTS (SELECT 1 FROM user_fences f WHERE f.user_id = u.k
+                               AND f.move_id <> $1)",
+            &[&move_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
+/// The start of the oldest transaction running on the server now (or now).
+pub async fn watermark(src: &mut Client, _keys: &[i64]) -> Result<DateTime<Utc>, DbError> {
+    Ok(src
+        .query_one(
+            "SELECT least(clock_timestamp(), min(xact_start)) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND xact_start IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Fence `keys` on a group for `move_id` (the destination before it is copied to, the source
+/// at the fence).
+async fn add_fences(client: &Client, move_id: i64, keys: &[i64]) -> Result<u64, DbError> {
+    Ok(client
+        .execute(
+            "INSERT INTO user_fences (user_id, move_id) SELECT unnest($1::bigint[]), $2
+             ON CONFLICT (user_id) DO UPDATE SET move_id = EXCLUDED.move_id",
+            &[&keys, &move_id],
+        )
+        .await?)
+}
+
+/// Copy the users' orders and payments changed at or after `since` (all when None) and their
+/// outbox entries from `src` to `dst`, fencing them on `dst` first. Returns the rows written.
+pub async fn copy(
+    src: &Client,
+    dst: &mut Client,
+    move_id: i64,
+    keys: &[i64],
+    since: Option<DateTime<Utc>>,
+) -> Result<u64, DbError> {
+    add_fences(dst, move_id, keys).await?;
+    let mut written = 0;
+    let orders = src
+        .query(
+            "SELECT order_id, user_id, sale_id, item_id, quantity, amount_cents, status,
+                    created_at, expires_at, paid_at, updated_at
+             FROM orders WHERE user_id = ANY($1)
+               AND ($2::timestamptz IS NULL OR updated_at >= $2)",
+            &[&keys, &since],
+        )
+        .await?;
+    for r in &orders {
+        written += dst
+            .execute(
+                "INSERT INTO orders (order_id, user_id, sale_id, item_id, quantity, amount_cents,
+                     status, created_at, expires_at, paid_at, updated_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (order_id) DO UPDATE
+                    SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at,
+                        expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at",
+                &[
+                    &r.get::<_, uuid::Uuid>(0),
+                    &r.get::<_, i64>(1),
+                    &r.get::<_, i64>(2),
+                    &r.get::<_, i64>(3),
+                    &r.get::<_, i32>(4),
+                    &r.get::<_, i64>(5),
+                    &r.get::<_, String>(6),
+                    &r.get::<_, DateTime<Utc>>(7),
+                    &r.get::<_, DateTime<Utc>>(8),
+                    &r.get::<_, Option<DateTime<Utc>>>(9),
+                    &r.get::<_, DateTime<Utc>>(10),
+                ],
+            )
+            .await?;
+    }
+    let payments = src
+        .query(
+            "SELECT payment_ref, order_id, user_id, sale_id, amount_cents, state, reason,
+                    received_at
+             FROM payments WHERE user_id = ANY($1)
+               AND ($2::timestamptz IS NULL OR received_at >= $2)",
+            &[&keys, &since],
+        )
+        .await?;
+    for r in &payments {
+        written += dst
+            .execute(
+                "INSERT INTO payments (payment_ref, order_id, user_id, sale_id, amount_cents, state,
+                     reason, received_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (payment_ref) DO NOTHING",
+                &[
+                    &r.get::<_, String>(0),
+                    &r.get::<_, uuid::Uuid>(1),
+                    &r.get::<_, i64>(2),
+                    &r.get::<_, Option<i64>>(3),
+                    &r.get::<_, i64>(4),
+                    &r.get::<_, String>(5),
+                    &r.get::<_, Option<String>>(6),
+                    &r.get::<_, DateTime<Utc>>(7),
+                ],
+            )
+            .await?;
+    }
+    let outbox = src
+        .query(
+            "SELECT ob.order_id, ob.item_id, ob.created_at FROM release_outbox ob
+             JOIN orders o ON o.order_id = ob.order_id WHERE o.user_id = ANY($1)",
+            &[&keys],
+        )
+        .await?;
+    for r in &outbox {
+        written += dst
+            .execute(
+                "INSERT INTO release_outbox (order_id, item_id, created_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (order_id) DO NOTHING",
+                &[
+                    &r.get::<_, uuid::Uuid>(0),
+                    &r.get::<_, i64>(1),
+                    &r.get::<_, DateTime<Utc>>(2),
+                ],
+            )
+            .await?;
+    }
+    Ok(written)
+}
+
+/// Fence the users on the source, then wait until every transaction that began before the fence
+/// has ended: from then on nothing changes their rows there.
+pub async fn fence(src: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, DbError> {
+    let n = add_fences(src, move_id, keys).await?;
+    let fenced_at: DateTime<Utc> = src.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
+    let started = std::time::Instant::now();
+    loop {
+        let older: i64 = src
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND xact_start < $1",
+                &[&fenced_at],
+            )
+            .await?
+            .get(0);
+        if older == 0 {
+            return Ok(n);
+        }
+        if started.elapsed() > DRAIN_WAIT {
+            return Err(DbError::Busy(format!(
+                "{older} transaction(s) older than the fence are still running"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Lift this move's fence from a group.
+pub async fn unfence(client: &Client, move_id: i64) -> Result<u64, DbError> {
+    Ok(client
+        .execute("DELETE FROM user_fences WHERE move_id = $1", &[&move_id])
+        .await?)
+}
+
+/// Drop this move's inactive copy of the users from a group (only users this move fenced here);
+/// with `tombstones` their fences stay, so a node still routing them here is told they moved.
+pub async fn drop_copy(
+    client: &mut Client,
+    move_id: i64,
+    _keys: &[i64],
+    tombstones: bool,
+) -> Result<u64, DbError> {
+    let tx = client.transaction().await?;
+    let users: Vec<i64> = tx
+        .query(
+            "SELECT user_id FROM user_fences WHERE move_id = $1 FOR UPDATE",
+            &[&move_id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut dropped = tx
+        .execute(
+            "DELETE FROM release_outbox ob USING orders o
+             WHERE o.order_id = ob.order_id AND o.user_id = ANY($1)",
+            &[&users],
+        )
+        .await?;
+    dropped += tx
+        .execute("DELETE FROM payments WHERE user_id = ANY($1)", &[&users])
+        .await?;
+    dropped += tx
+        .execute("DELETE FROM orders WHERE user_id = ANY($1)", &[&users])
+        .await?;
+    if !tombstones {
+        dropped += tx
+            .execute("DELETE FROM user_fences WHERE move_id = $1", &[&move_id])
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(dropped)
+}
+
+/// What a group holds of the users.
+pub async fn holdings(client: &Client, keys: &[i64]) -> Result<Holdings, DbError> {
+    let r = client
+        .query_one(
+            "WITH held AS (SELECT user_id AS k FROM orders WHERE user_id = ANY($1)
+                           UNION SELECT user_id FROM payments WHERE user_id = ANY($1))
+             SELECT (SELECT count(*) FROM orders WHERE user_id = ANY($1))
+                    + (SELECT count(*) FROM payments WHERE user_id = ANY($1)),
+                    (SELECT count(*) FROM held),
+                    (SELECT count(*) FROM held
+                     WHERE NOT EXISTS (SELECT 1 FROM user_fences f WHERE f.user_id = held.k))",
+            &[&keys],
+        )
+        .await?;
+    Ok(Holdings {
+        rows: r.get(0),
+        keys: r.get(1),
+        live: r.get(2),
+    })
+}
