@@ -1,7 +1,9 @@
 //! `--kill-master GROUP@SECONDS`: SIGKILL the current master of a local dev-cluster group mid-run;
 //! `--freeze-master GROUP@SECONDS`: SIGSTOP every process of it instead (it stops answering with its
-//! sockets open, as a frozen host or a network partition looks; it is thawed after the run). Then
-//! measure the write outage from the acknowledged orders' timestamps.
+//! sockets open, as a frozen host or a network partition looks; it is thawed after the run);
+//! `--move-to GROUP@SECONDS`: move the hot item to GROUP live (`POST /v1/admin/moves`). Then
+//! measure the write outage from the acknowledged orders' timestamps (and for a move, the write
+//! pause the engine measured).
 
 use crate::sale::Acked;
 use serde::Serialize;
@@ -12,6 +14,8 @@ use std::path::{Path, PathBuf};
 pub enum Fault {
     Kill,
     Freeze,
+    /// Move this item key to the group.
+    Move(u64),
 }
 
 #[derive(Debug, Clone)]
@@ -31,6 +35,8 @@ pub struct Kill {
     /// Processes stopped by a freeze, to continue after the run.
     pub frozen: Vec<i32>,
     pub thawed: bool,
+    /// The move started, for `--move-to`.
+    pub move_id: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -41,12 +47,14 @@ pub struct Outage {
     /// The longest time without an acknowledged order from the kill on.
     pub outage_s: f64,
     pub failures_after_kill: usize,
+    /// For a move: the write pause the engine measured (fence to the new group going live).
+    pub write_pause_ms: Option<i64>,
 }
 
 pub fn parse(fault: Fault, spec: &str, dir: &Path, token: &str) -> Result<(f64, Target), String> {
-    let (group, at) = spec
-        .split_once('@')
-        .ok_or_else(|| format!("--kill-master/--freeze-master want GROUP@SECONDS, got {spec:?}"))?;
+    let (group, at) = spec.split_once('@').ok_or_else(|| {
+        format!("--kill-master/--freeze-master/--move-to want GROUP@SECONDS, got {spec:?}")
+    })?;
     let at: f64 = at.parse().map_err(|_| format!("bad seconds in {spec:?}"))?;
     Ok((
         at,
@@ -67,6 +75,9 @@ pub async fn kill_master(
     http: &reqwest::Client,
     now_s: f64,
 ) -> Result<Kill, String> {
+    if let Fault::Move(key) = target.fault {
+        return start_move(url, target, http, now_s, key).await;
+    }
     let groups: serde_json::Value = http
         .get(format!("{url}/v1/admin/groups"))
         .bearer_auth(&target.token)
@@ -104,7 +115,7 @@ pub async fn kill_master(
                         return Err(format!("kill {pid}: {}", std::io::Error::last_os_error()));
                     }
                 }
-                Fault::Freeze => {
+                Fault::Freeze | Fault::Move(_) => {
                     // The postmaster first (it forks nothing new then), then its children until
                     // no unstopped one is left.
                     loop {
@@ -125,7 +136,7 @@ pub async fn kill_master(
             }
             let what = match target.fault {
                 Fault::Kill => "killed",
-                Fault::Freeze => "froze (SIGSTOP)",
+                _ => "froze (SIGSTOP)",
             };
             println!(
                 "\n*** {what} master {endpoint} of {} (pid {pid}) at {now_s:.2} s ***",
@@ -136,6 +147,7 @@ pub async fn kill_master(
                 at_s: now_s,
                 frozen,
                 thawed: false,
+                move_id: None,
             });
         }
     }
@@ -143,6 +155,99 @@ pub async fn kill_master(
         "no local server listening on port {port} under {}",
         target.cluster_dir.display()
     ))
+}
+
+/// Ask the engine to move the item to the group.
+async fn start_move(
+    url: &str,
+    target: &Target,
+    http: &reqwest::Client,
+    now_s: f64,
+    key: u64,
+) -> Result<Kill, String> {
+    let get = |path: String| async move {
+        http.get(format!("{url}{path}"))
+            .bearer_auth(&target.token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json::<serde_json::Value>()
+            .await
+            .map_err(|e| e.to_string())
+    };
+    // `next`: the group after the item's own, in the configuration's order.
+    let to = if target.group == "next" {
+        let home = get(format!("/v1/admin/route/items/{key}")).await?["group"].clone();
+        let groups = get("/v1/admin/groups".to_string()).await?;
+        let names: Vec<String> = groups["groups"]
+            .as_array()
+            .map(|gs| {
+                gs.iter()
+                    .filter_map(|g| g["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let at = names.iter().position(|n| home == n.as_str()).unwrap_or(0);
+        names
+            .get((at + 1) % names.len().max(1))
+            .cloned()
+            .ok_or("no groups")?
+    } else {
+        target.group.clone()
+    };
+    let r = http
+        .post(format!("{url}/v1/admin/moves"))
+        .bearer_auth(&target.token)
+        .json(&serde_json::json!({"kind": "items", "key": key, "to": to}))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = r.status();
+    let body: serde_json::Value = r.json().await.map_err(|e| e.to_string())?;
+    if status != reqwest::StatusCode::ACCEPTED {
+        return Err(format!("the move was refused ({status}): {body}"));
+    }
+    let id = body["move_id"].as_u64().unwrap_or_default();
+    println!(
+        "\n*** moving item {key} {} -> {to} (move {id}) at {now_s:.2} s ***",
+        body["from"].as_str().unwrap_or("?"),
+    );
+    Ok(Kill {
+        member: format!("item {key} -> {to}"),
+        at_s: now_s,
+        frozen: Vec::new(),
+        thawed: true,
+        move_id: Some(id),
+    })
+}
+
+/// The write pause of a move, once it has switched (waits up to 30 s).
+pub async fn write_pause(
+    url: &str,
+    token: &str,
+    http: &reqwest::Client,
+    move_id: u64,
+) -> Option<i64> {
+    for _ in 0..300 {
+        let m: serde_json::Value = http
+            .get(format!("{url}/v1/admin/moves/{move_id}"))
+            .bearer_auth(token)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        if let Some(p) = m["write_pause_ms"].as_i64() {
+            return Some(p);
+        }
+        if ["failed", "cancelled"].contains(&m["phase"].as_str().unwrap_or("")) {
+            println!("move {move_id} ended {}: {}", m["phase"], m["error"]);
+            return None;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    None
 }
 
 /// The postmaster and the processes it started.
@@ -208,7 +313,9 @@ pub fn outage(kill: &Kill, acked: &[Acked], failures: &[f64]) -> Outage {
     }
     Outage {
         member: kill.member.clone(),
-        fault: if kill.frozen.is_empty() {
+        fault: if kill.move_id.is_some() {
+            "move"
+        } else if kill.frozen.is_empty() {
             "SIGKILL"
         } else {
             "SIGSTOP"
@@ -216,5 +323,6 @@ pub fn outage(kill: &Kill, acked: &[Acked], failures: &[f64]) -> Outage {
         killed_at_s: kill.at_s,
         outage_s: longest,
         failures_after_kill: failures.iter().filter(|&&t| t >= kill.at_s).count(),
+        write_pause_ms: None,
     }
 }

@@ -96,6 +96,11 @@ pub struct Args {
     /// a master that stops answering with its sockets open. It is continued after the run.
     #[arg(long)]
     pub freeze_master: Option<String>,
+    /// Move the hot item to GROUP after SECONDS, live (`POST /v1/admin/moves`), e.g. g1@5 or
+    /// next@5 (the group after the item's own); the
+    /// report gives the write outage buyers saw and the write pause the engine measured.
+    #[arg(long, conflicts_with_all = ["kill_master", "freeze_master"])]
+    pub move_to: Option<String>,
     /// Bot connections of the `bots` scenario (beside --concurrency honest ones).
     #[arg(long, default_value_t = 16)]
     pub bots: usize,

@@ -85,8 +85,15 @@ impl Report {
         }
         if let Some(o) = &self.outage {
             println!(
-                "{} of master {} at {:.2} s: write outage {:.2} s; {} failed attempts after it",
-                o.fault, o.member, o.killed_at_s, o.outage_s, o.failures_after_kill
+                "{} of {} at {:.2} s: write outage {:.2} s; {} failed attempts after it{}",
+                o.fault,
+                o.member,
+                o.killed_at_s,
+                o.outage_s,
+                o.failures_after_kill,
+                o.write_pause_ms
+                    .map(|p| format!("; write pause (engine) {p} ms"))
+                    .unwrap_or_default()
             );
         }
         self.verification.print();
@@ -458,7 +465,15 @@ pub async fn run_scenario(args: &Args, url: &str, keys: &crate::Keys) -> Result<
             &args.cluster_dir,
             token,
         )?),
-        (None, None) => None,
+        (None, None) => match &args.move_to {
+            Some(spec) => Some(chaos::parse(
+                chaos::Fault::Move(setup.items[0].0),
+                spec,
+                &args.cluster_dir,
+                token,
+            )?),
+            None => None,
+        },
     };
     let until_sold_out = args.scenario == Scenario::Hot && chaos_at.is_none();
     let phase = Phase {
@@ -477,7 +492,12 @@ pub async fn run_scenario(args: &Args, url: &str, keys: &crate::Keys) -> Result<
     if let Some(k) = kill.as_mut() {
         chaos::thaw(k);
     }
-    let outage = kill.map(|k| chaos::outage(&k, &acked, &seen.failures));
+    let mut outage = kill
+        .as_ref()
+        .map(|k| chaos::outage(k, &acked, &seen.failures));
+    if let (Some(o), Some(id)) = (outage.as_mut(), kill.as_ref().and_then(|k| k.move_id)) {
+        o.write_pause_ms = chaos::write_pause(url, token, &http, id).await;
+    }
     let reached_sellout =
         tally.sold_out.load(Ordering::Relaxed) > 0 || args.scenario == Scenario::Soldout;
     let verification =
