@@ -165,11 +165,12 @@ pub fn compare(settled: &[Settled], recorded: &[Payment]) -> Vec<Mismatch> {
     out
 }
 
-/// Every recorded payment of every group.
+/// Every recorded payment of every group; of a user moved to another group, the copy where the
+/// user routes now only (a move leaves an inactive copy behind until it is completed).
 pub async fn recorded(orders: &OrderService) -> Result<Vec<Payment>, OrderError> {
     const PAGE: i64 = 1000;
     let mut all = Vec::new();
-    for g in &orders.cluster.groups {
+    for (idx, g) in orders.cluster.groups.iter().enumerate() {
         let mut after = String::new();
         loop {
             let page = g
@@ -180,7 +181,12 @@ pub async fn recorded(orders: &OrderService) -> Result<Vec<Payment>, OrderError>
             let Some(last) = page.last() else { break };
             after = last.payment_ref.clone();
             let full = page.len() as i64 == PAGE;
-            all.extend(page);
+            all.extend(page.into_iter().filter(|p| {
+                orders
+                    .router
+                    .route(crate::router::KeyKind::Users, p.user_id)
+                    == idx
+            }));
             if !full {
                 break;
             }

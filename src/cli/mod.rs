@@ -477,6 +477,31 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
                     e.updated_at.to_rfc3339()
                 );
             }
+            if !map.slots.is_empty() {
+                println!("moved slots:");
+                for e in map.slots {
+                    println!(
+                        "{:<6} {:>20} {:<12} {}",
+                        e.kind,
+                        format!("slot {}", e.slot),
+                        e.group,
+                        e.updated_at.to_rfc3339()
+                    );
+                }
+            }
+            for m in map.moves {
+                println!(
+                    "open move {}: {} {} {} -> {} {}",
+                    m.move_id,
+                    m.kind,
+                    m.key
+                        .map(|k| k.to_string())
+                        .unwrap_or_else(|| format!("slot {}", m.slot.unwrap_or_default())),
+                    m.from,
+                    m.to,
+                    m.phase.as_str()
+                );
+            }
         }
         ShardMapAction::Route { kind: k, key: n } => {
             maps.refresh().await?;

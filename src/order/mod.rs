@@ -661,14 +661,19 @@ impl OrderService {
         limit: i64,
     ) -> Result<Vec<payments::Payment>, OrderError> {
         let mut all = Vec::new();
-        for g in &self.cluster.groups {
+        for (idx, g) in self.cluster.groups.iter().enumerate() {
             let sale = sale.map(SaleId::db);
             let found = g
                 .run::<_, OrderError>(Work::Read, self.timeout, async |c| {
                     payments::list(c, sale, state, limit).await
                 })
                 .await?;
-            all.extend(found);
+            // A moved user's inactive copy (left until the move is completed) is not counted.
+            all.extend(
+                found
+                    .into_iter()
+                    .filter(|p| self.router.route(crate::router::KeyKind::Users, p.user_id) == idx),
+            );
         }
         all.sort_by_key(|p| std::cmp::Reverse(p.received_at));
         all.truncate(limit.max(0) as usize);

@@ -867,3 +867,89 @@ async fn rebalance_gives_an_empty_group_its_share_of_the_slots() {
     let audit = app.audit(sale).await;
     assert_eq!(audit["conserved"], true, "{audit}");
 }
+
+/// A real mover process (the CLI) SIGKILLed while it copies a big item: an engine node resumes the
+/// move once the dead runner's lease runs out, and it switches with nothing lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mover_killed_mid_copy_is_resumed_by_an_engine() {
+    use std::io::BufRead;
+    let app = spawn_app().await;
+    let item = fresh_item_in(&app, 0);
+    let held = 200_000i64;
+    let stock = held + 100;
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": stock, "price_cents": 1}]))
+        .await;
+    // A big item: 200,000 reservations (as if sold), written directly.
+    let g0 = app.state.cluster.group(0).writer().await.expect("g0");
+    g0.batch_execute(&format!(
+        "INSERT INTO reservations (txn_id, sale_id, item_id, user_id, quantity, state)
+         SELECT gen_random_uuid(), {sale}, {item}, n, 1, 'ordered' FROM generate_series(1, {held}) n;
+         UPDATE sale_items SET remaining = remaining - {held} WHERE sale_id = {sale} AND item_id = {item};"
+    ))
+    .await
+    .expect("bulk reservations");
+    drop(g0);
+
+    let dir = std::env::temp_dir().join(format!("seckill-moves-{}", fresh_item()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("shards.toml");
+    std::fs::write(&config, cluster().shards_toml("127.0.0.1:0", &secrets())).unwrap();
+    let mut mover = std::process::Command::new(env!("CARGO_BIN_EXE_seckill"))
+        .args(["shard-map", "--config"])
+        .arg(&config)
+        .args(["move", "items", &item.to_string(), "--to", "g1"])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("the CLI runs");
+    let stderr = mover.stderr.take().expect("stderr");
+    let mut lines = std::io::BufReader::new(stderr).lines();
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| {
+            l.strip_prefix("move ")
+                .and_then(|rest| rest.split(':').next())
+                .and_then(|id| id.parse::<u64>().ok())
+        })
+        .expect("the move started");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    mover.kill().expect("SIGKILL the mover");
+    let _ = mover.wait();
+    let at_kill = app
+        .admin_get(&format!("/v1/admin/moves/{started}"))
+        .await
+        .body;
+    assert!(
+        ["copying", "catching_up"].contains(&at_kill["phase"].as_str().unwrap_or("")),
+        "killed mid-copy: {at_kill}"
+    );
+    // Meanwhile the item sells on g0.
+    let r = app.buy(sale, item, fresh_item(), 1, None).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+
+    let done = wait_for_rest(&app, started).await;
+    assert_eq!(done["phase"], "switched", "{done}");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            app.state.router.route(KeyKind::Items, item) == 1
+        })
+        .await
+    );
+    assert_eq!(
+        app.sql_i64(
+            1,
+            &format!(
+                "SELECT count(*) FROM reservations WHERE sale_id = {sale} AND item_id = {item}"
+            )
+        )
+        .await,
+        held + 1
+    );
+    assert_eq!(app.remaining(sale, item).await, 99);
+    let r = app.buy(sale, item, fresh_item(), 1, None).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    assert_eq!(app.audit(sale).await["conserved"], true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
