@@ -516,11 +516,12 @@ impl OrderService {
                 .observe(SaleId::from_db(sale), ItemId::from_db(item), remaining);
         }
         if released.moving > 0 {
-            // Kept by the caller (outbox, reconciler) and retried on the item's new group.
-            return Err(OrderError::Unavailable(format!(
-                "{} item(s) of this release are moving to another shard group",
+            // Retried by the caller on the item's new group (return_stock, the outbox, the
+            // reconciler).
+            return Err(OrderError::Db(DbError::Moving(format!(
+                "{} item(s) of this release",
                 released.moving
-            )));
+            ))));
         }
         Ok(())
     }
@@ -731,22 +732,35 @@ impl OrderService {
     /// Return the stock of dead orders recorded in `user_group`'s outbox, then forget the entries.
     /// What fails stays in the outbox for [`Self::drain_releases`].
     async fn return_stock(&self, user_group: usize, dead: Vec<(Uuid, i64)>) {
-        let mut by_group: HashMap<usize, Vec<Uuid>> = HashMap::new();
-        for (order_id, item) in dead {
-            by_group
-                .entry(self.router.item_group(ItemId::from_db(item)))
-                .or_default()
-                .push(order_id);
-        }
         let (mut done, mut failed) = (Vec::new(), Vec::new());
-        for (g, ids) in by_group {
-            match self.release_on(g, &ids, &[]).await {
-                Ok(()) => done.extend(ids),
-                Err(e) => {
-                    tracing::warn!(error = %e, count = ids.len(),
-                        "stock of dead orders not returned yet; the outbox drainer will");
-                    failed.extend(ids);
+        let started = std::time::Instant::now();
+        let mut left = dead;
+        while !left.is_empty() {
+            let mut by_group: HashMap<usize, Vec<(Uuid, i64)>> = HashMap::new();
+            for (order_id, item) in left.drain(..) {
+                by_group
+                    .entry(self.router.item_group(ItemId::from_db(item)))
+                    .or_default()
+                    .push((order_id, item));
+            }
+            for (g, batch) in by_group {
+                let ids: Vec<Uuid> = batch.iter().map(|(id, _)| *id).collect();
+                match self.release_on(g, &ids, &[]).await {
+                    Ok(()) => done.extend(ids),
+                    // An item fenced by a move: again on its route as re-read, for a while.
+                    Err(OrderError::Db(DbError::Moving(_))) if started.elapsed() < FENCE_WAIT => {
+                        left.extend(batch)
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, count = ids.len(),
+                            "stock of dead orders not returned yet; the outbox drainer will");
+                        failed.extend(ids);
+                    }
                 }
+            }
+            if !left.is_empty() {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                self.refresh_routes().await;
             }
         }
         let group = self.cluster.group(user_group);

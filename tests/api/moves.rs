@@ -895,6 +895,33 @@ async fn a_mover_killed_mid_copy_is_resumed_by_an_engine() {
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("shards.toml");
     std::fs::write(&config, cluster().shards_toml("127.0.0.1:0", &secrets())).unwrap();
+    // The CLI's dry run plans and changes nothing.
+    let dry = std::process::Command::new(env!("CARGO_BIN_EXE_seckill"))
+        .args(["shard-map", "--config"])
+        .arg(&config)
+        .args([
+            "move",
+            "items",
+            &item.to_string(),
+            "--to",
+            "g1",
+            "--dry-run",
+        ])
+        .output()
+        .expect("the CLI runs");
+    assert!(
+        dry.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dry.stderr)
+    );
+    let plan: Value = serde_json::from_slice(&dry.stdout).expect("the plan as JSON");
+    assert_eq!(plan["rows_to_copy"], held + 1, "{plan}");
+    let listed = app.admin_get("/v1/admin/moves").await;
+    assert!(listed.body["moves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["key"] != item));
     let mut mover = std::process::Command::new(env!("CARGO_BIN_EXE_seckill"))
         .args(["shard-map", "--config"])
         .arg(&config)
