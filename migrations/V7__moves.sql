@@ -42,12 +42,13 @@ CREATE TABLE moves (
     finished_at    timestamptz,
     CHECK ((key IS NULL) <> (slot IS NULL))
 );
--- One open move per key and per slot: a second one is refused until the first is completed,
--- failed, cancelled or reversed.
+-- One move in flight per key and per slot (the engine also refuses a move while another is open on
+-- the key, its slot or a key of the slot, under an advisory lock; a switched move's reverse is the
+-- one exception).
 CREATE UNIQUE INDEX moves_one_open_per_key ON moves (kind, key)
-    WHERE key IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced', 'switched');
+    WHERE key IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced');
 CREATE UNIQUE INDEX moves_one_open_per_slot ON moves (kind, slot)
-    WHERE slot IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced', 'switched');
+    WHERE slot IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced');
 
 -- Hash slots moved off the group the configuration gives them (a slot move's switch writes
 -- here). Read with `shard_map` by every node; a key's own entry wins over its slot's.

@@ -252,12 +252,13 @@ CREATE TABLE moves (
     finished_at    timestamptz,
     CHECK ((key IS NULL) <> (slot IS NULL))
 );
--- One open move per key and per slot: a second one is refused until the first is completed,
--- failed, cancelled or reversed.
+-- One move in flight per key and per slot (the engine also refuses a move while another is open on
+-- the key, its slot or a key of the slot, under an advisory lock; a switched move's reverse is the
+-- one exception).
 CREATE UNIQUE INDEX moves_one_open_per_key ON moves (kind, key)
-    WHERE key IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced', 'switched');
+    WHERE key IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced');
 CREATE UNIQUE INDEX moves_one_open_per_slot ON moves (kind, slot)
-    WHERE slot IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced', 'switched');
+    WHERE slot IS NOT NULL AND phase IN ('copying', 'catching_up', 'fenced');
 
 -- Hash slots moved off the group the configuration gives them (a slot move's switch writes
 -- here). Read with `shard_map` by every node; a key's own entry wins over its slot's.
@@ -277,4 +278,26 @@ CREATE TRIGGER slot_map_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON 
 CREATE TABLE user_fences (
     user_id bigint PRIMARY KEY,
     move_id bigint NOT NULL
+);
+
+-- A reservation's order exists: marked by `ordered_at` instead of `state = 'ordered'` and a new
+-- `updated_at`. Neither `ordered_at` nor anything the mark changes is indexed, so the mark is a HOT
+-- update (no new index entries in the three indexes of `reservations`) when the page has room,
+-- which the fill factor keeps for it. Readers take `state = 'reserved' AND ordered_at IS NOT NULL`
+-- as ordered; `state = 'ordered'` stays valid (rows marked before this migration).
+ALTER TABLE reservations ADD COLUMN ordered_at timestamptz;
+ALTER TABLE reservations SET (fillfactor = 85);
+
+-- Sales carry a move's fence too (a slot move carries the sales whose ids are in the slot): a
+-- fenced sale row is a copy being filled or one left behind, not the live one.
+ALTER TABLE sales ADD COLUMN fenced_by bigint;
+
+-- A hash slot being moved, fenced as a whole: keys of the slot that have no rows yet (a user's
+-- first order) are refused here too, so a node still routing the slot here cannot start a second
+-- copy of them.
+CREATE TABLE slot_fences (
+    kind    text    NOT NULL CHECK (kind IN ('items', 'users')),
+    slot    integer NOT NULL CHECK (slot >= 0),
+    move_id bigint  NOT NULL,
+    PRIMARY KEY (kind, slot)
 );

@@ -65,8 +65,9 @@ macro_rules! audit_sql {
     ($from:literal, $tail:literal) => {
         concat!(
             "SELECT si.sale_id, si.item_id, si.stock::bigint, si.remaining::bigint,
-        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'reserved'), 0)::bigint,
-        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'ordered'), 0)::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'reserved' AND r.ordered_at IS NULL), 0)::bigint,
+        coalesce(sum(r.quantity) FILTER (WHERE r.state = 'ordered'
+                                            OR (r.state = 'reserved' AND r.ordered_at IS NOT NULL)), 0)::bigint,
         coalesce(sum(r.quantity) FILTER (WHERE r.state = 'paid'), 0)::bigint,
         coalesce(sum(r.quantity) FILTER (WHERE r.state = 'released'), 0)::bigint
     FROM ",
@@ -393,7 +394,10 @@ enum LiveSet {
 macro_rules! live_page_sql {
     ($states:literal) => {
         concat!(
-            "SELECT txn_id, sale_id, item_id, user_id, quantity, state FROM reservations
+            "SELECT txn_id, sale_id, item_id, user_id, quantity,
+                    CASE WHEN state = 'reserved' AND ordered_at IS NOT NULL THEN 'ordered'
+                         ELSE state END
+             FROM reservations
              WHERE ",
             $states,
             " AND updated_at < now() - make_interval(secs => $1)
@@ -409,8 +413,10 @@ impl LiveSet {
     fn sql(self) -> &'static str {
         match self {
             LiveSet::All => live_page_sql!("state IN ('reserved', 'ordered')"),
-            LiveSet::Reserved => live_page_sql!("state = 'reserved'"),
-            LiveSet::Ordered => live_page_sql!("state = 'ordered'"),
+            LiveSet::Reserved => live_page_sql!("state = 'reserved' AND ordered_at IS NULL"),
+            LiveSet::Ordered => live_page_sql!(
+                "(state = 'ordered' OR (state = 'reserved' AND ordered_at IS NOT NULL))"
+            ),
         }
     }
 }
@@ -547,7 +553,11 @@ async fn tombstone(
         .cluster
         .group(user_group)
         .run::<_, OrderError>(Work::Settle, orders.timeout, async |c| {
-            store::insert_orders(c, &missing).await
+            let slots = orders
+                .router
+                .kind(crate::router::KeyKind::Users)
+                .slot_count();
+            store::insert_orders(c, &missing, slots).await
         })
         .await?;
     let inserted = inserted.orders;

@@ -217,9 +217,32 @@ impl SaleService<'_> {
         let price: Vec<i64> = items.iter().map(|i| i.price_cents).collect();
         let limit: Vec<i32> = items.iter().map(|i| i.per_user_limit as i32).collect();
         let protection = sale.protection.map(tokio_postgres::types::Json);
+        let slot_count = self.router.kind(crate::router::KeyKind::Items).slot_count();
+        let slots: Vec<i32> = items
+            .iter()
+            .map(|i| crate::router::slot_of(i.item_id.key(), slot_count) as i32)
+            .collect();
         self.cluster
             .group(g)
             .run(Work::Settle, self.timeout, async |client| {
+                // An item being moved away from this group (its rows or its slot fenced by a
+                // move) gets no new sale here: the move would leave it behind.
+                let fenced = client
+                    .query_opt(
+                        &client
+                            .prepare_cached(
+                                "SELECT 1 FROM sale_items WHERE item_id = ANY($1) AND fenced_by IS NOT NULL
+                                 UNION ALL
+                                 SELECT 1 FROM slot_fences WHERE kind = 'items' AND slot = ANY($2)
+                                 LIMIT 1",
+                            )
+                            .await?,
+                        &[&ids, &slots],
+                    )
+                    .await?;
+                if fenced.is_some() {
+                    return Err(DbError::Moving("an item of this sale".into()));
+                }
                 client
                     .execute(
                         &client.prepare_cached("INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,

@@ -39,9 +39,7 @@ pub async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbErr
         .query(
             "SELECT item_id FROM sale_items WHERE fenced_by IS NULL OR fenced_by = $1
              UNION
-             SELECT s.sale_id FROM sales s
-             WHERE NOT EXISTS (SELECT 1 FROM sale_items f WHERE f.item_id = s.sale_id
-                               AND f.fenced_by IS DISTINCT FROM $1 AND f.fenced_by IS NOT NULL)",
+             SELECT sale_id FROM sales WHERE fenced_by IS NULL OR fenced_by = $1",
             &[&move_id],
         )
         .await?
@@ -51,7 +49,8 @@ pub async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbErr
 }
 
 const RESERVATION_COLUMNS: &str =
-    "txn_id, sale_id, item_id, user_id, quantity, state, created_at, updated_at, attempt";
+    "txn_id, sale_id, item_id, user_id, quantity, state, created_at, updated_at, attempt,
+     ordered_at";
 
 /// Copy the key's rows from `src` to `dst`: the sale row, the `sale_items` rows (written fenced
 /// by `move_id`: the copy stays inactive until the switch), and the reservations changed at or
@@ -64,7 +63,7 @@ pub async fn copy(
     since: Option<DateTime<Utc>>,
 ) -> Result<u64, DbError> {
     // Sales are immutable once made; a new one may appear under a slot's keys meanwhile.
-    let mut written = copy_sales(src, dst, keys).await?;
+    let mut written = copy_sales(src, dst, move_id, keys).await?;
     let items = src
         .query(
             "SELECT sale_id, item_id, stock, remaining, price_cents, per_user_limit, starts_at,
@@ -112,7 +111,7 @@ pub async fn copy(
     let rows = src
         .query(
             "SELECT r.txn_id, r.sale_id, r.item_id, r.user_id, r.quantity, r.state,
-                    r.created_at, r.updated_at, r.attempt
+                    r.created_at, r.updated_at, r.attempt, r.ordered_at
              FROM unnest($1::bigint[], $2::bigint[]) AS k(s, i)
              JOIN reservations r ON r.sale_id = k.s AND r.item_id = k.i
              WHERE $3::timestamptz IS NULL OR r.updated_at >= $3",
@@ -120,13 +119,19 @@ pub async fn copy(
         )
         .await?;
     for chunk in rows.chunks(CHUNK) {
-        written += write_reservations(dst, chunk).await?;
+        written += write_reservations(dst, move_id, chunk).await?;
     }
     Ok(written)
 }
 
-/// The sales whose ids are among the keys (immutable once created: written once).
-async fn copy_sales(src: &Client, dst: &Client, keys: &[i64]) -> Result<u64, DbError> {
+/// The sales whose ids are among the keys (immutable once created), fenced by the move on the
+/// destination like the items.
+async fn copy_sales(
+    src: &Client,
+    dst: &Client,
+    move_id: i64,
+    keys: &[i64],
+) -> Result<u64, DbError> {
     let mut written = 0;
     for r in src
         .query(
@@ -140,8 +145,10 @@ async fn copy_sales(src: &Client, dst: &Client, keys: &[i64]) -> Result<u64, DbE
         written += dst
         .execute(
             "INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs,
-                 protection, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (sale_id) DO NOTHING",
+                 protection, created_at, fenced_by)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (sale_id) DO UPDATE SET fenced_by = EXCLUDED.fenced_by
+                WHERE sales.fenced_by IS NOT NULL",
             &[
                 &r.get::<_, i64>(0),
                 &r.get::<_, String>(1),
@@ -151,6 +158,7 @@ async fn copy_sales(src: &Client, dst: &Client, keys: &[i64]) -> Result<u64, DbE
                 &r.get::<_, i32>(5),
                 &r.get::<_, Option<serde_json::Value>>(6),
                 &r.get::<_, DateTime<Utc>>(7),
+                &move_id,
             ],
         )
         .await?;
@@ -158,8 +166,9 @@ async fn copy_sales(src: &Client, dst: &Client, keys: &[i64]) -> Result<u64, DbE
     Ok(written)
 }
 
-/// Upsert reservations as read on the source, all columns.
-async fn write_reservations(dst: &Client, rows: &[Row]) -> Result<u64, DbError> {
+/// Upsert reservations as read on the source, all columns; only those of items this move fenced on
+/// the destination (a runner that lost its claim never overwrites a live copy).
+async fn write_reservations(dst: &Client, move_id: i64, rows: &[Row]) -> Result<u64, DbError> {
     let txn: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
     let sale: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
     let item: Vec<i64> = rows.iter().map(|r| r.get(2)).collect();
@@ -169,19 +178,25 @@ async fn write_reservations(dst: &Client, rows: &[Row]) -> Result<u64, DbError> 
     let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.get(6)).collect();
     let updated: Vec<DateTime<Utc>> = rows.iter().map(|r| r.get(7)).collect();
     let attempt: Vec<i32> = rows.iter().map(|r| r.get(8)).collect();
-    let params: [&(dyn ToSql + Sync); 9] = [
-        &txn, &sale, &item, &user, &quantity, &state, &created, &updated, &attempt,
+    let ordered: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.get(9)).collect();
+    let params: [&(dyn ToSql + Sync); 11] = [
+        &txn, &sale, &item, &user, &quantity, &state, &created, &updated, &attempt, &ordered,
+        &move_id,
     ];
     Ok(dst
         .execute(
             &format!(
                 "INSERT INTO reservations ({RESERVATION_COLUMNS})
                  SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[],
-                     $5::int[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::int[])
+                     $5::int[], $6::text[], $7::timestamptz[], $8::timestamptz[], $9::int[],
+                     $10::timestamptz[]) AS x(t, s, i, u, q, st, c, up, a, o)
+                 WHERE EXISTS (SELECT 1 FROM sale_items f WHERE f.sale_id = x.s AND f.item_id = x.i
+                               AND f.fenced_by = $11)
                  ON CONFLICT (txn_id) DO UPDATE
                     SET user_id = EXCLUDED.user_id, quantity = EXCLUDED.quantity,
                         state = EXCLUDED.state, created_at = EXCLUDED.created_at,
-                        updated_at = EXCLUDED.updated_at, attempt = EXCLUDED.attempt"
+                        updated_at = EXCLUDED.updated_at, attempt = EXCLUDED.attempt,
+                        ordered_at = EXCLUDED.ordered_at"
             ),
             &params,
         )
@@ -205,6 +220,12 @@ pub async fn fence(src: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, 
             &[&move_id, &keys],
         )
         .await?;
+    tx.execute(
+        "UPDATE sales SET fenced_by = $1
+         WHERE sale_id = ANY($2) AND (fenced_by IS NULL OR fenced_by = $1)",
+        &[&move_id, &keys],
+    )
+    .await?;
     tx.commit().await?;
     Ok(n)
 }
@@ -212,23 +233,29 @@ pub async fn fence(src: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, 
 /// Lift this move's fence from a group (the destination at the switch, or the source when a move
 /// is rolled back).
 pub async fn unfence(client: &Client, move_id: i64) -> Result<u64, DbError> {
-    Ok(client
+    let n = client
         .execute(
             "UPDATE sale_items SET fenced_by = NULL WHERE fenced_by = $1",
             &[&move_id],
         )
-        .await?)
+        .await?;
+    client
+        .execute(
+            "UPDATE sales SET fenced_by = NULL WHERE fenced_by = $1",
+            &[&move_id],
+        )
+        .await?;
+    Ok(n)
 }
 
-/// Drop this move's inactive copy from a group: the reservations of the items it fenced here and
-/// the sales among `keys` that no live item key here needs, and the `sale_items` rows too when
-/// `tombstones` is false. Only what this move fenced is touched: a live copy is never dropped.
-/// With `tombstones` (completing a move: the source) the fenced `sale_items` rows stay, so a node
-/// that still routes a key here is told it moved.
+/// Drop this move's inactive copy from a group: the reservations of the items it fenced here, the
+/// sales it fenced, and the `sale_items` rows too when `tombstones` is false. Only what this move
+/// fenced is touched: a live copy is never dropped. With `tombstones` (completing a move: the
+/// source) the fenced `sale_items` rows stay, so a node that still routes a key here is told it
+/// moved.
 pub async fn drop_copy(
     client: &mut Client,
     move_id: i64,
-    keys: &[i64],
     tombstones: bool,
 ) -> Result<u64, DbError> {
     let tx = client.transaction().await?;
@@ -251,12 +278,7 @@ pub async fn drop_copy(
         )
         .await?;
     dropped += tx
-        .execute(
-            "DELETE FROM sales s WHERE s.sale_id = ANY($1)
-               AND NOT EXISTS (SELECT 1 FROM sale_items f WHERE f.item_id = s.sale_id
-                               AND f.fenced_by IS NULL)",
-            &[&keys],
-        )
+        .execute("DELETE FROM sales WHERE fenced_by = $1", &[&move_id])
         .await?;
     if !tombstones {
         dropped += tx
@@ -274,9 +296,8 @@ pub async fn holdings(client: &Client, keys: &[i64]) -> Result<Holdings, DbError
             "WITH si AS (SELECT * FROM sale_items WHERE item_id = ANY($1)),
                   live AS (SELECT item_id AS k FROM si WHERE fenced_by IS NULL
                            UNION
-                           SELECT sale_id FROM sales s WHERE sale_id = ANY($1)
-                             AND NOT EXISTS (SELECT 1 FROM si WHERE si.item_id = s.sale_id
-                                             AND si.fenced_by IS NOT NULL)),
+                           SELECT sale_id FROM sales WHERE sale_id = ANY($1)
+                             AND fenced_by IS NULL),
                   held AS (SELECT item_id AS k FROM si
                            UNION SELECT sale_id FROM sales WHERE sale_id = ANY($1))
              SELECT (SELECT count(*) FROM si)

@@ -2,8 +2,8 @@
 //! the roll-back.
 
 use super::{
-    copy, drop_copy, fence, unfence, watermark, Move, MoveError, Mover, Phase, Unit, LEASE,
-    STEP_BUDGET,
+    copy, drop_copy, fence, fence_slot, unfence, watermark, Move, MoveError, Mover, Phase, Unit,
+    LEASE, STEP_BUDGET,
 };
 use crate::db::DbError;
 use crate::order::OrderError;
@@ -18,6 +18,8 @@ const CATCH_UP_ROWS: u64 = 500;
 const CATCH_UP_PASSES: u32 = 5;
 /// Failed attempts at a step before the move is rolled back (and marked failed).
 const STEP_ATTEMPTS: u32 = 3;
+/// How often a runner renews its claim while a step runs (well inside [`LEASE`]).
+const HEARTBEAT: Duration = Duration::from_secs(3);
 
 impl Mover {
     /// Run the move here if nobody holds it.
@@ -106,7 +108,24 @@ impl Mover {
             if !self.renew(id).await? {
                 return Ok(m);
             }
-            match self.step(&m, &mut passes).await {
+            // The claim is renewed while the step runs (a copy can outlast the lease); a runner
+            // that loses it stops at once, mid-step (every step can run again).
+            let step = self.step(&m, &mut passes);
+            tokio::pin!(step);
+            let mut heartbeat = tokio::time::interval(HEARTBEAT);
+            heartbeat.tick().await;
+            let outcome = loop {
+                tokio::select! {
+                    done = &mut step => break done,
+                    _ = heartbeat.tick() => {
+                        if !matches!(self.renew(id).await, Ok(true)) {
+                            tracing::warn!(move_id = id, "lost the claim on the move; stopping");
+                            return Ok(m.clone());
+                        }
+                    }
+                }
+            };
+            match outcome {
                 Ok(()) => failures = 0,
                 Err(e) => {
                     failures += 1;
@@ -126,10 +145,26 @@ impl Mover {
         }
     }
 
-    /// The keys the move carries now.
+    /// The keys the move carries now (after the switch: the slot's keys left on the source).
     async fn move_keys(&self, m: &Move) -> Result<Vec<i64>, MoveError> {
-        self.keys(m.key_kind()?, m.unit(), &m.from, super::db_key(m.move_id))
-            .await
+        let routed = m.phase.before_switch() && !m.cleanup_pending;
+        self.keys(
+            m.key_kind()?,
+            m.unit(),
+            &m.from,
+            super::db_key(m.move_id),
+            routed,
+        )
+        .await
+    }
+
+    /// What a pass copies from: a key's changes since the watermark; a slot's rows all (a key of
+    /// the slot may have got its first rows after the last pass read the slot's keys).
+    fn since(m: &Move, watermark: Option<DateTime<Utc>>) -> Option<DateTime<Utc>> {
+        match m.unit() {
+            Unit::Key(_) => watermark,
+            Unit::Slot(_) => None,
+        }
     }
 
     /// One step of the state machine ([module docs](super)).
@@ -144,13 +179,19 @@ impl Mover {
         }
         match m.phase {
             Phase::Copying => {
+                if let Unit::Slot(slot) = m.unit() {
+                    // Takes over a tombstone an earlier move of the slot left on the destination.
+                    self.on_group(&m.to, async |c| fence_slot(kind, c, id, slot).await)
+                        .await?;
+                }
                 let keys = self.move_keys(m).await?;
                 let (at, n) = self.pass(m, &keys, None).await?;
                 self.advance(id, Phase::CatchingUp, Some(at), n).await
             }
             Phase::CatchingUp => {
                 let keys = self.move_keys(m).await?;
-                let (at, n) = self.pass(m, &keys, self.watermark_of(id).await?).await?;
+                let since = Self::since(m, self.watermark_of(id).await?);
+                let (at, n) = self.pass(m, &keys, since).await?;
                 *passes += 1;
                 let next = if n < CATCH_UP_ROWS || *passes >= CATCH_UP_PASSES {
                     Phase::Fenced
@@ -171,9 +212,8 @@ impl Mover {
                     Ok(())
                 })
                 .await?;
-                let n = self
-                    .copy_since(m, &keys, self.watermark_of(id).await?)
-                    .await?;
+                let since = Self::since(m, self.watermark_of(id).await?);
+                let n = self.copy_since(m, &keys, since).await?;
                 self.switch(m, &keys, n).await
             }
             Phase::Switched if !m.dest_live => {
@@ -201,8 +241,7 @@ impl Mover {
                 Ok(())
             }
             Phase::Switched if m.complete_requested => {
-                let keys = self.move_keys(m).await?;
-                self.on_group(&m.from, async |c| drop_copy(kind, c, id, &keys, true).await)
+                self.on_group(&m.from, async |c| drop_copy(kind, c, id, true).await)
                     .await?;
                 self.on_config(async |c| {
                     c.execute(
@@ -222,22 +261,33 @@ impl Mover {
         }
     }
 
-    /// Fence the move's keys on the source. A slot's keys are read again after each fence: a key
-    /// that got its first rows meanwhile is fenced (and copied) too.
+    /// Fence the move's keys on the source; for a slot, the slot first (no key of it gets its
+    /// first rows there from then on), then its keys, read again until no new one shows up.
     async fn fence_all(&self, m: &Move) -> Result<Vec<i64>, MoveError> {
         let kind = m.key_kind()?;
         let id = super::db_key(m.move_id);
+        if let Unit::Slot(slot) = m.unit() {
+            self.on_group(&m.from, async |c| fence_slot(kind, c, id, slot).await)
+                .await?;
+        }
         let mut keys = self.move_keys(m).await?;
-        for _ in 0..3 {
+        for _ in 0..5 {
             self.on_group(&m.from, async |c| fence(kind, c, id, &keys).await)
                 .await?;
             let again = self.move_keys(m).await?;
             if again.iter().all(|k| keys.contains(k)) {
-                break;
+                return Ok(keys);
             }
-            keys = again;
+            keys.extend(
+                again
+                    .into_iter()
+                    .filter(|k| !keys.contains(k))
+                    .collect::<Vec<_>>(),
+            );
         }
-        Ok(keys)
+        Err(MoveError::Conflict(
+            "the slot's keys kept changing while it was fenced".to_string(),
+        ))
     }
 
     async fn watermark_of(&self, id: i64) -> Result<Option<DateTime<Utc>>, MoveError> {
@@ -317,7 +367,10 @@ impl Mover {
         let kind = m.key_kind()?;
         let id = super::db_key(m.move_id);
         let (from, to) = (self.group_idx(&m.from)?, self.group_idx(&m.to)?);
+        // Decide on the table as stored, not as this runner last cached it.
+        self.refresh_routes().await?;
         let rules = self.router.kind(kind);
+        let reverses = m.reverse_of.map(super::db_key);
         let route = match m.unit() {
             // Back to the group its rule names: no entry needed.
             Unit::Key(k) => Route::Key(
@@ -361,6 +414,15 @@ impl Mover {
             if switched == 0 {
                 tx.rollback().await?;
                 return Ok(());
+            }
+            if let Some(old) = reverses {
+                // The move this one reverses is undone now (it stays as it was if this one fails).
+                tx.execute(
+                    "UPDATE moves SET phase = 'cancelled', finished_at = now(), updated_at = now()
+                     WHERE move_id = $1 AND phase = 'switched'",
+                    &[&old],
+                )
+                .await?;
             }
             match &route {
                 Route::Key(key, true) => {
@@ -442,10 +504,11 @@ impl Mover {
     async fn clean_up(&self, m: &Move) -> Result<(), MoveError> {
         let kind = m.key_kind()?;
         let id = super::db_key(m.move_id);
-        let keys = self.move_keys(m).await?;
         self.on_group(&m.from, async |c| unfence(kind, c, id).await)
             .await?;
-        self.on_group(&m.to, async |c| drop_copy(kind, c, id, &keys, false).await)
+        self.on_group(&m.to, async |c| drop_copy(kind, c, id, false).await)
+            .await?;
+        self.on_group(&m.to, async |c| unfence(kind, c, id).await)
             .await?;
         self.on_config(async |c| {
             c.execute(

@@ -44,6 +44,7 @@ pub async fn watermark(src: &mut Client, _keys: &[i64]) -> Result<DateTime<Utc>,
         .query_one(
             "SELECT least(clock_timestamp(), min(xact_start)) FROM pg_stat_activity
              WHERE datname = current_database() AND pid <> pg_backend_pid()
+               AND usename = current_user AND backend_type = 'client backend'
                AND xact_start IS NOT NULL",
             &[],
         )
@@ -88,7 +89,8 @@ pub async fn copy(
             .execute(
                 "INSERT INTO orders (order_id, user_id, sale_id, item_id, quantity, amount_cents,
                      status, created_at, expires_at, paid_at, updated_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
+                 WHERE EXISTS (SELECT 1 FROM user_fences WHERE user_id = $2 AND move_id = $12)
                  ON CONFLICT (order_id) DO UPDATE
                     SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at,
                         expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at",
@@ -104,6 +106,7 @@ pub async fn copy(
                     &r.get::<_, DateTime<Utc>>(8),
                     &r.get::<_, Option<DateTime<Utc>>>(9),
                     &r.get::<_, DateTime<Utc>>(10),
+                    &move_id,
                 ],
             )
             .await?;
@@ -122,7 +125,8 @@ pub async fn copy(
             .execute(
                 "INSERT INTO payments (payment_ref, order_id, user_id, sale_id, amount_cents, state,
                      reason, received_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 SELECT $1, $2, $3, $4, $5, $6, $7, $8
+                 WHERE EXISTS (SELECT 1 FROM user_fences WHERE user_id = $3 AND move_id = $9)
                  ON CONFLICT (payment_ref) DO NOTHING",
                 &[
                     &r.get::<_, String>(0),
@@ -133,13 +137,14 @@ pub async fn copy(
                     &r.get::<_, String>(5),
                     &r.get::<_, Option<String>>(6),
                     &r.get::<_, DateTime<Utc>>(7),
+                    &move_id,
                 ],
             )
             .await?;
     }
     let outbox = src
         .query(
-            "SELECT ob.order_id, ob.item_id, ob.created_at FROM release_outbox ob
+            "SELECT ob.order_id, ob.item_id, ob.created_at, o.user_id FROM release_outbox ob
              JOIN orders o ON o.order_id = ob.order_id WHERE o.user_id = ANY($1)",
             &[&keys],
         )
@@ -147,12 +152,15 @@ pub async fn copy(
     for r in &outbox {
         written += dst
             .execute(
-                "INSERT INTO release_outbox (order_id, item_id, created_at) VALUES ($1, $2, $3)
+                "INSERT INTO release_outbox (order_id, item_id, created_at) SELECT $1, $2, $3
+                 WHERE EXISTS (SELECT 1 FROM user_fences WHERE user_id = $4 AND move_id = $5)
                  ON CONFLICT (order_id) DO NOTHING",
                 &[
                     &r.get::<_, uuid::Uuid>(0),
                     &r.get::<_, i64>(1),
                     &r.get::<_, DateTime<Utc>>(2),
+                    &r.get::<_, i64>(3),
+                    &move_id,
                 ],
             )
             .await?;
@@ -171,6 +179,7 @@ pub async fn fence(src: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, 
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND usename = current_user AND backend_type = 'client backend'
                    AND xact_start < $1",
                 &[&fenced_at],
             )
@@ -200,7 +209,6 @@ pub async fn unfence(client: &Client, move_id: i64) -> Result<u64, DbError> {
 pub async fn drop_copy(
     client: &mut Client,
     move_id: i64,
-    _keys: &[i64],
     tombstones: bool,
 ) -> Result<u64, DbError> {
     let tx = client.transaction().await?;

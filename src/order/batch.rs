@@ -400,7 +400,7 @@ async fn write(
              ON CONFLICT (txn_id) DO UPDATE
                 SET state = 'reserved', quantity = EXCLUDED.quantity,
                     attempt = reservations.attempt + 1, created_at = now(),
-                    updated_at = clock_timestamp()
+                    updated_at = clock_timestamp(), ordered_at = NULL
                 WHERE reservations.state = 'released'
              RETURNING txn_id, attempt",
         )

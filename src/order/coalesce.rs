@@ -132,6 +132,7 @@ impl Coalescer {
                 .boxed()
             },
         );
+        let user_slots = router.kind(crate::router::KeyKind::Users).slot_count();
         let insert = Batcher::new(
             config.max_batch,
             Duration::ZERO,
@@ -143,7 +144,7 @@ impl Coalescer {
                     let work = cluster.group(group).run::<_, OrderError>(
                         Work::Settle,
                         timeout,
-                        async |c| store::insert_orders(c, &orders).await,
+                        async |c| store::insert_orders(c, &orders, user_slots).await,
                     );
                     match work.await {
                         Ok(inserted) => {

@@ -43,7 +43,7 @@ pub mod store;
 use crate::batcher::Batcher;
 use crate::db::DbError;
 use crate::domain::{txn_id_for, ItemId, Quantity, RequestId, SaleId, UserId};
-use crate::router::Router;
+use crate::router::{KeyKind, Router};
 use crate::shard::{Cluster, ShardError, Work};
 use hot::{HotPath, Verdict};
 use std::collections::HashMap;
@@ -433,7 +433,7 @@ impl OrderService {
         self.cluster
             .group(user_group)
             .run(Work::Settle, self.timeout, async |c| {
-                store::insert_orders(c, orders).await
+                store::insert_orders(c, orders, self.router.kind(KeyKind::Users).slot_count()).await
             })
             .await
     }

@@ -334,7 +334,7 @@ async fn record(
          VALUES ($1, $2, $3, $4, $5, 'reserved', clock_timestamp())
          ON CONFLICT (txn_id) DO UPDATE
             SET state = 'reserved', quantity = EXCLUDED.quantity, attempt = reservations.attempt + 1,
-                created_at = now(), updated_at = clock_timestamp()
+                created_at = now(), updated_at = clock_timestamp(), ordered_at = NULL
             WHERE reservations.state = 'released'
          RETURNING attempt").await?,
             &[&txn_id, &sale.db(), &item.db(), &user.db(), &quantity.db()],
@@ -347,36 +347,54 @@ async fn record(
 
 /// Take over a live reservation of `txn_id` (an earlier attempt of the same request), bumping its
 /// attempt. None when there is none, or when the item is fenced by a move (transaction 1 then
-/// says so).
+/// says so). The bump is made under the item's row lock, like every write of transaction 1, so a
+/// move copies it; a first attempt (no live reservation) takes no lock.
 pub async fn resume(
-    client: &ClientWrapper,
+    client: &mut ClientWrapper,
     sale: SaleId,
     item: ItemId,
     txn_id: Uuid,
 ) -> Result<Option<Reserved>, DbError> {
-    let stmt = client
+    let exists = client
+        .prepare_cached("SELECT 1 FROM reservations WHERE txn_id = $1 AND state <> 'released'")
+        .await?;
+    if client.query_opt(&exists, &[&txn_id]).await?.is_none() {
+        return Ok(None);
+    }
+    let tx = client.transaction().await?;
+    let lock = tx
         .prepare_cached(
-            "WITH r AS (
-                 UPDATE reservations SET attempt = attempt + 1, updated_at = clock_timestamp()
-                 WHERE txn_id = $1 AND sale_id = $2 AND item_id = $3 AND state <> 'released'
-                   AND NOT EXISTS (SELECT 1 FROM sale_items f WHERE f.sale_id = $2
-                                   AND f.item_id = $3 AND f.fenced_by IS NOT NULL)
-                 RETURNING quantity, attempt)
-             SELECT r.quantity, r.attempt, si.price_cents, si.payment_window_secs
-             FROM r JOIN sale_items si ON si.sale_id = $2 AND si.item_id = $3",
+            "SELECT fenced_by IS NULL, price_cents, payment_window_secs FROM sale_items
+             WHERE sale_id = $1 AND item_id = $2 FOR UPDATE",
         )
         .await?;
-    let row = client
-        .query_opt(&stmt, &[&txn_id, &sale.db(), &item.db()])
+    let Some(item_row) = tx.query_opt(&lock, &[&sale.db(), &item.db()]).await? else {
+        tx.rollback().await?;
+        return Ok(None);
+    };
+    if !item_row.get::<_, bool>(0) {
+        tx.rollback().await?;
+        return Ok(None);
+    }
+    let bump = tx
+        .prepare_cached(
+            "UPDATE reservations SET attempt = attempt + 1, updated_at = clock_timestamp()
+             WHERE txn_id = $1 AND sale_id = $2 AND item_id = $3 AND state <> 'released'
+             RETURNING quantity, attempt",
+        )
         .await?;
+    let row = tx
+        .query_opt(&bump, &[&txn_id, &sale.db(), &item.db()])
+        .await?;
+    tx.commit().await?;
     Ok(row.map(|r| {
         tracing::debug!(%txn_id, "reservation exists; resuming it");
         Reserved {
             txn_id,
             quantity: r.get(0),
             attempt: r.get(1),
-            price_cents: r.get(2),
-            payment_window_secs: r.get(3),
+            price_cents: item_row.get(1),
+            payment_window_secs: item_row.get(2),
             existing: true,
         }
     }))
@@ -397,10 +415,18 @@ pub struct NewOrder {
 
 /// Transaction 2: insert orders on one user group in one statement. Returns the orders this call
 /// inserted; an id missing from the answer existed already (a retry, or a reconciler tombstone).
+///
+/// Orders of users fenced by a move are not inserted but reported ([`Inserted::moving`]): a user
+/// fenced on its own, or any user of a slot being moved (`slot_count`: the users' hash slots).
 pub async fn insert_orders(
     client: &ClientWrapper,
     orders: &[NewOrder],
+    slot_count: u32,
 ) -> Result<Inserted, DbError> {
+    let slots: Vec<i32> = orders
+        .iter()
+        .map(|o| crate::router::slot_of(o.user.key(), slot_count) as i32)
+        .collect();
     let ids: Vec<Uuid> = orders.iter().map(|o| o.order_id).collect();
     let users: Vec<i64> = orders.iter().map(|o| o.user.db()).collect();
     let sales: Vec<i64> = orders.iter().map(|o| o.sale.db()).collect();
@@ -414,7 +440,10 @@ pub async fn insert_orders(
         "WITH t AS (
              SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
                                   $6::bigint[], $7::text[], $8::int[]) AS t(o, u, s, i, q, a, st, w)),
-         f AS (SELECT user_id FROM user_fences WHERE user_id = ANY($2)),
+         f AS (SELECT user_id FROM user_fences WHERE user_id = ANY($2)
+               UNION
+               SELECT u FROM unnest($2::bigint[], $9::int[]) AS us(u, sl)
+               WHERE sl IN (SELECT slot FROM slot_fences WHERE kind = 'users')),
          ins AS (
              INSERT INTO orders (order_id, user_id, sale_id, item_id, quantity, amount_cents, status, expires_at)
              SELECT o, u, s, i, q, a, st, now() + make_interval(secs => w)
@@ -430,7 +459,7 @@ pub async fn insert_orders(
         .query(
             &client.prepare_cached(&sql).await?,
             &[
-                &ids, &users, &sales, &items, &qty, &amount, &status, &window,
+                &ids, &users, &sales, &items, &qty, &amount, &status, &window, &slots,
             ],
         )
         .await?;
@@ -745,16 +774,24 @@ impl ReservationState {
     }
 }
 
-/// Mark reservations `ordered` (their orders exist): only from `reserved`.
-pub const CONFIRM_SQL: &str = "UPDATE reservations SET state = 'ordered', updated_at = now()
-     WHERE txn_id = ANY($1) AND state = 'reserved'";
+/// Mark reservations ordered (their orders exist): `ordered_at`, only on `reserved` ones not marked
+/// yet. No indexed column changes, so it is a HOT update (migrations/V8): the mark costs a heap
+/// tuple, not three index entries.
+pub const CONFIRM_SQL: &str = "UPDATE reservations SET ordered_at = clock_timestamp()
+     WHERE txn_id = ANY($1) AND state = 'reserved' AND ordered_at IS NULL";
 
-/// Move live reservations forward to `ordered` or `paid` (never backwards, never out of released).
+/// Move live reservations forward to ordered ([`CONFIRM_SQL`]) or `paid` (never backwards, never
+/// out of released).
 pub async fn advance_reservations(
     client: &ClientWrapper,
     txn_ids: &[Uuid],
     to: ReservationState,
 ) -> Result<u64, DbError> {
+    if to == ReservationState::Ordered {
+        return Ok(client
+            .execute(&client.prepare_cached(CONFIRM_SQL).await?, &[&txn_ids])
+            .await?);
+    }
     let from: &[&str] = match to {
         ReservationState::Paid => &["reserved", "ordered"],
         _ => &["reserved"],

@@ -123,7 +123,8 @@ async fn one_batch_spans_items_and_one_sells_out_mid_batch() {
         .sql_i64(
             0,
             &format!(
-                "SELECT count(*) FROM reservations WHERE sale_id = {sale} AND state = 'reserved'"
+                "SELECT count(*) FROM reservations WHERE sale_id = {sale} AND state = 'reserved'
+                   AND ordered_at IS NULL"
             ),
         )
         .await;
@@ -132,7 +133,8 @@ async fn one_batch_spans_items_and_one_sells_out_mid_batch() {
         .sql_i64(
             0,
             &format!(
-                "SELECT count(*) FROM reservations WHERE txn_id = '{}' AND state = 'ordered'",
+                "SELECT count(*) FROM reservations WHERE txn_id = '{}' AND state = 'reserved'
+                   AND ordered_at IS NOT NULL",
                 asks[0].txn_id
             ),
         )
@@ -200,7 +202,7 @@ async fn concurrent_multi_item_batches_on_two_nodes_never_deadlock() {
     // Every order's reservation gets confirmed (most rode along with a batch): none stranded.
     let node = nodes[0].clone();
     let sql =
-        format!("SELECT count(*) FROM reservations WHERE sale_id = {sale} AND state = 'reserved'");
+        format!("SELECT count(*) FROM reservations WHERE sale_id = {sale} AND state = 'reserved' AND ordered_at IS NULL");
     assert!(
         eventually(std::time::Duration::from_secs(5), || {
             let (node, sql) = (node.clone(), sql.clone());

@@ -705,6 +705,32 @@ async fn a_slot_of_users_moves_while_they_buy_pay_and_cancel() {
         };
         assert_eq!(r.status, StatusCode::OK, "{what} {o}: {:?}", r.body);
     }
+    // A node still routing the slot to its old group could not start a first order of a new user
+    // of the slot there: the slot stays fenced on the old group.
+    let newcomer = users_in_slot(&app, slot, 1)[0];
+    let stale = app
+        .state
+        .cluster
+        .group(home)
+        .writer()
+        .await
+        .expect("old group");
+    let late = seckill::order::store::NewOrder {
+        order_id: uuid::Uuid::new_v4(),
+        user: seckill::domain::UserId::parse(newcomer.into()).unwrap(),
+        sale: seckill::domain::SaleId::parse(sale.into()).unwrap(),
+        item: seckill::domain::ItemId::parse(item.into()).unwrap(),
+        quantity: 1,
+        amount_cents: 7,
+        payment_window_secs: 60,
+        status: seckill::order::store::OrderStatus::PendingPayment,
+    };
+    let inserted = seckill::order::store::insert_orders(&stale, &[late], slots)
+        .await
+        .expect("insert");
+    assert!(inserted.orders.is_empty(), "{inserted:?}");
+    assert_eq!(inserted.moving.len(), 1);
+    drop(stale);
     let cancelled = before.iter().filter(|b| b.2 == 1).count() as i64;
     assert_eq!(
         app.remaining(sale, item).await,
