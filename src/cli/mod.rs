@@ -494,9 +494,7 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
                     "open move {}: {} {} {} -> {} {}",
                     m.move_id,
                     m.kind,
-                    m.key
-                        .map(|k| k.to_string())
-                        .unwrap_or_else(|| format!("slot {}", m.slot.unwrap_or_default())),
+                    m.unit_label(),
                     m.from,
                     m.to,
                     m.phase.as_str()
@@ -602,9 +600,7 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
                         "{:>6} {:<6} {:>20} {:<6} {:<6} {:<12} {:>10} {:>9}",
                         m.move_id,
                         m.kind,
-                        m.key
-                            .map(|k| k.to_string())
-                            .unwrap_or_else(|| format!("slot {}", m.slot.unwrap_or_default())),
+                        m.unit_label(),
                         m.from,
                         m.to,
                         m.phase.as_str(),

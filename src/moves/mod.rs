@@ -190,6 +190,14 @@ impl Move {
         }
     }
 
+    /// The key, or `slot N`, for listings.
+    pub fn unit_label(&self) -> String {
+        match self.unit() {
+            Unit::Key(k) => k.to_string(),
+            Unit::Slot(s) => format!("slot {s}"),
+        }
+    }
+
     fn key_kind(&self) -> Result<KeyKind, MoveError> {
         KeyKind::parse(&self.kind).ok_or_else(|| MoveError::Unsupported(self.kind.clone()))
     }
