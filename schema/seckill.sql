@@ -293,11 +293,13 @@ ALTER TABLE reservations SET (fillfactor = 85);
 ALTER TABLE sales ADD COLUMN fenced_by bigint;
 
 -- A hash slot being moved, fenced as a whole: keys of the slot that have no rows yet (a user's
--- first order) are refused here too, so a node still routing the slot here cannot start a second
--- copy of them.
+-- first order, a new sale) are refused here too, so a node still routing the slot here cannot
+-- start a second copy of them. A completed move leaves the fence for a while (`until`: longer
+-- than any node takes to re-read the routes), then it no longer counts.
 CREATE TABLE slot_fences (
-    kind    text    NOT NULL CHECK (kind IN ('items', 'users')),
-    slot    integer NOT NULL CHECK (slot >= 0),
-    move_id bigint  NOT NULL,
+    kind    text        NOT NULL CHECK (kind IN ('items', 'users')),
+    slot    integer     NOT NULL CHECK (slot >= 0),
+    move_id bigint      NOT NULL,
+    until   timestamptz,
     PRIMARY KEY (kind, slot)
 );

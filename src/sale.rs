@@ -225,33 +225,42 @@ impl SaleService<'_> {
         self.cluster
             .group(g)
             .run(Work::Settle, self.timeout, async |client| {
-                // An item being moved away from this group (its rows or its slot fenced by a
-                // move) gets no new sale here: the move would leave it behind.
-                let fenced = client
-                    .query_opt(
+                // One statement: an item being moved away from this group (its rows or its slot
+                // fenced by a move) gets no new sale here, or the move would leave it behind. (A
+                // slot move waits out the statements that began before its fence.)
+                let inserted = client
+                    .execute(
                         &client
                             .prepare_cached(
-                                "SELECT 1 FROM sale_items WHERE item_id = ANY($1) AND fenced_by IS NOT NULL
-                                 UNION ALL
-                                 SELECT 1 FROM slot_fences WHERE kind = 'items' AND slot = ANY($2)
-                                 LIMIT 1",
+                                "INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents,
+                                     per_user_limit, starts_at, ends_at, payment_window_secs, protection)
+                                 SELECT $1, i, s, s, p, l, $6, $7, $8, $9
+                                 FROM unnest($2::bigint[], $3::int[], $4::bigint[], $5::int[])
+                                      AS t(i, s, p, l)
+                                 WHERE NOT EXISTS (SELECT 1 FROM sale_items
+                                                   WHERE item_id = ANY($2) AND fenced_by IS NOT NULL)
+                                   AND NOT EXISTS (SELECT 1 FROM slot_fences
+                                                   WHERE kind = 'items' AND slot = ANY($10)
+                                                     AND (until IS NULL OR until > now()))",
                             )
                             .await?,
-                        &[&ids, &slots],
+                        &[
+                            &sale_id.db(),
+                            &ids,
+                            &stock,
+                            &price,
+                            &limit,
+                            &sale.starts_at,
+                            &sale.ends_at,
+                            &window,
+                            &protection,
+                            &slots,
+                        ],
                     )
                     .await?;
-                if fenced.is_some() {
+                if inserted != ids.len() as u64 {
                     return Err(DbError::Moving("an item of this sale".into()));
                 }
-                client
-                    .execute(
-                        &client.prepare_cached("INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents, per_user_limit,
-                                                 starts_at, ends_at, payment_window_secs, protection)
-                         SELECT $1, i, s, s, p, l, $6, $7, $8, $9
-                         FROM unnest($2::bigint[], $3::int[], $4::bigint[], $5::int[]) AS t(i, s, p, l)").await?,
-                        &[&sale_id.db(), &ids, &stock, &price, &limit, &sale.starts_at, &sale.ends_at, &window, &protection],
-                    )
-                    .await?;
                 Ok::<_, DbError>(())
             })
             .await
@@ -265,16 +274,25 @@ impl SaleService<'_> {
     ) -> Result<(), OrderError> {
         let ids: Vec<i64> = sale.items.iter().map(|i| i.item_id.db()).collect();
         let protection = sale.protection.map(tokio_postgres::types::Json);
+        let slot = crate::router::slot_of(
+            sale_id.key(),
+            self.router.kind(crate::router::KeyKind::Items).slot_count(),
+        ) as i32;
         self.cluster
             .group(self.router.sale_group(sale_id))
             .run(Work::Settle, self.timeout, async |client| {
-                client
+                let inserted = client
                     .execute(
                         &client.prepare_cached("INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs, protection)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7)").await?,
-                        &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window, &protection],
+                         SELECT $1, $2, $3, $4, $5, $6, $7
+                         WHERE NOT EXISTS (SELECT 1 FROM slot_fences WHERE kind = 'items' AND slot = $8
+                                           AND (until IS NULL OR until > now()))").await?,
+                        &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window, &protection, &slot],
                     )
                     .await?;
+                if inserted == 0 {
+                    return Err(DbError::Moving("the sale".into()));
+                }
                 Ok::<_, DbError>(())
             })
             .await

@@ -114,7 +114,7 @@ pub async fn copy(
                     r.created_at, r.updated_at, r.attempt, r.ordered_at
              FROM unnest($1::bigint[], $2::bigint[]) AS k(s, i)
              JOIN reservations r ON r.sale_id = k.s AND r.item_id = k.i
-             WHERE $3::timestamptz IS NULL OR r.updated_at >= $3",
+             WHERE $3::timestamptz IS NULL OR r.updated_at >= $3 OR r.ordered_at >= $3",
             &[&sales, &item_ids, &since],
         )
         .await?;

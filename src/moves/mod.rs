@@ -42,8 +42,8 @@
 //!
 //! Not covered: reads (a sale's stock, a user's orders) on a node that has not re-read the route
 //! yet see the source's inactive copy for up to `routing.table_refresh_ms`; marks that do not
-//! change stock (an item's reservation marked ordered or paid) made on the source during the last
-//! pass can miss the copy, and the reconciler makes them again from the orders.
+//! change stock and are made outside the item's row lock (a reservation marked paid) just before
+//! the fence can miss the copy, and the reconciler makes them again from the orders.
 
 pub mod items;
 mod run;
@@ -341,16 +341,68 @@ async fn unfence(kind: KeyKind, c: &Client, move_id: i64) -> Result<u64, DbError
 }
 
 /// Fence a whole slot on a group: writers refuse keys of it that have no rows yet (a user's first
-/// order), which no key fence covers.
+/// order, a new sale), which no key fence covers.
 async fn fence_slot(kind: KeyKind, c: &Client, move_id: i64, slot: u32) -> Result<(), DbError> {
     let slot = i32::try_from(slot).unwrap_or(i32::MAX);
     c.execute(
         "INSERT INTO slot_fences (kind, slot, move_id) VALUES ($1, $2, $3)
-         ON CONFLICT (kind, slot) DO UPDATE SET move_id = EXCLUDED.move_id",
+         ON CONFLICT (kind, slot) DO UPDATE SET move_id = EXCLUDED.move_id, until = NULL",
         &[&kind.as_str(), &slot, &move_id],
     )
     .await?;
     Ok(())
+}
+
+/// Drop what an earlier, completed move of a slot left fenced on a group (the slot comes back
+/// there, or one of its keys does).
+async fn clear_slot_tombstone(kind: KeyKind, c: &Client, slot: u32) -> Result<(), DbError> {
+    let slot = i32::try_from(slot).unwrap_or(i32::MAX);
+    c.execute(
+        "DELETE FROM slot_fences WHERE kind = $1 AND slot = $2 AND until IS NOT NULL",
+        &[&kind.as_str(), &slot],
+    )
+    .await?;
+    Ok(())
+}
+
+/// A completed move's slot fence stays on its source as a tombstone for a minute: long after
+/// every node has re-read the routes (`routing.table_refresh_ms`), short enough not to stand in
+/// the way of a later move back.
+async fn expire_slot_fence(c: &Client, move_id: i64) -> Result<(), DbError> {
+    c.execute(
+        "UPDATE slot_fences SET until = now() + interval '1 minute' WHERE move_id = $1",
+        &[&move_id],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Wait until every transaction of the engine's role that began before now has ended (up to 10 s):
+/// what a fence that writers check without a row lock needs before the last copy.
+async fn wait_out_older(c: &Client) -> Result<(), DbError> {
+    let since: DateTime<Utc> = c.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
+    let started = std::time::Instant::now();
+    loop {
+        let older: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND usename = current_user AND backend_type = 'client backend'
+                   AND xact_start < $1",
+                &[&since],
+            )
+            .await?
+            .get(0);
+        if older == 0 {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(DbError::Busy(format!(
+                "{older} transaction(s) older than the fence are still running"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Drop this move's inactive copy from a group (only what the move fenced there); with

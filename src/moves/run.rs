@@ -2,8 +2,8 @@
 //! the roll-back.
 
 use super::{
-    copy, drop_copy, fence, fence_slot, unfence, watermark, Move, MoveError, Mover, Phase, Unit,
-    LEASE, STEP_BUDGET,
+    clear_slot_tombstone, copy, drop_copy, expire_slot_fence, fence, fence_slot, unfence,
+    wait_out_older, watermark, Move, MoveError, Mover, Phase, Unit, LEASE, STEP_BUDGET,
 };
 use crate::db::DbError;
 use crate::order::OrderError;
@@ -20,6 +20,8 @@ const CATCH_UP_PASSES: u32 = 5;
 const STEP_ATTEMPTS: u32 = 3;
 /// How often a runner renews its claim while a step runs (well inside [`LEASE`]).
 const HEARTBEAT: Duration = Duration::from_secs(3);
+/// A runner that could not renew its claim for this long stops (another may have taken it over).
+const CLAIM_TRUST: Duration = Duration::from_secs(7);
 
 impl Mover {
     /// Run the move here if nobody holds it.
@@ -114,15 +116,24 @@ impl Mover {
             tokio::pin!(step);
             let mut heartbeat = tokio::time::interval(HEARTBEAT);
             heartbeat.tick().await;
+            let mut renewed = std::time::Instant::now();
             let outcome = loop {
                 tokio::select! {
-                    done = &mut step => break done,
-                    _ = heartbeat.tick() => {
-                        if !matches!(self.renew(id).await, Ok(true)) {
-                            tracing::warn!(move_id = id, "lost the claim on the move; stopping");
+                    // The claim first: a runner waking from a stall checks it before writing more.
+                    biased;
+                    _ = heartbeat.tick() => match self.renew(id).await {
+                        Ok(true) => renewed = std::time::Instant::now(),
+                        Ok(false) => {
+                            tracing::warn!(move_id = id, "another runner took the move over; stopping");
                             return Ok(m.clone());
                         }
-                    }
+                        Err(e) if renewed.elapsed() > CLAIM_TRUST => {
+                            tracing::warn!(move_id = id, error = %e, "claim not renewed for too long; stopping");
+                            return Ok(m.clone());
+                        }
+                        Err(e) => tracing::debug!(move_id = id, error = %e, "claim not renewed; retrying"),
+                    },
+                    done = &mut step => break done,
                 }
             };
             match outcome {
@@ -180,8 +191,8 @@ impl Mover {
         match m.phase {
             Phase::Copying => {
                 if let Unit::Slot(slot) = m.unit() {
-                    // Takes over a tombstone an earlier move of the slot left on the destination.
-                    self.on_group(&m.to, async |c| fence_slot(kind, c, id, slot).await)
+                    // The slot comes back to a group an earlier move of it left a tombstone on.
+                    self.on_group(&m.to, async |c| clear_slot_tombstone(kind, c, slot).await)
                         .await?;
                 }
                 let keys = self.move_keys(m).await?;
@@ -217,8 +228,16 @@ impl Mover {
                 self.switch(m, &keys, n).await
             }
             Phase::Switched if !m.dest_live => {
-                self.on_group(&m.to, async |c| unfence(kind, c, id).await)
-                    .await?;
+                let slot = match m.unit() {
+                    Unit::Key(k) => slot_of(k, self.router.kind(kind).slot_count()),
+                    Unit::Slot(s) => s,
+                };
+                self.on_group(&m.to, async |c| {
+                    unfence(kind, c, id).await?;
+                    // A key of a slot that left this group earlier lives here again.
+                    clear_slot_tombstone(kind, c, slot).await
+                })
+                .await?;
                 self.on_config(async |c| {
                     c.execute(
                         "UPDATE moves SET dest_live = true, updated_at = now(),
@@ -241,8 +260,11 @@ impl Mover {
                 Ok(())
             }
             Phase::Switched if m.complete_requested => {
-                self.on_group(&m.from, async |c| drop_copy(kind, c, id, true).await)
-                    .await?;
+                self.on_group(&m.from, async |c| {
+                    drop_copy(kind, c, id, true).await?;
+                    expire_slot_fence(c, id).await
+                })
+                .await?;
                 self.on_config(async |c| {
                     c.execute(
                         "UPDATE moves SET phase = 'completed', finished_at = now(),
@@ -267,8 +289,12 @@ impl Mover {
         let kind = m.key_kind()?;
         let id = super::db_key(m.move_id);
         if let Unit::Slot(slot) = m.unit() {
-            self.on_group(&m.from, async |c| fence_slot(kind, c, id, slot).await)
-                .await?;
+            // Writers check the slot fence without a row lock: wait out those that began before.
+            self.on_group(&m.from, async |c| {
+                fence_slot(kind, c, id, slot).await?;
+                wait_out_older(c).await
+            })
+            .await?;
         }
         let mut keys = self.move_keys(m).await?;
         for _ in 0..5 {
@@ -476,16 +502,30 @@ impl Mover {
     async fn abandon(&self, m: &Move, to: Phase, why: &str) -> Result<(), MoveError> {
         let id = super::db_key(m.move_id);
         let owner = self.owner.clone();
+        let reverses = m.reverse_of.map(super::db_key);
         let marked = self
             .on_config(async |c| {
-                Ok(c.execute(
-                    "UPDATE moves SET phase = $3, error = $4, cleanup_pending = true,
-                         finished_at = now(), updated_at = now()
-                     WHERE move_id = $1 AND owner = $2
-                       AND phase IN ('copying', 'catching_up', 'fenced')",
-                    &[&id, &owner, &to.as_str(), &why],
-                )
-                .await?)
+                let tx = c.transaction().await?;
+                let marked = tx
+                    .execute(
+                        "UPDATE moves SET phase = $3, error = $4, cleanup_pending = true,
+                             finished_at = now(), updated_at = now()
+                         WHERE move_id = $1 AND owner = $2
+                           AND phase IN ('copying', 'catching_up', 'fenced')",
+                        &[&id, &owner, &to.as_str(), &why],
+                    )
+                    .await?;
+                if let (1, Some(old)) = (marked, reverses) {
+                    // The move this one would have reversed stands again: it may be reversed or
+                    // completed later.
+                    tx.execute(
+                        "UPDATE moves SET reversed_by = NULL WHERE move_id = $1 AND reversed_by = $2",
+                        &[&old, &id],
+                    )
+                    .await?;
+                }
+                tx.commit().await?;
+                Ok(marked)
             })
             .await?;
         if marked == 0 {

@@ -17,11 +17,7 @@
 use super::Holdings;
 use crate::db::DbError;
 use chrono::{DateTime, Utc};
-use std::time::Duration;
 use tokio_postgres::Client;
-
-/// How long the fence waits for the transactions that began before it.
-const DRAIN_WAIT: Duration = Duration::from_secs(10);
 
 /// Every user with rows on a group that are live or fenced by `move_id`.
 pub async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbError> {
@@ -52,14 +48,25 @@ pub async fn watermark(src: &mut Client, _keys: &[i64]) -> Result<DateTime<Utc>,
         .get(0))
 }
 
-/// Fence `keys` on a group for `move_id` (the destination before it is copied to, the source
-/// at the fence).
-async fn add_fences(client: &Client, move_id: i64, keys: &[i64]) -> Result<u64, DbError> {
+/// Fence `keys` on a group for `move_id`: the source at the fence, or the destination before it
+/// is copied to (`copy_target`: there only users without live rows, so a runner that lost its
+/// claim can never fence a destination that went live).
+async fn add_fences(
+    client: &Client,
+    move_id: i64,
+    keys: &[i64],
+    copy_target: bool,
+) -> Result<u64, DbError> {
     Ok(client
         .execute(
-            "INSERT INTO user_fences (user_id, move_id) SELECT unnest($1::bigint[]), $2
+            "INSERT INTO user_fences (user_id, move_id)
+             SELECT u, $2 FROM unnest($1::bigint[]) AS k(u)
+             WHERE NOT $3
+                OR EXISTS (SELECT 1 FROM user_fences f WHERE f.user_id = k.u)
+                OR NOT (EXISTS (SELECT 1 FROM orders o WHERE o.user_id = k.u)
+                        OR EXISTS (SELECT 1 FROM payments p WHERE p.user_id = k.u))
              ON CONFLICT (user_id) DO UPDATE SET move_id = EXCLUDED.move_id",
-            &[&keys, &move_id],
+            &[&keys, &move_id, &copy_target],
         )
         .await?)
 }
@@ -73,7 +80,7 @@ pub async fn copy(
     keys: &[i64],
     since: Option<DateTime<Utc>>,
 ) -> Result<u64, DbError> {
-    add_fences(dst, move_id, keys).await?;
+    add_fences(dst, move_id, keys, true).await?;
     let mut written = 0;
     let orders = src
         .query(
@@ -171,30 +178,9 @@ pub async fn copy(
 /// Fence the users on the source, then wait until every transaction that began before the fence
 /// has ended: from then on nothing changes their rows there.
 pub async fn fence(src: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, DbError> {
-    let n = add_fences(src, move_id, keys).await?;
-    let fenced_at: DateTime<Utc> = src.query_one("SELECT clock_timestamp()", &[]).await?.get(0);
-    let started = std::time::Instant::now();
-    loop {
-        let older: i64 = src
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND pid <> pg_backend_pid()
-                   AND usename = current_user AND backend_type = 'client backend'
-                   AND xact_start < $1",
-                &[&fenced_at],
-            )
-            .await?
-            .get(0);
-        if older == 0 {
-            return Ok(n);
-        }
-        if started.elapsed() > DRAIN_WAIT {
-            return Err(DbError::Busy(format!(
-                "{older} transaction(s) older than the fence are still running"
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let n = add_fences(src, move_id, keys, false).await?;
+    super::wait_out_older(src).await?;
+    Ok(n)
 }
 
 /// Lift this move's fence from a group.

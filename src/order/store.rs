@@ -443,7 +443,8 @@ pub async fn insert_orders(
          f AS (SELECT user_id FROM user_fences WHERE user_id = ANY($2)
                UNION
                SELECT u FROM unnest($2::bigint[], $9::int[]) AS us(u, sl)
-               WHERE sl IN (SELECT slot FROM slot_fences WHERE kind = 'users')),
+               WHERE sl IN (SELECT slot FROM slot_fences WHERE kind = 'users'
+                            AND (until IS NULL OR until > now()))),
          ins AS (
              INSERT INTO orders (order_id, user_id, sale_id, item_id, quantity, amount_cents, status, expires_at)
              SELECT o, u, s, i, q, a, st, now() + make_interval(secs => w)

@@ -543,6 +543,58 @@ async fn a_move_whose_runner_died_is_resumed_and_a_cancelled_one_rolls_back() {
     assert_eq!(audit["conserved"], true, "{audit}");
     assert_eq!(audit["items"][0]["remaining"], 5);
 
+    // A reverse of it that fails (here: cancelled while its runner is gone) leaves the move it
+    // would have reversed as it was: switched, and completable.
+    let config = app
+        .state
+        .cluster
+        .group(0)
+        .writer()
+        .await
+        .expect("config group");
+    let rev: i64 = config
+        .query_one(
+            &format!(
+                "INSERT INTO moves (move_id, kind, key, from_group, to_group, phase, owner,
+                     lease_until, reverse_of, cancel_requested)
+                 SELECT coalesce(max(move_id), 0) + 1, 'items', {item}, 'g1', 'g0', 'copying',
+                        'gone-node', now() - interval '1 minute', {id}, true
+                 FROM moves RETURNING move_id"
+            ),
+            &[],
+        )
+        .await
+        .expect("orphan reverse")
+        .get(0);
+    config
+        .execute(
+            &format!("UPDATE moves SET reversed_by = {rev} WHERE move_id = {id}"),
+            &[],
+        )
+        .await
+        .expect("reversed_by");
+    drop(config);
+    let r = admin_post(&app, &format!("/v1/admin/moves/{id}/complete"), json!({})).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::CONFLICT, "move_conflict"),
+        "a move being reversed is not completed: {:?}",
+        r.body
+    );
+    let rev_done = wait_for_rest(&app, rev as u64).await;
+    assert_eq!(rev_done["phase"], "cancelled", "{rev_done}");
+    let original = app.admin_get(&format!("/v1/admin/moves/{id}")).await.body;
+    assert_eq!(
+        (original["phase"].as_str(), original["reversed_by"].as_u64()),
+        (Some("switched"), None),
+        "{original}"
+    );
+    assert_eq!(app.state.router.route(KeyKind::Items, item), 1);
+    let r = admin_post(&app, &format!("/v1/admin/moves/{id}/complete"), json!({})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{:?}", r.body);
+    assert_eq!(wait_for_rest(&app, id).await["phase"], "completed");
+    assert_eq!(app.remaining(sale, item).await, 5);
+
     // Cancelled while its runner is gone: the source is unfenced, the copy dropped.
     let item = fresh_item_in(&app, 0);
     let sale = app
