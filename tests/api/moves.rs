@@ -649,7 +649,9 @@ fn users_in_slot(app: &TestApp, slot: u32, n: usize) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_of_users_moves_while_they_buy_pay_and_cancel() {
-    let app = Arc::new(spawn_app().await);
+    // Its own cluster: a slot move carries every key of the slot, other tests' keys too.
+    let own = OwnCluster(start_cluster(2));
+    let app = Arc::new(own_app(&own).await);
     let slots = app.state.router.kind(KeyKind::Users).slot_count();
     let slot = seckill::router::slot_of(fresh_item(), slots);
     let home = app
@@ -798,7 +800,8 @@ async fn a_slot_of_users_moves_while_they_buy_pay_and_cancel() {
 
 #[tokio::test]
 async fn a_slot_of_items_moves_with_its_sales() {
-    let app = spawn_app().await;
+    let own = OwnCluster(start_cluster(2));
+    let app = own_app(&own).await;
     let slots = app.state.router.kind(KeyKind::Items).slot_count();
     let first = fresh_item_in(&app, 0);
     let slot = seckill::router::slot_of(first, slots);
@@ -877,6 +880,18 @@ impl Drop for OwnCluster {
         self.0.stop_all("immediate");
         let _ = std::fs::remove_dir_all(&self.0.root);
     }
+}
+
+/// An engine on a cluster of the test's own.
+async fn own_app(own: &OwnCluster) -> TestApp {
+    spawn_config(
+        base_config(&own.0),
+        seckill::app::Background {
+            monitor: false,
+            ..Default::default()
+        },
+    )
+    .await
 }
 
 /// The situation after adding a group: every slot on g0, none on g1 (its own cluster: the moves
