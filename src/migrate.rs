@@ -85,6 +85,32 @@ pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError
 /// The newest migration a group's writable member has applied, read with the admin role (the
 /// application role may not read the history).
 pub async fn applied_version(group: &crate::shard::ShardGroup) -> Result<i64, MigrateError> {
+    as_admin(group, async |c| {
+        c.query_one(
+            "SELECT coalesce(max(version), 0)::bigint FROM refinery_schema_history",
+            &[],
+        )
+        .await
+        .map(|r| r.get(0))
+    })
+    .await
+}
+
+/// Refresh the planner's statistics of `tables` on a group's writable member (admin role: only
+/// a table's owner may), e.g. after a move copied many rows into them.
+pub async fn analyze(
+    group: &crate::shard::ShardGroup,
+    tables: &[&str],
+) -> Result<(), MigrateError> {
+    let sql = format!("ANALYZE {}", tables.join(", "));
+    as_admin(group, async |c| c.batch_execute(&sql).await).await
+}
+
+/// Run `work` in a session of the admin role on the group's writable member.
+async fn as_admin<T>(
+    group: &crate::shard::ShardGroup,
+    work: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
+) -> Result<T, MigrateError> {
     let idx = group.writer_index().ok_or_else(|| MigrateError::NoMaster {
         group: group.name.clone(),
     })?;
@@ -97,16 +123,10 @@ pub async fn applied_version(group: &crate::shard::ShardGroup) -> Result<i64, Mi
         .connect()
         .await
         .map_err(connect_err)?;
-    let version = client
-        .query_one(
-            "SELECT coalesce(max(version), 0)::bigint FROM refinery_schema_history",
-            &[],
-        )
-        .await
-        .map(|r| r.get(0));
+    let out = work(&client).await;
     drop(client);
     conn_task.abort();
-    version.map_err(connect_err)
+    out.map_err(connect_err)
 }
 
 /// DML on every table of the schema for the application role, and for tables made later; but not

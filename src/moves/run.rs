@@ -197,6 +197,18 @@ impl Mover {
                 }
                 let keys = self.move_keys(m).await?;
                 let (at, n) = self.pass(m, &keys, None).await?;
+                // The destination's tables just grew by the copy: without fresh statistics its
+                // first batches after the switch could be planned for empty tables.
+                let tables: &[&str] = match kind {
+                    crate::router::KeyKind::Items => &["sale_items", "reservations"],
+                    crate::router::KeyKind::Users => &["orders", "payments"],
+                };
+                if let Err(e) =
+                    crate::migrate::analyze(self.cluster.group(self.group_idx(&m.to)?), tables)
+                        .await
+                {
+                    tracing::warn!(move_id = m.move_id, error = %e, "statistics not refreshed on the destination");
+                }
                 self.advance(id, Phase::CatchingUp, Some(at), n).await
             }
             Phase::CatchingUp => {
