@@ -33,47 +33,40 @@ pub enum MigrateError {
 pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError> {
     let mut applied = Vec::new();
     for group in &cluster.groups {
-        let idx = group.writer_index().ok_or_else(|| MigrateError::NoMaster {
-            group: group.name.clone(),
-        })?;
         let connect_err = |source| MigrateError::Connect {
             group: group.name.clone(),
             source,
         };
-        let (mut client, conn_task) = group.members[idx]
-            .admin
-            .connect()
-            .await
-            .map_err(connect_err)?;
-        client
-            .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
-            .await
-            .map_err(connect_err)?;
-        let report = embedded::migrations::runner()
-            .run_async(&mut client)
-            .await
-            .map_err(|source| MigrateError::Refinery {
-                group: group.name.clone(),
-                source,
-            });
-        // The engine's application role gets DML on the tables (and nothing more) when it is not
-        // the role that ran the migrations.
-        let app = group.members[idx].conn.pg.get_user().unwrap_or("");
-        let owner = group.members[idx].admin.pg.get_user().unwrap_or("");
-        let report = match report {
-            Ok(r) if !app.is_empty() && app != owner => grant_dml(&client, app)
+        let n = as_admin(group, async |client, member| {
+            client
+                .execute("SELECT pg_advisory_lock($1)", &[&LOCK_KEY])
                 .await
-                .map(|()| r)
-                .map_err(connect_err),
-            other => other,
-        };
-        // Closing the session releases the advisory lock even if unlocking fails.
-        let _ = client
-            .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
-            .await;
-        drop(client);
-        conn_task.abort();
-        let n = report?.applied_migrations().len();
+                .map_err(connect_err)?;
+            let report = embedded::migrations::runner()
+                .run_async(client)
+                .await
+                .map_err(|source| MigrateError::Refinery {
+                    group: group.name.clone(),
+                    source,
+                });
+            // The engine's application role gets DML on the tables (and nothing more) when it is
+            // not the role that ran the migrations.
+            let app = member.conn.pg.get_user().unwrap_or("");
+            let owner = member.admin.pg.get_user().unwrap_or("");
+            let report = match report {
+                Ok(r) if !app.is_empty() && app != owner => grant_dml(client, app)
+                    .await
+                    .map(|()| r)
+                    .map_err(connect_err),
+                other => other,
+            };
+            // Closing the session releases the advisory lock even if unlocking fails.
+            let _ = client
+                .execute("SELECT pg_advisory_unlock($1)", &[&LOCK_KEY])
+                .await;
+            Ok(report?.applied_migrations().len())
+        })
+        .await?;
         if n > 0 {
             tracing::info!(group = %group.name, applied = n, "migrations applied");
         }
@@ -85,13 +78,17 @@ pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError
 /// The newest migration a group's writable member has applied, read with the admin role (the
 /// application role may not read the history).
 pub async fn applied_version(group: &crate::shard::ShardGroup) -> Result<i64, MigrateError> {
-    as_admin(group, async |c| {
+    as_admin(group, async |c, _| {
         c.query_one(
             "SELECT coalesce(max(version), 0)::bigint FROM refinery_schema_history",
             &[],
         )
         .await
         .map(|r| r.get(0))
+        .map_err(|source| MigrateError::Connect {
+            group: group.name.clone(),
+            source,
+        })
     })
     .await
 }
@@ -103,30 +100,42 @@ pub async fn analyze(
     tables: &[&str],
 ) -> Result<(), MigrateError> {
     let sql = format!("ANALYZE {}", tables.join(", "));
-    as_admin(group, async |c| c.batch_execute(&sql).await).await
+    as_admin(group, async |c, _| {
+        c.batch_execute(&sql)
+            .await
+            .map_err(|source| MigrateError::Connect {
+                group: group.name.clone(),
+                source,
+            })
+    })
+    .await
 }
 
-/// Run `work` in a session of the admin role on the group's writable member.
+/// Run `work` in a session of the admin role on the group's writable member (as found by the
+/// last [`Cluster::discover`] or monitor round), which it is given too.
 async fn as_admin<T>(
     group: &crate::shard::ShardGroup,
-    work: impl AsyncFnOnce(&tokio_postgres::Client) -> Result<T, tokio_postgres::Error>,
+    work: impl AsyncFnOnce(
+        &mut tokio_postgres::Client,
+        &crate::shard::Member,
+    ) -> Result<T, MigrateError>,
 ) -> Result<T, MigrateError> {
     let idx = group.writer_index().ok_or_else(|| MigrateError::NoMaster {
         group: group.name.clone(),
     })?;
-    let connect_err = |source| MigrateError::Connect {
-        group: group.name.clone(),
-        source,
-    };
-    let (client, conn_task) = group.members[idx]
-        .admin
-        .connect()
-        .await
-        .map_err(connect_err)?;
-    let out = work(&client).await;
+    let (mut client, conn_task) =
+        group.members[idx]
+            .admin
+            .connect()
+            .await
+            .map_err(|source| MigrateError::Connect {
+                group: group.name.clone(),
+                source,
+            })?;
+    let out = work(&mut client, &group.members[idx]).await;
     drop(client);
     conn_task.abort();
-    out.map_err(connect_err)
+    out
 }
 
 /// DML on every table of the schema for the application role, and for tables made later; but not

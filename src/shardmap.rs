@@ -115,18 +115,6 @@ impl Maps<'_> {
         self.config.request_timeout()
     }
 
-    fn config_group(&self) -> Result<usize, ShardMapError> {
-        self.cluster
-            .by_name(self.config.config_group())
-            .map(|(g, _)| g)
-            .ok_or_else(|| {
-                ShardMapError::Order(OrderError::Unavailable(format!(
-                    "the config group {:?} is not among the groups",
-                    self.config.config_group()
-                )))
-            })
-    }
-
     /// Where `key` routes now, on this node.
     pub fn route(&self, kind: KeyKind, key: u64) -> Route {
         let rules = self.router.kind(kind);
@@ -154,23 +142,17 @@ impl Maps<'_> {
 
     /// Re-read the router-config table now (a change made elsewhere shows at once).
     pub async fn refresh(&self) -> Result<(), ShardMapError> {
-        let g = self.config_group()?;
-        let table = self.router.table();
         self.cluster
-            .group(g)
-            .run::<_, OrderError>(Work::Settle, self.budget(), async |c| {
-                Ok(table.refresh(c).await?)
-            })
+            .refresh_routes::<OrderError>(self.router.table(), Work::Settle, self.budget())
             .await?;
         Ok(())
     }
 
     /// The router-config table as stored.
     pub async fn list(&self) -> Result<ShardMap, ShardMapError> {
-        let g = self.config_group()?;
         Ok(self
             .cluster
-            .group(g)
+            .group(self.cluster.config_group())
             .run::<_, OrderError>(Work::Read, self.budget(), async |c| {
                 let version: i64 = c
                     .query_one("SELECT version FROM shard_map_version WHERE id = 1", &[])
@@ -259,29 +241,11 @@ impl Maps<'_> {
                 }
             }
         }
-        let cg = self.config_group()?;
         let db_key = i64::try_from(key).unwrap_or(i64::MAX);
         self.cluster
-            .group(cg)
+            .group(self.cluster.config_group())
             .run::<_, OrderError>(Work::Settle, self.budget(), async |c| {
-                match to {
-                    Some(group) => {
-                        c.execute(
-                            "INSERT INTO shard_map (kind, key, group_name) VALUES ($1, $2, $3)
-                             ON CONFLICT (kind, key) DO UPDATE
-                                SET group_name = EXCLUDED.group_name, updated_at = now()",
-                            &[&kind.as_str(), &db_key, &group],
-                        )
-                        .await?
-                    }
-                    None => {
-                        c.execute(
-                            "DELETE FROM shard_map WHERE kind = $1 AND key = $2",
-                            &[&kind.as_str(), &db_key],
-                        )
-                        .await?
-                    }
-                };
+                crate::router::table::write_entry(&***c, kind, db_key, to).await?;
                 Ok(())
             })
             .await?;

@@ -544,10 +544,9 @@ impl Mover {
         &self,
         work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, DbError>,
     ) -> Result<T, MoveError> {
-        let g = self.group_idx(self.config.config_group())?;
         Ok(self
             .cluster
-            .group(g)
+            .group(self.cluster.config_group())
             .run::<_, OrderError>(Work::Settle, self.budget(), work)
             .await?)
     }
@@ -568,10 +567,10 @@ impl Mover {
 
     /// Re-read the router-config table now.
     async fn refresh_routes(&self) -> Result<(), MoveError> {
-        let table = self.router.table().clone();
-        self.on_config(async |c| Ok(table.refresh(c).await?))
-            .await
-            .map(|_| ())
+        self.cluster
+            .refresh_routes::<OrderError>(self.router.table(), Work::Settle, self.budget())
+            .await?;
+        Ok(())
     }
 
     pub async fn get(&self, id: u64) -> Result<Move, MoveError> {

@@ -463,21 +463,9 @@ impl Mover {
                 .await?;
             }
             match &route {
-                Route::Key(key, true) => {
-                    tx.execute(
-                        "DELETE FROM shard_map WHERE kind = $1 AND key = $2",
-                        &[&m.kind, key],
-                    )
-                    .await?;
-                }
-                Route::Key(key, false) => {
-                    tx.execute(
-                        "INSERT INTO shard_map (kind, key, group_name) VALUES ($1, $2, $3)
-                         ON CONFLICT (kind, key) DO UPDATE
-                            SET group_name = EXCLUDED.group_name, updated_at = now()",
-                        &[&m.kind, key, &m.to],
-                    )
-                    .await?;
+                Route::Key(key, by_rule) => {
+                    let to = (!by_rule).then_some(m.to.as_str());
+                    crate::router::table::write_entry(&*tx, kind, *key, to).await?;
                 }
                 Route::Slot(slot, home, stale) => {
                     if *home {

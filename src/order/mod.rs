@@ -129,14 +129,16 @@ pub struct OrderService {
     coalescer: Option<coalesce::Coalescer>,
     pub hot: Arc<HotPath>,
     confirmer: Arc<Batcher<usize, Uuid, ()>>,
-    /// Where the router-config table lives, and when this node last re-read it for a buyer of a
-    /// moving item ([`Self::refresh_routes`]).
-    config_group: Option<usize>,
+    /// When this node last re-read the router-config table for a writer that met a move's fence
+    /// ([`Self::refresh_routes`]).
     routes_read: tokio::sync::Mutex<Option<std::time::Instant>>,
 }
 
-/// How long a buyer of an item fenced by a move waits for the move to switch (then 503).
+/// How long a writer that met a move's fence waits for the move to switch (then 503).
 const FENCE_WAIT: Duration = Duration::from_secs(2);
+/// Between two tries of a writer that met a fence; also the least time between two re-reads of
+/// the router-config table on its behalf.
+const REROUTE_PAUSE: Duration = Duration::from_millis(20);
 
 /// How many outbox entries one drain handles per group.
 const DRAIN_BATCH: i64 = 500;
@@ -166,7 +168,6 @@ impl OrderService {
             config.coalesce.max_batch.max(64),
             tasks.clone(),
         );
-        let config_group = cluster.by_name(config.config_group()).map(|(g, _)| g);
         Arc::new(Self {
             cluster,
             router,
@@ -175,7 +176,6 @@ impl OrderService {
             coalescer,
             hot,
             confirmer,
-            config_group,
             routes_read: tokio::sync::Mutex::new(None),
         })
     }
@@ -214,8 +214,7 @@ impl OrderService {
         let reserved = loop {
             match self.reserve(req, txn_id).await? {
                 Err(Refusal::Moving) if started.elapsed() < FENCE_WAIT => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    self.refresh_routes().await;
+                    self.await_reroute().await;
                 }
                 outcome => break outcome,
             }
@@ -224,21 +223,23 @@ impl OrderService {
         self.place_order(req, reserved).await
     }
 
-    /// Re-read the router-config table now, at most once per 20 ms however many buyers ask (the
-    /// others wait for the read in flight and use it).
-    pub async fn refresh_routes(&self) {
-        let Some(g) = self.config_group else { return };
+    /// A writer met a move's fence: pause, then re-read the routes before it tries again (where the
+    /// key routes then, the switched move's new group once it has switched).
+    async fn await_reroute(&self) {
+        tokio::time::sleep(REROUTE_PAUSE).await;
+        self.refresh_routes().await;
+    }
+
+    /// Re-read the router-config table now, at most once per [`REROUTE_PAUSE`] however many
+    /// writers ask (the others wait for the read in flight and use it).
+    async fn refresh_routes(&self) {
         let mut last = self.routes_read.lock().await;
-        if last.is_some_and(|t| t.elapsed() < Duration::from_millis(20)) {
+        if last.is_some_and(|t| t.elapsed() < REROUTE_PAUSE) {
             return;
         }
-        let table = self.router.table().clone();
         let read = self
             .cluster
-            .group(g)
-            .run::<_, OrderError>(Work::Read, self.timeout, async |c| {
-                Ok(table.refresh(c).await?)
-            })
+            .refresh_routes::<OrderError>(self.router.table(), Work::Read, self.timeout)
             .await;
         if let Err(e) = read {
             tracing::debug!(error = %e, "router-config table not re-read");
@@ -402,8 +403,7 @@ impl OrderService {
             };
             if matches!(e, OrderError::Db(DbError::Moving(_))) && started.elapsed() < FENCE_WAIT {
                 // Not inserted: the user is being moved. The move switches it shortly.
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                self.refresh_routes().await;
+                self.await_reroute().await;
                 continue;
             }
             attempt += 1;
@@ -452,8 +452,7 @@ impl OrderService {
         loop {
             match work(self.router.user_group(user)).await {
                 Err(OrderError::Db(DbError::Moving(_))) if started.elapsed() < FENCE_WAIT => {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    self.refresh_routes().await;
+                    self.await_reroute().await;
                 }
                 other => return other,
             }
@@ -759,8 +758,7 @@ impl OrderService {
                 }
             }
             if !left.is_empty() {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-                self.refresh_routes().await;
+                self.await_reroute().await;
             }
         }
         let group = self.cluster.group(user_group);

@@ -125,6 +125,7 @@ impl TableCache {
     }
 
     /// Re-read the table from the config group if its version moved. Returns whether it changed.
+    /// (Callers go through `Cluster::refresh_routes`, which finds the config group.)
     pub async fn refresh(
         &self,
         client: &tokio_postgres::Client,
@@ -160,5 +161,33 @@ impl TableCache {
         self.replace_with_slots(version, parsed, slots);
         tracing::info!(version, entries = self.len(), "router-config table loaded");
         Ok(true)
+    }
+}
+
+/// Point `key` of `kind` at `group` by an entry, or remove its entry (`None`): what `shard-map
+/// set`/`delete` and a key move's switch write. Returns the rows changed.
+pub async fn write_entry(
+    c: &impl tokio_postgres::GenericClient,
+    kind: KeyKind,
+    key: i64,
+    group: Option<&str>,
+) -> Result<u64, tokio_postgres::Error> {
+    match group {
+        Some(group) => {
+            c.execute(
+                "INSERT INTO shard_map (kind, key, group_name) VALUES ($1, $2, $3)
+                 ON CONFLICT (kind, key) DO UPDATE
+                    SET group_name = EXCLUDED.group_name, updated_at = now()",
+                &[&kind.as_str(), &key, &group],
+            )
+            .await
+        }
+        None => {
+            c.execute(
+                "DELETE FROM shard_map WHERE kind = $1 AND key = $2",
+                &[&kind.as_str(), &key],
+            )
+            .await
+        }
     }
 }

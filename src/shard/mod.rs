@@ -451,6 +451,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub struct Cluster {
     pub groups: Vec<ShardGroup>,
     failover: crate::config::FailoverConfig,
+    /// The group holding the router-config table, the blocklist and the moves.
+    config_group: usize,
 }
 
 impl Cluster {
@@ -471,10 +473,38 @@ impl Cluster {
                 lock_timeout,
             )?);
         }
+        // The configuration's checks make sure it names one of the groups.
+        let config_group = config
+            .groups
+            .iter()
+            .position(|g| g.name == config.config_group())
+            .unwrap_or(0);
         Ok(Self {
             groups,
             failover: config.failover.clone(),
+            config_group,
         })
+    }
+
+    /// The index of the config group.
+    pub fn config_group(&self) -> usize {
+        self.config_group
+    }
+
+    /// Re-read the router-config table from the config group into `table` if its version moved
+    /// (as `work`: a buyer's re-read is a read, an admin's is not); whether it changed.
+    pub async fn refresh_routes<E>(
+        &self,
+        table: &crate::router::TableCache,
+        work: Work,
+        budget: Duration,
+    ) -> Result<bool, E>
+    where
+        E: From<ShardError> + From<DbError>,
+    {
+        self.group(self.config_group)
+            .run(work, budget, async |c| Ok(table.refresh(c).await?))
+            .await
     }
 
     /// Probe every group once to find its writable member, never promoting anything: what
