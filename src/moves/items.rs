@@ -7,15 +7,12 @@
 //! The fence is `sale_items.fenced_by`: transaction 1 and releases lock those rows first, so the
 //! fence's commit is the last moment anything changes them.
 
-use super::Holdings;
+use super::{column, Holdings, CHUNK};
 use crate::db::DbError;
 use chrono::{DateTime, Utc};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Row};
 use uuid::Uuid;
-
-/// Rows written per statement.
-const CHUNK: usize = 5_000;
 
 /// The instant from which a later pass copies: read while holding the item's rows (`FOR SHARE`),
 /// so every writer that changes a reservation afterwards got the row lock after this instant and
@@ -169,16 +166,14 @@ async fn copy_sales(
 /// Upsert reservations as read on the source, all columns; only those of items this move fenced on
 /// the destination (a runner that lost its claim never overwrites a live copy).
 async fn write_reservations(dst: &Client, move_id: i64, rows: &[Row]) -> Result<u64, DbError> {
-    let txn: Vec<Uuid> = rows.iter().map(|r| r.get(0)).collect();
-    let sale: Vec<i64> = rows.iter().map(|r| r.get(1)).collect();
-    let item: Vec<i64> = rows.iter().map(|r| r.get(2)).collect();
-    let user: Vec<i64> = rows.iter().map(|r| r.get(3)).collect();
-    let quantity: Vec<i32> = rows.iter().map(|r| r.get(4)).collect();
-    let state: Vec<String> = rows.iter().map(|r| r.get(5)).collect();
-    let created: Vec<DateTime<Utc>> = rows.iter().map(|r| r.get(6)).collect();
-    let updated: Vec<DateTime<Utc>> = rows.iter().map(|r| r.get(7)).collect();
-    let attempt: Vec<i32> = rows.iter().map(|r| r.get(8)).collect();
-    let ordered: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.get(9)).collect();
+    let txn: Vec<Uuid> = column(rows, 0);
+    let (sale, item, user): (Vec<i64>, Vec<i64>, Vec<i64>) =
+        (column(rows, 1), column(rows, 2), column(rows, 3));
+    let (quantity, state): (Vec<i32>, Vec<String>) = (column(rows, 4), column(rows, 5));
+    let (created, updated): (Vec<DateTime<Utc>>, Vec<DateTime<Utc>>) =
+        (column(rows, 6), column(rows, 7));
+    let attempt: Vec<i32> = column(rows, 8);
+    let ordered: Vec<Option<DateTime<Utc>>> = column(rows, 9);
     let params: [&(dyn ToSql + Sync); 11] = [
         &txn, &sale, &item, &user, &quantity, &state, &created, &updated, &attempt, &ordered,
         &move_id,

@@ -473,6 +473,17 @@ async fn open_clash(
     Ok(None)
 }
 
+/// Rows a copy writes per statement.
+const CHUNK: usize = 5_000;
+
+/// One column of rows read from the source, for an `unnest` insert on the destination.
+fn column<'a, T: tokio_postgres::types::FromSql<'a>>(
+    rows: &'a [tokio_postgres::Row],
+    i: usize,
+) -> Vec<T> {
+    rows.iter().map(|r| r.get(i)).collect()
+}
+
 fn db_key(key: u64) -> i64 {
     i64::try_from(key).unwrap_or(i64::MAX)
 }

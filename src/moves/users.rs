@@ -14,10 +14,14 @@
 //! are copied whole every pass (there are few); one the source forgets afterwards is released
 //! once more from the destination, which is harmless (a release is idempotent).
 
-use super::Holdings;
+use super::{column, Holdings, CHUNK};
 use crate::db::DbError;
 use chrono::{DateTime, Utc};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Client;
+use uuid::Uuid;
+
+type Ts = DateTime<Utc>;
 
 /// Every user with rows on a group that are live or fenced by `move_id`.
 pub async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbError> {
@@ -91,30 +95,37 @@ pub async fn copy(
             &[&keys, &since],
         )
         .await?;
-    for r in &orders {
+    for rows in orders.chunks(CHUNK) {
+        let (id, user, sale, item): (Vec<Uuid>, Vec<i64>, Vec<i64>, Vec<i64>) = (
+            column(rows, 0),
+            column(rows, 1),
+            column(rows, 2),
+            column(rows, 3),
+        );
+        let (quantity, amount, status): (Vec<i32>, Vec<i64>, Vec<String>) =
+            (column(rows, 4), column(rows, 5), column(rows, 6));
+        let (created, expires, paid, updated): (Vec<Ts>, Vec<Ts>, Vec<Option<Ts>>, Vec<Ts>) = (
+            column(rows, 7),
+            column(rows, 8),
+            column(rows, 9),
+            column(rows, 10),
+        );
+        let params: [&(dyn ToSql + Sync); 12] = [
+            &id, &user, &sale, &item, &quantity, &amount, &status, &created, &expires, &paid,
+            &updated, &move_id,
+        ];
         written += dst
             .execute(
                 "INSERT INTO orders (order_id, user_id, sale_id, item_id, quantity, amount_cents,
                      status, created_at, expires_at, paid_at, updated_at)
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11
-                 WHERE EXISTS (SELECT 1 FROM user_fences WHERE user_id = $2 AND move_id = $12)
+                 SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[],
+                     $5::int[], $6::bigint[], $7::text[], $8::timestamptz[], $9::timestamptz[],
+                     $10::timestamptz[], $11::timestamptz[]) AS x(o, u, s, i, q, a, st, c, e, p, up)
+                 WHERE EXISTS (SELECT 1 FROM user_fences f WHERE f.user_id = x.u AND f.move_id = $12)
                  ON CONFLICT (order_id) DO UPDATE
                     SET status = EXCLUDED.status, paid_at = EXCLUDED.paid_at,
                         expires_at = EXCLUDED.expires_at, updated_at = EXCLUDED.updated_at",
-                &[
-                    &r.get::<_, uuid::Uuid>(0),
-                    &r.get::<_, i64>(1),
-                    &r.get::<_, i64>(2),
-                    &r.get::<_, i64>(3),
-                    &r.get::<_, i32>(4),
-                    &r.get::<_, i64>(5),
-                    &r.get::<_, String>(6),
-                    &r.get::<_, DateTime<Utc>>(7),
-                    &r.get::<_, DateTime<Utc>>(8),
-                    &r.get::<_, Option<DateTime<Utc>>>(9),
-                    &r.get::<_, DateTime<Utc>>(10),
-                    &move_id,
-                ],
+                &params,
             )
             .await?;
     }
@@ -127,25 +138,37 @@ pub async fn copy(
             &[&keys, &since],
         )
         .await?;
-    for r in &payments {
+    for rows in payments.chunks(CHUNK) {
+        let (payment, order, user, sale): (Vec<String>, Vec<Uuid>, Vec<i64>, Vec<Option<i64>>) = (
+            column(rows, 0),
+            column(rows, 1),
+            column(rows, 2),
+            column(rows, 3),
+        );
+        let (amount, state, reason, received): (
+            Vec<i64>,
+            Vec<String>,
+            Vec<Option<String>>,
+            Vec<Ts>,
+        ) = (
+            column(rows, 4),
+            column(rows, 5),
+            column(rows, 6),
+            column(rows, 7),
+        );
+        let params: [&(dyn ToSql + Sync); 9] = [
+            &payment, &order, &user, &sale, &amount, &state, &reason, &received, &move_id,
+        ];
         written += dst
             .execute(
                 "INSERT INTO payments (payment_ref, order_id, user_id, sale_id, amount_cents, state,
                      reason, received_at)
-                 SELECT $1, $2, $3, $4, $5, $6, $7, $8
-                 WHERE EXISTS (SELECT 1 FROM user_fences WHERE user_id = $3 AND move_id = $9)
+                 SELECT * FROM unnest($1::text[], $2::uuid[], $3::bigint[], $4::bigint[],
+                     $5::bigint[], $6::text[], $7::text[], $8::timestamptz[])
+                     AS x(r, o, u, s, a, st, re, rc)
+                 WHERE EXISTS (SELECT 1 FROM user_fences f WHERE f.user_id = x.u AND f.move_id = $9)
                  ON CONFLICT (payment_ref) DO NOTHING",
-                &[
-                    &r.get::<_, String>(0),
-                    &r.get::<_, uuid::Uuid>(1),
-                    &r.get::<_, i64>(2),
-                    &r.get::<_, Option<i64>>(3),
-                    &r.get::<_, i64>(4),
-                    &r.get::<_, String>(5),
-                    &r.get::<_, Option<String>>(6),
-                    &r.get::<_, DateTime<Utc>>(7),
-                    &move_id,
-                ],
+                &params,
             )
             .await?;
     }
@@ -156,19 +179,22 @@ pub async fn copy(
             &[&keys],
         )
         .await?;
-    for r in &outbox {
+    for rows in outbox.chunks(CHUNK) {
+        let (order, item, created, user): (Vec<Uuid>, Vec<i64>, Vec<Ts>, Vec<i64>) = (
+            column(rows, 0),
+            column(rows, 1),
+            column(rows, 2),
+            column(rows, 3),
+        );
+        let params: [&(dyn ToSql + Sync); 5] = [&order, &item, &created, &user, &move_id];
         written += dst
             .execute(
-                "INSERT INTO release_outbox (order_id, item_id, created_at) SELECT $1, $2, $3
-                 WHERE EXISTS (SELECT 1 FROM user_fences WHERE user_id = $4 AND move_id = $5)
+                "INSERT INTO release_outbox (order_id, item_id, created_at)
+                 SELECT o, i, c FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[], $4::bigint[])
+                     AS x(o, i, c, u)
+                 WHERE EXISTS (SELECT 1 FROM user_fences f WHERE f.user_id = x.u AND f.move_id = $5)
                  ON CONFLICT (order_id) DO NOTHING",
-                &[
-                    &r.get::<_, uuid::Uuid>(0),
-                    &r.get::<_, i64>(1),
-                    &r.get::<_, DateTime<Utc>>(2),
-                    &r.get::<_, i64>(3),
-                    &move_id,
-                ],
+                &params,
             )
             .await?;
     }
