@@ -85,12 +85,7 @@ pub async fn start(
     _: Admin,
     Json(body): Json<NewMove>,
 ) -> Result<Response, ApiError> {
-    let kind = KeyKind::parse(&body.kind).ok_or_else(|| {
-        ApiError::invalid(format!(
-            "kind must be `items` or `users`, got {:?}",
-            body.kind
-        ))
-    })?;
+    let kind = KeyKind::parse_given(&body.kind).map_err(ApiError::invalid)?;
     let unit = match (body.key, body.slot) {
         (Some(k), None) if (1..=i64::MAX as u64).contains(&k) => Unit::Key(k),
         (Some(_), None) => return Err(ApiError::invalid("key must be between 1 and 2^63-1")),

@@ -27,12 +27,7 @@ impl From<ShardMapError> for ApiError {
 
 /// The kind and key of a `/{kind}/{key}` path.
 fn kind_and_key(p: &Params) -> Result<(KeyKind, u64), ApiError> {
-    let kind = KeyKind::parse(p.get("kind")).ok_or_else(|| {
-        ApiError::invalid(format!(
-            "kind must be `items` or `users`, got {:?}",
-            p.get("kind")
-        ))
-    })?;
+    let kind = KeyKind::parse_given(p.get("kind")).map_err(ApiError::invalid)?;
     let key = super::extract::id("key", p.get("key"), crate::domain::ItemId::parse)?;
     Ok((kind, key.key()))
 }

@@ -451,9 +451,7 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
         cluster: &cluster,
         router: &router,
     };
-    let kind = |k: &str| {
-        KeyKind::parse(k).ok_or_else(|| format!("kind must be `items` or `users`, got {k:?}"))
-    };
+    let kind = KeyKind::parse_given;
     let key = |k: u64| {
         Some(k)
             .filter(|k| (1..=i64::MAX as u64).contains(k))

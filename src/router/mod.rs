@@ -47,6 +47,11 @@ impl KeyKind {
             _ => None,
         }
     }
+
+    /// [`Self::parse`] of what a user gave (API, CLI), with the message to show when it is neither.
+    pub fn parse_given(text: &str) -> Result<Self, String> {
+        Self::parse(text).ok_or_else(|| format!("kind must be `items` or `users`, got {text:?}"))
+    }
 }
 
 /// The routing rules of one key kind, resolved to group indexes.

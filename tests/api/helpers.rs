@@ -343,12 +343,19 @@ impl TestApp {
     }
 
     pub async fn admin_get(&self, path: &str) -> Resp {
-        self.send(
-            self.http
-                .get(format!("{}{path}", self.addr))
-                .bearer_auth(TOKEN),
-        )
-        .await
+        self.admin(reqwest::Method::GET, path, None).await
+    }
+
+    /// An admin request, with a JSON body when given.
+    pub async fn admin(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Resp {
+        let mut req = self
+            .http
+            .request(method, format!("{}{path}", self.addr))
+            .bearer_auth(TOKEN);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        self.send(req).await
     }
 
     /// Create a sale that is open now (unless times are given) and return its id.

@@ -12,13 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 async fn admin_post(app: &TestApp, path: &str, body: Value) -> Resp {
-    app.send(
-        app.http
-            .post(format!("{}{path}", app.addr))
-            .bearer_auth(TOKEN)
-            .json(&body),
-    )
-    .await
+    app.admin(reqwest::Method::POST, path, Some(body)).await
 }
 
 /// Start a move and wait until it rests; the move as shown at the end.

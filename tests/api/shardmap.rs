@@ -7,29 +7,13 @@ use seckill::config::Strategy;
 use seckill::router::KeyKind;
 use serde_json::{json, Value};
 
-async fn admin(app: &TestApp, method: reqwest::Method, path: &str, body: Option<Value>) -> Resp {
-    let mut req = app
-        .http
-        .request(method, format!("{}{path}", app.addr))
-        .bearer_auth(TOKEN);
-    if let Some(b) = body {
-        req = req.json(&b);
-    }
-    app.send(req).await
-}
-
 async fn put(app: &TestApp, path: &str, group: &str) -> Resp {
-    admin(
-        app,
-        reqwest::Method::PUT,
-        path,
-        Some(json!({ "group": group })),
-    )
-    .await
+    app.admin(reqwest::Method::PUT, path, Some(json!({ "group": group })))
+        .await
 }
 
 async fn delete(app: &TestApp, path: &str) -> Resp {
-    admin(app, reqwest::Method::DELETE, path, None).await
+    app.admin(reqwest::Method::DELETE, path, None).await
 }
 
 #[tokio::test]
@@ -183,7 +167,9 @@ async fn users_with_orders_and_bad_requests_are_refused() {
         (&path, json!({"group": "g9"})),
         (&path, json!({"grup": "g1"})),
     ] {
-        let r = admin(&app, reqwest::Method::PUT, target, Some(body.clone())).await;
+        let r = app
+            .admin(reqwest::Method::PUT, target, Some(body.clone()))
+            .await;
         assert_eq!(
             r.status,
             StatusCode::UNPROCESSABLE_ENTITY,
