@@ -90,6 +90,17 @@ impl Application {
         self.state.clone()
     }
 
+    /// Heal the members whose servers this process controls (the dev cluster's, the test
+    /// harness's): [`crate::shard::heal`]. Runs with the other background tasks until shutdown.
+    pub fn spawn_healer(&self, servers: crate::shard::heal::Servers) {
+        self.tasks.spawn(crate::shard::heal::run(
+            self.state.cluster.clone(),
+            servers,
+            self.state.config.failover.shadow_name.clone(),
+            self.background.clone(),
+        ));
+    }
+
     /// A token that stops the server and its background tasks when cancelled.
     pub fn shutdown_token(&self) -> CancellationToken {
         self.cancel.clone()

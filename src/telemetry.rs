@@ -24,6 +24,10 @@ pub const POOL: &str = "seckill_db_pool_connections";
 pub const GROUP_UP: &str = "seckill_group_up";
 pub const LAG: &str = "seckill_replication_lag_bytes";
 pub const FAILOVERS: &str = "seckill_failovers_total";
+pub const SHADOW_STREAMING: &str = "seckill_group_shadow_streaming";
+pub const SYNCHRONOUS: &str = "seckill_group_synchronous";
+pub const WRITES_HELD: &str = "seckill_group_writes_held";
+pub const HEALS: &str = "seckill_heals_total";
 pub const REPAIRS: &str = "seckill_reconcile_repairs_total";
 pub const VIOLATIONS: &str = "seckill_conservation_violations";
 pub const DB_WORK: &str = "seckill_db_work_total";
@@ -43,6 +47,10 @@ pub const ALL: &[&str] = &[
     GROUP_UP,
     LAG,
     FAILOVERS,
+    SHADOW_STREAMING,
+    SYNCHRONOUS,
+    WRITES_HELD,
+    HEALS,
     REPAIRS,
     VIOLATIONS,
     DB_WORK,
@@ -119,6 +127,22 @@ fn describe() {
         "how far the group's shadow replays behind its master"
     );
     describe_counter!(FAILOVERS, "failovers this node followed, per group");
+    describe_gauge!(
+        SHADOW_STREAMING,
+        "1 while a shadow streams from the group's master"
+    );
+    describe_gauge!(
+        SYNCHRONOUS,
+        "1 while the group's master commits synchronously to its shadow"
+    );
+    describe_gauge!(
+        WRITES_HELD,
+        "1 while the group's writes wait for a shadow (shadow_loss = block): 503 shadow_unavailable"
+    );
+    describe_counter!(
+        HEALS,
+        "members this node healed back into the group's shadow, per group and outcome (ok, failed)"
+    );
     describe_counter!(REPAIRS, "reconciler repairs by kind");
     describe_gauge!(
         VIOLATIONS,

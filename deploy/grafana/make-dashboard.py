@@ -95,10 +95,22 @@ panel("Masters serving", [('sum by (group) (seckill_group_up{role="master"})', "
       description="Members each group's engine sees as its writable master: 1, or the group is down.")
 panel("Members down or fenced", [('sum by (group) (seckill_group_up{role=~"down|fenced"})', "{{group}}")],
       kind="stat", width=6,
-      description="0 in a healthy group. After a failover the old master is fenced until it rejoins.")
+      description="0 in a healthy group. After a failover the old master is down or fenced until it is healed back as the shadow.")
 panel("Replication lag", [("seckill_replication_lag_bytes", "{{group}}")], unit="bytes", width=6,
       description="Bytes of WAL the shadow has not yet confirmed.")
 panel("Failovers (last hour)", [("increase(seckill_failovers_total[1h])", "{{group}}")], width=6)
+panel("Shadow streaming", [("min by (group) (seckill_group_shadow_streaming)", "{{group}}")],
+      kind="stat", width=6, bad_below=1,
+      description="1 while a shadow streams from the group's master; 0 after a failover until the old master is healed back.")
+panel("Synchronous", [("min by (group) (seckill_group_synchronous)", "{{group}}")],
+      kind="stat", width=6, bad_below=1,
+      description="1 while the master commits synchronously to its shadow (a 201 means two servers hold the order).")
+panel("Writes held (no shadow)", [("max by (group) (seckill_group_writes_held)", "{{group}}")],
+      kind="stat", width=6,
+      description="1 while purchases on the group wait, then get 503 shadow_unavailable: shadow_loss = block and no shadow streams.")
+panel("Heals (last hour)", [('sum by (group, outcome) (increase(seckill_heals_total[1h]))', "{{group}} {{outcome}}")],
+      width=6,
+      description="Members healed back into their group's shadow (old masters rewound, dead or frozen shadows restarted) by seckill dev's healer.")
 panel("Member roles", [("seckill_group_up == 1", "{{group}} {{member}}: {{role}}")], width=24,
       description="The role the engine last saw for each member (master, shadow, fenced, down).")
 panel("Database work per second",

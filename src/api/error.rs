@@ -42,6 +42,7 @@ pub enum Code {
     RateLimited,
     Overloaded,
     Unavailable,
+    ShadowUnavailable,
     Internal,
 }
 
@@ -73,6 +74,7 @@ impl Code {
             Code::RateLimited => "rate_limited",
             Code::Overloaded => "overloaded",
             Code::Unavailable => "unavailable",
+            Code::ShadowUnavailable => "shadow_unavailable",
             Code::Internal => "internal",
         }
     }
@@ -104,6 +106,7 @@ impl Code {
             Code::RateLimited => "Too many requests",
             Code::Overloaded => "Overloaded",
             Code::Unavailable => "Temporarily unavailable",
+            Code::ShadowUnavailable => "No shadow streaming",
             Code::Internal => "Internal error",
         }
     }
@@ -286,6 +289,15 @@ impl From<OrderError> for ApiError {
                 )
                 .retry_after(1)
             }
+            OrderError::Shard(ShardError::NoShadow { group }) => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                Code::ShadowUnavailable,
+                format!(
+                    "shard group {group} has no shadow streaming: nothing is acknowledged that \
+                     only one server holds; retry shortly (with the same request_id)"
+                ),
+            )
+            .retry_after(2),
             OrderError::Unavailable(_) | OrderError::Shard(_) => {
                 tracing::warn!(error = %e, "request failed: shard group unavailable");
                 let detail = match &e {

@@ -152,6 +152,18 @@ fn record_state(s: &AppState) {
         let lag = status.iter().find_map(|st| st.replication_lag_bytes);
         metrics::gauge!(t::LAG, "group" => g.name.clone()).set(lag.unwrap_or(0) as f64);
         metrics::counter!(t::FAILOVERS, "group" => g.name.clone()).absolute(g.failovers());
+        let replication = g.replication();
+        let flag = |b: bool| if b { 1.0 } else { 0.0 };
+        metrics::gauge!(t::SHADOW_STREAMING, "group" => g.name.clone())
+            .set(flag(replication.shadow_streaming));
+        metrics::gauge!(t::SYNCHRONOUS, "group" => g.name.clone())
+            .set(flag(replication.synchronous));
+        let held = g.durability() == crate::shard::Durability::NotDurable;
+        metrics::gauge!(t::WRITES_HELD, "group" => g.name.clone()).set(flag(held));
+        let (ok, failed) = g.heals();
+        metrics::counter!(t::HEALS, "group" => g.name.clone(), "outcome" => "ok").absolute(ok);
+        metrics::counter!(t::HEALS, "group" => g.name.clone(), "outcome" => "failed")
+            .absolute(failed);
     }
 }
 

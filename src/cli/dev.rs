@@ -60,6 +60,9 @@ pub async fn dev(
     config.server.dev_login = true;
     let result = async {
         let app = Application::build(config).await?;
+        // The engine's health monitor fails over; the healer brings the old master (or a dead
+        // or frozen shadow) back as the streaming shadow.
+        app.spawn_healer(cluster.servers());
         let state = app.state();
         let sale = demo_sale(&state).await?;
         let protected = protected_demo_sale(&state).await?;

@@ -253,7 +253,7 @@ async fn group(config_path: &Path, action: GroupAction) -> crate::shard::admin::
             group,
             data_dir,
             port,
-        } => admin::rejoin(&cluster, &group, &data_dir, port).await,
+        } => crate::local::rejoin::rejoin(&cluster, &group, &data_dir, port).await,
     }
 }
 

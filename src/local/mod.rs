@@ -18,10 +18,13 @@
 //! `pg_config --bindir`, else `PATH`.
 
 mod ports;
+mod recover;
+pub mod rejoin;
 mod server;
 
 pub use ports::free_port;
-pub use server::{LocalServer, PgBin, ServerTuning};
+pub use recover::{choose_master, Start};
+pub use server::{DiskFacts, LocalServer, PgBin, ServerTuning};
 
 use crate::config::Secret;
 use std::path::{Path, PathBuf};
@@ -33,6 +36,8 @@ pub const ADMIN_ROLE: &str = "seckill_admin";
 pub const APP_ROLE: &str = "seckill";
 /// Marks a folder as a seckill cluster folder.
 const MARKER: &str = ".seckill-cluster";
+/// The `application_name` shadows of local groups stream with (`failover.shadow_name`'s default).
+pub const SHADOW_NAME: &str = "shadow";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -235,45 +240,50 @@ impl LocalCluster {
         tuning: &ServerTuning,
         started: &mut Vec<&'a LocalServer>,
     ) -> Result<(), LocalError> {
-        let mut start = |s: &'a LocalServer| -> Result<(), LocalError> {
-            if s.is_running() {
-                return Ok(());
-            }
-            ports::check_port_free(s.port, &s.name)?;
-            s.start()?;
-            started.push(s);
-            Ok(())
-        };
         for g in &self.groups {
-            let fresh = !g.master.exists() && !g.shadow.exists();
-            if fresh {
-                g.master.init_master(tuning)?;
+            if g.master.exists() || g.shadow.exists() {
+                // Whatever happened before: one master, its shadow following it (recover.rs).
+                started.extend([&g.master, &g.shadow]);
+                g.recover(SHADOW_NAME)?;
+                continue;
             }
-            // After a failover the "b" server may be the master; start whatever exists.
             for s in [&g.master, &g.shadow] {
-                if s.exists() {
-                    start(s)?;
-                }
+                ports::check_port_free(s.port, &s.name)?;
             }
-            if fresh {
-                g.master.psql(
-                    "postgres",
-                    &format!(
-                        "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{}'",
-                        self.app_password.expose()
-                    ),
-                )?;
-                g.master.psql(
-                    "postgres",
-                    &format!("CREATE DATABASE seckill OWNER {ADMIN_ROLE}"),
-                )?;
-            }
-            if !g.shadow.exists() {
-                g.shadow.init_shadow_of(&g.master)?;
-                start(&g.shadow)?;
-            }
+            g.master.init_master(tuning)?;
+            g.master.start()?;
+            started.push(&g.master);
+            g.master.psql(
+                "postgres",
+                &format!(
+                    "CREATE ROLE {APP_ROLE} LOGIN PASSWORD '{}'",
+                    self.app_password.expose()
+                ),
+            )?;
+            g.master.psql(
+                "postgres",
+                &format!("CREATE DATABASE seckill OWNER {ADMIN_ROLE}"),
+            )?;
+            g.shadow.init_shadow_of(&g.master)?;
+            g.shadow.start()?;
+            started.push(&g.shadow);
         }
         Ok(())
+    }
+
+    /// The healer's hands on every server, `[group][member]` in the order of
+    /// [`Self::shards_toml`] (master, then shadow).
+    pub fn servers(&self) -> crate::shard::heal::Servers {
+        self.groups
+            .iter()
+            .map(|g| {
+                vec![
+                    std::sync::Arc::new(g.master.clone())
+                        as std::sync::Arc<dyn crate::shard::heal::ServerControl>,
+                    std::sync::Arc::new(g.shadow.clone()),
+                ]
+            })
+            .collect()
     }
 
     pub fn stop_all(&self, mode: &str) {

@@ -4,6 +4,7 @@ use super::{
     hand_to_postgres, run, run_with_input, running_as_root, write_private, LocalError, ADMIN_ROLE,
 };
 use crate::config::Secret;
+use crate::shard::heal::{Process, Rejoined};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -202,12 +203,12 @@ impl LocalServer {
             "\n# seckill local cluster\nlisten_addresses = '127.0.0.1'\nmax_connections = {}\nshared_buffers = {}\n\
              password_encryption = 'scram-sha-256'\n\
              wal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\nwal_keep_size = '512MB'\n\
-             hot_standby = on\nwal_log_hints = on\nfsync = {}\nfull_page_writes = {}\n\
+             hot_standby = on\nwal_log_hints = on\nfsync = {}\nfull_page_writes = on\n\
              wal_sender_timeout = '3000ms'\nwal_receiver_timeout = '1500ms'\nwal_retrieve_retry_interval = '1s'\n\
-             log_min_messages = warning\nlog_line_prefix = '%m [%p] '\n",
+             log_min_messages = warning\nlog_line_prefix = '%m [%p] '\n\
+             # A setting per server, appended again at each start (below): base backups and rewinds copy this file.\n",
             tuning.max_connections,
             tuning.shared_buffers,
-            if tuning.fsync { "on" } else { "off" },
             if tuning.fsync { "on" } else { "off" },
         );
         append(&self.data_dir.join("postgresql.conf"), &conf)?;
@@ -238,7 +239,8 @@ impl LocalServer {
     }
 
     /// Point this (standby) server at the master at `host:port`, connecting as
-    /// `application_name` (what `synchronous_standby_names` names).
+    /// `application_name` (what `synchronous_standby_names` names). Any earlier
+    /// `primary_conninfo` (its own, or the one a rewind copied from its source) is replaced.
     pub fn follow(&self, host: &str, port: u16, application_name: &str) -> Result<(), LocalError> {
         let password = self.admin_password.expose();
         if password.contains(['\'', '\\', ' ']) {
@@ -248,15 +250,20 @@ impl LocalServer {
                     .into(),
             ));
         }
-        append(
-            &self.data_dir.join("postgresql.auto.conf"),
-            &format!(
-                "primary_conninfo = 'host={host} port={port} user={} password={password} \
-                 application_name={application_name} connect_timeout=2 keepalives_idle=1 \
-                 keepalives_interval=1 keepalives_count=3'\n",
-                self.admin_user
-            ),
-        )?;
+        let auto = self.data_dir.join("postgresql.auto.conf");
+        let kept: String = std::fs::read_to_string(&auto)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("primary_conninfo"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let conninfo = format!(
+            "primary_conninfo = 'host={host} port={port} user={} password={password} \
+             application_name={application_name} connect_timeout=2 keepalives_idle=1 \
+             keepalives_interval=1 keepalives_count=3'\n",
+            self.admin_user
+        );
+        write_private(&auto, &(kept + &conninfo))?;
         std::fs::write(self.data_dir.join("standby.signal"), b"")?;
         hand_to_postgres(&self.data_dir)
     }
@@ -300,15 +307,9 @@ impl LocalServer {
             return Ok(());
         }
         self.prepare_scratch()?;
-        if self.postmaster_pid().is_some() {
-            // Left by a crash; PostgreSQL would refuse to start while a zombie holds the pid
-            // named in its lock files.
-            std::fs::remove_file(self.data_dir.join("postmaster.pid"))?;
-            let socket_lock = self.socket_dir.join(format!(".s.PGSQL.{}.lock", self.port));
-            if socket_lock.exists() {
-                std::fs::remove_file(socket_lock)?;
-            }
-        }
+        self.kill_leftovers();
+        self.own_settings()?;
+        self.clear_stale_lock()?;
         std::fs::create_dir_all(&self.socket_dir)?;
         hand_to_postgres(&self.socket_dir)?;
         if running_as_root() && !self.log_file.exists() {
@@ -327,6 +328,20 @@ impl LocalServer {
                 .args(["-w", "-t", "60", "-o", &opts]),
         )?;
         self.wait_ready(Duration::from_secs(60))
+    }
+
+    /// Remove the lock files a crashed (not running) server left. PostgreSQL, and pg_rewind's
+    /// single-user recovery, would refuse to start while a zombie holds the pid they name.
+    fn clear_stale_lock(&self) -> Result<(), LocalError> {
+        if self.is_running() || self.postmaster_pid().is_none() {
+            return Ok(());
+        }
+        std::fs::remove_file(self.data_dir.join("postmaster.pid"))?;
+        let socket_lock = self.socket_dir.join(format!(".s.PGSQL.{}.lock", self.port));
+        if socket_lock.exists() {
+            std::fs::remove_file(socket_lock)?;
+        }
+        Ok(())
     }
 
     fn wait_ready(&self, limit: Duration) -> Result<(), LocalError> {
@@ -447,11 +462,17 @@ impl LocalServer {
 
     /// Run SQL through psql as the superuser, returning its unaligned output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, LocalError> {
+        self.psql_at("127.0.0.1", self.port, db, sql)
+    }
+
+    /// Run SQL through psql as this server's superuser on the server at `host:port` (the master
+    /// it follows: same credentials).
+    fn psql_at(&self, host: &str, port: u16, db: &str, sql: &str) -> Result<String, LocalError> {
         // The SQL goes in on stdin: it may hold a password.
         let out = run_with_input(
-            &format!("psql on {}", self.name),
+            &format!("psql on {host}:{port}"),
             self.cmd("psql")
-                .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-h", host, "-p", &port.to_string()])
                 .args(["-U", &self.admin_user])
                 .args(["-d", db, "-X", "-q", "-t", "-A", "-v", "ON_ERROR_STOP=1"]),
             Some(sql),
@@ -486,41 +507,296 @@ impl LocalServer {
         Ok((id, timeline))
     }
 
-    /// Turn an old master into a standby of the master at `host:port` with pg_rewind (falling back
-    /// to a fresh base backup when rewinding is impossible). The caller has checked that this
-    /// data directory belongs to the group (its system identifier).
-    pub fn rejoin(&self, host: &str, port: u16, application_name: &str) -> Result<(), LocalError> {
-        self.stop("fast").or_else(|_| self.stop("immediate"))?;
+    /// Turn this server into a streaming standby of the master at `host:port`, whatever it was:
+    /// an old master (rewound with `pg_rewind`), a standby that crashed (recovers as the standby
+    /// it is), a standby on another history (rewound), or nothing usable (`rebuild`, a missing
+    /// data directory, or a rewind that failed: a fresh base backup, the old data directory kept
+    /// aside). The caller has made sure `host:port` is the group's master and this server is not.
+    pub fn rejoin(
+        &self,
+        host: &str,
+        port: u16,
+        application_name: &str,
+        rebuild: bool,
+    ) -> Result<Rejoined, LocalError> {
+        self.halt()?;
+        if rebuild || !self.exists() {
+            return self.rebuild(host, port, application_name);
+        }
+        let disk = self.disk_facts()?;
+        if disk.standby && !disk.clean {
+            // pg_rewind would run it through crash recovery in single-user mode, which refuses a
+            // standby: it recovers as the standby it is. If its history has left the master's it
+            // will not stream, and the next heal rewinds it, shut down cleanly by then.
+            self.follow(host, port, application_name)?;
+            self.start()?;
+            return Ok(Rejoined::Restarted);
+        }
+        // A freshly promoted master's control file still names its old timeline until its first
+        // checkpoint: pg_rewind would compare timelines, find them equal and rewind nothing.
+        self.psql_at(host, port, "postgres", "CHECKPOINT")?;
         let rewind = run(
             &format!("pg_rewind of {}", self.name),
             self.cmd("pg_rewind")
                 .arg("--target-pgdata")
                 .arg(&self.data_dir)
                 .arg(format!(
-                    "--source-server=host={host} port={port} user={} dbname=postgres",
+                    "--source-server=host={host} port={port} user={} dbname=postgres connect_timeout=5",
                     self.admin_user
                 )),
         );
         match rewind {
-            Ok(_) => self.follow(host, port, application_name)?,
-            Err(e) => {
-                // Never deleted: moved aside, for the DBA to remove once the new shadow streams.
-                let aside = self.data_dir.with_file_name(format!(
-                    "{}.replaced-{}",
-                    self.data_dir
-                        .file_name()
-                        .map_or("data".into(), |n| n.to_string_lossy()),
-                    chrono::Utc::now().format("%Y%m%dT%H%M%S")
-                ));
-                tracing::warn!(server = %self.name, error = %e, aside = %aside.display(),
-                    "pg_rewind failed; moving the old data directory aside and taking a fresh base backup");
-                std::fs::rename(&self.data_dir, &aside)?;
-                self.init_shadow_of_addr(host, port)?;
+            Ok(out) => {
                 self.follow(host, port, application_name)?;
+                self.start()?;
+                let text = String::from_utf8_lossy(&out.stdout).to_string()
+                    + &String::from_utf8_lossy(&out.stderr);
+                Ok(if text.contains("no rewind required") {
+                    Rejoined::Restarted
+                } else {
+                    Rejoined::Rewound
+                })
+            }
+            Err(e) => {
+                tracing::warn!(server = %self.name, error = %e,
+                    "pg_rewind failed; taking a fresh base backup (the old data directory is kept aside)");
+                self.rebuild(host, port, application_name)
             }
         }
-        self.start()
     }
+
+    /// A fresh base backup of the master at `host:port`, started as its standby. The data
+    /// directory it replaces is moved aside, never deleted; only the newest such copy is kept.
+    fn rebuild(
+        &self,
+        host: &str,
+        port: u16,
+        application_name: &str,
+    ) -> Result<Rejoined, LocalError> {
+        if self.data_dir.exists() {
+            let name = self
+                .data_dir
+                .file_name()
+                .map_or("data".into(), |n| n.to_string_lossy().to_string());
+            let prefix = format!("{name}.replaced-");
+            if let Some(parent) = self.data_dir.parent().filter(|_| self.owns_folder) {
+                for old in std::fs::read_dir(parent)?.flatten() {
+                    if old.file_name().to_string_lossy().starts_with(&prefix) {
+                        let _ = std::fs::remove_dir_all(old.path());
+                    }
+                }
+            }
+            let aside = self.data_dir.with_file_name(format!(
+                "{prefix}{}",
+                chrono::Utc::now().format("%Y%m%dT%H%M%S%3f")
+            ));
+            std::fs::rename(&self.data_dir, &aside)?;
+            tracing::warn!(server = %self.name, aside = %aside.display(), "old data directory kept aside");
+        }
+        self.init_shadow_of_addr(host, port)?;
+        self.follow(host, port, application_name)?;
+        self.start()?;
+        Ok(Rejoined::Rebuilt)
+    }
+
+    /// Stop the server whatever its state: a fast shutdown, else an immediate one, else SIGKILL
+    /// of every process (a frozen server answers no signal but that one).
+    pub fn halt(&self) -> Result<(), LocalError> {
+        if self.process_state() == Process::Frozen {
+            self.kill_all()?;
+        }
+        if self.is_running()
+            && self.stop_within("fast", 10).is_err()
+            && self.stop_within("immediate", 10).is_err()
+        {
+            self.kill_all()?;
+        }
+        self.kill_leftovers();
+        self.clear_stale_lock()
+    }
+
+    fn stop_within(&self, mode: &str, secs: u32) -> Result<(), LocalError> {
+        if !self.is_running() {
+            return Ok(());
+        }
+        run(
+            &format!("stopping {}", self.name),
+            self.cmd("pg_ctl")
+                .arg("stop")
+                .arg("-D")
+                .arg(&self.data_dir)
+                .args(["-m", mode, "-w", "-t", &secs.to_string()]),
+        )
+        .map(|_| ())
+    }
+
+    /// SIGKILL the postmaster and every process of the server, and wait (bounded) until they are
+    /// gone: a new postmaster refuses to start while an old backend holds the shared memory.
+    pub fn kill_all(&self) -> Result<(), LocalError> {
+        let mut pids = self.processes().unwrap_or_default();
+        pids.extend(self.leftovers());
+        for &pid in &pids {
+            // SAFETY: plain kill(2) of the server's own processes.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let start = Instant::now();
+        while pids.iter().any(|&p| process_alive(p)) && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Running, frozen (its postmaster stopped by a signal) or stopped.
+    pub fn process_state(&self) -> Process {
+        match self.postmaster_pid() {
+            Some(pid) if process_alive(pid) => match process_status(pid) {
+                Some('T' | 't') => Process::Frozen,
+                _ => Process::Running,
+            },
+            _ => Process::Stopped,
+        }
+    }
+
+    /// The name every process of this server carries in its title (`cluster_name`), so that its
+    /// backends are found even after their postmaster died; None for a data directory given from
+    /// outside.
+    fn title_tag(&self) -> Option<String> {
+        self.owns_folder
+            .then(|| format!("seckill-{}-{}", self.name, self.port))
+    }
+
+    /// This server's own settings, last in postgresql.conf (base backups and rewinds bring the
+    /// source's file along).
+    fn own_settings(&self) -> Result<(), LocalError> {
+        let Some(tag) = self.title_tag() else {
+            return Ok(());
+        };
+        let conf = self.data_dir.join("postgresql.conf");
+        let Ok(text) = std::fs::read_to_string(&conf) else {
+            return Ok(());
+        };
+        let line = format!("cluster_name = '{tag}'");
+        let last = text
+            .lines()
+            .rfind(|l| l.trim_start().starts_with("cluster_name"));
+        if last != Some(line.as_str()) {
+            append(&conf, &format!("{line}\n"))?;
+        }
+        Ok(())
+    }
+
+    /// Processes of this server whose postmaster is gone (SIGKILLed alone while they were frozen,
+    /// say), found by their title.
+    fn leftovers(&self) -> Vec<i32> {
+        let Some(tag) = self.title_tag() else {
+            return Vec::new();
+        };
+        let prefix = format!("postgres: {tag}: ");
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        procs
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                String::from_utf8_lossy(&cmdline)
+                    .starts_with(&prefix)
+                    .then_some(pid)
+            })
+            .filter(|&pid| process_alive(pid))
+            .collect()
+    }
+
+    fn kill_leftovers(&self) {
+        let alive = self.postmaster_pid().is_some_and(process_alive);
+        if alive {
+            return;
+        }
+        let pids = self.leftovers();
+        for &pid in &pids {
+            // SAFETY: plain kill(2) of processes carrying this server's own title.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let start = Instant::now();
+        while pids.iter().any(|&p| process_alive(p)) && start.elapsed() < Duration::from_secs(5) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the data directory says of itself, without starting the server.
+    pub fn disk_facts(&self) -> Result<DiskFacts, LocalError> {
+        let out = run(
+            &format!("pg_controldata of {}", self.name),
+            self.cmd("pg_controldata").arg("-D").arg(&self.data_dir),
+        )?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map(|v| v.trim().to_string())
+                .unwrap_or_default()
+        };
+        let state = field("Database cluster state:");
+        let checkpoint_tli: i64 = field("Latest checkpoint's TimeLineID:")
+            .parse()
+            .unwrap_or(0);
+        // A promotion writes its history file at once, its first checkpoint only later.
+        let history_tli = std::fs::read_dir(self.data_dir.join("pg_wal"))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter_map(|e| {
+                        let name = e.file_name().to_string_lossy().to_string();
+                        let tli = name.strip_suffix(".history")?;
+                        i64::from_str_radix(tli, 16).ok()
+                    })
+                    .max()
+                    .unwrap_or(0)
+            })
+            .unwrap_or(0);
+        let standby_signal = self.data_dir.join("standby.signal").exists();
+        Ok(DiskFacts {
+            standby: standby_signal,
+            clean: state == "shut down" || state == "shut down in recovery",
+            timeline: checkpoint_tli.max(history_tli).max(1),
+            lsn: lsn_value(&field("Latest checkpoint location:"))
+                .max(lsn_value(&field("Minimum recovery ending location:"))),
+        })
+    }
+}
+
+/// What a data directory says of itself ([`LocalServer::disk_facts`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFacts {
+    /// It is set up as a standby (`standby.signal`).
+    pub standby: bool,
+    /// Shut down cleanly (not crashed, not running).
+    pub clean: bool,
+    /// The newest timeline it knows (its history files, its last checkpoint).
+    pub timeline: i64,
+    /// How far its WAL is known to go (its last checkpoint, or the end of its recovery).
+    pub lsn: u64,
+}
+
+/// `X/Y` as PostgreSQL prints a WAL position, as a number (0 when unreadable).
+fn lsn_value(text: &str) -> u64 {
+    text.split_once('/')
+        .and_then(|(hi, lo)| {
+            Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
+        })
+        .unwrap_or(0)
+}
+
+/// The state letter of a process (R, S, D, T, Z, ...).
+fn process_status(pid: i32) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
 }
 
 /// Whether `pid` is a live process (not a zombie).

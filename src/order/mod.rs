@@ -211,6 +211,10 @@ impl OrderService {
     /// its route as re-read, for up to [`FENCE_WAIT`]: the move switches it to its new group.
     async fn purchase(&self, req: &BuyRequest, txn_id: Uuid) -> Result<Bought, OrderError> {
         let started = std::time::Instant::now();
+        // No stock is taken for an order its user's group could not acknowledge (no shadow there
+        // under `block`); the item's group is checked by transaction 1 itself.
+        let user_group = self.cluster.group(self.router.user_group(req.user));
+        user_group.await_durable(self.timeout / 2).await?;
         let reserved = loop {
             match self.reserve(req, txn_id).await? {
                 Err(Refusal::Moving) if started.elapsed() < FENCE_WAIT => {

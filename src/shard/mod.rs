@@ -17,8 +17,23 @@
 //! 503 `overloaded`); transaction 1 batches at most half. Transaction 2, compensation, releases and
 //! repairs take any free connection, so a flood of reads or of buyers can never starve the work
 //! that creates orders and returns stock.
+//!
+//! **No shadow, no acknowledgement** (`failover.synchronous` with `shadow_loss = "block"`, the
+//! default, for groups that have a shadow): the monitor tells each round whether the writer
+//! commits synchronously to a streaming shadow ([`Durability`]). While it does not, a purchase
+//! (transaction 1 on the item's group, and a check of the user's group before it) waits for it
+//! within half its budget, then is refused before anything is sent ([`ShardError::NoShadow`],
+//! 503 `shadow_unavailable`): nothing half-done, no stock held, and buying resumes by itself once
+//! a shadow streams again ([`heal`] brings one back). Other writes are not refused up front: their
+//! commits simply wait for the shadow (PostgreSQL's synchronous replication), so nothing is
+//! acknowledged alone either way.
+//!
+//! **A term that only grows**: the group remembers the highest timeline any member was seen on.
+//! A member writable on an older timeline is an old master, never a write target, whatever the
+//! probes of the newer one say this round ([`monitor::decide`]).
 
 pub mod admin;
+pub mod heal;
 pub mod monitor;
 pub mod tls;
 
@@ -28,7 +43,7 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Timeouts,
 };
 use serde::Serialize;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 use tls::Endpoint;
@@ -50,6 +65,35 @@ pub enum ShardError {
     Busy { group: String },
     #[error("shard group {group}: {reason}")]
     Dsn { group: String, reason: String },
+    /// The writer has no synchronous shadow streaming and `shadow_loss = "block"`: refused before
+    /// anything was sent.
+    #[error(
+        "shard group {group} has no streaming shadow; no write is acknowledged until one streams"
+    )]
+    NoShadow { group: String },
+}
+
+/// Whether the group's writer may acknowledge a write now (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// Not judged (no monitor, or writes are not gated for this group).
+    Unknown,
+    /// The writer commits synchronously to a streaming shadow.
+    Durable,
+    /// It does not: writing work waits, then is refused.
+    NotDurable,
+}
+
+/// The writer's replication, as the monitor last saw it.
+#[derive(Debug, Clone, Default)]
+pub struct Replication {
+    /// A shadow streams from the writer (by its `application_name`).
+    pub shadow_streaming: bool,
+    /// The writer commits synchronously (`synchronous_standby_names` names a standby).
+    pub synchronous: bool,
+    pub lag_bytes: Option<i64>,
+    /// When the writer last answered a probe.
+    pub seen_at: Option<Instant>,
 }
 
 /// What a piece of database work is for (module docs: shares of the pool).
@@ -143,6 +187,15 @@ pub struct ShardGroup {
     reserves: Semaphore,
     /// `seckill_db_work_total{group, work}` for read, reserve and settle.
     work_done: [metrics::Counter; 3],
+    /// The highest timeline any member was seen on (module docs: a term that only grows).
+    term: AtomicI64,
+    /// Writes wait for a durable writer (module docs: no shadow, no acknowledgement).
+    gate_writes: bool,
+    durable: tokio::sync::watch::Sender<Durability>,
+    replication: Mutex<Replication>,
+    last_heal: Mutex<Option<heal::HealRecord>>,
+    /// Heals that worked and that failed.
+    heals: [AtomicU64; 2],
 }
 
 /// A running engine connection's session settings (see [`ShardGroup::new`]).
@@ -169,6 +222,7 @@ impl ShardGroup {
         resolved: Vec<crate::config::Member>,
         connect_timeout: Duration,
         lock_timeout: Duration,
+        gate_writes: bool,
     ) -> Result<Self, ShardError> {
         let dsn_error = |reason: String| ShardError::Dsn {
             group: name.to_string(),
@@ -247,7 +301,119 @@ impl ShardGroup {
             reads: Semaphore::new(share(4)),
             read_queue: Semaphore::new(share(4) + 8 * pool_size),
             reserves: Semaphore::new(share(2)),
+            term: AtomicI64::new(0),
+            gate_writes,
+            durable: tokio::sync::watch::channel(Durability::Unknown).0,
+            replication: Mutex::new(Replication::default()),
+            last_heal: Mutex::new(None),
+            heals: [AtomicU64::new(0), AtomicU64::new(0)],
         })
+    }
+
+    /// The highest timeline any member was seen on.
+    pub fn term(&self) -> i64 {
+        self.term.load(Ordering::Acquire)
+    }
+
+    /// Raise the term to `timeline` if it is higher; the term after.
+    pub(crate) fn raise_term(&self, timeline: i64) -> i64 {
+        self.term
+            .fetch_max(timeline, Ordering::AcqRel)
+            .max(timeline)
+    }
+
+    /// Whether writes wait for a durable writer in this group.
+    pub fn gates_writes(&self) -> bool {
+        self.gate_writes
+    }
+
+    pub fn durability(&self) -> Durability {
+        *self.durable.borrow()
+    }
+
+    pub fn replication(&self) -> Replication {
+        lock(&self.replication).clone()
+    }
+
+    /// What the monitor saw of the writer's replication this round, and what it means.
+    pub(crate) fn set_replication(&self, view: Replication, durable: bool) {
+        *lock(&self.replication) = view;
+        if self.gate_writes {
+            let d = if durable {
+                Durability::Durable
+            } else {
+                Durability::NotDurable
+            };
+            self.durable
+                .send_if_modified(|now| std::mem::replace(now, d) != d);
+        }
+    }
+
+    /// Wait within `budget` for a writer that may acknowledge writes (module docs); refused with
+    /// [`ShardError::NoShadow`] when none comes.
+    pub(crate) async fn await_durable(&self, budget: Duration) -> Result<(), ShardError> {
+        if !self.gate_writes || *self.durable.borrow() != Durability::NotDurable {
+            return Ok(());
+        }
+        let mut rx = self.durable.subscribe();
+        let came = tokio::time::timeout(budget, async {
+            rx.wait_for(|d| *d != Durability::NotDurable).await.is_ok()
+        })
+        .await;
+        match came {
+            Ok(true) => Ok(()),
+            _ => Err(ShardError::NoShadow {
+                group: self.name.clone(),
+            }),
+        }
+    }
+
+    /// The last heal of this group (see [`heal`]).
+    pub fn last_heal(&self) -> Option<heal::HealRecord> {
+        lock(&self.last_heal).clone()
+    }
+
+    /// Heals that worked and that failed, in this process.
+    pub fn heals(&self) -> (u64, u64) {
+        (
+            self.heals[0].load(Ordering::Relaxed),
+            self.heals[1].load(Ordering::Relaxed),
+        )
+    }
+
+    pub(crate) fn heal_started(&self, member: usize, action: &'static str) -> heal::HealRecord {
+        let record = heal::HealRecord {
+            member: self.members[member].endpoint.clone(),
+            action,
+            started_at: chrono::Utc::now(),
+            finished_at: None,
+            outcome: "running",
+            rejoined: None,
+            error: None,
+        };
+        *lock(&self.last_heal) = Some(record.clone());
+        record
+    }
+
+    pub(crate) fn heal_finished(
+        &self,
+        mut record: heal::HealRecord,
+        result: Result<Option<heal::Rejoined>, String>,
+    ) {
+        record.finished_at = Some(chrono::Utc::now());
+        match result {
+            Ok(how) => {
+                record.outcome = "ok";
+                record.rejoined = how;
+                self.heals[0].fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => {
+                record.outcome = "failed";
+                record.error = Some(e);
+                self.heals[1].fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        *lock(&self.last_heal) = Some(record);
     }
 
     /// Index of the member currently written to, if any.
@@ -303,6 +469,10 @@ impl ShardGroup {
     {
         self.work_done[kind as usize].increment(1);
         let started = Instant::now();
+        if kind == Work::Reserve {
+            // At most half the budget: the work itself still gets its own.
+            self.await_durable(budget / 2).await?;
+        }
         let _shares = self.shares(kind, budget).await?;
         // The epoch first: `set_writer` moves the writer before it ends the old epoch, so work
         // bound to an old writer always holds that writer's epoch (at worst a new writer with the
@@ -459,18 +629,23 @@ impl Cluster {
     pub fn new(config: &Config) -> Result<Self, ShardError> {
         let timeout = Duration::from_millis(config.failover.probe_timeout_ms.max(1_000));
         let lock_timeout = config.request_timeout() * 3 / 5;
+        let f = &config.failover;
+        let blocks = f.synchronous && f.shadow_loss == crate::config::ShadowLossPolicy::Block;
         let mut groups = Vec::new();
         for g in &config.groups {
             let members = config.members(g).map_err(|e| ShardError::Dsn {
                 group: g.name.clone(),
                 reason: e.to_string(),
             })?;
+            // A group without a shadow has chosen one server: nothing to wait for.
+            let gate = blocks && members.len() > 1;
             groups.push(ShardGroup::new(
                 &g.name,
                 g.pool_size,
                 members,
                 timeout,
                 lock_timeout,
+                gate,
             )?);
         }
         // The configuration's checks make sure it names one of the groups.
@@ -550,8 +725,23 @@ pub struct GroupView {
     pub name: String,
     /// The member written to, if any (`host:port`).
     pub writable_master: Option<String>,
+    /// The highest timeline any member was seen on: a member writable on an older one is an old
+    /// master and never written to.
+    pub term: i64,
+    /// A shadow streams from the master.
+    pub shadow_streaming: bool,
+    /// The master commits synchronously to its shadow.
+    pub synchronous: bool,
+    /// Whether writes are acknowledged now: `durable`, `not_durable` (no shadow streams under
+    /// `shadow_loss = "block"`: writes get 503 `shadow_unavailable`), or `unknown` (not gated).
+    pub writes: &'static str,
+    /// How far the shadow's replay is behind the master, in bytes.
+    pub replication_lag_bytes: Option<i64>,
     /// Failovers this engine node has seen.
     pub failovers: u64,
+    /// The last time this node healed a member of the group (`seckill dev` and the test harness
+    /// heal their own servers), if it did.
+    pub last_heal: Option<heal::HealRecord>,
     pub members: Vec<MemberView>,
 }
 
@@ -592,10 +782,21 @@ pub fn groups_report(cluster: &Cluster) -> GroupsReport {
                     last_error: s.last_error,
                 })
                 .collect();
+            let replication = g.replication();
             GroupView {
                 name: g.name.clone(),
                 writable_master: writer.map(|i| g.members[i].endpoint.clone()),
+                term: g.term(),
+                shadow_streaming: replication.shadow_streaming,
+                synchronous: replication.synchronous,
+                writes: match g.durability() {
+                    Durability::Unknown => "unknown",
+                    Durability::Durable => "durable",
+                    Durability::NotDurable => "not_durable",
+                },
+                replication_lag_bytes: replication.lag_bytes,
                 failovers: g.failovers(),
+                last_heal: g.last_heal(),
                 members,
             }
         })

@@ -5,9 +5,12 @@
 //! a pure function of what it saw — which member to write to, and whether to fence or promote.
 //! Nodes never talk to each other: each asks the servers, so all nodes converge on the same master.
 //!
-//! - **Discovery**: the writable member is the one not in recovery and not fenced. If two are (an
-//!   old master came back after its shadow was promoted), the higher timeline wins and the other is
-//!   fenced: `default_transaction_read_only = on`, so nothing can commit a write on it.
+//! - **Discovery**: the writable member is the one not in recovery and not fenced, on the group's
+//!   term: the highest timeline any member was ever seen on (a standby streaming from a newer
+//!   master shows it too). A member writable on an older timeline is an old master: never a write
+//!   target, in either mode, even in a round where the newer master's probe went unanswered; in
+//!   built-in mode it is fenced: `default_transaction_read_only = on`, so nothing can commit a
+//!   write on it.
 //! - **Silence, not errors**: only a member that gives *no answer* counts as failing (a server
 //!   replying with an error, e.g. out of connection slots, is alive), and not even then while the
 //!   engine's own queries on it keep succeeding (a probe that is merely slow on a loaded host). A
@@ -33,9 +36,11 @@
 //!   `failover.shadow_loss` decides. `block` (default) keeps commits waiting until it streams again:
 //!   a dead shadow stalls writes, but an old master cut off from engines and shadow can never
 //!   acknowledge an order that the promoted shadow does not have, so no split brain can sell the
-//!   same stock twice. `degrade` switches the master to asynchronous commits after
-//!   `shadow_loss_grace_ms`. Right after a promotion there is no standby at all, so the new master
-//!   starts asynchronous; it turns synchronous again as soon as a rejoined shadow streams.
+//!   same stock twice. A freshly promoted master stays synchronous too: it acknowledges nothing
+//!   until its old master, healed ([`super::heal`]), streams from it. `degrade` switches the master
+//!   to asynchronous commits after `shadow_loss_grace_ms`, and starts a promoted master
+//!   asynchronous. Each round also tells the group whether its writer may acknowledge writes now
+//!   ([`durable`]); the group makes writes wait for it.
 //! - **External mode** (`failover.mode = "external"`, for Patroni, pg_auto_failover or a managed
 //!   PostgreSQL): the engine never promotes, fences or changes a server setting. It only finds the
 //!   writable member among the listed ones, follows it when it moves, and answers 503 meanwhile.
@@ -63,6 +68,11 @@ pub struct Probe {
     pub receiver_hidden: bool,
     pub wal_receiver_timeout_ms: i64,
     pub wal_sender_timeout_ms: i64,
+    /// On a master: whether a standby streams with `sync_state` sync or quorum (None: the
+    /// walsenders' details are hidden from this role).
+    pub sync_streaming: Option<bool>,
+    /// `synchronous_commit` of the server.
+    pub synchronous_commit: String,
 }
 
 /// A probe that failed. `answered` tells a server that replied with an error (alive, e.g. out of
@@ -101,7 +111,14 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
        FROM pg_stat_wal_receiver WHERE status = 'streaming'),
     coalesce((SELECT status IS NULL FROM pg_stat_wal_receiver), false),
     (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_receiver_timeout'),
-    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout')";
+    (SELECT setting::bigint FROM pg_settings WHERE name = 'wal_sender_timeout'),
+    CASE WHEN pg_is_in_recovery() THEN false
+         ELSE (SELECT CASE WHEN count(*) = 0 THEN false
+                           WHEN bool_and(state IS NULL) THEN NULL
+                           ELSE coalesce(bool_or(state = 'streaming'
+                                                 AND sync_state IN ('sync', 'quorum')), false) END
+               FROM pg_stat_replication) END,
+    current_setting('synchronous_commit')";
 
 /// Probe one member over a fresh connection, bounded by `timeout` (a session used once).
 pub async fn probe(
@@ -203,12 +220,25 @@ impl Probe {
             receiver_hidden: row.get(6),
             wal_receiver_timeout_ms: row.get::<_, Option<i64>>(7).unwrap_or(0),
             wal_sender_timeout_ms: row.get::<_, Option<i64>>(8).unwrap_or(0),
+            sync_streaming: row.get(9),
+            synchronous_commit: row.get(10),
         }
     }
 
     fn writable(&self) -> bool {
         !self.in_recovery && !self.fenced
     }
+}
+
+/// Whether a master that answered `p` acknowledges a commit only once a standby has it: a
+/// standby named in `synchronous_standby_names`, commits that wait for it, and (where this role
+/// may see it) one streaming in sync.
+pub fn durable(p: &Probe) -> bool {
+    let waits = matches!(
+        p.synchronous_commit.as_str(),
+        "on" | "remote_write" | "remote_apply"
+    );
+    !p.in_recovery && waits && !p.sync_names.trim().is_empty() && p.sync_streaming != Some(false)
 }
 
 /// The server's own words for an error, not just "db error".
@@ -280,6 +310,8 @@ pub enum Seen {
 #[derive(Debug, Clone)]
 pub struct Observations {
     pub seen: Vec<Seen>,
+    /// The group's term: the highest timeline any member was seen on, this round included.
+    pub term: i64,
     /// The member written to before this round.
     pub writer: Option<usize>,
     /// Per member: the timeline it was last seen on.
@@ -306,6 +338,8 @@ pub struct Action {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Note {
     TwoWritableSameTimeline,
+    /// The only writable member is on a timeline older than the term: an old master.
+    OnlyAnOldMaster,
     ShadowStillHearsMaster,
     ShadowHidesItsReceiver,
     NoShadowToPromote,
@@ -318,7 +352,7 @@ pub enum Note {
 pub fn decide(obs: &Observations, config: &FailoverConfig) -> Action {
     let builtin = config.mode == FailoverMode::Builtin;
     // Writable members: answered as a master, or the current writer still serving our queries.
-    let mut candidates: Vec<(usize, i64)> = obs
+    let writable: Vec<(usize, i64)> = obs
         .seen
         .iter()
         .enumerate()
@@ -330,18 +364,30 @@ pub fn decide(obs: &Observations, config: &FailoverConfig) -> Action {
             _ => None,
         })
         .collect();
+    // Writable on an older timeline than the term: an old master, whatever else answered.
+    let (mut candidates, old): (Vec<_>, Vec<_>) =
+        writable.into_iter().partition(|&(_, tl)| tl >= obs.term);
+    let fence: Vec<usize> = old
+        .iter()
+        .filter(|&&(i, _)| builtin && matches!(obs.seen[i], Seen::Up(_)))
+        .map(|&(i, _)| i)
+        .collect();
     candidates.sort_by_key(|&(i, tl)| (std::cmp::Reverse(tl), Some(i) != obs.writer));
     if let Some(&(best, best_tl)) = candidates.first() {
-        let fence: Vec<usize> = candidates[1..]
-            .iter()
-            .filter(|&&(_, tl)| tl < best_tl && builtin)
-            .map(|&(i, _)| i)
-            .collect();
         let twins = candidates[1..].iter().any(|&(_, tl)| tl == best_tl);
         return Action {
             writer: Some(best),
             fence,
             note: twins.then_some(Note::TwoWritableSameTimeline),
+            ..Default::default()
+        };
+    }
+    if !old.is_empty() {
+        // Whatever the newer master's probe said this round, writes never go back to an old one.
+        return Action {
+            writer: None,
+            fence,
+            note: Some(Note::OnlyAnOldMaster),
             ..Default::default()
         };
     }
@@ -532,12 +578,17 @@ async fn observe(group: &ShardGroup, config: &FailoverConfig) -> (Vec<Seen>, Vec
 async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &mut GroupState) {
     let timeout = Duration::from_millis(config.probe_timeout_ms);
     let (seen, probes) = observe(group, config).await;
+    let term = probes
+        .iter()
+        .flatten()
+        .fold(group.term(), |_, p| group.raise_term(p.timeline));
     state.note_master(&seen, &config.shadow_name);
     let obs = Observations {
         master_was_synchronous: state.master_was_synchronous,
         lost_master: state.lost_master(&seen, Duration::from_millis(config.stream_timeout_ms)),
         last_timeline: group.status().iter().map(|s| s.timeline).collect(),
         writer: group.writer_index(),
+        term,
         seen,
     };
     let action = decide(&obs, config);
@@ -553,12 +604,41 @@ async fn check_group_with(group: &ShardGroup, config: &FailoverConfig, state: &m
     if let Some(shadow) = action.promote {
         promote_shadow(group, shadow, config, state).await;
     }
+    let Some((w, p)) = group
+        .writer_index()
+        .and_then(|w| probes[w].as_ref().map(|p| (w, p)))
+    else {
+        return;
+    };
+    let mut p = p.clone();
     if config.mode == FailoverMode::Builtin {
-        if let Some(w) = group.writer_index() {
-            if let Some(p) = &probes[w] {
-                manage_replication(group, w, p, &probes, config, state).await;
-            }
+        if let Some(names) = manage_replication(group, w, &p, &probes, config, state).await {
+            // In effect from the reload on: the named shadow, if it streams, is now the
+            // synchronous one.
+            p.sync_streaming = Some(!names.is_empty() && p.standby_lag.is_some());
+            p.sync_names = names;
         }
+    }
+    note_replication(group, &p);
+}
+
+/// Tell the group what its writer's replication looked like this round (a writer that did not
+/// answer leaves the last view as it was).
+fn note_replication(group: &ShardGroup, p: &Probe) {
+    let view = super::Replication {
+        shadow_streaming: p.standby_lag.is_some() || p.sync_streaming == Some(true),
+        synchronous: !p.sync_names.trim().is_empty(),
+        lag_bytes: p.standby_lag,
+        seen_at: Some(Instant::now()),
+    };
+    let was = group.durability();
+    group.set_replication(view, durable(p));
+    let now = group.durability();
+    if was != now && now == super::Durability::NotDurable {
+        tracing::warn!(group = %group.name,
+            "no shadow streams synchronously from the master: writes wait, then get 503 shadow_unavailable");
+    } else if was == super::Durability::NotDurable && now == super::Durability::Durable {
+        tracing::warn!(group = %group.name, "a shadow streams synchronously again: writes resume");
     }
 }
 
@@ -566,6 +646,8 @@ fn log_note(group: &ShardGroup, note: Option<Note>) {
     match note {
         Some(Note::TwoWritableSameTimeline) => tracing::error!(group = %group.name,
             "two writable members on the same timeline; keeping the current one"),
+        Some(Note::OnlyAnOldMaster) => tracing::warn!(group = %group.name, term = group.term(),
+            "the only writable member is on an older timeline than the group's term: not writing to it"),
         Some(Note::ShadowStillHearsMaster) => tracing::error!(group = %group.name,
             "master unreachable from this node but its shadow still hears it: not promoting"),
         Some(Note::ShadowHidesItsReceiver) => tracing::error!(group = %group.name,
@@ -612,7 +694,7 @@ async fn promote_shadow(
     let member = &group.members[shadow];
     tracing::warn!(group = %group.name, member = %member.endpoint,
         "master silent and the shadow lost it too: promoting the shadow");
-    if let Err(e) = promote(&member.admin, timeout).await {
+    if let Err(e) = promote(&member.admin, timeout, &sync_names_after_promotion(config)).await {
         tracing::error!(group = %group.name, error = %e, "promotion failed");
     }
     match member
@@ -633,9 +715,9 @@ async fn promote_shadow(
 }
 
 /// Promote a shadow and make it a usable master: not fenced (a fence may have come along from an
-/// old master through pg_rewind), and asynchronous until a new shadow streams, since none does yet.
+/// old master through pg_rewind), committing synchronously to `sync_names` (empty: asynchronous).
 /// Idempotent: promoting a server that is no longer in recovery only reports that.
-pub async fn promote(config: &Endpoint, timeout: Duration) -> Result<(), String> {
+pub async fn promote(config: &Endpoint, timeout: Duration, sync_names: &str) -> Result<(), String> {
     if let Err(e) = admin(
         config,
         "SELECT pg_promote(true, 30)",
@@ -650,19 +732,31 @@ pub async fn promote(config: &Endpoint, timeout: Duration) -> Result<(), String>
     }
     let setup = format!(
         "ALTER SYSTEM RESET default_transaction_read_only; {}",
-        sync_sql("")
+        sync_sql(sync_names)
     );
     admin(config, &setup, timeout).await
 }
 
-/// The `synchronous_standby_names` the policy wants on the master now (module docs).
+/// What a promoted master commits to: under `block` its shadow, whom it waits for (nothing is
+/// acknowledged until the healed old master streams from it); otherwise nobody yet.
+pub fn sync_names_after_promotion(config: &FailoverConfig) -> String {
+    if config.synchronous && config.shadow_loss == ShadowLossPolicy::Block {
+        sync_names_for(&config.shadow_name)
+    } else {
+        String::new()
+    }
+}
+
+/// The `synchronous_standby_names` the policy wants on the master now (module docs), for a group
+/// that has a shadow (`has_shadow`; one without has chosen a single server).
 fn desired_sync_names(
     probe: &Probe,
     config: &FailoverConfig,
     state: &mut GroupState,
+    has_shadow: bool,
 ) -> Option<String> {
     let named = sync_names_for(&config.shadow_name);
-    if !config.synchronous {
+    if !config.synchronous || !has_shadow {
         return Some(String::new());
     }
     if probe.standby_lag.is_some() {
@@ -670,19 +764,23 @@ fn desired_sync_names(
         return Some(named);
     }
     let since = *state.no_standby_since.get_or_insert_with(Instant::now);
-    let degrade = config.shadow_loss == ShadowLossPolicy::Degrade
-        && since.elapsed() >= Duration::from_millis(config.shadow_loss_grace_ms);
-    if degrade || probe.sync_names.is_empty() {
-        Some(String::new())
-    } else if probe.sync_names != named {
+    match config.shadow_loss {
+        // No shadow, no acknowledgement: commits wait for one, however long it takes.
+        ShadowLossPolicy::Block => Some(named),
+        ShadowLossPolicy::Degrade
+            if since.elapsed() >= Duration::from_millis(config.shadow_loss_grace_ms)
+                || probe.sync_names.is_empty() =>
+        {
+            Some(String::new())
+        }
         // Synchronous to something else (e.g. '*' from an older version): name the shadow.
-        Some(named)
-    } else {
-        None
+        ShadowLossPolicy::Degrade if probe.sync_names != named => Some(named),
+        ShadowLossPolicy::Degrade => None,
     }
 }
 
-/// Keep synchronous replication and the replication timeouts in line with the policy.
+/// Keep synchronous replication and the replication timeouts in line with the policy; the
+/// `synchronous_standby_names` it set, if it changed them.
 async fn manage_replication(
     group: &ShardGroup,
     master: usize,
@@ -690,9 +788,11 @@ async fn manage_replication(
     probes: &[Option<Probe>],
     config: &FailoverConfig,
     state: &mut GroupState,
-) {
+) -> Option<String> {
     let timeout = Duration::from_millis(config.probe_timeout_ms);
-    if let Some(desired) = desired_sync_names(probe, config, state) {
+    let has_shadow = group.members.len() > 1;
+    let mut changed = None;
+    if let Some(desired) = desired_sync_names(probe, config, state, has_shadow) {
         if probe.sync_names != desired {
             tracing::warn!(group = %group.name, from = %probe.sync_names, to = %desired, "changing synchronous_standby_names");
             let sql = sync_sql(&desired);
@@ -701,6 +801,7 @@ async fn manage_replication(
                     // What the master does from now on (the reload takes effect at once).
                     state.master_was_synchronous =
                         Some(!desired.is_empty() && probe.standby_lag.is_some());
+                    changed = Some(desired);
                 }
                 Err(e) => {
                     tracing::error!(group = %group.name, error = %e, "cannot change synchronous replication")
@@ -738,6 +839,7 @@ async fn manage_replication(
             tracing::error!(group = %group.name, error = %e, "cannot set replication timeouts");
         }
     }
+    changed
 }
 
 /// Run the monitor for every group until `cancel` fires. Each group has its own loop, so a slow
@@ -776,12 +878,23 @@ mod tests {
             receiver_hidden: false,
             wal_receiver_timeout_ms: 0,
             wal_sender_timeout_ms: 0,
+            sync_streaming: Some(false),
+            synchronous_commit: "on".into(),
         })
     }
 
     fn obs(seen: Vec<Seen>, writer: Option<usize>, lost: Vec<bool>) -> Observations {
+        let term = seen
+            .iter()
+            .filter_map(|s| match s {
+                Seen::Up(p) => Some(p.timeline),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
         Observations {
             last_timeline: vec![Some(1); seen.len()],
+            term,
             seen,
             writer,
             lost_master: lost,
@@ -812,6 +925,94 @@ mod tests {
         );
         assert_eq!(a.writer, Some(1));
         assert_eq!(a.fence, vec![0]);
+    }
+
+    /// The newer master's probe goes unanswered for one round while the old master, writable on
+    /// an older timeline (external mode never fences it), answers: writes must not go back to it.
+    #[test]
+    fn one_missed_probe_never_sends_writes_to_an_old_master() {
+        for mode in [FailoverMode::Builtin, FailoverMode::External] {
+            let config = FailoverConfig { mode, ..cfg() };
+            let mut o = obs(
+                vec![up(false, 1), Seen::Silent { rounds: 1 }],
+                Some(1),
+                vec![false; 2],
+            );
+            o.last_timeline = vec![Some(1), Some(2)];
+            o.term = 2;
+            let a = decide(&o, &config);
+            assert_ne!(
+                a.writer,
+                Some(0),
+                "{mode:?}: the old master is never written to"
+            );
+            assert_eq!(a.promote, None);
+            assert_eq!(
+                a.fence,
+                if mode == FailoverMode::Builtin {
+                    vec![0]
+                } else {
+                    vec![]
+                },
+                "{mode:?}"
+            );
+            // Also when this node has no writer yet (it just started, or lost it).
+            o.writer = None;
+            assert_eq!(decide(&o, &config).writer, None, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn durable_needs_a_synchronous_streaming_standby_and_waiting_commits() {
+        let master = |names: &str, streaming: Option<bool>, commit: &str| Probe {
+            sync_names: names.into(),
+            sync_streaming: streaming,
+            synchronous_commit: commit.into(),
+            ..match up(false, 1) {
+                Seen::Up(p) => p,
+                _ => unreachable!(),
+            }
+        };
+        assert!(durable(&master("\"shadow\"", Some(true), "on")));
+        assert!(
+            durable(&master("pb", None, "on")),
+            "walsenders hidden from this role: the setting decides (commits wait)"
+        );
+        assert!(!durable(&master("", Some(true), "on")), "asynchronous");
+        assert!(
+            !durable(&master("\"shadow\"", Some(false), "on")),
+            "no standby streams"
+        );
+        assert!(!durable(&master("\"shadow\"", Some(true), "local")));
+    }
+
+    #[test]
+    fn under_block_a_master_without_a_shadow_stays_synchronous() {
+        let mut state = GroupState::default();
+        let promoted = match up(false, 2) {
+            Seen::Up(p) => p,
+            _ => unreachable!(),
+        };
+        assert_eq!(
+            desired_sync_names(&promoted, &cfg(), &mut state, true),
+            Some(sync_names_for("shadow")),
+            "a promoted master acknowledges nothing alone"
+        );
+        assert_eq!(
+            desired_sync_names(&promoted, &cfg(), &mut state, false),
+            Some(String::new()),
+            "a group configured without a shadow has nothing to wait for"
+        );
+        let degrade = FailoverConfig {
+            shadow_loss: ShadowLossPolicy::Degrade,
+            ..cfg()
+        };
+        assert_eq!(
+            desired_sync_names(&promoted, &degrade, &mut state, true),
+            Some(String::new())
+        );
+        assert_eq!(sync_names_after_promotion(&cfg()), "\"shadow\"");
+        assert_eq!(sync_names_after_promotion(&degrade), "");
     }
 
     #[test]

@@ -47,6 +47,16 @@ impl Endpoint {
         let (client, conn) = self.pg.connect(self.tls.clone()).await?;
         Ok((client, tokio::spawn(conn)))
     }
+
+    /// The first host and port it names (127.0.0.1 and 5432 when it names none): where a
+    /// standby of this server connects.
+    pub fn host_port(&self) -> (String, u16) {
+        let host = match self.pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            _ => "127.0.0.1".to_string(),
+        };
+        (host, self.pg.get_ports().first().copied().unwrap_or(5432))
+    }
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {

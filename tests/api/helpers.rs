@@ -81,15 +81,19 @@ pub fn start_cluster(groups: usize) -> LocalCluster {
     let base = free_port_block(2 * groups as u16);
     let cluster =
         LocalCluster::open(&root, base, groups).expect("PostgreSQL binaries (run scripts/test)");
-    let tuning = ServerTuning {
+    cluster
+        .ensure_running(&tuning())
+        .expect("local cluster starts");
+    cluster
+}
+
+/// The test servers' settings: no fsync (tests do not test OS crashes), small buffers.
+pub fn tuning() -> ServerTuning {
+    ServerTuning {
         fsync: false,
         shared_buffers: "32MB",
         max_connections: 400,
-    };
-    cluster
-        .ensure_running(&tuning)
-        .expect("local cluster starts");
-    cluster
+    }
 }
 
 pub fn cluster() -> &'static LocalCluster {
@@ -209,6 +213,24 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
 }
 
 pub async fn spawn_config(config: Config, background: Background) -> TestApp {
+    spawn_built(config, background, None).await
+}
+
+/// An engine on `cluster` whose healer brings its old masters and dead or frozen shadows back as
+/// streaming shadows, as `seckill dev` does.
+pub async fn spawn_healing(
+    config: Config,
+    background: Background,
+    cluster: &LocalCluster,
+) -> TestApp {
+    spawn_built(config, background, Some(cluster)).await
+}
+
+async fn spawn_built(
+    config: Config,
+    background: Background,
+    healing: Option<&LocalCluster>,
+) -> TestApp {
     // `RUST_LOG=seckill=debug cargo test ... -- --nocapture` shows the engine's log.
     if std::env::var_os("RUST_LOG").is_some() {
         let _ = tracing_subscriber::fmt()
@@ -219,6 +241,14 @@ pub async fn spawn_config(config: Config, background: Background) -> TestApp {
     let app = Application::build_with(config, background)
         .await
         .expect("app builds");
+    if let Some(cluster) = healing {
+        app.spawn_healer(cluster.servers());
+    }
+    serve(app)
+}
+
+/// Serve a built engine in the background.
+fn serve(app: Application) -> TestApp {
     let addr = format!("http://{}", app.local_addr());
     let state = app.state();
     let cancel = app.shutdown_token();
