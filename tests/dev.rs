@@ -1,0 +1,403 @@
+//! `seckill dev` as a user runs it: the real binary, its servers killed and frozen, the command
+//! stopped with Ctrl-C, SIGKILLed and started again. After every step each group has a master and
+//! one synchronous streaming shadow again within seconds, without a person acting, and every
+//! acknowledged order is still there.
+
+#[path = "api/helpers.rs"]
+mod helpers;
+
+use helpers::{free_port_block, rand_u64};
+use reqwest::StatusCode;
+use seckill::config::Secret;
+use seckill::local::{LocalCluster, LocalServer};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A running `seckill dev`.
+struct Dev {
+    child: Child,
+    addr: String,
+}
+
+/// The dev cluster's folder and ports, across restarts of the command.
+struct Setup {
+    dir: PathBuf,
+    base_port: u16,
+    http_port: u16,
+    http: reqwest::Client,
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // Whatever the test left: the servers stop with the folder.
+        if let Ok(c) = LocalCluster::open(&self.dir, self.base_port, 2) {
+            c.stop_all("immediate");
+        }
+        if std::env::var_os("SECKILL_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "seckill-devtest-{}-{}",
+            std::process::id(),
+            rand_u64() % 1_000_000
+        ));
+        Self {
+            dir,
+            base_port: free_port_block(4),
+            http_port: free_port_block(1),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+        }
+    }
+
+    /// Start `seckill dev` and wait (bounded) for its welcome.
+    fn start(&self) -> Dev {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_seckill"))
+            .arg("dev")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--base-port", &self.base_port.to_string()])
+            .args(["--listen", &format!("127.0.0.1:{}", self.http_port)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("seckill dev starts");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("seckill dev is up") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(180)).is_err() {
+            let _ = child.kill();
+            panic!("seckill dev did not come up within 180 s");
+        }
+        Dev {
+            child,
+            addr: format!("http://127.0.0.1:{}", self.http_port),
+        }
+    }
+
+    /// The servers of the dev cluster, as handles (nothing is started).
+    fn cluster(&self) -> LocalCluster {
+        LocalCluster::open(&self.dir, self.base_port, 2).expect("the dev cluster's folder")
+    }
+
+    fn secret(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join("secrets").join(name))
+            .expect("secret")
+            .trim()
+            .to_string()
+    }
+
+    async fn admin(&self, dev: &Dev, method: reqwest::Method, path: &str, body: Value) -> Value {
+        let r = self
+            .http
+            .request(method, format!("{}{path}", dev.addr))
+            .bearer_auth(self.secret("admin-token"))
+            .json(&body)
+            .send()
+            .await
+            .expect("admin request");
+        assert!(r.status().is_success(), "{path}: {}", r.status());
+        r.json().await.expect("json")
+    }
+
+    async fn groups(&self, dev: &Dev) -> Value {
+        let r = self
+            .http
+            .get(format!("{}/v1/admin/groups", dev.addr))
+            .bearer_auth(self.secret("admin-token"))
+            .send()
+            .await;
+        match r {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        }
+    }
+
+    /// Every group has a master and a shadow streaming from it synchronously, writes durable
+    /// (printed: how long after `since`, the fault).
+    async fn until_whole(&self, dev: &Dev, what: &str, since: Instant) {
+        let start = Instant::now();
+        loop {
+            let g = self.groups(dev).await;
+            let whole = g["groups"].as_array().is_some_and(|groups| {
+                groups.len() == 2
+                    && groups.iter().all(|g| {
+                        g["writable_master"].is_string()
+                            && g["shadow_streaming"] == true
+                            && g["synchronous"] == true
+                            && g["writes"] == "durable"
+                    })
+            });
+            if whole {
+                println!(
+                    "{what}: whole again {:.1} s after the fault",
+                    since.elapsed().as_secs_f64()
+                );
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "{what}: not whole within 60 s: {g}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The member of group `g` that is its master now (`true`) or its shadow.
+    async fn member(
+        &self,
+        dev: &Dev,
+        cluster: &LocalCluster,
+        g: usize,
+        master: bool,
+    ) -> LocalServer {
+        let groups = self.groups(dev).await;
+        let writer = groups["groups"][g]["writable_master"]
+            .as_str()
+            .expect("a master")
+            .to_string();
+        let group = &cluster.groups[g];
+        let a_is_master = writer.ends_with(&format!(":{}", group.master.port));
+        if a_is_master == master {
+            group.master.clone()
+        } else {
+            group.shadow.clone()
+        }
+    }
+
+    /// Buy `n` units, one per new user, each retried with its request id until it is answered
+    /// 201; the (user, order id) of each.
+    async fn buy(&self, dev: &Dev, sale: u64, item: u64, n: usize) -> Vec<(u64, String)> {
+        let secret = Secret::new(self.secret("user-token-secret"));
+        let mut orders = Vec::new();
+        for _ in 0..n {
+            let user = rand_u64() % (1 << 40);
+            let token = seckill::auth::users::mint(&secret, user, 3600).expect("token");
+            let rid = uuid::Uuid::new_v4().to_string();
+            let start = Instant::now();
+            loop {
+                let r = self
+                    .http
+                    .post(format!("{}/v1/sales/{sale}/items/{item}/orders", dev.addr))
+                    .bearer_auth(&token)
+                    .json(&json!({"quantity": 1, "request_id": rid}))
+                    .send()
+                    .await;
+                if let Ok(r) = r {
+                    let status = r.status();
+                    let retry_after: u64 = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()?.parse().ok())
+                        .unwrap_or(0);
+                    let body: Value = r.json().await.unwrap_or(Value::Null);
+                    match status {
+                        StatusCode::CREATED => {
+                            orders.push((user, body["order_id"].as_str().unwrap().to_string()));
+                            break;
+                        }
+                        // A client retrying through an outage from one address meets the
+                        // per-address limit: it waits as told.
+                        StatusCode::TOO_MANY_REQUESTS => {
+                            tokio::time::sleep(Duration::from_secs(retry_after)).await
+                        }
+                        _ => assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}"),
+                    }
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "no order in 60 s"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        orders
+    }
+
+    async fn assert_all_present(&self, dev: &Dev, sale: u64, orders: &[(u64, String)]) {
+        let secret = Secret::new(self.secret("user-token-secret"));
+        for (user, id) in orders {
+            let token = seckill::auth::users::mint(&secret, *user, 3600).expect("token");
+            let r = self
+                .http
+                .get(format!("{}/v1/users/{user}/orders/{id}", dev.addr))
+                .bearer_auth(token)
+                .send()
+                .await
+                .expect("read back");
+            assert_eq!(
+                r.status(),
+                StatusCode::OK,
+                "acknowledged order {id} present"
+            );
+        }
+        let sale_view: Value = self
+            .http
+            .get(format!("{}/v1/sales/{sale}", dev.addr))
+            .send()
+            .await
+            .expect("sale")
+            .json()
+            .await
+            .expect("json");
+        let remaining = sale_view["items"][0]["remaining"]
+            .as_i64()
+            .expect("remaining");
+        assert_eq!(
+            remaining + orders.len() as i64,
+            STOCK,
+            "sold == acknowledged: {sale_view}"
+        );
+        let audit = self
+            .admin(
+                dev,
+                reqwest::Method::GET,
+                &format!("/v1/admin/sales/{sale}/audit"),
+                Value::Null,
+            )
+            .await;
+        assert_eq!(audit["conserved"], true, "{audit}");
+    }
+}
+
+impl Dev {
+    /// Ctrl-C: the engine stops, then its servers.
+    fn interrupt(mut self) {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        wait_exit(&mut self.child, Duration::from_secs(90));
+    }
+
+    /// SIGKILL of the command alone: its servers go on running (or frozen) without it.
+    fn crash(mut self) {
+        let _ = self.child.kill();
+        wait_exit(&mut self.child, Duration::from_secs(10));
+    }
+}
+
+fn wait_exit(child: &mut Child, limit: Duration) {
+    let start = Instant::now();
+    while start.elapsed() < limit {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    panic!("seckill dev did not exit within {limit:?}");
+}
+
+const STOCK: i64 = 100_000;
+
+fn pid_of(server: &LocalServer) -> Option<i32> {
+    let text = std::fs::read_to_string(Path::new(&server.data_dir).join("postmaster.pid")).ok()?;
+    text.lines().next()?.trim().parse().ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn seckill_dev_heals_through_kills_freezes_and_restarts() {
+    let setup = Setup::new();
+    let t = Instant::now();
+    let dev = setup.start();
+    setup.until_whole(&dev, "first start", t).await;
+    let item = 5_000_000 + rand_u64() % 1_000_000;
+    let now = chrono::Utc::now();
+    let created = setup
+        .admin(
+            &dev,
+            reqwest::Method::POST,
+            "/v1/admin/sales",
+            json!({"name": "heal test", "starts_at": (now - chrono::Duration::minutes(1)).to_rfc3339(),
+                   "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+                   "items": [{"item_id": item, "stock": STOCK, "price_cents": 1}]}),
+        )
+        .await;
+    let sale = created["sale_id"].as_u64().expect("sale_id");
+    let mut orders = setup.buy(&dev, sale, item, 5).await;
+    let cluster = setup.cluster();
+
+    // Every master SIGKILLed while the command runs: failover, and the old masters come back as
+    // shadows.
+    let t = Instant::now();
+    for g in 0..2 {
+        let master = setup.member(&dev, &cluster, g, true).await;
+        master.kill9().expect("kill the master");
+    }
+    orders.extend(setup.buy(&dev, sale, item, 5).await);
+    setup.until_whole(&dev, "masters killed", t).await;
+
+    // Ctrl-C and start again: the groups come up as they were left.
+    dev.interrupt();
+    let t = Instant::now();
+    let dev = setup.start();
+    setup.until_whole(&dev, "restart after Ctrl-C", t).await;
+    orders.extend(setup.buy(&dev, sale, item, 5).await);
+
+    // The command SIGKILLed with g0's master frozen and g1's shadow killed: the next start finds
+    // them so.
+    let frozen = setup.member(&dev, &cluster, 0, true).await;
+    let dead = setup.member(&dev, &cluster, 1, false).await;
+    dev.crash();
+    frozen.freeze().expect("freeze g0's master");
+    dead.kill9().expect("kill g1's shadow");
+    let t = Instant::now();
+    let dev = setup.start();
+    setup
+        .until_whole(&dev, "restart after a crash with a frozen master", t)
+        .await;
+    assert!(
+        pid_of(&frozen).is_some_and(|p| std::fs::read_to_string(format!("/proc/{p}/stat"))
+            .is_ok_and(|s| !s.contains(") T "))),
+        "no server is left frozen"
+    );
+    orders.extend(setup.buy(&dev, sale, item, 5).await);
+
+    // Every shadow SIGKILLed, then every master frozen, while the command runs.
+    for (what, master) in [("shadows killed", false), ("masters frozen", true)] {
+        let t = Instant::now();
+        let mut hit = Vec::new();
+        for g in 0..2 {
+            let s = setup.member(&dev, &cluster, g, master).await;
+            let pid = pid_of(&s);
+            if master {
+                s.freeze().expect("freeze");
+            } else {
+                s.kill9().expect("kill");
+            }
+            hit.push((s, pid));
+        }
+        orders.extend(setup.buy(&dev, sale, item, 3).await);
+        // Each server hit was started anew (a frozen one killed first), then the group is whole.
+        for (s, pid) in &hit {
+            let start = Instant::now();
+            while pid_of(s) == *pid {
+                assert!(
+                    start.elapsed() < Duration::from_secs(60),
+                    "{what}: {} restarted",
+                    s.name
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        setup.until_whole(&dev, what, t).await;
+    }
+
+    setup.assert_all_present(&dev, sale, &orders).await;
+    dev.interrupt();
+}
