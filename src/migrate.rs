@@ -2,6 +2,12 @@
 //!
 //! Safe when several engine nodes start at once: each takes a session advisory lock on the master
 //! before running, so one applies the migrations and the others find them applied.
+//!
+//! This is the one way a schema comes to a group, in `seckill dev`, the compose deployment (its
+//! one-shot `migrate` service) and any other: refinery's history is what live moves compare
+//! between groups and what upgrades build on. A group whose schema was applied by hand from the
+//! retired `schema/seckill.sql` is adopted once with [`baseline`] (`seckill migrate --baseline N`),
+//! then migrated as usual.
 
 use crate::shard::Cluster;
 
@@ -26,6 +32,8 @@ pub enum MigrateError {
         group: String,
         source: refinery::Error,
     },
+    #[error("group {group}: {reason}")]
+    Baseline { group: String, reason: String },
 }
 
 /// Apply pending migrations to every group's writable member, as found by the last
@@ -73,6 +81,84 @@ pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError
         applied.push((group.name.clone(), n));
     }
     Ok(applied)
+}
+
+/// Record migrations 1..=`upto` as applied, without running them, on every group whose schema
+/// was applied by hand (its tables exist, refinery's history does not or is empty): what
+/// `seckill migrate --baseline N` does once before the first `seckill migrate` of such a cluster.
+/// Groups that already have a history are refused, never touched.
+pub async fn baseline(cluster: &Cluster, upto: u32) -> Result<Vec<(String, usize)>, MigrateError> {
+    let runner = embedded::migrations::runner();
+    let migrations: Vec<_> = runner
+        .get_migrations()
+        .iter()
+        .filter(|m| m.version() <= upto)
+        .collect();
+    let mut recorded = Vec::new();
+    for group in &cluster.groups {
+        let refused = |reason: String| MigrateError::Baseline {
+            group: group.name.clone(),
+            reason,
+        };
+        let failed = |e: tokio_postgres::Error| refused(e.to_string());
+        let n = as_admin(group, async |client, _| {
+            let tx = client.transaction().await.map_err(failed)?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LOCK_KEY])
+                .await
+                .map_err(failed)?;
+            let row = tx
+                .query_one(
+                    "SELECT to_regclass('sales') IS NOT NULL,
+                            to_regclass('refinery_schema_history') IS NOT NULL",
+                    &[],
+                )
+                .await
+                .map_err(failed)?;
+            let (has_schema, has_history): (bool, bool) = (row.get(0), row.get(1));
+            if !has_schema {
+                return Err(refused(
+                    "no seckill tables here: nothing to adopt; run `seckill migrate`".into(),
+                ));
+            }
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS refinery_schema_history(
+                     version INT4 PRIMARY KEY, name VARCHAR(255), applied_on VARCHAR(255),
+                     checksum VARCHAR(255))",
+            )
+            .await
+            .map_err(failed)?;
+            let rows: i64 = tx
+                .query_one("SELECT count(*) FROM refinery_schema_history", &[])
+                .await
+                .map_err(failed)?
+                .get(0);
+            if has_history && rows > 0 {
+                return Err(refused(format!(
+                    "refinery already records {rows} migration(s) here: no baseline needed"
+                )));
+            }
+            let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+            for m in &migrations {
+                tx.execute(
+                    "INSERT INTO refinery_schema_history (version, name, applied_on, checksum)
+                     VALUES ($1, $2, $3, $4)",
+                    &[
+                        &(m.version() as i32),
+                        &m.name(),
+                        &now,
+                        &m.checksum().to_string(),
+                    ],
+                )
+                .await
+                .map_err(failed)?;
+            }
+            tx.commit().await.map_err(failed)?;
+            Ok(migrations.len())
+        })
+        .await?;
+        recorded.push((group.name.clone(), n));
+    }
+    Ok(recorded)
 }
 
 /// The newest migration a group's writable member has applied, read with the admin role (the
@@ -153,28 +239,4 @@ async fn grant_dml(
              REVOKE ALL ON refinery_schema_history FROM {role};"
         ))
         .await
-}
-
-#[cfg(test)]
-mod tests {
-    /// schema/seckill.sql is the same schema for DBAs who bootstrap by hand; it must not drift
-    /// from the migrations.
-    #[test]
-    fn hand_schema_matches_the_migrations() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
-        let schema = std::fs::read_to_string(root.join("schema/seckill.sql")).unwrap();
-        let mut names: Vec<_> = std::fs::read_dir(root.join("migrations"))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
-        names.sort();
-        assert!(names.len() >= 3);
-        for name in names {
-            let migration = std::fs::read_to_string(root.join("migrations").join(&name)).unwrap();
-            assert!(
-                schema.contains(migration.trim()),
-                "schema/seckill.sql no longer contains migrations/{name} verbatim"
-            );
-        }
-    }
 }

@@ -15,20 +15,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Stops a test's own cluster even when the test fails.
-struct OwnCluster(LocalCluster);
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        self.0.stop_all("immediate");
-        if std::env::var_os("SECKILL_KEEP_TEST_DIRS").is_none() {
-            let _ = std::fs::remove_dir_all(&self.0.root);
-        }
-    }
-}
-
 fn own_cluster() -> OwnCluster {
-    OwnCluster(start_cluster(1))
+    OwnCluster::start(1)
 }
 
 fn engine_config(cluster: &LocalCluster) -> seckill::Config {
@@ -710,7 +698,7 @@ async fn a_node_cut_off_from_a_live_master_does_not_promote() {
 /// that moment comes back within seconds: the release waits in the outbox, not for the reconciler.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stock_of_cancels_and_expiries_during_a_failover_comes_back() {
-    let cluster = OwnCluster(start_cluster(2));
+    let cluster = OwnCluster::start(2);
     let mut config = engine_config(&cluster.0);
     config.orders.sweep_interval_ms = 200;
     let app = Arc::new(
@@ -986,7 +974,7 @@ async fn an_old_master_unfenced_by_hand_is_never_written() {
 /// nothing acknowledged is lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_group_heals_through_faults_in_sequence_and_a_restart() {
-    let cluster = OwnCluster(start_cluster(2));
+    let cluster = OwnCluster::start(2);
     let g0 = cluster.0.groups[0].clone();
     let mut all = Outcome::default();
     let app = engine(&cluster.0).await;

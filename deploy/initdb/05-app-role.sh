@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs once, when a master's data volume is created: the engine's application role `seckill`
-# (not a superuser; 20-grants.sql gives it DML on the tables and nothing more). The password is
+# (not a superuser; `seckill migrate` gives it DML on the tables and nothing more). The password is
 # read from the environment inside psql (\getenv), never put on a command line.
 set -euo pipefail
 psql -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" <<'SQL'

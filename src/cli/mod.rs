@@ -97,6 +97,11 @@ pub enum Command {
     Migrate {
         #[arg(long, default_value = "shards.toml")]
         config: PathBuf,
+        /// Adopt groups whose schema was applied by hand (the retired schema/seckill.sql): record
+        /// migrations 1..=N as applied without running them, then stop. Run `seckill migrate`
+        /// afterwards for the rest. N is the newest migration that file held (its header says).
+        #[arg(long, value_name = "N")]
+        baseline: Option<u32>,
     },
     /// Check a shards.toml and print the resolved routing summary.
     CheckConfig {
@@ -295,7 +300,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => token(&config, user, ttl_secs),
         Command::SignPayment { config } => sign_payment(&config),
         Command::Openapi => openapi(),
-        Command::Migrate { config } => migrate(&config).await,
+        Command::Migrate { config, baseline } => migrate(&config, baseline).await,
         Command::CheckConfig { config } => check_config(&config),
         Command::ShardMap { config, action } => shard_map(&config, action).await,
         Command::Blocklist { config, action } => blocklist(&config, action).await,
@@ -400,10 +405,16 @@ fn openapi() -> CliResult {
     Ok(())
 }
 
-async fn migrate(path: &Path) -> CliResult {
+async fn migrate(path: &Path, baseline: Option<u32>) -> CliResult {
     let config = Config::load(path)?;
     let cluster = crate::shard::Cluster::new(&config)?;
     cluster.discover().await;
+    if let Some(upto) = baseline {
+        for (group, n) in crate::migrate::baseline(&cluster, upto).await? {
+            println!("{group}: {n} migration(s) recorded as applied");
+        }
+        return Ok(());
+    }
     for (group, n) in crate::migrate::run(&cluster).await? {
         println!("{group}: {n} migration(s) applied");
     }

@@ -87,6 +87,25 @@ pub fn start_cluster(groups: usize) -> LocalCluster {
     cluster
 }
 
+/// A cluster of a test's own (it kills servers, or needs a fresh database), stopped and removed
+/// when dropped, even when the test fails (`SECKILL_KEEP_TEST_DIRS=1` keeps the folder).
+pub struct OwnCluster(pub LocalCluster);
+
+impl OwnCluster {
+    pub fn start(groups: usize) -> Self {
+        Self(start_cluster(groups))
+    }
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.0.stop_all("immediate");
+        if std::env::var_os("SECKILL_KEEP_TEST_DIRS").is_none() {
+            let _ = std::fs::remove_dir_all(&self.0.root);
+        }
+    }
+}
+
 /// The test servers' settings: no fsync (tests do not test OS crashes), small buffers.
 pub fn tuning() -> ServerTuning {
     ServerTuning {

@@ -644,7 +644,7 @@ fn users_in_slot(app: &TestApp, slot: u32, n: usize) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_of_users_moves_while_they_buy_pay_and_cancel() {
     // Its own cluster: a slot move carries every key of the slot, other tests' keys too.
-    let own = OwnCluster(start_cluster(2));
+    let own = OwnCluster::start(2);
     let app = Arc::new(own_app(&own).await);
     let slots = app.state.router.kind(KeyKind::Users).slot_count();
     let slot = seckill::router::slot_of(fresh_item(), slots);
@@ -794,7 +794,7 @@ async fn a_slot_of_users_moves_while_they_buy_pay_and_cancel() {
 
 #[tokio::test]
 async fn a_slot_of_items_moves_with_its_sales() {
-    let own = OwnCluster(start_cluster(2));
+    let own = OwnCluster::start(2);
     let app = own_app(&own).await;
     let slots = app.state.router.kind(KeyKind::Items).slot_count();
     let first = fresh_item_in(&app, 0);
@@ -866,16 +866,6 @@ async fn a_slot_of_items_moves_with_its_sales() {
     assert_eq!(done["phase"], "completed", "{done}");
 }
 
-/// A cluster of this test's own, stopped when dropped.
-struct OwnCluster(seckill::local::LocalCluster);
-
-impl Drop for OwnCluster {
-    fn drop(&mut self) {
-        self.0.stop_all("immediate");
-        let _ = std::fs::remove_dir_all(&self.0.root);
-    }
-}
-
 /// An engine on a cluster of the test's own.
 async fn own_app(own: &OwnCluster) -> TestApp {
     spawn_config(
@@ -892,7 +882,7 @@ async fn own_app(own: &OwnCluster) -> TestApp {
 /// write slot entries every engine on the cluster reads).
 #[tokio::test]
 async fn rebalance_gives_an_empty_group_its_share_of_the_slots() {
-    let own = OwnCluster(start_cluster(2));
+    let own = OwnCluster::start(2);
     let mut config = base_config(&own.0);
     config.routing.slots = 16;
     for kind in [&mut config.routing.items, &mut config.routing.users] {
