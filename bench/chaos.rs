@@ -1,6 +1,8 @@
 //! `--kill-master GROUP@SECONDS`: SIGKILL the current master of a local dev-cluster group mid-run;
 //! `--freeze-master GROUP@SECONDS`: SIGSTOP every process of it instead (it stops answering with its
 //! sockets open, as a frozen host or a network partition looks; it is thawed after the run);
+//! `--kill-shadow GROUP@SECONDS`: SIGKILL the group's shadow (no acknowledgement until one streams
+//! again);
 //! `--move-to GROUP@SECONDS`: move the hot item to GROUP live (`POST /v1/admin/moves`). Then
 //! measure the write outage from the acknowledged orders' timestamps (and for a move, the write
 //! pause the engine measured).
@@ -14,6 +16,7 @@ use std::path::{Path, PathBuf};
 pub enum Fault {
     Kill,
     Freeze,
+    KillShadow,
     /// Move this item key to the group.
     Move(u64),
 }
@@ -31,6 +34,8 @@ pub struct Target {
 #[derive(Debug)]
 pub struct Kill {
     pub member: String,
+    /// What was done: `SIGKILL`, `SIGSTOP`, `SIGKILL of the shadow`, `move`.
+    pub fault: &'static str,
     pub at_s: f64,
     /// Processes stopped by a freeze, to continue after the run.
     pub frozen: Vec<i32>,
@@ -53,7 +58,7 @@ pub struct Outage {
 
 pub fn parse(fault: Fault, spec: &str, dir: &Path, token: &str) -> Result<(f64, Target), String> {
     let (group, at) = spec.split_once('@').ok_or_else(|| {
-        format!("--kill-master/--freeze-master/--move-to want GROUP@SECONDS, got {spec:?}")
+        format!("--kill-master/--freeze-master/--kill-shadow/--move-to want GROUP@SECONDS, got {spec:?}")
     })?;
     let at: f64 = at.parse().map_err(|_| format!("bad seconds in {spec:?}"))?;
     Ok((
@@ -87,12 +92,18 @@ pub async fn kill_master(
         .json()
         .await
         .map_err(|e| e.to_string())?;
-    let endpoint = groups["groups"]
+    let group = groups["groups"]
         .as_array()
-        .and_then(|gs| gs.iter().find(|g| g["name"] == target.group.as_str()))
-        .and_then(|g| g["writable_master"].as_str())
-        .ok_or_else(|| format!("group {} has no writable master to kill", target.group))?
-        .to_string();
+        .and_then(|gs| gs.iter().find(|g| g["name"] == target.group.as_str()));
+    let endpoint = match target.fault {
+        Fault::KillShadow => group
+            .and_then(|g| g["members"].as_array())
+            .and_then(|ms| ms.iter().find(|m| m["writable"] == false))
+            .and_then(|m| m["endpoint"].as_str()),
+        _ => group.and_then(|g| g["writable_master"].as_str()),
+    }
+    .ok_or_else(|| format!("group {} has no such member to hit", target.group))?
+    .to_string();
     let port = endpoint.rsplit(':').next().unwrap_or("").to_string();
     let entries = std::fs::read_dir(&target.cluster_dir)
         .map_err(|e| format!("{}: {e}", target.cluster_dir.display()))?;
@@ -109,7 +120,7 @@ pub async fn kill_master(
                 .map_err(|_| "bad postmaster.pid".to_string())?;
             let mut frozen = Vec::new();
             match target.fault {
-                Fault::Kill => {
+                Fault::Kill | Fault::KillShadow => {
                     // SAFETY: kill(2) on the pid the server wrote into its own pid file.
                     if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
                         return Err(format!("kill {pid}: {}", std::io::Error::last_os_error()));
@@ -135,14 +146,20 @@ pub async fn kill_master(
                 }
             }
             let what = match target.fault {
-                Fault::Kill => "killed",
-                _ => "froze (SIGSTOP)",
+                Fault::Kill => "killed master",
+                Fault::KillShadow => "killed shadow",
+                _ => "froze (SIGSTOP) master",
             };
             println!(
-                "\n*** {what} master {endpoint} of {} (pid {pid}) at {now_s:.2} s ***",
+                "\n*** {what} {endpoint} of {} (pid {pid}) at {now_s:.2} s ***",
                 target.group
             );
             return Ok(Kill {
+                fault: match target.fault {
+                    Fault::Kill => "SIGKILL",
+                    Fault::KillShadow => "SIGKILL of the shadow",
+                    _ => "SIGSTOP",
+                },
                 member: endpoint,
                 at_s: now_s,
                 frozen,
@@ -213,6 +230,7 @@ async fn start_move(
         body["from"].as_str().unwrap_or("?"),
     );
     Ok(Kill {
+        fault: "move",
         member: format!("item {key} -> {to}"),
         at_s: now_s,
         frozen: Vec::new(),
@@ -283,7 +301,7 @@ pub fn thaw(kill: &mut Kill) {
     }
     if !kill.frozen.is_empty() {
         println!(
-            "thawed {} (SIGCONT); the engine fences it as an old master",
+            "thawed {} (SIGCONT), if seckill dev's healer had not killed and rewound it already",
             kill.member
         );
     }
@@ -313,13 +331,7 @@ pub fn outage(kill: &Kill, acked: &[Acked], failures: &[f64]) -> Outage {
     }
     Outage {
         member: kill.member.clone(),
-        fault: if kill.move_id.is_some() {
-            "move"
-        } else if kill.frozen.is_empty() {
-            "SIGKILL"
-        } else {
-            "SIGSTOP"
-        },
+        fault: kill.fault,
         killed_at_s: kill.at_s,
         outage_s: longest,
         failures_after_kill: failures.iter().filter(|&&t| t >= kill.at_s).count(),

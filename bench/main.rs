@@ -90,16 +90,21 @@ pub struct Args {
     #[arg(long)]
     pub verify_orders: bool,
     /// SIGKILL the master of GROUP after SECONDS (local dev cluster), e.g. g0@5.
-    #[arg(long, conflicts_with = "freeze_master")]
+    #[arg(long, conflicts_with_all = ["freeze_master", "kill_shadow"])]
     pub kill_master: Option<String>,
     /// SIGSTOP every process of the master of GROUP after SECONDS (local dev cluster), e.g. g0@5:
-    /// a master that stops answering with its sockets open. It is continued after the run.
-    #[arg(long)]
+    /// a master that stops answering with its sockets open. It is continued after the run (unless
+    /// `seckill dev`'s healer killed it first).
+    #[arg(long, conflicts_with = "kill_shadow")]
     pub freeze_master: Option<String>,
+    /// SIGKILL the shadow of GROUP after SECONDS (local dev cluster), e.g. g0@5: under
+    /// `shadow_loss = "block"` the group acknowledges nothing until a shadow streams again.
+    #[arg(long)]
+    pub kill_shadow: Option<String>,
     /// Move the hot item to GROUP after SECONDS, live (`POST /v1/admin/moves`), e.g. g1@5 or
     /// next@5 (the group after the item's own); the
     /// report gives the write outage buyers saw and the write pause the engine measured.
-    #[arg(long, conflicts_with_all = ["kill_master", "freeze_master"])]
+    #[arg(long, conflicts_with_all = ["kill_master", "freeze_master", "kill_shadow"])]
     pub move_to: Option<String>,
     /// Bot connections of the `bots` scenario (beside --concurrency honest ones).
     #[arg(long, default_value_t = 16)]

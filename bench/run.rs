@@ -452,28 +452,17 @@ pub async fn run_scenario(args: &Args, url: &str, keys: &crate::Keys) -> Result<
         };
         drive(args, url, &http, &setup, minter, sell_out).await?;
     }
-    let chaos_at = match (&args.kill_master, &args.freeze_master) {
-        (Some(spec), _) => Some(chaos::parse(
-            chaos::Fault::Kill,
-            spec,
-            &args.cluster_dir,
-            token,
-        )?),
-        (None, Some(spec)) => Some(chaos::parse(
-            chaos::Fault::Freeze,
-            spec,
-            &args.cluster_dir,
-            token,
-        )?),
-        (None, None) => match &args.move_to {
-            Some(spec) => Some(chaos::parse(
-                chaos::Fault::Move(setup.items[0].0),
-                spec,
-                &args.cluster_dir,
-                token,
-            )?),
-            None => None,
-        },
+    let fault = [
+        (&args.kill_master, chaos::Fault::Kill),
+        (&args.freeze_master, chaos::Fault::Freeze),
+        (&args.kill_shadow, chaos::Fault::KillShadow),
+        (&args.move_to, chaos::Fault::Move(setup.items[0].0)),
+    ]
+    .into_iter()
+    .find_map(|(spec, fault)| spec.as_ref().map(|s| (fault, s)));
+    let chaos_at = match fault {
+        Some((fault, spec)) => Some(chaos::parse(fault, spec, &args.cluster_dir, token)?),
+        None => None,
     };
     let until_sold_out = args.scenario == Scenario::Hot && chaos_at.is_none();
     let phase = Phase {

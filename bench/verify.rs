@@ -120,7 +120,11 @@ pub async fn verify(
         }
         Err(e) => v.check(format!("audit: {e}"), false),
     }
-    if args.verify_orders || args.kill_master.is_some() || args.freeze_master.is_some() {
+    if args.verify_orders
+        || args.kill_master.is_some()
+        || args.freeze_master.is_some()
+        || args.kill_shadow.is_some()
+    {
         let missing = missing_orders(url, http, &keys.users, acked).await;
         v.check(
             format!(
