@@ -968,13 +968,20 @@ hs256_secret = "0123456789abcdef0123456789abcdef"
     }
 
     #[test]
-    fn the_compose_deployment_config_is_valid_with_its_environment() {
-        let text = include_str!("../../deploy/shards.compose.toml");
-        let mut c: Config = toml::from_str(text).unwrap();
-        c.auth.hs256_secret = Some(Secret::new("x".repeat(32)));
-        c.validate().unwrap();
-        assert!(c.groups.iter().all(|g| g.master_admin.is_some()));
-        assert!(!text.contains("password="), "no password ships in the file");
+    fn the_compose_deployment_configs_are_valid_with_their_environment() {
+        for text in [
+            include_str!("../../deploy/shards.compose.toml"),
+            include_str!("../../deploy/patroni/shards.patroni.toml"),
+        ] {
+            let mut c: Config = toml::from_str(text).unwrap();
+            c.auth.hs256_secret = Some(Secret::new("x".repeat(32)));
+            c.validate().unwrap();
+            assert!(c.groups.iter().all(|g| g.master_admin.is_some()));
+            assert!(!text.contains("password="), "no password ships in the file");
+        }
+        let patroni: Config =
+            toml::from_str(include_str!("../../deploy/patroni/shards.patroni.toml")).unwrap();
+        assert_eq!(patroni.failover.mode, FailoverMode::External);
     }
 
     #[test]
