@@ -12,11 +12,12 @@
 mod bots;
 mod chaos;
 mod conn;
+mod nemesis;
 mod run;
 mod sale;
 mod verify;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 use std::path::PathBuf;
 
@@ -42,8 +43,14 @@ pub enum Scenario {
 }
 
 #[derive(Debug, Clone, Parser)]
-#[command(name = "seckill-bench", about = "Load bench for the seckill engine")]
+#[command(
+    name = "seckill-bench",
+    about = "Load bench for the seckill engine",
+    args_conflicts_with_subcommands = true
+)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Scenario to run.
     #[arg(long, value_enum, default_value = "hot")]
     pub scenario: Scenario,
@@ -123,6 +130,13 @@ pub struct Args {
     pub quiet: bool,
 }
 
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Faults dealt at random (seeded) to a `seckill dev` of its own under a steady workload, then
+    /// a checker that reads the whole history back (bench/nemesis/).
+    Nemesis(nemesis::NemesisArgs),
+}
+
 /// A secret: the option, else the environment variable, else the dev cluster's file.
 fn secret(given: &Option<String>, env: &str, args: &Args, file: &str) -> Result<String, String> {
     if let Some(t) = given {
@@ -181,6 +195,9 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn real_main(args: Args) -> Result<bool, String> {
+    if let Some(Command::Nemesis(n)) = args.command {
+        return nemesis::run(n).await;
+    }
     let keys = Keys {
         admin: token(&args)?,
         users: Minter(seckill::config::Secret::new(secret(

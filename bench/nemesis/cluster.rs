@@ -1,0 +1,355 @@
+//! The system under test: a `seckill dev` process of the nemesis's own (its folder, its ports),
+//! and the faults dealt to it: servers killed or frozen, the command SIGKILLed or stopped and
+//! started again, keys moved live.
+
+use rand::Rng;
+use seckill::local::{LocalCluster, LocalServer};
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `seckill dev` the nemesis runs (and restarts).
+pub struct Dev {
+    pub exe: PathBuf,
+    pub dir: PathBuf,
+    pub base_port: u16,
+    pub listen: String,
+    child: Option<Child>,
+}
+
+impl Dev {
+    pub fn new(exe: PathBuf, dir: PathBuf, base_port: u16, listen: String) -> Self {
+        Self {
+            exe,
+            dir,
+            base_port,
+            listen,
+            child: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// Start the command and wait (bounded) for its welcome; its log goes to `dev.log`.
+    pub fn start(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("dev.log"))
+            .map_err(|e| e.to_string())?;
+        let mut child = Command::new(&self.exe)
+            .arg("dev")
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(["--base-port", &self.base_port.to_string()])
+            .args(["--listen", &self.listen])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", self.exe.display()))?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.contains("seckill dev is up") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        if rx.recv_timeout(Duration::from_secs(180)).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!(
+                "seckill dev did not come up within 180 s (see {})",
+                self.dir.with_extension("dev.log").display()
+            ));
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// SIGKILL of the command alone: its servers run on (or stay frozen) without it.
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Ctrl-C: the engine stops, then its servers.
+    pub fn interrupt(&mut self) -> Result<(), String> {
+        let Some(mut c) = self.child.take() else {
+            return Ok(());
+        };
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGINT) };
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(90) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        Err("seckill dev did not stop within 90 s of Ctrl-C".into())
+    }
+
+    pub fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The servers, as handles (nothing is started).
+    pub fn servers(&self) -> Result<LocalCluster, String> {
+        LocalCluster::open(&self.dir, self.base_port, 2).map_err(|e| e.to_string())
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        if self.interrupt().is_err() {
+            if let Ok(c) = self.servers() {
+                c.stop_all("immediate");
+            }
+        }
+    }
+}
+
+/// Talks to the engine as its admin.
+pub struct Admin {
+    pub http: reqwest::Client,
+    pub url: String,
+    pub token: String,
+}
+
+impl Admin {
+    pub async fn get(&self, path: &str) -> Result<Value, String> {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = r.status();
+        let body: Value = r.json().await.map_err(|e| e.to_string())?;
+        if !status.is_success() {
+            return Err(format!("{path}: {status} {body}"));
+        }
+        Ok(body)
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Result<(u16, Value), String> {
+        let r = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?;
+        let status = r.status().as_u16();
+        Ok((status, r.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Every group has a master and a synchronous streaming shadow, writes durable.
+    pub async fn whole(&self) -> bool {
+        let Ok(g) = self.get("/v1/admin/groups").await else {
+            return false;
+        };
+        g["groups"].as_array().is_some_and(|gs| {
+            gs.iter().all(|g| {
+                g["writable_master"].is_string()
+                    && g["shadow_streaming"] == true
+                    && g["synchronous"] == true
+                    && g["writes"] == "durable"
+            })
+        })
+    }
+
+    pub async fn until_whole(&self, limit: Duration) -> Result<Duration, String> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if self.whole().await {
+                return Ok(start.elapsed());
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        Err(format!(
+            "the cluster is not whole {} s after the last fault: {:?}",
+            limit.as_secs(),
+            self.get("/v1/admin/groups").await
+        ))
+    }
+
+    /// The master (`true`) or the shadow of group `g`, as the engine sees it now.
+    async fn member(&self, servers: &LocalCluster, g: usize, master: bool) -> Option<LocalServer> {
+        let groups = self.get("/v1/admin/groups").await.ok()?;
+        let writer = groups["groups"][g]["writable_master"].as_str()?.to_string();
+        let group = &servers.groups[g];
+        let a_is_master = writer.ends_with(&format!(":{}", group.master.port));
+        Some(if a_is_master == master {
+            group.master.clone()
+        } else {
+            group.shadow.clone()
+        })
+    }
+}
+
+/// A fault the nemesis can deal.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    Kill { group: usize, master: bool },
+    Freeze { group: usize, master: bool, secs: u64 },
+    /// SIGKILL of `seckill dev` (its servers run on), then a start.
+    CrashEngine,
+    /// Ctrl-C of `seckill dev` (its servers stop), then a start.
+    RestartCluster,
+    MoveItem { item: u64 },
+    MoveSlot { item: u64 },
+    /// Two faults a moment apart.
+    Pair(Box<Fault>, Box<Fault>, u64),
+}
+
+impl Fault {
+    pub fn kind(&self) -> String {
+        match self {
+            Fault::Kill { master: true, .. } => "SIGKILL of a master".into(),
+            Fault::Kill { master: false, .. } => "SIGKILL of a shadow".into(),
+            Fault::Freeze { master: true, .. } => "SIGSTOP of a master".into(),
+            Fault::Freeze { master: false, .. } => "SIGSTOP of a shadow".into(),
+            Fault::CrashEngine => "SIGKILL of the engine, restart".into(),
+            Fault::RestartCluster => "restart of the whole dev cluster".into(),
+            Fault::MoveItem { .. } => "live move of an item".into(),
+            Fault::MoveSlot { .. } => "live move of a hash slot".into(),
+            Fault::Pair(..) => "two faults close together".into(),
+        }
+    }
+
+    /// A fault drawn from `rng`: servers most often, the engine and moves less.
+    pub fn draw(rng: &mut impl Rng, items: &[u64], pairs: bool) -> Fault {
+        let group = rng.random_range(0..2);
+        let item = items[rng.random_range(0..items.len())];
+        let n: u32 = rng.random_range(0..100);
+        match n {
+            0..=19 => Fault::Kill {
+                group,
+                master: true,
+            },
+            20..=31 => Fault::Kill {
+                group,
+                master: false,
+            },
+            32..=43 => Fault::Freeze {
+                group,
+                master: true,
+                secs: rng.random_range(1..6),
+            },
+            44..=51 => Fault::Freeze {
+                group,
+                master: false,
+                secs: rng.random_range(1..6),
+            },
+            52..=61 => Fault::CrashEngine,
+            62..=69 => Fault::RestartCluster,
+            70..=79 => Fault::MoveItem { item },
+            80..=85 => Fault::MoveSlot { item },
+            _ if pairs => Fault::Pair(
+                Box::new(Fault::draw(rng, items, false)),
+                Box::new(Fault::draw(rng, items, false)),
+                rng.random_range(0..1000),
+            ),
+            _ => Fault::Kill {
+                group,
+                master: true,
+            },
+        }
+    }
+}
+
+/// Deal `fault`; a description of what was hit, or why it could not be dealt.
+pub async fn deal(fault: &Fault, dev: &mut Dev, admin: &Admin) -> Result<String, String> {
+    match fault {
+        Fault::Kill { group, master } | Fault::Freeze { group, master, .. } => {
+            let servers = dev.servers()?;
+            let s = admin
+                .member(&servers, *group, *master)
+                .await
+                .ok_or_else(|| format!("group g{group} has no master the engine knows of now"))?;
+            if let Fault::Freeze { secs, .. } = fault {
+                s.freeze().map_err(|e| e.to_string())?;
+                let (thawed, secs) = (s.clone(), *secs);
+                // Thawed later, unless the healer killed it first (then nothing is stopped).
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_secs(secs)).await;
+                    let _ = thawed.thaw();
+                });
+                Ok(format!("{} for {secs} s", s.name))
+            } else {
+                s.kill9().map_err(|e| e.to_string())?;
+                Ok(s.name.clone())
+            }
+        }
+        Fault::CrashEngine => {
+            dev.crash();
+            dev.start()?;
+            Ok("seckill dev".into())
+        }
+        Fault::RestartCluster => {
+            dev.interrupt()?;
+            dev.start()?;
+            Ok("seckill dev and its servers".into())
+        }
+        Fault::MoveItem { item } | Fault::MoveSlot { item } => {
+            let route = admin.get(&format!("/v1/admin/route/items/{item}")).await?;
+            let from = route["group"].as_str().unwrap_or("g0");
+            let to = if from == "g0" { "g1" } else { "g0" };
+            let body = match fault {
+                Fault::MoveSlot { .. } => {
+                    json!({"kind": "items", "slot": route["slot"], "to": to, "complete": true})
+                }
+                _ => json!({"kind": "items", "key": item, "to": to, "complete": true}),
+            };
+            let (status, answer) = admin.post("/v1/admin/moves", body).await?;
+            if status != 202 {
+                return Err(format!("move refused ({status}): {}", answer["code"]));
+            }
+            Ok(format!(
+                "item {item} (slot {}) {from} -> {to}, move {}",
+                route["slot"], answer["move_id"]
+            ))
+        }
+        Fault::Pair(a, b, gap_ms) => {
+            let first = Box::pin(deal(a, dev, admin)).await;
+            tokio::time::sleep(Duration::from_millis(*gap_ms)).await;
+            let second = Box::pin(deal(b, dev, admin)).await;
+            if let (Err(e), Err(f)) = (&first, &second) {
+                return Err(format!("{e}; {f}"));
+            }
+            Ok(format!(
+                "{} ({}), {gap_ms} ms later {} ({})",
+                a.kind(),
+                outcome(first),
+                b.kind(),
+                outcome(second)
+            ))
+        }
+    }
+}
+
+fn outcome(r: Result<String, String>) -> String {
+    r.unwrap_or_else(|e| format!("not dealt: {e}"))
+}
+
+/// The secret `seckill dev` keeps in its folder.
+pub fn secret(dir: &Path, name: &str) -> Result<String, String> {
+    std::fs::read_to_string(dir.join("secrets").join(name))
+        .map(|s| s.trim().to_string())
+        .map_err(|e| format!("{}/secrets/{name}: {e}", dir.display()))
+}

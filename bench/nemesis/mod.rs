@@ -1,0 +1,386 @@
+//! `seckill-bench nemesis`: a steady workload against a `seckill dev` of its own while a seeded
+//! random schedule deals faults (servers killed or frozen, the engine crashed and restarted, the
+//! whole cluster restarted, items and hash slots moved live, two faults close together); then a
+//! checker reads the whole history back ([`check`]) and exits non-zero on any violation, naming
+//! the requests. The same seed gives the same schedule of faults and the same requests (their
+//! timing, and so the answers, depend on the machine).
+//!
+//! The run: start `seckill dev` in `--dir` (a fresh folder each run), create a sale, start the
+//! clients ([`workload`]), deal faults every few seconds ([`cluster`]) for `--seconds`, stop
+//! dealing, wait until every group is whole again, let the clients settle what they started, read
+//! the end state back (every user's orders, the audit, the payments in the shards) and check.
+
+mod check;
+mod cluster;
+mod history;
+mod workload;
+
+use history::{FaultEvent, Final, FinalOrder, History, ItemAudit, PaymentRow};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct NemesisArgs {
+    /// How long faults are dealt, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub seconds: u64,
+    /// Seed of the fault schedule and of the clients' choices.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// The dev cluster's folder: made fresh for each run (an earlier one is removed, only if it
+    /// is a seckill cluster folder). The history and the report are written beside it.
+    #[arg(long, default_value = ".seckill-nemesis")]
+    pub dir: PathBuf,
+    /// First PostgreSQL port of the dev cluster (four ports).
+    #[arg(long, default_value_t = 27432)]
+    pub base_port: u16,
+    /// Where the engine listens.
+    #[arg(long, default_value = "127.0.0.1:18090")]
+    pub listen: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 24)]
+    pub clients: u32,
+    /// Items of the sale.
+    #[arg(long, default_value_t = 4)]
+    pub items: usize,
+    /// Stock of each item.
+    #[arg(long, default_value_t = 400)]
+    pub stock: i64,
+    /// Per-user limit of each item.
+    #[arg(long, default_value_t = 2)]
+    pub limit: i64,
+    /// Users buying.
+    #[arg(long, default_value_t = 300)]
+    pub users: u64,
+    /// Seconds between two faults: at least, at most.
+    #[arg(long, default_value = "4-12")]
+    pub fault_every: String,
+    /// The seckill binary (default: the one beside this bench).
+    #[arg(long)]
+    pub seckill: Option<PathBuf>,
+}
+
+/// Run the nemesis; Ok(true) when the checker found nothing.
+pub async fn run(args: NemesisArgs) -> Result<bool, String> {
+    let (min_gap, max_gap) = gaps(&args.fault_every)?;
+    let exe = match &args.seckill {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()
+            .map_err(|e| e.to_string())?
+            .with_file_name("seckill"),
+    };
+    let dir = std::env::current_dir()
+        .map_err(|e| e.to_string())?
+        .join(&args.dir);
+    fresh_folder(&dir)?;
+    let mut dev = cluster::Dev::new(exe, dir.clone(), args.base_port, args.listen.clone());
+    println!(
+        "nemesis: seed {}, {} s of faults every {min_gap}-{max_gap} s, {} clients; seckill dev in {}",
+        args.seed,
+        args.seconds,
+        args.clients,
+        dir.display()
+    );
+    dev.start()?;
+    let admin = cluster::Admin {
+        http: reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| e.to_string())?,
+        url: dev.url(),
+        token: cluster::secret(&dir, "admin-token")?,
+    };
+    admin.until_whole(Duration::from_secs(60)).await?;
+    let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let sale = create_sale(&admin, &args, &mut rng).await?;
+    let items = sale.items.clone();
+    let sale_id = sale.sale;
+    let history = Arc::new(History::new(&dir.with_extension("history.jsonl"))?);
+    let start = Instant::now();
+    let shared = Arc::new(workload::Shared::new(
+        dev.url(),
+        seckill::config::Secret::new(cluster::secret(&dir, "user-token-secret")?),
+        seckill::config::Secret::new(cluster::secret(&dir, "payment-secret")?),
+        sale,
+        history.clone(),
+        start,
+    )?);
+    let stop = Arc::new(AtomicBool::new(false));
+    let clients: Vec<_> = (0..args.clients)
+        .map(|id| {
+            tokio::spawn(workload::client(
+                shared.clone(),
+                id,
+                args.seed,
+                stop.clone(),
+            ))
+        })
+        .collect();
+
+    let mut faults: Vec<FaultEvent> = Vec::new();
+    let deadline = Duration::from_secs(args.seconds);
+    loop {
+        let pause = Duration::from_millis(rng.random_range(min_gap * 1000..=max_gap * 1000));
+        if start.elapsed() + pause >= deadline {
+            break;
+        }
+        tokio::time::sleep(pause).await;
+        let fault = cluster::Fault::draw(&mut rng, &items, true);
+        let at_ms = start.elapsed().as_millis() as u64;
+        let dealt = cluster::deal(&fault, &mut dev, &admin).await;
+        let event = FaultEvent {
+            kind: fault.kind(),
+            target: dealt.clone().unwrap_or_default(),
+            at_ms,
+            done_ms: start.elapsed().as_millis() as u64,
+            refused: dealt.err(),
+        };
+        println!(
+            "{:>7.1} s  {}: {}",
+            at_ms as f64 / 1000.0,
+            event.kind,
+            event.refused.as_deref().unwrap_or(&event.target)
+        );
+        faults.push(event);
+        if !dev.running() {
+            // A restart that failed: the system must come back for the run to be judged.
+            dev.start()?;
+        }
+    }
+
+    // Faults stop; everything heals; the clients settle what they started.
+    tokio::time::sleep(deadline.saturating_sub(start.elapsed())).await;
+    if let Ok(servers) = dev.servers() {
+        for g in &servers.groups {
+            let _ = g.master.thaw();
+            let _ = g.shadow.thaw();
+        }
+    }
+    let healed = admin.until_whole(Duration::from_secs(120)).await?;
+    println!("faults stopped; every group whole again after {:.1} s", healed.as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for c in clients {
+        c.await.map_err(|e| e.to_string())?;
+    }
+    let end_ms = start.elapsed().as_millis() as u64;
+    history.flush();
+    let fin = read_back(&admin, &dir, &shared, sale_id, args.limit).await?;
+    let ops = history.ops();
+    let report = check::check(&ops, &fin, &faults, end_ms);
+    print_report(&report, &faults);
+    let path = dir.with_extension("report.json");
+    let text = serde_json::to_string_pretty(&json!({"seed": args.seed, "seconds": args.seconds,
+        "faults": faults, "report": report, "final": fin}))
+    .map_err(|e| e.to_string())?;
+    std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+    println!(
+        "history: {}, report: {}",
+        dir.with_extension("history.jsonl").display(),
+        path.display()
+    );
+    dev.interrupt()?;
+    Ok(report.violations.is_empty())
+}
+
+fn gaps(spec: &str) -> Result<(u64, u64), String> {
+    let bad = || format!("--fault-every wants MIN-MAX seconds, got {spec:?}");
+    let (a, b) = spec.split_once('-').ok_or_else(bad)?;
+    let (a, b): (u64, u64) = (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+    if a == 0 || b < a {
+        return Err(bad());
+    }
+    Ok((a, b))
+}
+
+/// Remove an earlier run's folder (only a seckill cluster folder) and its servers.
+fn fresh_folder(dir: &std::path::Path) -> Result<(), String> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    if !dir.join(".seckill-cluster").exists() {
+        return Err(format!(
+            "{} exists and is not a seckill cluster folder; choose another --dir",
+            dir.display()
+        ));
+    }
+    let stale = seckill::local::LocalCluster::open(dir, 1, 2).map_err(|e| e.to_string())?;
+    for g in &stale.groups {
+        for s in [&g.master, &g.shadow] {
+            let _ = s.halt();
+        }
+    }
+    std::fs::remove_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+async fn create_sale(
+    admin: &cluster::Admin,
+    args: &NemesisArgs,
+    rng: &mut ChaCha8Rng,
+) -> Result<workload::Sale, String> {
+    let items: Vec<u64> = (0..args.items)
+        .map(|_| rng.random_range(1_000_000..1_000_000_000))
+        .collect();
+    let users: Vec<u64> = (0..args.users)
+        .map(|_| rng.random_range(1..1u64 << 40))
+        .collect();
+    let now = chrono::Utc::now();
+    let body = json!({
+        "name": format!("nemesis seed {}", args.seed),
+        "starts_at": (now - chrono::Duration::minutes(1)).to_rfc3339(),
+        "ends_at": (now + chrono::Duration::hours(6)).to_rfc3339(),
+        // Unpaid orders expire during the run: their stock returns mid-history.
+        "payment_window_secs": 20,
+        "items": items.iter().map(|i| json!({"item_id": i, "stock": args.stock, "price_cents": 100,
+                                               "per_user_limit": args.limit})).collect::<Vec<_>>(),
+    });
+    let (status, answer) = admin.post("/v1/admin/sales", body).await?;
+    if status != 201 {
+        return Err(format!("the sale was refused ({status}): {answer}"));
+    }
+    Ok(workload::Sale {
+        sale: answer["sale_id"].as_u64().ok_or("no sale_id")?,
+        items,
+        users,
+    })
+}
+
+/// The end state: every user's orders (through the API), the audit, the payments (from the shards).
+async fn read_back(
+    admin: &cluster::Admin,
+    dir: &std::path::Path,
+    shared: &workload::Shared,
+    sale: u64,
+    limit: i64,
+) -> Result<Final, String> {
+    let mut fin = Final {
+        per_user_limit: limit,
+        ..Default::default()
+    };
+    let users = seckill::config::Secret::new(cluster::secret(dir, "user-token-secret")?);
+    for &user in &shared.sale.users {
+        let token = seckill::auth::users::mint(&users, user, 3600).map_err(|e| e.to_string())?;
+        let body: Value = admin
+            .http
+            .get(format!("{}/v1/users/{user}/orders?limit=1000", admin.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let orders = body["orders"]
+            .as_array()
+            .ok_or_else(|| format!("user {user}'s orders: {body}"))?;
+        let mine: Vec<FinalOrder> = orders
+            .iter()
+            .filter(|o| o["sale_id"].as_u64() == Some(sale))
+            .filter_map(|o| {
+                Some(FinalOrder {
+                    order_id: o["order_id"].as_str()?.to_string(),
+                    item: o["item_id"].as_u64()?,
+                    qty: o["quantity"].as_i64()?,
+                    status: o["status"].as_str()?.to_string(),
+                })
+            })
+            .collect();
+        if !mine.is_empty() {
+            fin.orders.insert(user, mine);
+        }
+    }
+    let audit = admin.get(&format!("/v1/admin/sales/{sale}/audit")).await?;
+    for i in audit["items"].as_array().into_iter().flatten() {
+        let n = |k: &str| i[k].as_i64().unwrap_or(-1);
+        fin.items.push(ItemAudit {
+            item: i["item_id"].as_u64().unwrap_or(0),
+            stock: n("stock"),
+            remaining: n("remaining"),
+            reserved: n("reserved"),
+            ordered: n("ordered"),
+            paid: n("paid"),
+            conserved: i["conserved"] == true,
+        });
+    }
+    fin.payments = payments(admin, dir, sale).await?;
+    Ok(fin)
+}
+
+/// The sale's payments, read from every group's master as the dev cluster's superuser.
+async fn payments(
+    admin: &cluster::Admin,
+    dir: &std::path::Path,
+    sale: u64,
+) -> Result<Vec<PaymentRow>, String> {
+    let password = cluster::secret(dir, "db-admin-password")?;
+    let groups = admin.get("/v1/admin/groups").await?;
+    let mut rows = Vec::new();
+    for g in groups["groups"].as_array().into_iter().flatten() {
+        let endpoint = g["writable_master"].as_str().ok_or("a group without a master")?;
+        let (host, port) = endpoint.rsplit_once(':').ok_or("a bad endpoint")?;
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(host)
+            .port(port.parse().map_err(|_| "a bad port")?)
+            .user(seckill::local::ADMIN_ROLE)
+            .password(password.as_str())
+            .dbname("seckill");
+        let (client, conn) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| e.to_string())?;
+        let task = tokio::spawn(conn);
+        let found = client
+            .query(
+                "SELECT order_id::text, payment_ref, state FROM payments WHERE sale_id = $1",
+                &[&(sale as i64)],
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        rows.extend(found.iter().map(|r| PaymentRow {
+            order_id: r.get(0),
+            payment_ref: r.get(1),
+            state: r.get(2),
+        }));
+        task.abort();
+    }
+    Ok(rows)
+}
+
+fn print_report(report: &check::Report, faults: &[FaultEvent]) {
+    let dealt = faults.iter().filter(|f| f.refused.is_none()).count();
+    println!(
+        "\n== nemesis: {} faults dealt ({} could not be), {} orders acknowledged ==",
+        dealt,
+        faults.len() - dealt,
+        report.acknowledged_orders
+    );
+    println!("requests (kind, status): {:?}", report.requests);
+    println!("availability after each kind of fault (longest time without an acknowledged purchase, until the next fault):");
+    for a in &report.availability {
+        let mut o = a.outages_ms.clone();
+        o.sort_unstable();
+        let median = o.get(o.len() / 2).copied().unwrap_or(0);
+        println!(
+            "  {:<38} {:>3} dealt, median {:>5.1} s, max {:>5.1} s; purchases refused: {:?}",
+            a.fault,
+            a.dealt,
+            median as f64 / 1000.0,
+            o.last().copied().unwrap_or(0) as f64 / 1000.0,
+            a.refused
+        );
+    }
+    if report.violations.is_empty() {
+        println!("checks: every acknowledged order present once with its state or a later one; no request with two orders; every read after an acknowledgement lists it; nobody above the limit; stock conserved, nothing oversold; every paid order paid once: OK");
+    } else {
+        println!("\nVIOLATIONS ({}):", report.violations.len());
+        for v in &report.violations {
+            println!("  {}: {} [{}]", v.kind, v.detail, v.requests.join(", "));
+        }
+    }
+}
