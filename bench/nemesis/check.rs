@@ -32,8 +32,11 @@ pub struct Availability {
     pub fault: String,
     pub dealt: usize,
     /// Per fault of this kind: the longest time without an acknowledged purchase from the fault
-    /// until the next fault (or the end), in ms.
+    /// until the next fault (or the end), in ms. A sold-out item lengthens it too.
     pub outages_ms: Vec<u64>,
+    /// Per fault of this kind: how long purchases were refused (503) or unanswered after it: from
+    /// the fault to the answer of the last such attempt sent before the next fault, in ms.
+    pub refused_ms: Vec<u64>,
     /// Purchases refused (503) and unanswered, by code, in those windows.
     pub refused: BTreeMap<String, usize>,
 }
@@ -91,7 +94,10 @@ pub fn check(ops: &[Op], fin: &Final, faults: &[FaultEvent], end_ms: u64) -> Rep
 }
 
 /// order id -> (user, order); duplicates are violations.
-fn final_index<'a>(fin: &'a Final, v: &mut Vec<Violation>) -> HashMap<&'a str, (u64, &'a FinalOrder)> {
+fn final_index<'a>(
+    fin: &'a Final,
+    v: &mut Vec<Violation>,
+) -> HashMap<&'a str, (u64, &'a FinalOrder)> {
     let mut index: HashMap<&str, (u64, &FinalOrder)> = HashMap::new();
     for (user, orders) in &fin.orders {
         for o in orders {
@@ -205,10 +211,7 @@ fn reads_show_acknowledged_orders(ops: &[Op], acks: &[Ack], v: &mut Vec<Violatio
     for a in acks {
         by_user.entry(a.op.user).or_default().push(a);
     }
-    for read in ops
-        .iter()
-        .filter(|o| o.kind == Some(Kind::Read) && o.ok())
-    {
+    for read in ops.iter().filter(|o| o.kind == Some(Kind::Read) && o.ok()) {
         let Some(seen) = &read.seen else { continue };
         let listed: HashSet<&str> = seen.iter().map(|(id, _)| id.as_str()).collect();
         for a in by_user.get(&read.user).into_iter().flatten() {
@@ -309,10 +312,7 @@ fn paid_once(
             });
         }
     }
-    for op in ops
-        .iter()
-        .filter(|o| o.kind == Some(Kind::Pay) && o.ok())
-    {
+    for op in ops.iter().filter(|o| o.kind == Some(Kind::Pay) && o.ok()) {
         let (Some(id), Some(r)) = (op.order_id.as_deref(), op.payment_ref.as_deref()) else {
             continue;
         };
@@ -345,12 +345,15 @@ fn availability(ops: &[Op], faults: &[FaultEvent], end_ms: u64) -> Vec<Availabil
             last = t;
         }
         longest = longest.max(if last == f.at_ms { until - f.at_ms } else { 0 });
-        let a = per_kind.entry(f.kind.clone()).or_insert_with(|| Availability {
-            fault: f.kind.clone(),
-            ..Default::default()
-        });
+        let a = per_kind
+            .entry(f.kind.clone())
+            .or_insert_with(|| Availability {
+                fault: f.kind.clone(),
+                ..Default::default()
+            });
         a.dealt += 1;
         a.outages_ms.push(longest);
+        let mut refused_until = f.at_ms;
         for op in ops.iter().filter(|o| {
             o.kind == Some(Kind::Buy) && !o.abandoned && o.sent_ms >= f.at_ms && o.sent_ms < until
         }) {
@@ -361,8 +364,10 @@ fn availability(ops: &[Op], faults: &[FaultEvent], end_ms: u64) -> Vec<Availabil
             };
             if let Some(c) = code {
                 *a.refused.entry(c).or_default() += 1;
+                refused_until = refused_until.max(op.done_ms);
             }
         }
+        a.refused_ms.push(refused_until - f.at_ms);
     }
     per_kind.into_values().collect()
 }
@@ -427,7 +432,12 @@ mod tests {
     #[test]
     fn a_clean_history_passes() {
         let ops = vec![buy(7, "r1", "a", 201, 0, 5), buy(7, "r1", "a", 200, 10, 12)];
-        let r = check(&ops, &fin(vec![(7, order("a", "pending_payment"))], 9), &[], 100);
+        let r = check(
+            &ops,
+            &fin(vec![(7, order("a", "pending_payment"))], 9),
+            &[],
+            100,
+        );
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!(r.acknowledged_orders, 1);
     }
@@ -507,10 +517,16 @@ mod tests {
     fn one_request_never_makes_two_orders() {
         let ops = vec![buy(7, "r1", "a", 201, 0, 5), buy(7, "r1", "b", 201, 6, 9)];
         let f = fin(
-            vec![(7, order("a", "pending_payment")), (7, order("b", "pending_payment"))],
+            vec![
+                (7, order("a", "pending_payment")),
+                (7, order("b", "pending_payment")),
+            ],
             8,
         );
-        assert_eq!(kinds(&check(&ops, &f, &[], 100)), vec!["one request, two orders"]);
+        assert_eq!(
+            kinds(&check(&ops, &f, &[], 100)),
+            vec!["one request, two orders"]
+        );
     }
 
     #[test]
@@ -530,8 +546,17 @@ mod tests {
         }];
         let a = availability(&ops, &faults, 2000);
         assert_eq!(a.len(), 1);
-        assert_eq!(a[0].outages_ms, vec![700], "700 ms from the fault to the first ack");
+        assert_eq!(
+            a[0].outages_ms,
+            vec![700],
+            "700 ms from the fault to the first ack"
+        );
+        assert_eq!(a[0].refused_ms, vec![0], "the 503 came before the fault");
         let a = availability(&ops[..2], &faults, 2000);
-        assert_eq!(a[0].outages_ms, vec![1800], "no ack after the fault: the whole window");
+        assert_eq!(
+            a[0].outages_ms,
+            vec![1800],
+            "no ack after the fault: the whole window"
+        );
     }
 }

@@ -205,14 +205,25 @@ impl Admin {
 /// A fault the nemesis can deal.
 #[derive(Debug, Clone)]
 pub enum Fault {
-    Kill { group: usize, master: bool },
-    Freeze { group: usize, master: bool, secs: u64 },
+    Kill {
+        group: usize,
+        master: bool,
+    },
+    Freeze {
+        group: usize,
+        master: bool,
+        secs: u64,
+    },
     /// SIGKILL of `seckill dev` (its servers run on), then a start.
     CrashEngine,
     /// Ctrl-C of `seckill dev` (its servers stop), then a start.
     RestartCluster,
-    MoveItem { item: u64 },
-    MoveSlot { item: u64 },
+    MoveItem {
+        item: u64,
+    },
+    MoveSlot {
+        item: u64,
+    },
     /// Two faults a moment apart.
     Pair(Box<Fault>, Box<Fault>, u64),
 }
