@@ -12,6 +12,7 @@
 mod bots;
 mod chaos;
 mod conn;
+mod cpu;
 mod nemesis;
 mod run;
 mod sale;

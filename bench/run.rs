@@ -50,6 +50,8 @@ pub struct Report {
     pub latency_all: Latency,
     pub latency_orders: Latency,
     pub outage: Option<chaos::Outage>,
+    /// Where the CPU went during the measured phase, and what an order and an answer cost.
+    pub cost: crate::cpu::Cost,
     pub verification: verify::Verification,
 }
 
@@ -83,6 +85,7 @@ impl Report {
         for (k, v) in &self.by_status {
             println!("  {k:<32} {v}");
         }
+        self.cost.print();
         if let Some(o) = &self.outage {
             println!(
                 "{} of {} at {:.2} s: write outage {:.2} s; {} failed attempts after it{}",
@@ -471,7 +474,10 @@ pub async fn run_scenario(args: &Args, url: &str, keys: &crate::Keys) -> Result<
         record: true,
         chaos_at,
     };
+    let before = crate::cpu::snapshot();
     let (tally, seen, elapsed, kill) = drive(args, url, &http, &setup, minter, phase).await?;
+    let after = crate::cpu::snapshot();
+    let roles = crate::cpu::roles(&http, url, token).await;
 
     let acked = seen.acked;
     let orders = acked.len() as u64;
@@ -498,7 +504,9 @@ pub async fn run_scenario(args: &Args, url: &str, keys: &crate::Keys) -> Result<
         .collect();
     let latency_all = Latency::of(&seen.all);
     let latency_orders = Latency::of(&seen.accepted);
+    let cost = crate::cpu::cost(&before, &after, &roles, orders, attempts);
     Ok(Report {
+        cost,
         scenario: args.scenario,
         url: url.to_string(),
         concurrency: args.concurrency,
