@@ -7,7 +7,9 @@
 //     visible, every minute, and when the engine says not_started. The countdown is recomputed from
 //     starts_at - serverNow() on every tick, never decremented, so it does not drift;
 //   - the sale: GET /v1/sales/{id}, also polled every 2 s for the remaining stock;
-//   - the buyer: ?token= (the embedding shop supplies it); in the dev cluster a small form mints one;
+//   - the buyer: #token= in the link's fragment (the embedding shop supplies it; a fragment never
+//     reaches a server, a proxy's log or a cache key), kept in this tab's sessionStorage and taken
+//     off the address bar at once; in the dev cluster a small form mints one;
 //   - a protected sale: during the lead window the challenge is fetched and a proof of work solved
 //     in a Web Worker (or the question shown); after the start the order token is fetched and the
 //     purchase goes to its order URL.
@@ -19,6 +21,7 @@
 (() => {
   const $ = (id) => document.getElementById(id);
   const params = new URLSearchParams(location.search);
+  const fragment = new URLSearchParams(location.hash.slice(1));
   const saleId = location.pathname.split('/').filter(Boolean).pop();
   const workerUrl = document.currentScript.dataset.worker;
   const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
@@ -28,7 +31,7 @@
   const json = async (r) => parse(await r.text());
 
   const s = {
-    token: params.get('token') || sessionStorage.getItem('seckill-token') || '',
+    token: fragment.get('token') || sessionStorage.getItem('seckill-token') || '',
     offset: 0,
     rtt: Infinity,
     sale: null,
@@ -326,7 +329,7 @@
         body: JSON.stringify({ user_id: Number(user) }),
       });
       if (r.status === 404) {
-        $('login-hint').textContent = 'Open this page from the shop: it adds your sign-in to the link (?token=…).';
+        $('login-hint').textContent = 'Open this page from the shop: it adds your sign-in to the link (#token=…).';
         return;
       }
       if (!r.ok) {
@@ -356,7 +359,11 @@
     $('buy').addEventListener('click', buy);
   }
 
-  if (params.get('token')) sessionStorage.setItem('seckill-token', s.token);
+  if (fragment.get('token')) {
+    sessionStorage.setItem('seckill-token', s.token);
+    // Off the address bar (and out of bookmarks and shared links).
+    history.replaceState(null, '', location.pathname + location.search);
+  }
   if (!s.token) showLogin();
   start();
 })();

@@ -85,7 +85,7 @@ async function openPage(context, sale, u, skewMs = 0) {
       globalThis.Date = Skewed;
     }, skewMs);
   }
-  await page.goto(`${BASE}/sales/${sale}?token=${encodeURIComponent(u.token)}`);
+  await page.goto(`${BASE}/sales/${sale}#token=${encodeURIComponent(u.token)}`);
   return page;
 }
 
