@@ -33,9 +33,12 @@
 //! probes of the newer one say this round ([`monitor::decide`]).
 
 pub mod admin;
+mod error;
 pub mod heal;
 pub mod monitor;
 pub mod tls;
+
+pub use error::{GroupError, ShardError};
 
 use crate::config::Config;
 use crate::db::DbError;
@@ -52,26 +55,6 @@ use tokio_util::sync::CancellationToken;
 
 /// No member is known to be writable.
 const NO_WRITER: usize = usize::MAX;
-
-#[derive(Debug, thiserror::Error)]
-pub enum ShardError {
-    #[error("shard group {group} has no writable master")]
-    NoMaster { group: String },
-    #[error("shard group {group}: cannot get a connection: {source}")]
-    Pool { group: String, source: PoolError },
-    #[error("shard group {group}: no connection free within the request's budget")]
-    Exhausted { group: String },
-    #[error("shard group {group}: too many reads queued")]
-    Busy { group: String },
-    #[error("shard group {group}: {reason}")]
-    Dsn { group: String, reason: String },
-    /// The writer has no synchronous shadow streaming and `shadow_loss = "block"`: refused before
-    /// anything was sent.
-    #[error(
-        "shard group {group} has no streaming shadow; no write is acknowledged until one streams"
-    )]
-    NoShadow { group: String },
-}
 
 /// Whether the group's writer may acknowledge a write now (module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
