@@ -14,8 +14,7 @@
 use crate::config::routing::{resolve, KindRoutes};
 use crate::config::{Config, ConfigError, Strategy};
 use crate::db::DbError;
-use crate::order::OrderError;
-use crate::shard::{Cluster, Work};
+use crate::shard::{Cluster, GroupError, Work};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -52,14 +51,11 @@ pub enum LayoutError {
     },
     #[error("cannot check the routing layout: {0}")]
     Unavailable(String),
+    /// The config group could not record or read the layout.
+    #[error("cannot check the routing layout: {0}")]
+    Group(#[from] GroupError),
     #[error(transparent)]
     Config(#[from] ConfigError),
-}
-
-impl From<OrderError> for LayoutError {
-    fn from(e: OrderError) -> Self {
-        LayoutError::Unavailable(e.to_string())
-    }
 }
 
 impl Layout {
@@ -197,7 +193,7 @@ pub async fn guard(config: &Config, cluster: &Cluster, accept: bool) -> Result<(
         serde_json::to_value(&layout).map_err(|e| LayoutError::Unavailable(e.to_string()))?;
     let recorded: serde_json::Value = cluster
         .group(g)
-        .run::<_, OrderError>(Work::Settle, config.request_timeout(), async |c| {
+        .run(Work::Settle, config.request_timeout(), async |c| {
             // The first engine records its layout; every later one reads the recorded one.
             c.execute(
                 "INSERT INTO cluster_layout (id, layout) VALUES (1, $1) ON CONFLICT (id) DO NOTHING",
@@ -225,7 +221,7 @@ pub async fn guard(config: &Config, cluster: &Cluster, accept: bool) -> Result<(
     tracing::warn!(changes = %changes.join("; "), "routing layout change accepted");
     cluster
         .group(g)
-        .run::<_, OrderError>(Work::Settle, config.request_timeout(), async |c| {
+        .run(Work::Settle, config.request_timeout(), async |c| {
             c.execute(
                 "UPDATE cluster_layout SET layout = $1, updated_at = now() WHERE id = 1",
                 &[&text],

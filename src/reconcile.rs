@@ -33,7 +33,7 @@
 use crate::domain::{ItemId, SaleId, UserId};
 use crate::order::store::{self, NewOrder, OrderStatus, ReservationState};
 use crate::order::{OrderError, OrderService};
-use crate::shard::Work;
+use crate::shard::{GroupError, Work};
 use serde::Serialize;
 use std::collections::HashMap;
 use std::time::Duration;
@@ -135,7 +135,7 @@ pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit
         let rows = orders
             .cluster
             .group(g)
-            .run::<_, OrderError>(Work::Read, orders.timeout, async |client| {
+            .run(Work::Read, orders.timeout, async |client| {
                 Ok(client
                     .query(
                         &client.prepare_cached(AUDIT_ITEMS_SQL).await?,
@@ -295,7 +295,7 @@ impl Reconciler {
         // longer change: they are not audited, and forgotten, so this map does not grow with
         // history.
         let versions = group
-            .run::<_, OrderError>(Work::Settle, orders.timeout, async |client| {
+            .run(Work::Settle, orders.timeout, async |client| {
                 Ok(client
                     .query(
                         &client
@@ -330,7 +330,7 @@ impl Reconciler {
             return Ok(Vec::new());
         }
         let rows = group
-            .run::<_, OrderError>(Work::Settle, orders.timeout, async |client| {
+            .run(Work::Settle, orders.timeout, async |client| {
                 Ok(client
                     .query(
                         &client.prepare_cached(AUDIT_ITEMS_SQL).await?,
@@ -359,7 +359,7 @@ async fn conservation(orders: &OrderService, g: usize) -> Result<Vec<ItemAudit>,
     let rows = orders
         .cluster
         .group(g)
-        .run::<_, OrderError>(Work::Settle, orders.timeout, async |client| {
+        .run(Work::Settle, orders.timeout, async |client| {
             Ok(client
                 .query(&client.prepare_cached(AUDIT_SQL).await?, &[])
                 .await?)
@@ -443,7 +443,7 @@ async fn reconcile_group(
         let rows = orders
             .cluster
             .group(g)
-            .run::<_, OrderError>(Work::Settle, orders.timeout, async |client| {
+            .run(Work::Settle, orders.timeout, async |client| {
                 Ok(client
                     .query(
                         &client.prepare_cached(which.sql()).await?,
@@ -480,7 +480,7 @@ async fn orders_on(
     orders: &OrderService,
     group: usize,
     ids: &[Uuid],
-) -> Result<Vec<store::Order>, OrderError> {
+) -> Result<Vec<store::Order>, GroupError> {
     orders
         .cluster
         .group(group)
@@ -552,7 +552,7 @@ async fn tombstone(
     let inserted = orders
         .cluster
         .group(user_group)
-        .run::<_, OrderError>(Work::Settle, orders.timeout, async |c| {
+        .run(Work::Settle, orders.timeout, async |c| {
             let slots = orders
                 .router
                 .kind(crate::router::KeyKind::Users)
@@ -621,7 +621,7 @@ async fn repair_page(
         *count += orders
             .cluster
             .group(item_group)
-            .run::<_, OrderError>(Work::Settle, orders.timeout, async |c| {
+            .run(Work::Settle, orders.timeout, async |c| {
                 store::advance_reservations(c, &txns, to).await
             })
             .await?;

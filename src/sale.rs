@@ -8,7 +8,7 @@ use crate::db::DbError;
 use crate::domain::{ItemId, Protection, SaleId};
 use crate::order::OrderError;
 use crate::router::Router;
-use crate::shard::{Cluster, Work};
+use crate::shard::{Cluster, GroupError, Work};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::collections::{HashMap, HashSet};
@@ -198,7 +198,7 @@ impl SaleService<'_> {
                     tracing::error!(%sale_id, error = %undo, "could not remove items of a failed sale creation");
                 }
             }
-            return Err(e);
+            return Err(e.into());
         }
         tracing::info!(%sale_id, name = %sale.name, items = sale.items.len(), "sale created");
         self.get(sale_id).await
@@ -211,7 +211,7 @@ impl SaleService<'_> {
         sale: &NewSale,
         window: i32,
         items: &[&NewItem],
-    ) -> Result<(), OrderError> {
+    ) -> Result<(), GroupError> {
         let ids: Vec<i64> = items.iter().map(|i| i.item_id.db()).collect();
         let stock: Vec<i32> = items.iter().map(|i| i.stock as i32).collect();
         let price: Vec<i64> = items.iter().map(|i| i.price_cents).collect();
@@ -271,7 +271,7 @@ impl SaleService<'_> {
         sale_id: SaleId,
         sale: &NewSale,
         window: i32,
-    ) -> Result<(), OrderError> {
+    ) -> Result<(), GroupError> {
         let ids: Vec<i64> = sale.items.iter().map(|i| i.item_id.db()).collect();
         let protection = sale.protection.map(tokio_postgres::types::Json);
         let slot = crate::router::slot_of(
@@ -298,7 +298,7 @@ impl SaleService<'_> {
             .await
     }
 
-    async fn delete_items(&self, g: usize, sale_id: SaleId) -> Result<(), OrderError> {
+    async fn delete_items(&self, g: usize, sale_id: SaleId) -> Result<(), GroupError> {
         self.cluster
             .group(g)
             .run(Work::Settle, self.timeout, async |client| {
@@ -323,7 +323,7 @@ impl SaleService<'_> {
         let row = self
             .cluster
             .group(self.router.sale_group(sale_id))
-            .run::<_, OrderError>(Work::Read, self.timeout, async |client| {
+            .run(Work::Read, self.timeout, async |client| {
                 Ok(client
                     .query_opt(
                         &client.prepare_cached("SELECT name, starts_at, ends_at, payment_window_secs, item_ids, protection FROM sales WHERE sale_id = $1").await?,
@@ -369,7 +369,7 @@ impl SaleService<'_> {
             let rows = self
                 .cluster
                 .group(g)
-                .run::<_, OrderError>(Work::Read, self.timeout, async |client| {
+                .run(Work::Read, self.timeout, async |client| {
                     Ok(client
                         .query(
                             &client.prepare_cached("SELECT item_id, stock, remaining, price_cents, per_user_limit FROM sale_items

@@ -174,7 +174,7 @@ pub async fn recorded(orders: &OrderService) -> Result<Vec<Payment>, OrderError>
         let mut after = String::new();
         loop {
             let page = g
-                .run::<_, OrderError>(Work::Settle, orders.timeout, async |c| {
+                .run(Work::Settle, orders.timeout, async |c| {
                     crate::order::payments::all_after(c, &after, PAGE).await
                 })
                 .await?;

@@ -15,9 +15,8 @@
 
 use crate::config::Config;
 use crate::db::DbError;
-use crate::order::OrderError;
 use crate::router::{slot_of, KeyKind, Router};
-use crate::shard::{Cluster, Work};
+use crate::shard::{Cluster, GroupError, Work};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::time::Duration;
@@ -93,13 +92,14 @@ pub enum ShardMapError {
     },
     #[error("no table entry for {kind} {key}")]
     NoEntry { kind: &'static str, key: u64 },
+    /// Work on a group failed.
     #[error(transparent)]
-    Order(#[from] OrderError),
+    Group(#[from] GroupError),
 }
 
 impl From<DbError> for ShardMapError {
     fn from(e: DbError) -> Self {
-        ShardMapError::Order(e.into())
+        ShardMapError::Group(e.into())
     }
 }
 
@@ -143,7 +143,7 @@ impl Maps<'_> {
     /// Re-read the router-config table now (a change made elsewhere shows at once).
     pub async fn refresh(&self) -> Result<(), ShardMapError> {
         self.cluster
-            .refresh_routes::<OrderError>(self.router.table(), Work::Settle, self.budget())
+            .refresh_routes(self.router.table(), Work::Settle, self.budget())
             .await?;
         Ok(())
     }
@@ -153,7 +153,7 @@ impl Maps<'_> {
         Ok(self
             .cluster
             .group(self.cluster.config_group())
-            .run::<_, OrderError>(Work::Read, self.budget(), async |c| {
+            .run(Work::Read, self.budget(), async |c| {
                 let version: i64 = c
                     .query_one("SELECT version FROM shard_map_version WHERE id = 1", &[])
                     .await?
@@ -244,7 +244,7 @@ impl Maps<'_> {
         let db_key = i64::try_from(key).unwrap_or(i64::MAX);
         self.cluster
             .group(self.cluster.config_group())
-            .run::<_, OrderError>(Work::Settle, self.budget(), async |c| {
+            .run(Work::Settle, self.budget(), async |c| {
                 crate::router::table::write_entry(&***c, kind, db_key, to).await?;
                 Ok(())
             })
@@ -278,7 +278,7 @@ impl Maps<'_> {
         Ok(self
             .cluster
             .group(g)
-            .run::<_, OrderError>(Work::Read, self.budget(), async |c| {
+            .run(Work::Read, self.budget(), async |c| {
                 Ok(c.query_one(sql, &[&db_key]).await?.get::<_, bool>(0))
             })
             .await?)

@@ -159,11 +159,7 @@ async fn on_config_group<T>(
         .ok_or_else(|| ApiError::not_found("the config group is not configured"))?;
     Ok(s.cluster
         .group(g)
-        .run::<_, crate::order::OrderError>(
-            crate::shard::Work::Settle,
-            s.config.request_timeout(),
-            work,
-        )
+        .run(crate::shard::Work::Settle, s.config.request_timeout(), work)
         .await?)
 }
 

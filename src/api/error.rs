@@ -5,9 +5,10 @@
 //! found in the logs; the full cause chain of server-side failures goes to the log, never to the
 //! client.
 
+use crate::db::DbError;
 use crate::order::store::{Order, OrderStatus};
 use crate::order::OrderError;
-use crate::shard::ShardError;
+use crate::shard::{GroupError, ShardError};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -281,61 +282,189 @@ impl From<OrderError> for ApiError {
                 ApiError::new(S::SERVICE_UNAVAILABLE, Code::Unavailable, e.to_string())
                     .retry_after(1)
             }
-            OrderError::Shard(ShardError::Busy { .. } | ShardError::Exhausted { .. }) => {
+            OrderError::Unavailable(_) => {
+                tracing::warn!(error = %e, "request failed: shard group unavailable");
+                group_unavailable(GROUP_UNAVAILABLE.to_string())
+            }
+            OrderError::Group(g) => group_error(g),
+        }
+    }
+}
+
+impl From<GroupError> for ApiError {
+    fn from(e: GroupError) -> Self {
+        group_error(&e)
+    }
+}
+
+/// What a client is told when a group could not do the work, for a reason it need not know.
+const GROUP_UNAVAILABLE: &str =
+    "a shard group is unavailable; retry shortly (with the same request_id)";
+
+/// 503 `unavailable`, retry in a second.
+fn group_unavailable(detail: String) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, Code::Unavailable, detail).retry_after(1)
+}
+
+/// The one mapping of a failed piece of work on a shard group, whichever layer's error carries
+/// it: a busy pool or item is `overloaded`, a missing shadow `shadow_unavailable`; a failover, a
+/// move or a database that did not answer `unavailable` (all 503 with Retry-After); a statement
+/// the database refused is ours to fix (500, logged).
+fn group_error(e: &GroupError) -> ApiError {
+    use StatusCode as S;
+    match e {
+        GroupError::Shard(ShardError::Busy { .. } | ShardError::Exhausted { .. }) => ApiError::new(
+            S::SERVICE_UNAVAILABLE,
+            Code::Overloaded,
+            "the database is busy; retry shortly",
+        )
+        .retry_after(1),
+        GroupError::Shard(ShardError::NoShadow { group }) => ApiError::new(
+            S::SERVICE_UNAVAILABLE,
+            Code::ShadowUnavailable,
+            format!(
+                "shard group {group} has no shadow streaming: nothing is acknowledged that \
+                 only one server holds; retry shortly (with the same request_id)"
+            ),
+        )
+        .retry_after(2),
+        GroupError::Shard(shard) => {
+            tracing::warn!(error = %e, "request failed: shard group unavailable");
+            let detail = match shard {
+                ShardError::NoMaster { group } => {
+                    format!("shard group {group} is failing over; retry shortly")
+                }
+                _ => GROUP_UNAVAILABLE.to_string(),
+            };
+            group_unavailable(detail)
+        }
+        GroupError::Db(db) => match db {
+            DbError::Busy(_) => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                Code::Overloaded,
+                "this item is busy; retry shortly",
+            )
+            .retry_after(1),
+            DbError::Moving(_) => ApiError::new(
+                S::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                "moving to another shard group; retry shortly",
+            )
+            .retry_after(1),
+            DbError::Rejected { .. } => {
+                tracing::error!(error = %e, "database refused a statement");
+                ApiError::new(S::INTERNAL_SERVER_ERROR, Code::Internal, "internal error")
+            }
+            _ => {
+                tracing::warn!(error = %e, "database connection trouble");
                 ApiError::new(
                     S::SERVICE_UNAVAILABLE,
-                    Code::Overloaded,
-                    "the database is busy; retry shortly",
+                    Code::Unavailable,
+                    "the database did not answer; retry shortly (with the same request_id)",
                 )
                 .retry_after(1)
             }
-            OrderError::Shard(ShardError::NoShadow { group }) => ApiError::new(
-                S::SERVICE_UNAVAILABLE,
-                Code::ShadowUnavailable,
-                format!(
-                    "shard group {group} has no shadow streaming: nothing is acknowledged that \
-                     only one server holds; retry shortly (with the same request_id)"
-                ),
-            )
-            .retry_after(2),
-            OrderError::Unavailable(_) | OrderError::Shard(_) => {
-                tracing::warn!(error = %e, "request failed: shard group unavailable");
-                let detail = match &e {
-                    OrderError::Shard(ShardError::NoMaster { group }) => {
-                        format!("shard group {group} is failing over; retry shortly")
-                    }
-                    _ => "a shard group is unavailable; retry shortly (with the same request_id)"
-                        .to_string(),
-                };
-                ApiError::new(S::SERVICE_UNAVAILABLE, Code::Unavailable, detail).retry_after(1)
-            }
-            OrderError::Db(db) => match db {
-                crate::db::DbError::Busy(_) => ApiError::new(
-                    S::SERVICE_UNAVAILABLE,
-                    Code::Overloaded,
-                    "this item is busy; retry shortly",
-                )
-                .retry_after(1),
-                crate::db::DbError::Moving(_) => ApiError::new(
-                    S::SERVICE_UNAVAILABLE,
-                    Code::Unavailable,
-                    "moving to another shard group; retry shortly",
-                )
-                .retry_after(1),
-                crate::db::DbError::Rejected { .. } => {
-                    tracing::error!(error = %e, "database refused a statement");
-                    ApiError::new(S::INTERNAL_SERVER_ERROR, Code::Internal, "internal error")
-                }
-                _ => {
-                    tracing::warn!(error = %e, "database connection trouble");
-                    ApiError::new(
-                        S::SERVICE_UNAVAILABLE,
-                        Code::Unavailable,
-                        "the database did not answer; retry shortly (with the same request_id)",
-                    )
-                    .retry_after(1)
-                }
-            },
-        }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the client sees: status, code, detail, Retry-After.
+    type Answer = (u16, &'static str, String, Option<u32>);
+
+    fn answer(e: ApiError) -> Answer {
+        (
+            e.status.as_u16(),
+            e.code.as_str(),
+            e.detail,
+            e.retry_after_secs,
+        )
+    }
+
+    /// The answer to a failure of work on a group, the same through every layer's error that
+    /// carries it.
+    fn maps(make: impl Fn() -> GroupError, status: u16, code: &str, detail: &str) {
+        let retry = (status == 503).then_some(1);
+        let want = (status, code, detail.to_string(), retry);
+        assert_eq!(answer(make().into()), want, "{}", make());
+        assert_eq!(answer(OrderError::Group(make()).into()), want, "{}", make());
+    }
+
+    #[test]
+    fn work_on_a_group_maps_the_same_through_every_layer() {
+        let g1 = || "g1".to_string();
+        let busy = "the database is busy; retry shortly";
+        maps(
+            || ShardError::Busy { group: g1() }.into(),
+            503,
+            "overloaded",
+            busy,
+        );
+        maps(
+            || ShardError::Exhausted { group: g1() }.into(),
+            503,
+            "overloaded",
+            busy,
+        );
+        let failing_over = "shard group g1 is failing over; retry shortly";
+        maps(
+            || ShardError::NoMaster { group: g1() }.into(),
+            503,
+            "unavailable",
+            failing_over,
+        );
+        let dsn = || ShardError::Dsn {
+            group: g1(),
+            reason: "bad".into(),
+        };
+        let unavailable = "a shard group is unavailable; retry shortly (with the same request_id)";
+        maps(|| dsn().into(), 503, "unavailable", unavailable);
+        let item_busy = "this item is busy; retry shortly";
+        maps(
+            || DbError::Busy("lock".into()).into(),
+            503,
+            "overloaded",
+            item_busy,
+        );
+        let moving = "moving to another shard group; retry shortly";
+        maps(
+            || DbError::Moving("item 7".into()).into(),
+            503,
+            "unavailable",
+            moving,
+        );
+        let rejected = || DbError::Rejected {
+            code: "42P01".into(),
+            message: "no table".into(),
+        };
+        maps(|| rejected().into(), 500, "internal", "internal error");
+        let silent = "the database did not answer; retry shortly (with the same request_id)";
+        maps(
+            || DbError::Lost("reset".into()).into(),
+            503,
+            "unavailable",
+            silent,
+        );
+        maps(|| DbError::ReadOnly.into(), 503, "unavailable", silent);
+
+        let (status, code, detail, retry) =
+            answer(GroupError::from(ShardError::NoShadow { group: g1() }).into());
+        assert_eq!((status, code, retry), (503, "shadow_unavailable", Some(2)));
+        assert!(
+            detail.starts_with("shard group g1 has no shadow streaming"),
+            "{detail}"
+        );
+    }
+
+    #[test]
+    fn a_failed_batch_is_unavailable() {
+        let detail = "a shard group is unavailable; retry shortly (with the same request_id)";
+        assert_eq!(
+            answer(OrderError::Unavailable("batch".into()).into()),
+            (503, "unavailable", detail.to_string(), Some(1))
+        );
     }
 }

@@ -28,7 +28,7 @@ impl From<MoveError> for ApiError {
             MoveError::HasData { .. } => {
                 ApiError::new(StatusCode::CONFLICT, Code::HasData, e.to_string())
             }
-            MoveError::Order(o) => o.into(),
+            MoveError::Group(g) => g.into(),
         }
     }
 }

@@ -20,7 +20,7 @@ impl From<ShardMapError> for ApiError {
                 ApiError::new(StatusCode::CONFLICT, Code::HasData, e.to_string())
             }
             ShardMapError::NoEntry { .. } => ApiError::not_found(e.to_string()),
-            ShardMapError::Order(o) => o.into(),
+            ShardMapError::Group(g) => g.into(),
         }
     }
 }

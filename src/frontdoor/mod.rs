@@ -239,7 +239,7 @@ impl FrontDoor {
         let fresh = self
             .cluster
             .group(self.router.user_group(b.user))
-            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+            .run(Work::Settle, self.timeout, async |c| {
                 let n = c
                     .execute(
                         &c.prepare_cached(
@@ -294,7 +294,7 @@ impl FrontDoor {
         let result = self
             .cluster
             .group(g)
-            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+            .run(Work::Settle, self.timeout, async |c| {
                 for user in &pending {
                     blocklist::add(
                         c,
@@ -321,7 +321,7 @@ impl FrontDoor {
     pub async fn purge(&self) {
         for group in &self.cluster.groups {
             let purged = group
-                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                .run(Work::Settle, self.timeout, async |c| {
                     Ok(c.execute(
                         "DELETE FROM challenge_uses WHERE expires_at < now() - interval '1 minute'",
                         &[],
@@ -337,7 +337,7 @@ impl FrontDoor {
             let purged = self
                 .cluster
                 .group(g)
-                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                .run(Work::Settle, self.timeout, async |c| {
                     Ok(blocklist::purge_expired(c).await?)
                 })
                 .await;

@@ -85,7 +85,7 @@ impl RulesCache {
         let row = self
             .cluster
             .group(self.router.item_group(item))
-            .run::<_, OrderError>(Work::Read, self.timeout, async |c| {
+            .run(Work::Read, self.timeout, async |c| {
                 Ok(c.query_opt(
                     &c.prepare_cached(
                         "SELECT starts_at, ends_at, protection, remaining FROM sale_items

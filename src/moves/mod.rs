@@ -51,9 +51,8 @@ pub mod users;
 
 use crate::config::Config;
 use crate::db::DbError;
-use crate::order::OrderError;
 use crate::router::{slot_of, KeyKind, Router};
-use crate::shard::{Cluster, Role, Work};
+use crate::shard::{Cluster, GroupError, Role, Work};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use std::sync::Arc;
@@ -249,19 +248,20 @@ pub enum MoveError {
     Precheck(String),
     #[error("{what} has live rows on the destination group {group}")]
     HasData { what: String, group: String },
+    /// Work on a group failed.
     #[error(transparent)]
-    Order(#[from] OrderError),
+    Group(#[from] GroupError),
 }
 
 impl From<DbError> for MoveError {
     fn from(e: DbError) -> Self {
-        MoveError::Order(e.into())
+        MoveError::Group(e.into())
     }
 }
 
 impl From<crate::shard::ShardError> for MoveError {
     fn from(e: crate::shard::ShardError) -> Self {
-        MoveError::Order(e.into())
+        MoveError::Group(e.into())
     }
 }
 
@@ -558,7 +558,7 @@ impl Mover {
         Ok(self
             .cluster
             .group(self.cluster.config_group())
-            .run::<_, OrderError>(Work::Settle, self.budget(), work)
+            .run(Work::Settle, self.budget(), work)
             .await?)
     }
 
@@ -572,14 +572,14 @@ impl Mover {
         Ok(self
             .cluster
             .group(g)
-            .run::<_, OrderError>(Work::Settle, STEP_BUDGET, work)
+            .run(Work::Settle, STEP_BUDGET, work)
             .await?)
     }
 
     /// Re-read the router-config table now.
     async fn refresh_routes(&self) -> Result<(), MoveError> {
         self.cluster
-            .refresh_routes::<OrderError>(self.router.table(), Work::Settle, self.budget())
+            .refresh_routes(self.router.table(), Work::Settle, self.budget())
             .await?;
         Ok(())
     }
@@ -863,7 +863,7 @@ impl Mover {
             Ok(Ok(id)) => Ok(id.unsigned_abs()),
             Ok(Err(why)) => Err(MoveError::Conflict(why)),
             // The unique index on open moves (or a concurrent id): another move won the race.
-            Err(MoveError::Order(OrderError::Db(DbError::Rejected { code, .. })))
+            Err(MoveError::Group(GroupError::Db(DbError::Rejected { code, .. })))
                 if code == "23505" =>
             {
                 Err(MoveError::Conflict(

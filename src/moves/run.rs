@@ -6,7 +6,6 @@ use super::{
     wait_out_older, watermark, Move, MoveError, Mover, Phase, Unit, LEASE, STEP_BUDGET,
 };
 use crate::db::DbError;
-use crate::order::OrderError;
 use crate::router::slot_of;
 use crate::shard::Work;
 use chrono::{DateTime, Utc};
@@ -367,8 +366,8 @@ impl Mover {
         let src = self.cluster.group(self.group_idx(&m.from)?);
         let dst = self.cluster.group(self.group_idx(&m.to)?);
         Ok(src
-            .run::<_, OrderError>(Work::Settle, STEP_BUDGET, async |s| {
-                dst.run::<_, OrderError>(Work::Settle, STEP_BUDGET, async |d| {
+            .run(Work::Settle, STEP_BUDGET, async |s| {
+                dst.run(Work::Settle, STEP_BUDGET, async |d| {
                     copy(kind, s, d, id, keys, since).await
                 })
                 .await

@@ -17,7 +17,7 @@ use super::{BuyRequest, OrderError};
 use crate::batcher::Batcher;
 use crate::db::DbError;
 use crate::router::Router;
-use crate::shard::{Cluster, Work};
+use crate::shard::{Cluster, GroupError, Work};
 use futures::FutureExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -36,19 +36,18 @@ pub enum BatchFailure {
 }
 
 impl BatchFailure {
-    fn from_order_error(e: &OrderError) -> Self {
-        match e {
-            OrderError::Db(db) if !db.surely_not_committed() => {
-                BatchFailure::Unknown(e.to_string())
-            }
-            _ => BatchFailure::NotCommitted(e.to_string()),
+    fn from_group_error(e: &GroupError) -> Self {
+        if e.surely_not_committed() {
+            BatchFailure::NotCommitted(e.to_string())
+        } else {
+            BatchFailure::Unknown(e.to_string())
         }
     }
     pub fn into_order_error(self) -> OrderError {
         match self {
             BatchFailure::NotCommitted(m) => OrderError::Unavailable(m),
-            BatchFailure::Unknown(m) => OrderError::Db(DbError::Lost(m)),
-            BatchFailure::Moving(m) => OrderError::Db(DbError::Moving(m)),
+            BatchFailure::Unknown(m) => DbError::Lost(m).into(),
+            BatchFailure::Moving(m) => DbError::Moving(m).into(),
         }
     }
 }
@@ -107,7 +106,7 @@ impl Coalescer {
                     let n = asks.len();
                     let started = std::time::Instant::now();
                     let group = cluster.group(group);
-                    let work = group.run::<_, OrderError>(Work::Reserve, timeout, async |c| {
+                    let work = group.run(Work::Reserve, timeout, async |c| {
                         batch::reserve_batch(c, &asks, &confirm).await
                     });
                     metrics::histogram!(crate::telemetry::BATCH).record(n as f64);
@@ -121,7 +120,7 @@ impl Coalescer {
                             settled.outcomes.into_iter().map(Ok).collect()
                         }
                         Err(e) => {
-                            let f = BatchFailure::from_order_error(&e);
+                            let f = BatchFailure::from_group_error(&e);
                             // The confirmations are lost with it: the reconciler marks those.
                             tracing::warn!(group = %group.name, batch = n, confirmations = confirm.len(),
                                 error = %e, "coalesced reserve failed");
@@ -141,11 +140,9 @@ impl Coalescer {
                 let cluster = cluster.clone();
                 async move {
                     let n = orders.len();
-                    let work = cluster.group(group).run::<_, OrderError>(
-                        Work::Settle,
-                        timeout,
-                        async |c| store::insert_orders(c, &orders, user_slots).await,
-                    );
+                    let work = cluster.group(group).run(Work::Settle, timeout, async |c| {
+                        store::insert_orders(c, &orders, user_slots).await
+                    });
                     match work.await {
                         Ok(inserted) => {
                             let mut by_id: HashMap<Uuid, Order> = inserted
@@ -164,7 +161,7 @@ impl Coalescer {
                                 })
                                 .collect()
                         }
-                        Err(e) => vec![Err(BatchFailure::from_order_error(&e)); n],
+                        Err(e) => vec![Err(BatchFailure::from_group_error(&e)); n],
                     }
                 }
                 .boxed()
@@ -195,7 +192,7 @@ impl Coalescer {
         match self.reserve.submit(group, ask).await {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(f)) => Err(f.into_order_error()),
-            Err(lost) => Err(OrderError::Db(DbError::Lost(lost.to_string()))),
+            Err(lost) => Err(DbError::Lost(lost.to_string()).into()),
         }
     }
 
@@ -222,7 +219,7 @@ impl Coalescer {
         match self.insert.submit(user_group, order).await {
             Ok(Ok(inserted)) => Ok(inserted),
             Ok(Err(f)) => Err(f.into_order_error()),
-            Err(lost) => Err(OrderError::Db(DbError::Lost(lost.to_string()))),
+            Err(lost) => Err(DbError::Lost(lost.to_string()).into()),
         }
     }
 }

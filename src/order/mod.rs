@@ -44,7 +44,7 @@ use crate::batcher::Batcher;
 use crate::db::DbError;
 use crate::domain::{txn_id_for, ItemId, Quantity, RequestId, SaleId, UserId};
 use crate::router::{KeyKind, Router};
-use crate::shard::{Cluster, ShardError, Work};
+use crate::shard::{Cluster, GroupError, ShardError, Work};
 use hot::{HotPath, Verdict};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -83,10 +83,23 @@ pub enum OrderError {
     Moving(ItemId),
     #[error("shard group temporarily unavailable: {0}")]
     Unavailable(String),
+    /// Work on a shard group failed; it says whether that work surely did not commit.
     #[error(transparent)]
-    Shard(#[from] ShardError),
-    #[error(transparent)]
-    Db(#[from] DbError),
+    Group(#[from] GroupError),
+}
+
+/// A shard or database error of the order path's own making (a wait for a shadow that did not
+/// come, a task lost, an insert a move turned away) means what it would mean from `run`.
+impl From<ShardError> for OrderError {
+    fn from(e: ShardError) -> Self {
+        OrderError::Group(e.into())
+    }
+}
+
+impl From<DbError> for OrderError {
+    fn from(e: DbError) -> Self {
+        OrderError::Group(e.into())
+    }
 }
 
 impl OrderError {
@@ -202,9 +215,9 @@ impl OrderService {
             }
             .instrument(tracing::Span::current()),
         );
-        purchase
-            .await
-            .map_err(|e| OrderError::Db(DbError::Lost(format!("the purchase task failed: {e}"))))?
+        purchase.await.map_err(|e| {
+            OrderError::from(DbError::Lost(format!("the purchase task failed: {e}")))
+        })?
     }
 
     /// Transaction 1, then the order (or the stock back). An item fenced by a move is retried on
@@ -243,7 +256,7 @@ impl OrderService {
         }
         let read = self
             .cluster
-            .refresh_routes::<OrderError>(self.router.table(), Work::Read, self.timeout)
+            .refresh_routes(self.router.table(), Work::Read, self.timeout)
             .await;
         if let Err(e) = read {
             tracing::debug!(error = %e, "router-config table not re-read");
@@ -282,7 +295,7 @@ impl OrderService {
         let group = self.cluster.group(self.router.item_group(req.item));
         let resumable = req.request_id.is_some();
         let (outcome, remaining) = group
-            .run::<_, OrderError>(Work::Reserve, self.timeout, async |c| {
+            .run(Work::Reserve, self.timeout, async |c| {
                 store::reserve_one(
                     c,
                     req.sale,
@@ -394,7 +407,7 @@ impl OrderService {
                     .insert_orders_on(user_group, std::slice::from_ref(&new))
                     .await
                     .and_then(|inserted| match inserted.moving.first() {
-                        Some(_) => Err(OrderError::Db(DbError::Moving(format!(
+                        Some(_) => Err(OrderError::from(DbError::Moving(format!(
                             "user {}",
                             req.user.key()
                         )))),
@@ -405,21 +418,26 @@ impl OrderService {
                 Ok(order) => return Ok(order),
                 Err(e) => e,
             };
-            if matches!(e, OrderError::Db(DbError::Moving(_))) && started.elapsed() < FENCE_WAIT {
+            if matches!(e, OrderError::Group(GroupError::Db(DbError::Moving(_))))
+                && started.elapsed() < FENCE_WAIT
+            {
                 // Not inserted: the user is being moved. The move switches it shortly.
                 self.await_reroute().await;
                 continue;
             }
             attempt += 1;
-            let permanent = matches!(e, OrderError::Db(DbError::Rejected { .. }));
-            if let OrderError::Db(db) = &e {
-                if !db.surely_not_committed() {
-                    unknown_outcome = Some(db.to_string());
+            let permanent = matches!(
+                e,
+                OrderError::Group(GroupError::Db(DbError::Rejected { .. }))
+            );
+            if let OrderError::Group(g) = &e {
+                if !g.surely_not_committed() {
+                    unknown_outcome = Some(g.to_string());
                 }
             }
             if permanent || attempt >= ATTEMPTS || started.elapsed() >= self.timeout {
                 return Err(match unknown_outcome {
-                    Some(m) => OrderError::Db(DbError::Lost(m)),
+                    Some(m) => DbError::Lost(m).into(),
                     None => e,
                 });
             }
@@ -434,12 +452,13 @@ impl OrderService {
         user_group: usize,
         orders: &[NewOrder],
     ) -> Result<store::Inserted, OrderError> {
-        self.cluster
+        Ok(self
+            .cluster
             .group(user_group)
             .run(Work::Settle, self.timeout, async |c| {
                 store::insert_orders(c, orders, self.router.kind(KeyKind::Users).slot_count()).await
             })
-            .await
+            .await?)
     }
 
     /// Work on a user's group that a move may fence ([`DbError::Moving`]): retried on the user's
@@ -448,14 +467,14 @@ impl OrderService {
         &self,
         user: UserId,
         work: impl Fn(usize) -> Fut,
-    ) -> Result<T, OrderError>
+    ) -> Result<T, GroupError>
     where
-        Fut: std::future::Future<Output = Result<T, OrderError>>,
+        Fut: std::future::Future<Output = Result<T, GroupError>>,
     {
         let started = std::time::Instant::now();
         loop {
             match work(self.router.user_group(user)).await {
-                Err(OrderError::Db(DbError::Moving(_))) if started.elapsed() < FENCE_WAIT => {
+                Err(GroupError::Db(DbError::Moving(_))) if started.elapsed() < FENCE_WAIT => {
                     self.await_reroute().await;
                 }
                 other => return other,
@@ -473,9 +492,9 @@ impl OrderService {
         cause: OrderError,
     ) -> OrderError {
         let surely_not_committed = match &cause {
-            OrderError::Db(e) => e.surely_not_committed(),
-            // No connection to the user's group was ever made.
-            OrderError::Shard(_) => true,
+            // No connection to the user's group was ever made, or the database refused the work:
+            // surely not committed; the connection lost mid-commit: unknown.
+            OrderError::Group(e) => e.surely_not_committed(),
             // Only raised for batch failures known not to have committed.
             OrderError::Unavailable(_) => true,
             _ => false,
@@ -506,11 +525,11 @@ impl OrderService {
         item_group: usize,
         txn_ids: &[Uuid],
         attempts: &[Option<i32>],
-    ) -> Result<(), OrderError> {
+    ) -> Result<(), GroupError> {
         let released = self
             .cluster
             .group(item_group)
-            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+            .run(Work::Settle, self.timeout, async |c| {
                 store::release(c, txn_ids, attempts).await
             })
             .await?;
@@ -521,10 +540,9 @@ impl OrderService {
         if released.moving > 0 {
             // Retried by the caller on the item's new group (return_stock, the outbox, the
             // reconciler).
-            return Err(OrderError::Db(DbError::Moving(format!(
-                "{} item(s) of this release",
-                released.moving
-            ))));
+            return Err(
+                DbError::Moving(format!("{} item(s) of this release", released.moving)).into(),
+            );
         }
         Ok(())
     }
@@ -553,12 +571,13 @@ impl OrderService {
         user: UserId,
         order_id: Uuid,
     ) -> Result<Option<Order>, OrderError> {
-        self.cluster
+        Ok(self
+            .cluster
             .group(self.router.user_group(user))
             .run(Work::Read, self.timeout, async |c| {
                 store::get_order(c, user, order_id).await
             })
-            .await
+            .await?)
     }
 
     /// The order, once the shadow holds it too (for replays).
@@ -567,12 +586,13 @@ impl OrderService {
         user: UserId,
         order_id: Uuid,
     ) -> Result<Option<Order>, OrderError> {
-        self.cluster
+        Ok(self
+            .cluster
             .group(self.router.user_group(user))
             .run(Work::Settle, self.timeout, async |c| {
                 store::get_order_durable(c, user, order_id).await
             })
-            .await
+            .await?)
     }
 
     pub async fn get_order(&self, user: UserId, order_id: Uuid) -> Result<Order, OrderError> {
@@ -582,12 +602,13 @@ impl OrderService {
     }
 
     pub async fn list_orders(&self, user: UserId, limit: i64) -> Result<Vec<Order>, OrderError> {
-        self.cluster
+        Ok(self
+            .cluster
             .group(self.router.user_group(user))
             .run(Work::Read, self.timeout, async |c| {
                 store::list_orders(c, user, limit).await
             })
-            .await
+            .await?)
     }
 
     /// Run a status transition on the order's own (user) group.
@@ -597,14 +618,15 @@ impl OrderService {
         order_id: Uuid,
         transition: store::Transition,
     ) -> Result<Option<Order>, OrderError> {
-        self.on_user_group(user, |g| {
-            self.cluster
-                .group(g)
-                .run(Work::Settle, self.timeout, async move |c| {
-                    store::transition_order(c, user, order_id, transition).await
-                })
-        })
-        .await
+        Ok(self
+            .on_user_group(user, |g| {
+                self.cluster
+                    .group(g)
+                    .run(Work::Settle, self.timeout, async move |c| {
+                        store::transition_order(c, user, order_id, transition).await
+                    })
+            })
+            .await?)
     }
 
     /// A payment callback ([`payments`]): applied to its order, or refused, and recorded either
@@ -646,7 +668,7 @@ impl OrderService {
             let follow = self
                 .cluster
                 .group(self.router.item_group(item))
-                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                .run(Work::Settle, self.timeout, async |c| {
                     store::advance_reservations(c, &[order_id], store::ReservationState::Paid).await
                 })
                 .await;
@@ -668,7 +690,7 @@ impl OrderService {
         for (idx, g) in self.cluster.groups.iter().enumerate() {
             let sale = sale.map(SaleId::db);
             let found = g
-                .run::<_, OrderError>(Work::Read, self.timeout, async |c| {
+                .run(Work::Read, self.timeout, async |c| {
                     payments::list(c, sale, state, limit).await
                 })
                 .await?;
@@ -720,7 +742,7 @@ impl OrderService {
         let expired = self
             .cluster
             .group(user_group)
-            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+            .run(Work::Settle, self.timeout, async |c| {
                 store::expire_due(c, only, batch).await
             })
             .await?;
@@ -751,7 +773,7 @@ impl OrderService {
                 match self.release_on(g, &ids, &[]).await {
                     Ok(()) => done.extend(ids),
                     // An item fenced by a move: again on its route as re-read, for a while.
-                    Err(OrderError::Db(DbError::Moving(_))) if started.elapsed() < FENCE_WAIT => {
+                    Err(GroupError::Db(DbError::Moving(_))) if started.elapsed() < FENCE_WAIT => {
                         left.extend(batch)
                     }
                     Err(e) => {
@@ -768,7 +790,7 @@ impl OrderService {
         let group = self.cluster.group(user_group);
         if !done.is_empty() {
             let forgot = group
-                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                .run(Work::Settle, self.timeout, async |c| {
                     store::forget_releases(c, &done).await
                 })
                 .await;
@@ -779,7 +801,7 @@ impl OrderService {
         }
         if !failed.is_empty() {
             let postponed = group
-                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                .run(Work::Settle, self.timeout, async |c| {
                     store::postpone_releases(c, &failed).await
                 })
                 .await;
@@ -797,7 +819,7 @@ impl OrderService {
         for g in 0..self.cluster.groups.len() {
             let group = self.cluster.group(g);
             let pending = group
-                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                .run(Work::Settle, self.timeout, async |c| {
                     store::pending_releases(c, min_age, DRAIN_BATCH).await
                 })
                 .await;
@@ -835,7 +857,7 @@ impl OrderService {
         for (g, (sales, items)) in by_group {
             let group = self.cluster.group(g);
             let rows = group
-                .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+                .run(Work::Settle, self.timeout, async |c| {
                     store::stock_versions(c, &sales, &items).await
                 })
                 .await;
@@ -877,7 +899,7 @@ impl OrderService {
         let read = self
             .cluster
             .group(group)
-            .run::<_, OrderError>(Work::Settle, self.timeout, async |c| {
+            .run(Work::Settle, self.timeout, async |c| {
                 store::holders(c, key.0, key.1, limit).await
             })
             .await;
@@ -957,7 +979,7 @@ fn confirm_batcher(
                 let n = txn_ids.len();
                 let work = cluster
                     .group(group)
-                    .run::<_, OrderError>(Work::Settle, timeout, async |c| {
+                    .run(Work::Settle, timeout, async |c| {
                         store::advance_reservations(c, &txn_ids, store::ReservationState::Ordered)
                             .await
                     })

@@ -11,6 +11,9 @@
 //! that stopped answering (a frozen host keeps its sockets open) is given up as "outcome unknown"
 //! instead of holding its caller until the budget runs out. A connection whose work was given up
 //! mid-statement is closed, never handed to the next caller with an answer still in flight.
+//! `run` fails with the shard layer's own error, [`GroupError`]: nothing sent ([`ShardError`]) or
+//! what the database said ([`DbError`]), and so whether the work surely did not commit. Each
+//! layer above wraps it in its own error.
 //!
 //! **Shares of the pool**: each piece of work says what it is ([`Work`]). Reads for clients get at
 //! most a quarter of a group's connections and a bounded queue (beyond it: [`ShardError::Busy`],
@@ -438,18 +441,15 @@ impl ShardGroup {
     /// Run `work` on the writable member's connection (module docs): waiting for a share of the
     /// pool and a connection within `budget`, then the work itself within `budget`.
     ///
-    /// Errors: [`ShardError`] when no connection could be had (nothing was sent: surely not
-    /// committed), [`DbError`] from the work itself, and [`DbError::Lost`] when the budget ran out
-    /// or the writer moved while the work was under way (outcome unknown).
-    pub async fn run<T, E>(
+    /// Errors ([`GroupError`]): [`ShardError`] when no connection could be had (nothing was sent:
+    /// surely not committed), [`DbError`] from the work itself, and [`DbError::Lost`] when the
+    /// budget ran out or the writer moved while the work was under way (outcome unknown).
+    pub async fn run<T>(
         &self,
         kind: Work,
         budget: Duration,
         work: impl AsyncFnOnce(&mut Object) -> Result<T, DbError>,
-    ) -> Result<T, E>
-    where
-        E: From<ShardError> + From<DbError>,
-    {
+    ) -> Result<T, GroupError> {
         self.work_done[kind as usize].increment(1);
         let started = Instant::now();
         if kind == Work::Reserve {
@@ -651,15 +651,12 @@ impl Cluster {
 
     /// Re-read the router-config table from the config group into `table` if its version moved
     /// (as `work`: a buyer's re-read is a read, an admin's is not); whether it changed.
-    pub async fn refresh_routes<E>(
+    pub async fn refresh_routes(
         &self,
         table: &crate::router::TableCache,
         work: Work,
         budget: Duration,
-    ) -> Result<bool, E>
-    where
-        E: From<ShardError> + From<DbError>,
-    {
+    ) -> Result<bool, GroupError> {
         self.group(self.config_group)
             .run(work, budget, async |c| Ok(table.refresh(c).await?))
             .await
