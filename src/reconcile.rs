@@ -33,6 +33,7 @@
 use crate::domain::{ItemId, SaleId, UserId};
 use crate::order::store::{self, NewOrder, OrderStatus, ReservationState};
 use crate::order::{OrderError, OrderService};
+use crate::sale::SaleError;
 use crate::shard::{GroupError, Work};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -112,7 +113,7 @@ fn audit_row(r: &tokio_postgres::Row) -> ItemAudit {
 }
 
 /// The per-item conservation report of one sale.
-pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit, OrderError> {
+pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit, SaleError> {
     let sales = crate::sale::SaleService {
         cluster: &orders.cluster,
         router: &orders.router,
@@ -120,7 +121,7 @@ pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit
         default_window: 900,
     };
     let Some((_, item_ids)) = sales.header(sale).await? else {
-        return Err(OrderError::SaleNotFound(sale));
+        return Err(SaleError::NotFound(sale));
     };
     let mut by_group: HashMap<usize, Vec<i64>> = HashMap::new();
     for item in &item_ids {

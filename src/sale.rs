@@ -6,7 +6,6 @@
 
 use crate::db::DbError;
 use crate::domain::{ItemId, Protection, SaleId};
-use crate::order::OrderError;
 use crate::router::Router;
 use crate::shard::{Cluster, GroupError, Work};
 use chrono::{DateTime, Utc};
@@ -157,6 +156,16 @@ pub struct ItemView {
     pub per_user_limit: i32,
 }
 
+/// What can go wrong with a sale.
+#[derive(Debug, thiserror::Error)]
+pub enum SaleError {
+    #[error("sale {0} not found")]
+    NotFound(SaleId),
+    /// Work on a group failed.
+    #[error(transparent)]
+    Group(#[from] GroupError),
+}
+
 pub struct SaleService<'a> {
     pub cluster: &'a Cluster,
     pub router: &'a Router,
@@ -165,7 +174,7 @@ pub struct SaleService<'a> {
 }
 
 impl SaleService<'_> {
-    pub async fn create(&self, sale: &NewSale) -> Result<SaleView, OrderError> {
+    pub async fn create(&self, sale: &NewSale) -> Result<SaleView, SaleError> {
         // Random positive 63-bit id: engine nodes need no coordination to pick one.
         let sale_id = SaleId::from_db((uuid::Uuid::new_v4().as_u64_pair().0 >> 1).max(1) as i64);
         let window = sale.payment_window_secs.unwrap_or(self.default_window) as i32;
@@ -319,7 +328,7 @@ impl SaleService<'_> {
     pub async fn header(
         &self,
         sale_id: SaleId,
-    ) -> Result<Option<(SaleView, Vec<ItemId>)>, OrderError> {
+    ) -> Result<Option<(SaleView, Vec<ItemId>)>, SaleError> {
         let row = self
             .cluster
             .group(self.router.sale_group(sale_id))
@@ -353,9 +362,9 @@ impl SaleService<'_> {
         }))
     }
 
-    pub async fn get(&self, sale_id: SaleId) -> Result<SaleView, OrderError> {
+    pub async fn get(&self, sale_id: SaleId) -> Result<SaleView, SaleError> {
         let Some((mut view, item_ids)) = self.header(sale_id).await? else {
-            return Err(OrderError::SaleNotFound(sale_id));
+            return Err(SaleError::NotFound(sale_id));
         };
         let mut by_group: HashMap<usize, Vec<i64>> = HashMap::new();
         for item in &item_ids {

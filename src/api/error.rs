@@ -8,6 +8,7 @@
 use crate::db::DbError;
 use crate::order::store::{Order, OrderStatus};
 use crate::order::OrderError;
+use crate::sale::SaleError;
 use crate::shard::{GroupError, ShardError};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -258,9 +259,9 @@ impl From<OrderError> for ApiError {
     fn from(e: OrderError) -> Self {
         use StatusCode as S;
         match &e {
-            OrderError::SaleNotFound(_)
-            | OrderError::ItemNotFound { .. }
-            | OrderError::OrderNotFound(_) => ApiError::not_found(e.to_string()),
+            OrderError::ItemNotFound { .. } | OrderError::OrderNotFound(_) => {
+                ApiError::not_found(e.to_string())
+            }
             OrderError::NotStarted => ApiError::new(S::CONFLICT, Code::NotStarted, e.to_string()),
             OrderError::Ended => ApiError::new(S::CONFLICT, Code::Ended, e.to_string()),
             OrderError::SoldOut { .. } => ApiError::new(S::CONFLICT, Code::SoldOut, e.to_string()),
@@ -287,6 +288,15 @@ impl From<OrderError> for ApiError {
                 group_unavailable(GROUP_UNAVAILABLE.to_string())
             }
             OrderError::Group(g) => group_error(g),
+        }
+    }
+}
+
+impl From<SaleError> for ApiError {
+    fn from(e: SaleError) -> Self {
+        match &e {
+            SaleError::NotFound(_) => ApiError::not_found(e.to_string()),
+            SaleError::Group(g) => group_error(g),
         }
     }
 }
@@ -391,6 +401,7 @@ mod tests {
         let want = (status, code, detail.to_string(), retry);
         assert_eq!(answer(make().into()), want, "{}", make());
         assert_eq!(answer(OrderError::Group(make()).into()), want, "{}", make());
+        assert_eq!(answer(SaleError::Group(make()).into()), want, "{}", make());
     }
 
     #[test]
@@ -456,6 +467,15 @@ mod tests {
         assert!(
             detail.starts_with("shard group g1 has no shadow streaming"),
             "{detail}"
+        );
+    }
+
+    #[test]
+    fn a_sale_not_found_is_404() {
+        let sale = crate::domain::SaleId::from_db(42);
+        assert_eq!(
+            answer(SaleError::NotFound(sale).into()),
+            (404, "not_found", "sale 42 not found".to_string(), None)
         );
     }
 

@@ -56,8 +56,6 @@ use uuid::Uuid;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OrderError {
-    #[error("sale {0} not found")]
-    SaleNotFound(SaleId),
     #[error("item {item} is not part of sale {sale}")]
     ItemNotFound { sale: SaleId, item: ItemId },
     #[error("order {0} not found")]
