@@ -11,6 +11,9 @@
 //! the order service's sold-out fast path → admission → coalescer. Only the first request for an
 //! item on a node reads its rules from the database; a challenge solution is recorded once, on
 //! the user's group, when it is exchanged for a token.
+//!
+//! A request the front door turns away gets a [`Refusal`]; its own database work (a rule read, a
+//! solution recorded) fails with the shard layer's [`GroupError`] as it is.
 
 pub mod blocklist;
 pub mod challenge;
@@ -22,9 +25,8 @@ pub mod token;
 use crate::config::frontdoor::AutoBlockConfig;
 use crate::config::Config;
 use crate::domain::{ChallengeKind, ItemId, Protection, SaleId, UserId};
-use crate::order::OrderError;
 use crate::router::Router;
-use crate::shard::{Cluster, Work};
+use crate::shard::{Cluster, GroupError, Work};
 use chrono::{DateTime, Utc};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
@@ -226,7 +228,7 @@ impl FrontDoor {
         p: &Protection,
         b: &challenge::Binding,
         solution: &challenge::Solution,
-    ) -> Result<Result<(), Refusal>, OrderError> {
+    ) -> Result<Result<(), Refusal>, GroupError> {
         let verified = match challenge::verify(&self.keys, p, b, solution, now_ms()) {
             Ok(v) => v,
             Err(f) => return Ok(Err(Refusal::ChallengeFailed(f))),

@@ -7,9 +7,8 @@
 //! order-token requests that refuse to hand out tokens for a sold-out item.
 
 use crate::domain::{ItemId, Protection, SaleId};
-use crate::order::OrderError;
 use crate::router::Router;
-use crate::shard::{Cluster, Work};
+use crate::shard::{Cluster, GroupError, Work};
 use chrono::{DateTime, Utc};
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -60,7 +59,7 @@ impl RulesCache {
     }
 
     /// The item's rules, or None when the sale has no such item.
-    pub async fn get(&self, sale: SaleId, item: ItemId) -> Result<Option<Rules>, OrderError> {
+    pub async fn get(&self, sale: SaleId, item: ItemId) -> Result<Option<Rules>, GroupError> {
         match self.cached((sale, item)) {
             Some(c) if c.rules.is_some() || c.read_at.elapsed() < UNKNOWN_FOR => Ok(c.rules),
             _ => Ok(self.read(sale, item).await?.rules),
@@ -72,7 +71,7 @@ impl RulesCache {
         &self,
         sale: SaleId,
         item: ItemId,
-    ) -> Result<Option<(Rules, i32)>, OrderError> {
+    ) -> Result<Option<(Rules, i32)>, GroupError> {
         let c = match self.cached((sale, item)) {
             Some(c) if c.read_at.elapsed() < REMAINING_FOR => c,
             Some(c) if c.rules.is_none() && c.read_at.elapsed() < UNKNOWN_FOR => c,
@@ -81,7 +80,7 @@ impl RulesCache {
         Ok(c.rules.map(|r| (r, c.remaining)))
     }
 
-    async fn read(&self, sale: SaleId, item: ItemId) -> Result<Cached, OrderError> {
+    async fn read(&self, sale: SaleId, item: ItemId) -> Result<Cached, GroupError> {
         let row = self
             .cluster
             .group(self.router.item_group(item))
