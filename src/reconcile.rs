@@ -32,7 +32,7 @@
 
 use crate::domain::{ItemId, SaleId, UserId};
 use crate::order::store::{self, NewOrder, OrderStatus, ReservationState};
-use crate::order::{OrderError, OrderService};
+use crate::order::OrderService;
 use crate::sale::SaleError;
 use crate::shard::{GroupError, Work};
 use serde::Serialize;
@@ -266,7 +266,7 @@ impl Reconciler {
         g: usize,
         grace: Duration,
         report: &mut ReconcileReport,
-    ) -> Result<(), OrderError> {
+    ) -> Result<(), GroupError> {
         reconcile_group(orders, g, grace, LiveSet::Reserved, None, None, report).await?;
         let from = self.ordered_cursor.get(&g).copied();
         let stopped = reconcile_group(
@@ -290,7 +290,7 @@ impl Reconciler {
         &mut self,
         orders: &OrderService,
         g: usize,
-    ) -> Result<Vec<ItemAudit>, OrderError> {
+    ) -> Result<Vec<ItemAudit>, GroupError> {
         let group = orders.cluster.group(g);
         // Items whose sale ended long ago (window and payment window over, plus an hour) no
         // longer change: they are not audited, and forgotten, so this map does not grow with
@@ -356,7 +356,7 @@ impl Reconciler {
     }
 }
 
-async fn conservation(orders: &OrderService, g: usize) -> Result<Vec<ItemAudit>, OrderError> {
+async fn conservation(orders: &OrderService, g: usize) -> Result<Vec<ItemAudit>, GroupError> {
     let rows = orders
         .cluster
         .group(g)
@@ -432,7 +432,7 @@ async fn reconcile_group(
     from: Option<Uuid>,
     max_pages: Option<usize>,
     report: &mut ReconcileReport,
-) -> Result<Option<Uuid>, OrderError> {
+) -> Result<Option<Uuid>, GroupError> {
     let grace_secs = grace.as_secs_f64();
     let mut cursor: Option<Uuid> = from;
     let mut pages = 0;
@@ -498,7 +498,7 @@ async fn order_status(
     orders: &OrderService,
     user_group: usize,
     ids: &[Uuid],
-) -> Result<HashMap<Uuid, OrderStatus>, OrderError> {
+) -> Result<HashMap<Uuid, OrderStatus>, GroupError> {
     let mut status: HashMap<Uuid, OrderStatus> = orders_on(orders, user_group, ids)
         .await?
         .into_iter()
@@ -532,7 +532,7 @@ async fn tombstone(
     user_group: usize,
     lives: &[&Live],
     status: &HashMap<Uuid, OrderStatus>,
-) -> Result<Vec<Uuid>, OrderError> {
+) -> Result<Vec<Uuid>, GroupError> {
     let missing: Vec<NewOrder> = lives
         .iter()
         .filter(|l| !status.contains_key(&l.txn_id))
@@ -574,7 +574,7 @@ async fn repair_page(
     item_group: usize,
     page: &[Live],
     report: &mut ReconcileReport,
-) -> Result<(), OrderError> {
+) -> Result<(), GroupError> {
     let mut by_user_group: HashMap<usize, Vec<&Live>> = HashMap::new();
     for l in page {
         by_user_group

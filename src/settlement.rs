@@ -16,8 +16,8 @@
 //! and every payment the engine applied but the file does not list is `paid_not_settled`.
 
 use crate::order::payments::{Payment, PaymentState, Refused};
-use crate::order::{OrderError, OrderService};
-use crate::shard::Work;
+use crate::order::OrderService;
+use crate::shard::{GroupError, Work};
 use serde::Serialize;
 use std::collections::HashMap;
 use uuid::Uuid;
@@ -167,7 +167,7 @@ pub fn compare(settled: &[Settled], recorded: &[Payment]) -> Vec<Mismatch> {
 
 /// Every recorded payment of every group; of a user moved to another group, the copy where the
 /// user routes now only (a move leaves an inactive copy behind until it is completed).
-pub async fn recorded(orders: &OrderService) -> Result<Vec<Payment>, OrderError> {
+pub async fn recorded(orders: &OrderService) -> Result<Vec<Payment>, GroupError> {
     const PAGE: i64 = 1000;
     let mut all = Vec::new();
     for (idx, g) in orders.cluster.groups.iter().enumerate() {
