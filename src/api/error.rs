@@ -4,12 +4,18 @@
 //! `instance` the request's id (the `x-request-id` of the answer), so one failed request can be
 //! found in the logs; the full cause chain of server-side failures goes to the log, never to the
 //! client.
+//!
+//! Each layer's error has its `From` here. Work on a shard group that failed ([`GroupError`])
+//! is mapped by one function, whichever layer's error carries it.
 
 use crate::db::DbError;
+use crate::frontdoor::Refusal;
+use crate::moves::MoveError;
 use crate::order::store::{Order, OrderStatus};
 use crate::order::OrderError;
 use crate::sale::SaleError;
 use crate::shard::{GroupError, ShardError};
+use crate::shardmap::ShardMapError;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -301,6 +307,58 @@ impl From<SaleError> for ApiError {
     }
 }
 
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        let code = match &r {
+            Refusal::Blocked(_) => Code::Blocked,
+            Refusal::RateLimited { retry_after } => {
+                return ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Code::RateLimited,
+                    r.to_string(),
+                )
+                .retry_after(u32::try_from(*retry_after).unwrap_or(u32::MAX).max(1));
+            }
+            Refusal::TokenRequired => Code::TokenRequired,
+            Refusal::InvalidToken(_) => Code::InvalidToken,
+            Refusal::TokenExpired => Code::TokenExpired,
+            Refusal::ChallengeFailed(_) => Code::ChallengeFailed,
+        };
+        ApiError::new(StatusCode::FORBIDDEN, code, r.to_string())
+    }
+}
+
+impl From<MoveError> for ApiError {
+    fn from(e: MoveError) -> Self {
+        use StatusCode as S;
+        match &e {
+            MoveError::UnknownGroup(_)
+            | MoveError::SameGroup { .. }
+            | MoveError::Unsupported(_) => ApiError::invalid(e.to_string()),
+            MoveError::NotFound(_) => ApiError::not_found(e.to_string()),
+            MoveError::Conflict(_) => ApiError::new(S::CONFLICT, Code::MoveConflict, e.to_string()),
+            MoveError::Precheck(_) => {
+                ApiError::new(S::CONFLICT, Code::PrecheckFailed, e.to_string())
+            }
+            MoveError::HasData { .. } => ApiError::new(S::CONFLICT, Code::HasData, e.to_string()),
+            MoveError::Group(g) => group_error(g),
+        }
+    }
+}
+
+impl From<ShardMapError> for ApiError {
+    fn from(e: ShardMapError) -> Self {
+        match &e {
+            ShardMapError::UnknownGroup(_) => ApiError::invalid(e.to_string()),
+            ShardMapError::HasData { .. } => {
+                ApiError::new(StatusCode::CONFLICT, Code::HasData, e.to_string())
+            }
+            ShardMapError::NoEntry { .. } => ApiError::not_found(e.to_string()),
+            ShardMapError::Group(g) => group_error(g),
+        }
+    }
+}
+
 impl From<GroupError> for ApiError {
     fn from(e: GroupError) -> Self {
         group_error(&e)
@@ -402,6 +460,13 @@ mod tests {
         assert_eq!(answer(make().into()), want, "{}", make());
         assert_eq!(answer(OrderError::Group(make()).into()), want, "{}", make());
         assert_eq!(answer(SaleError::Group(make()).into()), want, "{}", make());
+        assert_eq!(answer(MoveError::Group(make()).into()), want, "{}", make());
+        assert_eq!(
+            answer(ShardMapError::Group(make()).into()),
+            want,
+            "{}",
+            make()
+        );
     }
 
     #[test]

@@ -1,6 +1,6 @@
-//! The front door's HTTP side: the client-address gate every guarded request passes first, the
-//! challenge and order-token endpoints of protected sales, and the mapping of refusals to
-//! problem+json (403 with their codes, 429 with `Retry-After`).
+//! The front door's HTTP side: the client-address gate every guarded request passes first, and
+//! the challenge and order-token endpoints of protected sales. (Refusals become problem+json in
+//! [`super::error`]: 403 with their codes, 429 with `Retry-After`.)
 
 use super::error::{ApiError, Code};
 use super::extract::{Json, Params};
@@ -16,27 +16,6 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
-
-impl From<Refusal> for ApiError {
-    fn from(r: Refusal) -> Self {
-        let code = match &r {
-            Refusal::Blocked(_) => Code::Blocked,
-            Refusal::RateLimited { retry_after } => {
-                return ApiError::new(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Code::RateLimited,
-                    r.to_string(),
-                )
-                .retry_after(u32::try_from(*retry_after).unwrap_or(u32::MAX).max(1));
-            }
-            Refusal::TokenRequired => Code::TokenRequired,
-            Refusal::InvalidToken(_) => Code::InvalidToken,
-            Refusal::TokenExpired => Code::TokenExpired,
-            Refusal::ChallengeFailed(_) => Code::ChallengeFailed,
-        };
-        ApiError::new(StatusCode::FORBIDDEN, code, r.to_string())
-    }
-}
 
 /// The first gate of a guarded request: the client address (see
 /// [`crate::frontdoor::limits::client_ip`]) against the IP blocklist and the IP limit. An

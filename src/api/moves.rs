@@ -1,37 +1,16 @@
 //! Live moves over HTTP (admin): start one (or plan it with `dry_run`), follow it, cancel,
 //! reverse or complete it ([`crate::moves`]).
 
-use super::error::{ApiError, Code};
+use super::error::ApiError;
 use super::extract::{Json, Params};
 use super::identity::Admin;
-use crate::moves::{MoveError, Unit};
+use crate::moves::Unit;
 use crate::router::KeyKind;
 use crate::state::AppState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
-
-impl From<MoveError> for ApiError {
-    fn from(e: MoveError) -> Self {
-        match e {
-            MoveError::UnknownGroup(_)
-            | MoveError::SameGroup { .. }
-            | MoveError::Unsupported(_) => ApiError::invalid(e.to_string()),
-            MoveError::NotFound(_) => ApiError::not_found(e.to_string()),
-            MoveError::Conflict(_) => {
-                ApiError::new(StatusCode::CONFLICT, Code::MoveConflict, e.to_string())
-            }
-            MoveError::Precheck(_) => {
-                ApiError::new(StatusCode::CONFLICT, Code::PrecheckFailed, e.to_string())
-            }
-            MoveError::HasData { .. } => {
-                ApiError::new(StatusCode::CONFLICT, Code::HasData, e.to_string())
-            }
-            MoveError::Group(g) => g.into(),
-        }
-    }
-}
 
 /// A move to start.
 #[derive(serde::Deserialize, utoipa::ToSchema)]

@@ -1,29 +1,14 @@
 //! The shard map over HTTP (admin): where a key routes, the router-config table, and safe
 //! changes to it ([`crate::shardmap`]).
 
-use super::error::{ApiError, Code};
+use super::error::ApiError;
 use super::extract::{Json, Params};
 use super::identity::Admin;
 use crate::router::KeyKind;
-use crate::shardmap::ShardMapError;
 use crate::state::AppState;
 use axum::extract::State;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
-
-impl From<ShardMapError> for ApiError {
-    fn from(e: ShardMapError) -> Self {
-        match e {
-            ShardMapError::UnknownGroup(_) => ApiError::invalid(e.to_string()),
-            ShardMapError::HasData { .. } => {
-                ApiError::new(StatusCode::CONFLICT, Code::HasData, e.to_string())
-            }
-            ShardMapError::NoEntry { .. } => ApiError::not_found(e.to_string()),
-            ShardMapError::Group(g) => g.into(),
-        }
-    }
-}
 
 /// The kind and key of a `/{kind}/{key}` path.
 fn kind_and_key(p: &Params) -> Result<(KeyKind, u64), ApiError> {
