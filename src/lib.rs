@@ -17,7 +17,7 @@
 //! | [`moves`] | live moves of item keys between groups: copy, catch up, fence, switch, reverse |
 //! | [`order`] | the order service: sold-out fast path and admission, coalescing per shard group, the two short transactions, compensation, idempotency, pay/cancel/expiry |
 //! | [`migrate`] | refinery migrations on every group |
-//! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing |
+//! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing; `GroupError`, the error of work on a group that every layer above wraps |
 //! | [`auth`] | the trust boundary: user tokens (JWT) and signed payment callbacks |
 //! | [`local`] | local PostgreSQL groups for `seckill dev` and the tests |
 //! | [`router`] | item/user keys -> shard group (hash slots, ranges, router-config table) |
