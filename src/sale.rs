@@ -39,7 +39,7 @@ pub struct NewSale {
     /// 1 to 1000 items, each item id once.
     #[schema(min_items = 1, max_items = 1000)]
     pub items: Vec<NewItem>,
-    /// Guard the buy path with order tokens and a challenge (README "Protected sales"). Fields
+    /// Guard the buy path with order tokens and a challenge (docs/api.md "Protected sales"). Fields
     /// left out take their defaults; without `protection` the plain buy path serves.
     #[serde(default)]
     pub protection: Option<Protection>,

@@ -1,4 +1,4 @@
-//! The public REST API (README "The API"): routes and handlers.
+//! The public REST API (docs/api.md "The API"): routes and handlers.
 //!
 //! Handlers only translate between HTTP and the services; who may call what is decided by the
 //! extractors of [`identity`] (admin token, user token); every error leaves through

@@ -166,7 +166,7 @@ fn html(status: StatusCode, page: &Page, cache: &'static str, headers: &HeaderMa
     path = "/sales/{sale_id}",
     tag = "sales",
     summary = "The buyer's sale page (HTML): server-synchronised countdown and a buy button",
-    description = "The same page for every sale and buyer (cacheable: `Cache-Control: public, max-age=300`, `ETag`); the buyer's token comes in `?token=`. States for tests: `body[data-state]` is loading, waiting, open, pending, done, sold_out, ended or error; elements `#countdown`, `#buy`, `#status`, `#remaining`.",
+    description = "The same page for every sale and buyer (cacheable: `Cache-Control: public, max-age=300`, `ETag`); the buyer's token comes in the fragment, `#token=` (never sent to a server). States for tests: `body[data-state]` is loading, waiting, open, pending, done, sold_out, ended or error; elements `#countdown`, `#buy`, `#status`, `#remaining`.",
     params(("sale_id" = String, Path, description = "the sale id")),
     responses(
         (status = 200, description = "the page", content_type = "text/html", body = String),

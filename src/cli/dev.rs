@@ -1,4 +1,4 @@
-//! `seckill dev`: the whole system on this machine (README "The two commands").
+//! `seckill dev`: the whole system on this machine (README.md "The two commands").
 
 use super::{serve_until_signal, CliResult};
 use crate::app::Application;

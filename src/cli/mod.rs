@@ -52,7 +52,7 @@ pub enum Command {
         #[arg(long)]
         no_coalesce: bool,
         /// Record this configuration's routing layout as the cluster's even though it routes
-        /// existing keys to other groups (after moving their data): see README "Changing the layout".
+        /// existing keys to other groups (after moving their data): see docs/dba.md "Changing the layout".
         #[arg(long)]
         accept_layout_change: bool,
     },
@@ -67,7 +67,7 @@ pub enum Command {
         #[arg(long)]
         no_coalesce: bool,
         /// Record this configuration's routing layout as the cluster's even though it routes
-        /// existing keys to other groups (after moving their data): see README "Changing the layout".
+        /// existing keys to other groups (after moving their data): see docs/dba.md "Changing the layout".
         #[arg(long)]
         accept_layout_change: bool,
     },
@@ -160,7 +160,7 @@ pub enum ShardMapAction {
     /// Remove an entry: the key routes by its rule again (refused like `set` when it has rows).
     Delete { kind: String, key: u64 },
     /// Move a key (or with --slot, a hash slot) of items or users to another group while it
-    /// sells, and wait until it has switched (README "Moving keys"). Exit 1 when it fails.
+    /// sells, and wait until it has switched (docs/dba.md "Moving keys"). Exit 1 when it fails.
     Move {
         kind: String,
         /// The key; omit it with --slot.

@@ -26,7 +26,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-/// Default number of hash slots (README "Routing"). Never change it for a live cluster: keys would move.
+/// Default number of hash slots (docs/dba.md "Routing"). Never change it for a live cluster: keys would move.
 pub const DEFAULT_SLOTS: u32 = 1024;
 
 /// Longest payment window, of the configuration and of a sale: 7 days.
@@ -103,7 +103,8 @@ pub struct AuthConfig {
     pub jwks_file: Option<std::path::PathBuf>,
     /// Required `iss`, when set.
     pub issuer: Option<String>,
-    /// Required `aud`, when set.
+    /// Required `aud`, when set; must be set with `public_key_file` or `jwks_file` (an identity
+    /// provider signs tokens for other services too).
     pub audience: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`, in seconds. Default 30.
     pub leeway_secs: u64,
@@ -562,6 +563,16 @@ impl Config {
                 "users = \"jwt\" needs hs256_secret (or SECKILL_USER_TOKEN_SECRET), public_key_file or jwks_file",
             ));
         }
+        // An identity provider's keys sign tokens for many services: without a required
+        // audience, a token it minted for another of them would be taken here.
+        let provider_keys = a.public_key_file.is_some() || a.jwks_file.is_some();
+        if provider_keys && a.audience.as_deref().is_none_or(str::is_empty) {
+            return Err(invalid(
+                "auth.audience",
+                "required with public_key_file or jwks_file: the `aud` your identity provider puts \
+                 in tokens meant for this engine (others are refused)",
+            ));
+        }
         if let Some(s) = &self.payments.secret {
             if s.len() < 16 {
                 return Err(invalid(
@@ -947,6 +958,10 @@ hs256_secret = "0123456789abcdef0123456789abcdef"
         assert!(err(&short).contains("auth.hs256_secret"));
         let weak = format!("{BASE}[payments]\nsecret = \"short\"\n");
         assert!(err(&weak).contains("payments.secret"));
+        let idp = no_key.replace("[auth]", "[auth]\njwks_file = \"/etc/seckill/jwks.json\"");
+        assert!(err(&idp).contains("auth.audience"), "{}", err(&idp));
+        let idp = idp.replace("[auth]", "[auth]\naudience = \"seckill\"");
+        assert!(Config::from_toml(&idp, "t").is_ok());
     }
 
     #[test]
@@ -971,6 +986,7 @@ hs256_secret = "0123456789abcdef0123456789abcdef"
     fn the_compose_deployment_configs_are_valid_with_their_environment() {
         for text in [
             include_str!("../../deploy/shards.compose.toml"),
+            include_str!("../../deploy/shards.migrate.toml"),
             include_str!("../../deploy/patroni/shards.patroni.toml"),
         ] {
             let mut c: Config = toml::from_str(text).unwrap();

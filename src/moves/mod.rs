@@ -1,4 +1,4 @@
-//! Live moves of keys between shard groups, while they sell (README "Moving keys"). The unit
+//! Live moves of keys between shard groups, while they sell (docs/dba.md "Moving keys"). The unit
 //! moved is one key or one hash slot (every key of that slot), of items (sale items, their
 //! reservations, sales by id: [`items`]) or of users (orders, payments, pending stock releases:
 //! [`users`]).

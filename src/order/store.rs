@@ -20,7 +20,7 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
 
-/// Where an order is in its life (README "Order lifecycle"); the text is what the `orders.status`
+/// Where an order is in its life (docs/dba.md "Order lifecycle"); the text is what the `orders.status`
 /// column and the API carry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

@@ -1,6 +1,6 @@
 //! Routing: which shard group holds an item (and its sale) or a user.
 //!
-//! Each key kind has its own strategy (README "Routing"):
+//! Each key kind has its own strategy (docs/dba.md "Routing"):
 //! - `hash`: FNV-1a 64 over the key's 8 big-endian bytes, modulo a fixed slot count, then a
 //!   slot -> group map. The slot count never changes, so moving load means moving slots.
 //! - `range`: half-open key ranges -> group, covering the whole key space.
