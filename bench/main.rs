@@ -13,6 +13,7 @@ mod bots;
 mod chaos;
 mod conn;
 mod cpu;
+mod fair;
 mod nemesis;
 mod run;
 mod sale;
@@ -41,6 +42,10 @@ pub enum Scenario {
     /// A protected item: honest buyers (challenge, token, order URL) with and without bots that
     /// skip the challenge, forge or replay tokens, flood, or are blocked (see bench/bots.rs).
     Bots,
+    /// A sale with a fair start: a crowd in waves across its window and bots at its first
+    /// millisecond (`--honest`, `--bots`, `--window-ms`, `--stock`); how the winners spread over
+    /// arrival, the engine's memory while holding the waiting requests, the draw verified.
+    Fair,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -117,6 +122,12 @@ pub struct Args {
     /// Bot connections of the `bots` scenario (beside --concurrency honest ones).
     #[arg(long, default_value_t = 16)]
     pub bots: usize,
+    /// Honest buyers of the `fair` scenario, in ten waves across the window.
+    #[arg(long, default_value_t = 2000)]
+    pub honest: usize,
+    /// The fair window of the `fair` scenario, in ms.
+    #[arg(long, default_value_t = 3000)]
+    pub window_ms: u64,
     /// Send a request_id with every purchase (as the README recommends clients do).
     #[arg(long)]
     pub request_ids: bool,
@@ -208,6 +219,23 @@ async fn real_main(args: Args) -> Result<bool, String> {
             "user-token-secret",
         )?)),
     };
+    if args.scenario == Scenario::Fair {
+        let plan = fair::Plan {
+            honest: args.honest,
+            bots: args.bots,
+            waves: 10,
+            window_ms: args.window_ms,
+            stock: args.stock,
+            lead: std::time::Duration::from_secs(3),
+        };
+        let report = fair::run(&args.url, &keys.admin, &keys.users, &plan).await?;
+        report.print();
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+            std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        return Ok(report.ok);
+    }
     if args.scenario == Scenario::Bots {
         let mut all_ok = true;
         let mut reports = Vec::new();

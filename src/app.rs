@@ -182,6 +182,12 @@ fn spawn_background(
     periodic("router-table", ms(config.routing.table_refresh_ms), |s| {
         async move { s.refresh_table().await }.boxed()
     });
+    periodic("fair-draws", Duration::from_millis(200), |s| {
+        async move { s.fair.run_due_draws().await }.boxed()
+    });
+    periodic("fair-waiters", crate::fair::POLL, |s| {
+        async move { s.fair.poll_waiters().await }.boxed()
+    });
     periodic("moves", Duration::from_secs(2), |s| {
         async move { s.moves.resume_pending().await }.boxed()
     });

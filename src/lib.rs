@@ -15,6 +15,7 @@
 //! | [`shardmap`] | the shard map for DBAs: route introspection, safe re-routing |
 //! | [`layout`] | the layout guard: no start with a routing layout that moves existing keys |
 //! | [`moves`] | live moves of item keys between groups: copy, catch up, fence, switch, reverse |
+//! | [`fair`] | a fair start: the first seconds of a sale as a seeded draw anyone can verify |
 //! | [`order`] | the order service: sold-out fast path and admission, coalescing per shard group, the two short transactions, compensation, idempotency, pay/cancel/expiry |
 //! | [`migrate`] | refinery migrations on every group |
 //! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing; `GroupError`, the error of work on a group that every layer above wraps |
@@ -35,6 +36,7 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod fair;
 pub mod frontdoor;
 pub mod layout;
 pub mod local;

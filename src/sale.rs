@@ -43,7 +43,15 @@ pub struct NewSale {
     /// left out take their defaults; without `protection` the plain buy path serves.
     #[serde(default)]
     pub protection: Option<Protection>,
+    /// 1 to 10000: the first milliseconds of the sale are a seeded draw instead of first come,
+    /// first served (docs/api.md "A fair start"). 0 or absent: first come, first served.
+    #[serde(default, deserialize_with = "crate::domain::integer_opt_u32")]
+    #[schema(minimum = 0, maximum = 10000)]
+    pub fair_window_ms: Option<u32>,
 }
+
+/// Longest fair window of a sale, in ms.
+pub const MAX_FAIR_WINDOW_MS: u32 = 10_000;
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -98,6 +106,9 @@ impl NewSale {
                 return bad("payment_window_secs", "must be between 1 and 604800");
             }
         }
+        if self.fair_window_ms.is_some_and(|w| w > MAX_FAIR_WINDOW_MS) {
+            return bad("fair_window_ms", "must be between 0 and 10000");
+        }
         if let Some(p) = &self.protection {
             if let Err((field, why)) = p.check() {
                 return bad(&format!("protection.{field}"), why);
@@ -144,7 +155,19 @@ pub struct SaleView {
     /// The sale's protection, when it has one: what a buyer must do before buying.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protection: Option<Protection>,
+    /// A fair start's draw, when the sale has one; null otherwise.
+    pub fair_draw: Option<FairDraw>,
     pub items: Vec<ItemView>,
+}
+
+/// What a sale shows of its fair start (DESIGN.md "Fair start").
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct FairDraw {
+    pub window_ms: i32,
+    /// hex(SHA-256 of the seed's 32 raw bytes), from the sale's creation on.
+    pub commitment: String,
+    /// The seed, hex, once every item of the sale is drawn; null until then.
+    pub seed: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -178,6 +201,18 @@ impl SaleService<'_> {
         // Random positive 63-bit id: engine nodes need no coordination to pick one.
         let sale_id = SaleId::from_db((uuid::Uuid::new_v4().as_u64_pair().0 >> 1).max(1) as i64);
         let window = sale.payment_window_secs.unwrap_or(self.default_window) as i32;
+        let fair = match sale.fair_window_ms.filter(|w| *w > 0) {
+            Some(w) => Some((
+                w as i32,
+                crate::fair::rank::fresh_seed().map_err(|e| {
+                    GroupError::from(DbError::Rejected {
+                        code: "seckill".into(),
+                        message: format!("no secure random seed for the draw: {e}"),
+                    })
+                })?,
+            )),
+            None => None,
+        };
         let mut by_group: HashMap<usize, Vec<&NewItem>> = HashMap::new();
         for item in &sale.items {
             by_group
@@ -188,7 +223,10 @@ impl SaleService<'_> {
         let mut written: Vec<usize> = Vec::new();
         let mut failure = None;
         for (&g, items) in &by_group {
-            match self.insert_items(g, sale_id, sale, window, items).await {
+            match self
+                .insert_items(g, sale_id, sale, window, fair, items)
+                .await
+            {
                 Ok(()) => written.push(g),
                 Err(e) => {
                     failure = Some(e);
@@ -197,7 +235,7 @@ impl SaleService<'_> {
             }
         }
         if failure.is_none() {
-            if let Err(e) = self.insert_sale(sale_id, sale, window).await {
+            if let Err(e) = self.insert_sale(sale_id, sale, window, fair).await {
                 failure = Some(e);
             }
         }
@@ -219,8 +257,13 @@ impl SaleService<'_> {
         sale_id: SaleId,
         sale: &NewSale,
         window: i32,
+        fair: Option<(i32, crate::fair::rank::Seed)>,
         items: &[&NewItem],
     ) -> Result<(), GroupError> {
+        let (fair_window, seed) = match fair {
+            Some((w, seed)) => (w, Some(seed.to_vec())),
+            None => (0, None),
+        };
         let ids: Vec<i64> = items.iter().map(|i| i.item_id.db()).collect();
         let stock: Vec<i32> = items.iter().map(|i| i.stock as i32).collect();
         let price: Vec<i64> = items.iter().map(|i| i.price_cents).collect();
@@ -242,8 +285,9 @@ impl SaleService<'_> {
                         &client
                             .prepare_cached(
                                 "INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents,
-                                     per_user_limit, starts_at, ends_at, payment_window_secs, protection)
-                                 SELECT $1, i, s, s, p, l, $6, $7, $8, $9
+                                     per_user_limit, starts_at, ends_at, payment_window_secs, protection,
+                                     fair_window_ms, fair_seed)
+                                 SELECT $1, i, s, s, p, l, $6, $7, $8, $9, $11, $12
                                  FROM unnest($2::bigint[], $3::int[], $4::bigint[], $5::int[])
                                       AS t(i, s, p, l)
                                  WHERE NOT EXISTS (SELECT 1 FROM sale_items
@@ -264,6 +308,8 @@ impl SaleService<'_> {
                             &window,
                             &protection,
                             &slots,
+                            &fair_window,
+                            &seed,
                         ],
                     )
                     .await?;
@@ -280,8 +326,11 @@ impl SaleService<'_> {
         sale_id: SaleId,
         sale: &NewSale,
         window: i32,
+        fair: Option<(i32, crate::fair::rank::Seed)>,
     ) -> Result<(), GroupError> {
         let ids: Vec<i64> = sale.items.iter().map(|i| i.item_id.db()).collect();
+        let fair_window = fair.map_or(0, |(w, _)| w);
+        let commitment = fair.map(|(_, seed)| crate::fair::rank::commitment(&seed).to_vec());
         let protection = sale.protection.map(tokio_postgres::types::Json);
         let slot = crate::router::slot_of(
             sale_id.key(),
@@ -292,11 +341,13 @@ impl SaleService<'_> {
             .run(Work::Settle, self.timeout, async |client| {
                 let inserted = client
                     .execute(
-                        &client.prepare_cached("INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs, protection)
-                         SELECT $1, $2, $3, $4, $5, $6, $7
+                        &client.prepare_cached("INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs, protection,
+                                                                   fair_window_ms, fair_commitment)
+                         SELECT $1, $2, $3, $4, $5, $6, $7, $9, $10
                          WHERE NOT EXISTS (SELECT 1 FROM slot_fences WHERE kind = 'items' AND slot = $8
                                            AND (until IS NULL OR until > now()))").await?,
-                        &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window, &protection, &slot],
+                        &[&sale_id.db(), &sale.name, &sale.starts_at, &sale.ends_at, &ids, &window, &protection, &slot,
+                          &fair_window, &commitment],
                     )
                     .await?;
                 if inserted == 0 {
@@ -335,7 +386,8 @@ impl SaleService<'_> {
             .run(Work::Read, self.timeout, async |client| {
                 Ok(client
                     .query_opt(
-                        &client.prepare_cached("SELECT name, starts_at, ends_at, payment_window_secs, item_ids, protection FROM sales WHERE sale_id = $1").await?,
+                        &client.prepare_cached("SELECT name, starts_at, ends_at, payment_window_secs, item_ids, protection,
+                                                       fair_window_ms, fair_commitment FROM sales WHERE sale_id = $1").await?,
                         &[&sale_id.db()],
                     )
                     .await?)
@@ -355,6 +407,14 @@ impl SaleService<'_> {
                         .ok()
                         .flatten()
                         .map(Protection::from_stored),
+                    fair_draw: r
+                        .get::<_, Option<Vec<u8>>>(7)
+                        .filter(|_| r.get::<_, i32>(6) > 0)
+                        .map(|c| FairDraw {
+                            window_ms: r.get(6),
+                            commitment: hex::encode(c),
+                            seed: None,
+                        }),
                     items: Vec::new(),
                 },
                 ids.into_iter().map(ItemId::from_db).collect(),
@@ -374,6 +434,8 @@ impl SaleService<'_> {
                 .push(item.db());
         }
         let mut items = HashMap::new();
+        // The seed is revealed once every item is drawn.
+        let (mut seed, mut all_drawn) = (None, true);
         for (g, ids) in by_group {
             let rows = self
                 .cluster
@@ -381,8 +443,13 @@ impl SaleService<'_> {
                 .run(Work::Read, self.timeout, async |client| {
                     Ok(client
                         .query(
-                            &client.prepare_cached("SELECT item_id, stock, remaining, price_cents, per_user_limit FROM sale_items
-                             WHERE sale_id = $1 AND item_id = ANY($2)").await?,
+                            &client
+                                .prepare_cached(
+                                    "SELECT item_id, stock, remaining, price_cents, per_user_limit,
+                                    fair_seed, drawn_at IS NOT NULL FROM sale_items
+                             WHERE sale_id = $1 AND item_id = ANY($2) AND fenced_by IS NULL",
+                                )
+                                .await?,
                             &[&sale_id.db(), &ids],
                         )
                         .await?)
@@ -390,6 +457,8 @@ impl SaleService<'_> {
                 .await?;
             for r in rows {
                 let id: i64 = r.get(0);
+                all_drawn &= r.get::<_, bool>(6);
+                seed = seed.or(r.get::<_, Option<Vec<u8>>>(5));
                 items.insert(
                     id,
                     ItemView {
@@ -406,6 +475,9 @@ impl SaleService<'_> {
             .iter()
             .filter_map(|i| items.remove(&i.db()))
             .collect();
+        if let Some(fair) = view.fair_draw.as_mut() {
+            fair.seed = seed.filter(|_| all_drawn).map(hex::encode);
+        }
         Ok(view)
     }
 }

@@ -23,6 +23,8 @@ pub struct AppState {
     pub frontdoor: crate::frontdoor::FrontDoor,
     /// Live moves of keys between groups.
     pub moves: Arc<crate::moves::Mover>,
+    /// Fair starts: window entries and draws.
+    pub fair: Arc<crate::fair::FairStart>,
 }
 
 impl AppState {
@@ -56,7 +58,10 @@ impl AppState {
             router.clone(),
             tasks.clone(),
         );
+        let fair =
+            crate::fair::FairStart::new(cluster.clone(), router.clone(), orders.clone(), &config);
         let state = Arc::new(AppState {
+            fair,
             users,
             frontdoor,
             admin_token: config.server.admin_token.clone(),

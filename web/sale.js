@@ -10,6 +10,8 @@
 //   - the buyer: #token= in the link's fragment (the embedding shop supplies it; a fragment never
 //     reaches a server, a proxy's log or a cache key), kept in this tab's sessionStorage and taken
 //     off the address bar at once; in the dev cluster a small form mints one;
+//   - a fair start: a purchase in the sale's fair window is an entry in a draw; the page says so and
+//     when the results come;
 //   - a protected sale: during the lead window the challenge is fetched and a proof of work solved
 //     in a Web Worker (or the question shown); after the start the order token is fetched and the
 //     purchase goes to its order URL.
@@ -256,11 +258,22 @@
     }
   }
 
+  // A fair start (the sale's fair_draw): a purchase in the window is an entry in a draw, answered
+  // when the window closes.
+  function drawMessage() {
+    const d = s.sale && s.sale.fair_draw;
+    if (!d || !d.window_ms) return '';
+    const closes = Date.parse(s.sale.starts_at) + d.window_ms;
+    if (serverNow() >= closes) return '';
+    const at = new Date(closes).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' });
+    return `You are in the draw; results at ${at}`;
+  }
+
   // ---------- buying ----------
   async function buy() {
     if (s.state !== 'open') return;
     const requestId = crypto.randomUUID ? crypto.randomUUID() : randomId();
-    setState('pending', 'Placing your order…');
+    setState('pending', drawMessage() || 'Placing your order…');
     try {
       const p = protection();
       let url = p && p.order_token ? await orderUrl() : `${base()}/orders`;

@@ -69,6 +69,41 @@ pub async fn audit(
 
 #[utoipa::path(
     get,
+    path = "/v1/admin/sales/{sale_id}/items/{item_id}/draw",
+    tag = "admin",
+    summary = "A fair start's draw of one item: every entry with its rank and outcome",
+    description = "Entries in the order the draw served them (ascending HMAC-SHA256(seed, \"<sale_id>:<item_id>:<user_id>\")), each with its rank key, outcome and a winner's order id; with the sale's revealed seed anyone can recompute it (scripts/verify-draw).",
+    params(
+        ("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+        ("item_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+    ),
+    responses(
+        (status = 200, body = crate::fair::store::Listing),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such sale or item", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an id is not a positive integer", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or a group unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn draw(
+    State(s): State<Arc<AppState>>,
+    _: Admin,
+    p: Params,
+) -> Result<Response, ApiError> {
+    let (sale, item) = (p.sale()?, p.item()?);
+    match s.fair.listing(sale, item).await? {
+        Some(listing) => Ok(axum::Json(listing).into_response()),
+        None => Err(ApiError::not_found(format!(
+            "item {} is not part of sale {}",
+            item.key(),
+            sale.key()
+        ))),
+    }
+}
+
+#[utoipa::path(
+    get,
     path = "/v1/admin/groups",
     tag = "admin",
     summary = "Every shard group: members, role, health, replication lag",

@@ -101,6 +101,7 @@ fn documented(admin_body_limit: usize) -> OpenApiRouter<Arc<AppState>> {
             create_sale.layer(DefaultBodyLimit::max(admin_body_limit)),
         ))
         .routes(routes!(admin::audit))
+        .routes(routes!(admin::draw))
         .routes(routes!(admin::groups))
         .routes(routes!(admin::payments))
         .routes(routes!(admin::block, admin::blocklist))

@@ -122,7 +122,7 @@ async fn purchase(
         request_id: body.request_id,
     };
     let outcome = match admit(s, &req, token).await {
-        Ok(()) => s.orders.buy(req).await.map_err(ApiError::from),
+        Ok(()) => s.fair.buy(req).await.map_err(ApiError::from),
         Err(e) => Err(e),
     };
     let bought = outcome.inspect_err(|e| super::observe::count_outcome(e.code.as_str()))?;

@@ -64,7 +64,8 @@ pub async fn copy(
     let items = src
         .query(
             "SELECT sale_id, item_id, stock, remaining, price_cents, per_user_limit, starts_at,
-                    ends_at, payment_window_secs, version, protection
+                    ends_at, payment_window_secs, version, protection, fair_window_ms, fair_seed,
+                    draw_stock, drawn_at
              FROM sale_items WHERE item_id = ANY($1)",
             &[&keys],
         )
@@ -74,8 +75,8 @@ pub async fn copy(
             .execute(
                 "INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents,
                      per_user_limit, starts_at, ends_at, payment_window_secs, version, protection,
-                     fenced_by)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                     fenced_by, fair_window_ms, fair_seed, draw_stock, drawn_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
                  ON CONFLICT (sale_id, item_id) DO UPDATE
                     SET stock = EXCLUDED.stock, remaining = EXCLUDED.remaining,
                         price_cents = EXCLUDED.price_cents, per_user_limit = EXCLUDED.per_user_limit,
@@ -97,6 +98,10 @@ pub async fn copy(
                     &r.get::<_, i64>(9),
                     &r.get::<_, Option<serde_json::Value>>(10),
                     &move_id,
+                    &r.get::<_, i32>(11),
+                    &r.get::<_, Option<Vec<u8>>>(12),
+                    &r.get::<_, Option<i32>>(13),
+                    &r.get::<_, Option<DateTime<Utc>>>(14),
                 ],
             )
             .await?;
@@ -118,6 +123,50 @@ pub async fn copy(
     for chunk in rows.chunks(CHUNK) {
         written += write_reservations(dst, move_id, chunk).await?;
     }
+    written += copy_draw_entries(src, dst, &sales, &item_ids).await?;
+    Ok(written)
+}
+
+/// A fair start's entries (immutable once drawn, and a move waits for the draw): the audit and the
+/// verifier read them where the item lives.
+async fn copy_draw_entries(
+    src: &Client,
+    dst: &Client,
+    sales: &[i64],
+    items: &[i64],
+) -> Result<u64, DbError> {
+    let rows = src
+        .query(
+            "SELECT e.sale_id, e.item_id, e.user_id, e.quantity, e.txn_id, e.entered_at,
+                    e.rank_key, e.outcome, e.decided_at, e.ordered_at
+             FROM unnest($1::bigint[], $2::bigint[]) AS k(s, i)
+             JOIN draw_entries e ON e.sale_id = k.s AND e.item_id = k.i",
+            &[&sales, &items],
+        )
+        .await?;
+    let mut written = 0;
+    for r in &rows {
+        written += dst
+            .execute(
+                "INSERT INTO draw_entries (sale_id, item_id, user_id, quantity, txn_id, entered_at,
+                     rank_key, outcome, decided_at, ordered_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 ON CONFLICT (sale_id, item_id, user_id) DO NOTHING",
+                &[
+                    &r.get::<_, i64>(0),
+                    &r.get::<_, i64>(1),
+                    &r.get::<_, i64>(2),
+                    &r.get::<_, i32>(3),
+                    &r.get::<_, Uuid>(4),
+                    &r.get::<_, DateTime<Utc>>(5),
+                    &r.get::<_, Option<Vec<u8>>>(6),
+                    &r.get::<_, Option<String>>(7),
+                    &r.get::<_, Option<DateTime<Utc>>>(8),
+                    &r.get::<_, Option<DateTime<Utc>>>(9),
+                ],
+            )
+            .await?;
+    }
     Ok(written)
 }
 
@@ -133,7 +182,7 @@ async fn copy_sales(
     for r in src
         .query(
             "SELECT sale_id, name, starts_at, ends_at, item_ids, payment_window_secs, protection,
-                    created_at
+                    created_at, fair_window_ms, fair_commitment
              FROM sales WHERE sale_id = ANY($1)",
             &[&keys],
         )
@@ -142,8 +191,8 @@ async fn copy_sales(
         written += dst
         .execute(
             "INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs,
-                 protection, created_at, fenced_by)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 protection, created_at, fenced_by, fair_window_ms, fair_commitment)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
              ON CONFLICT (sale_id) DO UPDATE SET fenced_by = EXCLUDED.fenced_by
                 WHERE sales.fenced_by IS NOT NULL",
             &[
@@ -156,6 +205,8 @@ async fn copy_sales(
                 &r.get::<_, Option<serde_json::Value>>(6),
                 &r.get::<_, DateTime<Utc>>(7),
                 &move_id,
+                &r.get::<_, i32>(8),
+                &r.get::<_, Option<Vec<u8>>>(9),
             ],
         )
         .await?;

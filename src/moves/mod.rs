@@ -741,6 +741,18 @@ impl Mover {
             });
         }
         checks.push("nothing live for it on the destination".to_string());
+        if kind == crate::router::KeyKind::Items {
+            let pending = self
+                .on_group(&from, async |c| draws_pending(c, &keys).await)
+                .await?;
+            if pending > 0 {
+                return Err(MoveError::Precheck(format!(
+                    "{pending} item row(s) of it belong to a fair start whose draw is not done; \
+                     move it after the draw"
+                )));
+            }
+            checks.push("no fair-start draw pending".to_string());
+        }
         let (key, slot) = match unit {
             Unit::Key(k) => (Some(k), None),
             Unit::Slot(s) => (None, Some(s)),
@@ -1040,4 +1052,19 @@ impl Mover {
             }
         }
     }
+}
+
+/// Item rows among `keys` whose fair-start draw is not done ([`crate::fair`]): their entries and
+/// claim live with the row, so they stay put until the draw is over.
+async fn draws_pending(
+    c: &deadpool_postgres::Object,
+    keys: &[i64],
+) -> Result<i64, crate::db::DbError> {
+    Ok(c.query_one(
+        "SELECT count(*) FROM sale_items
+         WHERE item_id = ANY($1) AND fair_window_ms > 0 AND drawn_at IS NULL",
+        &[&keys],
+    )
+    .await?
+    .get(0))
 }

@@ -22,7 +22,8 @@
 //! own). It runs after the item locks, keeping the lock order of every writer: items, then
 //! reservations. (Sent ahead of the locks it measured no faster, and would invert that order.)
 //!
-//! Outside its sale window an item sells nothing new, but a retry still resumes the reservation its
+//! Outside its sale window an item sells nothing new (nor, in a fair start, before its draw is done:
+//! [`crate::fair`] keeps such purchases waiting, and this is the last guard), but a retry still resumes the reservation its
 //! earlier attempt holds (and so gets its order). The decrement keeps the window in its condition as
 //! a last guard: when an item's window closed while the batch waited for its lock, the transaction
 //! runs again with that item closed (nothing new sold, retries still resumed).
@@ -297,7 +298,8 @@ async fn lock_and_read(
     let lock_stmt = tx
         .prepare_cached(
             "SELECT s.sale_id, s.item_id, s.remaining, s.per_user_limit, s.price_cents,
-                    s.payment_window_secs, s.starts_at <= clock_timestamp(),
+                    s.payment_window_secs,
+                    s.starts_at <= clock_timestamp() AND (s.fair_window_ms = 0 OR s.drawn_at IS NOT NULL),
                     clock_timestamp() < s.ends_at, s.fenced_by IS NOT NULL
              FROM unnest($1::bigint[], $2::bigint[]) AS k(sale_id, item_id)
              JOIN sale_items s ON s.sale_id = k.sale_id AND s.item_id = k.item_id

@@ -549,6 +549,39 @@ impl OrderService {
     /// item group's next transaction 1 when buyers are queued for it, else in a batch of its own
     /// (one UPDATE for many orders). The state is informational until the reconciler needs it,
     /// and the reconciler repairs what this misses.
+    /// The orders of a fair start's winners ([`crate::fair`]): their stock is taken and their
+    /// reservations written by the draw, so nothing here may give it back. Inserted on each user's
+    /// group (idempotent: an order that exists already counts), and their reservations marked
+    /// ordered. The ids now placed; the others (a group unreachable, a user being moved) are tried
+    /// again by the draw's next round.
+    pub(crate) async fn place_drawn(&self, orders: &[NewOrder]) -> Result<Vec<Uuid>, OrderError> {
+        let mut by_group: HashMap<usize, Vec<NewOrder>> = HashMap::new();
+        for o in orders {
+            by_group
+                .entry(self.router.user_group(o.user))
+                .or_default()
+                .push(o.clone());
+        }
+        let mut placed = Vec::new();
+        for (g, group_orders) in by_group {
+            match self.insert_orders_on(g, &group_orders).await {
+                Ok(inserted) => {
+                    for o in group_orders
+                        .iter()
+                        .filter(|o| !inserted.moving.contains(&o.order_id))
+                    {
+                        self.confirm_reservation(o.item, o.order_id);
+                        placed.push(o.order_id);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(group = g, error = %e, "winners' orders not made yet; the draw retries")
+                }
+            }
+        }
+        Ok(placed)
+    }
+
     fn confirm_reservation(&self, item: ItemId, txn_id: Uuid) {
         let group = self.router.item_group(item);
         // Under a storm the group's next transaction 1 carries it: no commit of its own.
@@ -579,7 +612,7 @@ impl OrderService {
     }
 
     /// The order, once the shadow holds it too (for replays).
-    async fn find_order_durable(
+    pub(crate) async fn find_order_durable(
         &self,
         user: UserId,
         order_id: Uuid,

@@ -205,8 +205,9 @@ pub async fn diagnose(
         .query_opt(
             &client
                 .prepare_cached(
-                    "SELECT remaining, starts_at <= clock_timestamp(), clock_timestamp() < ends_at,
-                    fenced_by IS NOT NULL
+                    "SELECT remaining,
+                    starts_at <= clock_timestamp() AND (fair_window_ms = 0 OR drawn_at IS NOT NULL),
+                    clock_timestamp() < ends_at, fenced_by IS NOT NULL
              FROM sale_items WHERE sale_id = $1 AND item_id = $2",
                 )
                 .await?,
@@ -250,6 +251,7 @@ pub async fn reserve_one(
                 "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
              WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3 AND fenced_by IS NULL
                AND starts_at <= clock_timestamp() AND clock_timestamp() < ends_at
+               AND (fair_window_ms = 0 OR drawn_at IS NOT NULL)
              RETURNING per_user_limit, price_cents, payment_window_secs, remaining,
                        clock_timestamp() < ends_at",
             )
