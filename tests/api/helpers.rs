@@ -491,6 +491,7 @@ impl TestApp {
             if r.status != StatusCode::SERVICE_UNAVAILABLE {
                 return r;
             }
+            eprintln!("buy: 503 {}, retrying", r.body);
             tokio::time::sleep(Duration::from_millis(pause / 2 + rand_u64() % pause)).await;
             pause = (pause * 2).min(400);
         }
