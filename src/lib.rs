@@ -24,6 +24,7 @@
 //! | [`router`] | item/user keys -> shard group (hash slots, ranges, router-config table) |
 //! | [`telemetry`] | logs (text or JSON) and Prometheus metrics |
 //! | [`batcher`] | a generic per-key batching queue (no crate imports): the mechanism of coalescing |
+//! | [`flight`] | a generic per-key cache whose misses fly once (no crate imports): a crowd's reads |
 //! | [`db`] | what a database error means (surely not committed vs outcome unknown) |
 //! | [`domain`] | validated newtypes: ids, quantity, request id, txn id |
 //! | [`config`] | shards.toml, as plain data (imports nothing else of the crate) |
@@ -37,6 +38,7 @@ pub mod config;
 pub mod db;
 pub mod domain;
 pub mod fair;
+pub mod flight;
 pub mod frontdoor;
 pub mod layout;
 pub mod local;

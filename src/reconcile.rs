@@ -59,6 +59,8 @@ pub struct SaleAudit {
     pub sale_id: u64,
     pub conserved: bool,
     pub items: Vec<ItemAudit>,
+    /// Changes operators made to the running sale (pauses, its end, restocks), oldest first.
+    pub changes: Vec<crate::sale::changes::Change>,
 }
 
 /// The audit of items: [`audit_row`] reads its columns. `$from` names the items (`si`).
@@ -148,10 +150,12 @@ pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit
         items.extend(rows.iter().map(audit_row));
     }
     items.sort_by_key(|i| i.item_id);
+    let changes = sales.changes(sale, &item_ids).await?;
     Ok(SaleAudit {
         sale_id: sale.key(),
         conserved: items.iter().all(|i| i.conserved),
         items,
+        changes,
     })
 }
 

@@ -25,6 +25,8 @@ pub struct AppState {
     pub moves: Arc<crate::moves::Mover>,
     /// Fair starts: window entries and draws.
     pub fair: Arc<crate::fair::FairStart>,
+    /// `GET /v1/sales/{id}` as served lately ([`crate::sale::cache`]).
+    pub sale_views: crate::sale::cache::ViewCache,
 }
 
 impl AppState {
@@ -61,6 +63,9 @@ impl AppState {
         let fair =
             crate::fair::FairStart::new(cluster.clone(), router.clone(), orders.clone(), &config);
         let state = Arc::new(AppState {
+            sale_views: crate::sale::cache::ViewCache::new(std::time::Duration::from_millis(
+                config.server.sale_view_cache_ms,
+            )),
             fair,
             users,
             frontdoor,

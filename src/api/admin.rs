@@ -43,6 +43,126 @@ pub async fn create_sale(
     Ok((StatusCode::CREATED, axum::Json(view)).into_response())
 }
 
+#[derive(Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SalesQuery {
+    /// Only sales in this state: `scheduled`, `live`, `paused` or `ended`.
+    #[param(pattern = "^(scheduled|live|paused|ended)$")]
+    state: Option<String>,
+    /// 1 to 1000; default 100.
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<i64>,
+}
+
+#[utoipa::path(
+    get,
+    path = "/v1/admin/sales",
+    tag = "admin",
+    summary = "Sales with their state, newest start first",
+    params(SalesQuery),
+    responses(
+        (status = 200, body = crate::sale::changes::SaleList),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "an unknown state or a limit out of range", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "overloaded or a group unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn list_sales(
+    State(s): State<Arc<AppState>>,
+    _: Admin,
+    Query(q): Query<SalesQuery>,
+) -> Result<Response, ApiError> {
+    let state =
+        match q.state.as_deref() {
+            None => None,
+            Some(v) => Some(crate::sale::changes::SaleState::parse(v).ok_or_else(|| {
+                ApiError::invalid("state: must be scheduled, live, paused or ended")
+            })?),
+        };
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::invalid("limit: must be between 1 and 1000"));
+    }
+    let list = s.sales().list(state, limit as usize).await?;
+    Ok(axum::Json(list).into_response())
+}
+
+/// The `x-request-id` of the request being served, recorded with a change it makes.
+fn request_id() -> Option<String> {
+    super::error::REQUEST_ID.try_with(Clone::clone).ok()
+}
+
+#[utoipa::path(
+    patch,
+    path = "/v1/admin/sales/{sale_id}",
+    tag = "admin",
+    summary = "Change a running sale: move its end (end it now, or extend it), pause or resume it",
+    description = "A paused sale refuses buys with 409 `paused`. The change reaches every item's row (every node sells by them at once) and is recorded in the sale's audit.",
+    params(("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64)),
+    request_body = crate::sale::changes::SaleChange,
+    responses(
+        (status = 200, description = "the sale as changed", body = crate::sale::SaleView),
+        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such sale", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "nothing to change, or ends_at not after starts_at", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "a group is unavailable, or an item is being moved: ask again", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn change_sale(
+    State(s): State<Arc<AppState>>,
+    _: Admin,
+    p: Params,
+    Json(change): Json<crate::sale::changes::SaleChange>,
+) -> Result<Response, ApiError> {
+    let view = s
+        .sales()
+        .change(p.sale()?, &change, request_id().as_deref())
+        .await?;
+    s.sale_views.forget(view.sale_id);
+    Ok(axum::Json(view).into_response())
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/admin/sales/{sale_id}/items/{item_id}/restock",
+    tag = "admin",
+    summary = "Add stock to an item of a sale, live",
+    description = "Stock and remaining grow together in one transaction (conservation holds); every node sells the new units at once, and a node that held the item sold out learns of it within coalesce.soldout_refresh_ms. Recorded in the sale's audit.",
+    params(
+        ("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+        ("item_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+    ),
+    request_body = crate::sale::changes::Restock,
+    responses(
+        (status = 200, description = "the item with its new stock and remaining", body = crate::sale::changes::Restocked),
+        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, description = "no such sale or item", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 422, description = "add out of range, or the stock would pass 1000000000", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, description = "a group is unavailable, or the item is being moved: ask again", body = super::error::Problem, content_type = "application/problem+json"),
+    ),
+    security(("admin_token" = []))
+)]
+pub async fn restock(
+    State(s): State<Arc<AppState>>,
+    _: Admin,
+    p: Params,
+    Json(r): Json<crate::sale::changes::Restock>,
+) -> Result<Response, ApiError> {
+    let (sale, item) = (p.sale()?, p.item()?);
+    let done = s
+        .sales()
+        .restock(sale, item, r.add, request_id().as_deref())
+        .await?;
+    // This node sells the new units at once; the others within their sold-out refresh.
+    s.orders.hot.observe(sale, item, done.remaining);
+    s.sale_views.forget(sale.key());
+    Ok(axum::Json(done).into_response())
+}
+
 #[utoipa::path(
     get,
     path = "/v1/admin/sales/{sale_id}/audit",

@@ -33,6 +33,7 @@ pub enum Code {
     PayloadTooLarge,
     NotStarted,
     Ended,
+    Paused,
     SoldOut,
     LimitExceeded,
     OrderPaid,
@@ -65,6 +66,7 @@ impl Code {
             Code::PayloadTooLarge => "payload_too_large",
             Code::NotStarted => "not_started",
             Code::Ended => "ended",
+            Code::Paused => "paused",
             Code::SoldOut => "sold_out",
             Code::LimitExceeded => "limit_exceeded",
             Code::OrderPaid => "order_paid",
@@ -97,6 +99,7 @@ impl Code {
             Code::PayloadTooLarge => "Payload too large",
             Code::NotStarted => "Sale not started",
             Code::Ended => "Sale ended",
+            Code::Paused => "Sale paused",
             Code::SoldOut => "Sold out",
             Code::LimitExceeded => "Per-user limit exceeded",
             Code::OrderPaid => "Order already paid",
@@ -270,6 +273,7 @@ impl From<OrderError> for ApiError {
             }
             OrderError::NotStarted => ApiError::new(S::CONFLICT, Code::NotStarted, e.to_string()),
             OrderError::Ended => ApiError::new(S::CONFLICT, Code::Ended, e.to_string()),
+            OrderError::Paused => ApiError::new(S::CONFLICT, Code::Paused, e.to_string()),
             OrderError::SoldOut { .. } => ApiError::new(S::CONFLICT, Code::SoldOut, e.to_string()),
             OrderError::LimitExceeded { .. } => {
                 ApiError::new(S::CONFLICT, Code::LimitExceeded, e.to_string())
@@ -301,7 +305,10 @@ impl From<OrderError> for ApiError {
 impl From<SaleError> for ApiError {
     fn from(e: SaleError) -> Self {
         match &e {
-            SaleError::NotFound(_) => ApiError::not_found(e.to_string()),
+            SaleError::NotFound(_) | SaleError::ItemNotFound { .. } => {
+                ApiError::not_found(e.to_string())
+            }
+            SaleError::Invalid(why) => ApiError::invalid(why.clone()),
             SaleError::Group(g) => group_error(g),
         }
     }

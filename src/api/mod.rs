@@ -100,6 +100,9 @@ fn documented(admin_body_limit: usize) -> OpenApiRouter<Arc<AppState>> {
             paths,
             create_sale.layer(DefaultBodyLimit::max(admin_body_limit)),
         ))
+        .routes(routes!(admin::list_sales))
+        .routes(routes!(admin::change_sale))
+        .routes(routes!(admin::restock))
         .routes(routes!(admin::audit))
         .routes(routes!(admin::draw))
         .routes(routes!(admin::groups))
@@ -269,22 +272,70 @@ async fn openapi_json() -> Response {
     path = "/v1/sales/{sale_id}",
     tag = "sales",
     summary = "A sale, its items and each item's remaining stock",
-    params(("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64)),
+    description = "Served from a per-node cache at most `server.sale_view_cache_ms` old (250 ms by default), behind the per-IP limit. The answer has an `ETag`: send it back in `If-None-Match` to get 304 with no body while nothing changed.",
+    params(
+        ("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64),
+        ("if-none-match" = Option<String>, Header, description = "the `ETag` of a view already held"),
+    ),
     responses(
-        (status = 200, body = crate::sale::SaleView),
+        (status = 200, body = crate::sale::SaleView, headers(
+            ("etag" = String, description = "changes whenever the view does"),
+            ("cache-control" = String, description = "`public, max-age=1`: a CDN may serve it for a second"),
+        )),
+        (status = 304, description = "the view is the one whose `ETag` was sent"),
         (status = 404, description = "no such sale", body = error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "the id is not a positive integer", body = error::Problem, content_type = "application/problem+json"),
+        (status = 429, description = "this address asks too often (`frontdoor.ip_limit`)", body = error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "overloaded or a group unavailable", body = error::Problem, content_type = "application/problem+json"),
     )
 )]
-async fn get_sale(State(s): State<Arc<AppState>>, p: Params) -> Result<Response, ApiError> {
-    let view = s.sales().get(p.sale()?).await?;
-    let mut resp = axum::Json(view).into_response();
-    // The remaining stock changes by the second: a cache must ask again every time.
-    resp.headers_mut().insert(
-        axum::http::header::CACHE_CONTROL,
-        axum::http::HeaderValue::from_static("no-cache"),
-    );
+async fn get_sale(
+    State(s): State<Arc<AppState>>,
+    _: frontdoor::Door,
+    p: Params,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
+    use axum::http::{header, HeaderValue};
+    let sale = p.sale()?;
+    let cached = s
+        .sale_views
+        .get(sale, || async { s.sales().get(sale).await })
+        .await?;
+    let crate::sale::cache::Cached::Found { body, etag } = cached else {
+        return Err(crate::sale::SaleError::NotFound(sale).into());
+    };
+    let tag = HeaderValue::from_str(&etag).map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            Code::Internal,
+            "an unprintable ETag",
+        )
+    })?;
+    // The remaining stock changes by the second: a CDN may answer for one second at most.
+    let cache = HeaderValue::from_static("public, max-age=1");
+    let held = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            let t = t.trim();
+            t == "*" || t.trim_start_matches("W/") == &*etag
+        });
+    let mut resp = if held {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response()
+    };
+    resp.headers_mut().insert(header::ETAG, tag);
+    resp.headers_mut().insert(header::CACHE_CONTROL, cache);
     Ok(resp)
 }
 

@@ -141,7 +141,8 @@ async fn purchase(
 
 /// The front door's checks of one purchase, cheapest first (crate::frontdoor): the user
 /// blocklist, the order token's signature, the user's limit, and only then (on a plain URL) the
-/// item's rules, which the first request for an item on a node reads from its group.
+/// item's rules, which a node reads from the item's group at most once a second: an unknown
+/// (sale, item) gets 404 from them before any gate or transaction exists for it.
 async fn admit(s: &AppState, req: &BuyRequest, token: Option<&str>) -> Result<(), ApiError> {
     let door = &s.frontdoor;
     door.check_user(req.user)?;
@@ -150,13 +151,15 @@ async fn admit(s: &AppState, req: &BuyRequest, token: Option<&str>) -> Result<()
     }
     door.limit_user(req.user)?;
     if token.is_none() {
-        let protected = door
-            .rules
-            .get(req.sale, req.item)
-            .await?
-            .and_then(|r| r.protection)
-            .is_some_and(|p| p.order_token);
-        if protected {
+        // An unknown pair is answered here, from the remembered lookup: no gate, no transaction.
+        let Some(rules) = door.rules.get(req.sale, req.item).await? else {
+            return Err(crate::order::OrderError::ItemNotFound {
+                sale: req.sale,
+                item: req.item,
+            }
+            .into());
+        };
+        if rules.protection.is_some_and(|p| p.order_token) {
             return Err(Refusal::TokenRequired.into());
         }
     }

@@ -2,6 +2,7 @@
 //! `reconcile`, `group`.
 
 mod dev;
+mod sale;
 
 use crate::app::Application;
 use crate::config::Config;
@@ -134,6 +135,14 @@ pub enum Command {
         /// payment_ref,order_id,amount_cents) with the recorded payments; exit 1 on any mismatch.
         #[arg(long, conflicts_with = "grace_secs")]
         payments: Option<PathBuf>,
+    },
+    /// Change a running sale: pause, resume, end or extend it, restock an item; list sales.
+    /// Every node sees a change at once; each is recorded in the sale's audit.
+    Sale {
+        #[arg(long, default_value = "shards.toml")]
+        config: PathBuf,
+        #[command(subcommand)]
+        action: sale::SaleAction,
     },
     /// Shard group administration.
     Group {
@@ -313,6 +322,7 @@ pub async fn run(cli: Cli) -> ExitCode {
             config, grace_secs, ..
         } => return reconcile(&config, grace_secs).await,
         Command::Group { config, action } => group(&config, action).await,
+        Command::Sale { config, action } => sale::run(&config, action).await,
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -181,6 +181,9 @@ pub struct ServerConfig {
     /// On shutdown (SIGTERM, Ctrl-C), how long in-flight requests may take to finish, in ms.
     /// Default 10000.
     pub drain_ms: u64,
+    /// `GET /v1/sales/{id}` is answered from a per-node cache at most this many ms old (one
+    /// database read per sale per period, however many ask). 0 reads every time. Default 250.
+    pub sale_view_cache_ms: u64,
     /// `GET /metrics` needs the admin token. Default false: open on the listener (keep the
     /// listener on a private network, or set this).
     pub metrics_need_admin: bool,
@@ -211,6 +214,7 @@ impl Default for ServerConfig {
             header_read_timeout_ms: 10_000,
             max_connections: 10_000,
             drain_ms: 10_000,
+            sale_view_cache_ms: 250,
             metrics_need_admin: false,
             dev_login: false,
             layout_guard: true,
@@ -659,6 +663,12 @@ impl Config {
             ));
         }
         positive("server.header_read_timeout_ms", s.header_read_timeout_ms)?;
+        if s.sale_view_cache_ms > 10_000 {
+            return Err(invalid(
+                "server.sale_view_cache_ms",
+                "must be at most 10000 (a sale's view older than that misleads buyers)",
+            ));
+        }
         positive("server.max_connections", s.max_connections as u64)
     }
 

@@ -65,7 +65,7 @@ pub async fn copy(
         .query(
             "SELECT sale_id, item_id, stock, remaining, price_cents, per_user_limit, starts_at,
                     ends_at, payment_window_secs, version, protection, fair_window_ms, fair_seed,
-                    draw_stock, drawn_at
+                    draw_stock, drawn_at, paused
              FROM sale_items WHERE item_id = ANY($1)",
             &[&keys],
         )
@@ -75,15 +75,16 @@ pub async fn copy(
             .execute(
                 "INSERT INTO sale_items (sale_id, item_id, stock, remaining, price_cents,
                      per_user_limit, starts_at, ends_at, payment_window_secs, version, protection,
-                     fenced_by, fair_window_ms, fair_seed, draw_stock, drawn_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                     fenced_by, fair_window_ms, fair_seed, draw_stock, drawn_at, paused)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16,
+                         $17)
                  ON CONFLICT (sale_id, item_id) DO UPDATE
                     SET stock = EXCLUDED.stock, remaining = EXCLUDED.remaining,
                         price_cents = EXCLUDED.price_cents, per_user_limit = EXCLUDED.per_user_limit,
                         starts_at = EXCLUDED.starts_at, ends_at = EXCLUDED.ends_at,
                         payment_window_secs = EXCLUDED.payment_window_secs,
                         version = EXCLUDED.version, protection = EXCLUDED.protection,
-                        fenced_by = EXCLUDED.fenced_by
+                        fenced_by = EXCLUDED.fenced_by, paused = EXCLUDED.paused
                     WHERE sale_items.fenced_by IS NOT NULL",
                 &[
                     &r.get::<_, i64>(0),
@@ -102,6 +103,7 @@ pub async fn copy(
                     &r.get::<_, Option<Vec<u8>>>(12),
                     &r.get::<_, Option<i32>>(13),
                     &r.get::<_, Option<DateTime<Utc>>>(14),
+                    &r.get::<_, bool>(15),
                 ],
             )
             .await?;
@@ -124,6 +126,7 @@ pub async fn copy(
         written += write_reservations(dst, move_id, chunk).await?;
     }
     written += copy_draw_entries(src, dst, &sales, &item_ids).await?;
+    written += copy_changes(src, dst, keys).await?;
     Ok(written)
 }
 
@@ -170,8 +173,42 @@ async fn copy_draw_entries(
     Ok(written)
 }
 
-/// The sales whose ids are among the keys (immutable once created), fenced by the move on the
-/// destination like the items.
+/// The recorded changes of the sales among the keys and of the items among them (restocks): the
+/// audit reads them where the sale and the item live. Ids are UUIDs, so a catch-up pass copies
+/// each once.
+async fn copy_changes(src: &Client, dst: &Client, keys: &[i64]) -> Result<u64, DbError> {
+    let rows = src
+        .query(
+            "SELECT change_id, sale_id, item_id, change, detail, request_id, made_at
+             FROM sale_changes
+             WHERE (item_id IS NULL AND sale_id = ANY($1)) OR item_id = ANY($1)",
+            &[&keys],
+        )
+        .await?;
+    let mut written = 0;
+    for r in &rows {
+        written += dst
+            .execute(
+                "INSERT INTO sale_changes (change_id, sale_id, item_id, change, detail,
+                     request_id, made_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (change_id) DO NOTHING",
+                &[
+                    &r.get::<_, Uuid>(0),
+                    &r.get::<_, i64>(1),
+                    &r.get::<_, Option<i64>>(2),
+                    &r.get::<_, String>(3),
+                    &r.get::<_, serde_json::Value>(4),
+                    &r.get::<_, Option<String>>(5),
+                    &r.get::<_, DateTime<Utc>>(6),
+                ],
+            )
+            .await?;
+    }
+    Ok(written)
+}
+
+/// The sales whose ids are among the keys, fenced by the move on the destination like the items;
+/// a catch-up pass carries the changes operators made meanwhile (their end, a pause).
 async fn copy_sales(
     src: &Client,
     dst: &Client,
@@ -182,7 +219,7 @@ async fn copy_sales(
     for r in src
         .query(
             "SELECT sale_id, name, starts_at, ends_at, item_ids, payment_window_secs, protection,
-                    created_at, fair_window_ms, fair_commitment
+                    created_at, fair_window_ms, fair_commitment, paused
              FROM sales WHERE sale_id = ANY($1)",
             &[&keys],
         )
@@ -191,9 +228,11 @@ async fn copy_sales(
         written += dst
         .execute(
             "INSERT INTO sales (sale_id, name, starts_at, ends_at, item_ids, payment_window_secs,
-                 protection, created_at, fenced_by, fair_window_ms, fair_commitment)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT (sale_id) DO UPDATE SET fenced_by = EXCLUDED.fenced_by
+                 protection, created_at, fenced_by, fair_window_ms, fair_commitment, paused)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             ON CONFLICT (sale_id) DO UPDATE
+                SET fenced_by = EXCLUDED.fenced_by, ends_at = EXCLUDED.ends_at,
+                    paused = EXCLUDED.paused
                 WHERE sales.fenced_by IS NOT NULL",
             &[
                 &r.get::<_, i64>(0),
@@ -207,6 +246,7 @@ async fn copy_sales(
                 &move_id,
                 &r.get::<_, i32>(8),
                 &r.get::<_, Option<Vec<u8>>>(9),
+                &r.get::<_, bool>(10),
             ],
         )
         .await?;

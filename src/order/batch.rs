@@ -106,6 +106,8 @@ impl ItemRow {
             Some(Refusal::NotStarted)
         } else if !row.get::<_, bool>(7) {
             Some(Refusal::Ended)
+        } else if row.get::<_, bool>(9) {
+            Some(Refusal::Paused)
         } else {
             None
         };
@@ -300,7 +302,7 @@ async fn lock_and_read(
             "SELECT s.sale_id, s.item_id, s.remaining, s.per_user_limit, s.price_cents,
                     s.payment_window_secs,
                     s.starts_at <= clock_timestamp() AND (s.fair_window_ms = 0 OR s.drawn_at IS NOT NULL),
-                    clock_timestamp() < s.ends_at, s.fenced_by IS NOT NULL
+                    clock_timestamp() < s.ends_at, s.fenced_by IS NOT NULL, s.paused
              FROM unnest($1::bigint[], $2::bigint[]) AS k(sale_id, item_id)
              JOIN sale_items s ON s.sale_id = k.sale_id AND s.item_id = k.item_id
              ORDER BY s.sale_id, s.item_id
@@ -380,7 +382,7 @@ async fn write(
             "UPDATE sale_items s SET remaining = s.remaining - d.taken, version = s.version + 1
              FROM unnest($1::bigint[], $2::bigint[], $3::int[]) AS d(sale_id, item_id, taken)
              WHERE s.sale_id = d.sale_id AND s.item_id = d.item_id AND s.remaining >= d.taken
-               AND s.fenced_by IS NULL
+               AND s.fenced_by IS NULL AND NOT s.paused
                AND s.starts_at <= clock_timestamp() AND clock_timestamp() < s.ends_at
              RETURNING s.sale_id, s.item_id",
         )

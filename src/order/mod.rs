@@ -64,6 +64,8 @@ pub enum OrderError {
     NotStarted,
     #[error("the sale has ended")]
     Ended,
+    #[error("the sale is paused; buying resumes when the operator resumes it")]
+    Paused,
     #[error("sold out ({remaining} left)")]
     SoldOut { remaining: i32 },
     #[error("per-user limit {limit} reached ({already} already bought)")]
@@ -111,6 +113,7 @@ impl OrderError {
                 OrderError::LimitExceeded { limit, already }
             }
             Refusal::Moving => OrderError::Moving(item),
+            Refusal::Paused => OrderError::Paused,
         }
     }
 }

@@ -193,6 +193,8 @@ pub enum Refusal {
     },
     /// The item is fenced by a move ([`crate::moves`]): it is about to live on another group.
     Moving,
+    /// The sale is paused by an operator: nothing new is sold until it resumes.
+    Paused,
 }
 
 /// Find out why the conditional decrement matched no row.
@@ -207,7 +209,7 @@ pub async fn diagnose(
                 .prepare_cached(
                     "SELECT remaining,
                     starts_at <= clock_timestamp() AND (fair_window_ms = 0 OR drawn_at IS NOT NULL),
-                    clock_timestamp() < ends_at, fenced_by IS NOT NULL
+                    clock_timestamp() < ends_at, fenced_by IS NOT NULL, paused
              FROM sale_items WHERE sale_id = $1 AND item_id = $2",
                 )
                 .await?,
@@ -219,6 +221,7 @@ pub async fn diagnose(
         Some(r) if r.get::<_, bool>(3) => Refusal::Moving,
         Some(r) if !r.get::<_, bool>(1) => Refusal::NotStarted,
         Some(r) if !r.get::<_, bool>(2) => Refusal::Ended,
+        Some(r) if r.get::<_, bool>(4) => Refusal::Paused,
         Some(r) => Refusal::SoldOut {
             remaining: r.get(0),
         },
@@ -251,7 +254,7 @@ pub async fn reserve_one(
                 "UPDATE sale_items SET remaining = remaining - $3, version = version + 1
              WHERE sale_id = $1 AND item_id = $2 AND remaining >= $3 AND fenced_by IS NULL
                AND starts_at <= clock_timestamp() AND clock_timestamp() < ends_at
-               AND (fair_window_ms = 0 OR drawn_at IS NOT NULL)
+               AND (fair_window_ms = 0 OR drawn_at IS NOT NULL) AND NOT paused
              RETURNING per_user_limit, price_cents, payment_window_secs, remaining,
                        clock_timestamp() < ends_at",
             )

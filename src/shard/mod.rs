@@ -17,7 +17,8 @@
 //!
 //! **Shares of the pool**: each piece of work says what it is ([`Work`]). Reads for clients get at
 //! most a quarter of a group's connections and a bounded queue (beyond it: [`ShardError::Busy`],
-//! 503 `overloaded`); transaction 1 batches at most half. Transaction 2, compensation, releases and
+//! 503 `overloaded`); the front door's reads (one per protected item at a time) an eighth of
+//! their own, so a read flood cannot starve order tokens; transaction 1 batches at most half. Transaction 2, compensation, releases and
 //! repairs take any free connection, so a flood of reads or of buyers can never starve the work
 //! that creates orders and returns stock.
 //!
@@ -91,6 +92,9 @@ pub enum Work {
     Reserve = 1,
     /// Transaction 2, compensation, releases, confirmations, sweeps, repairs, admin work.
     Settle = 2,
+    /// The front door's reads of a protected item's rules and stock (one in flight per item
+    /// and node): a share of their own, so a flood of client reads cannot starve order tokens.
+    Door = 3,
 }
 
 impl Work {
@@ -99,6 +103,7 @@ impl Work {
             Work::Read => "read",
             Work::Reserve => "reserve",
             Work::Settle => "settle",
+            Work::Door => "door",
         }
     }
 }
@@ -171,8 +176,9 @@ pub struct ShardGroup {
     reads: Semaphore,
     read_queue: Semaphore,
     reserves: Semaphore,
+    doors: Semaphore,
     /// `seckill_db_work_total{group, work}` for read, reserve and settle.
-    work_done: [metrics::Counter; 3],
+    work_done: [metrics::Counter; 4],
     /// The highest timeline any member was seen on (module docs: a term that only grows).
     term: AtomicI64,
     /// Writes wait for a durable writer (module docs: no shadow, no acknowledgement).
@@ -271,7 +277,7 @@ impl ShardGroup {
         let share = |divisor: usize| (pool_size / divisor).max(1);
         // Counter handles made now are the recorder's only if it exists already.
         let _ = crate::telemetry::recorder();
-        let work_done = [Work::Read, Work::Reserve, Work::Settle].map(|w| {
+        let work_done = [Work::Read, Work::Reserve, Work::Settle, Work::Door].map(|w| {
             metrics::counter!(crate::telemetry::DB_WORK, "group" => name.to_string(), "work" => w.as_str())
         });
         Ok(Self {
@@ -287,6 +293,7 @@ impl ShardGroup {
             reads: Semaphore::new(share(4)),
             read_queue: Semaphore::new(share(4) + 8 * pool_size),
             reserves: Semaphore::new(share(2)),
+            doors: Semaphore::new(share(8)),
             term: AtomicI64::new(0),
             gate_writes,
             durable: tokio::sync::watch::channel(Durability::Unknown).0,
@@ -509,6 +516,7 @@ impl ShardGroup {
         let share = match kind {
             Work::Read => &self.reads,
             Work::Reserve => &self.reserves,
+            Work::Door => &self.doors,
             Work::Settle => return Ok((queued, None)),
         };
         let exhausted = || ShardError::Exhausted {

@@ -139,6 +139,9 @@ pub fn base_config(cluster: &LocalCluster) -> Config {
     // Tests route the shared cluster in several ways on purpose; the guard is tested on its own
     // (tests/api/shardmap.rs).
     config.server.layout_guard = false;
+    // Tests read a sale's remaining stock right after buying; the cache is tested on its own
+    // (tests/api/sale_day.rs).
+    config.server.sale_view_cache_ms = 0;
     config
 }
 

@@ -11,6 +11,7 @@ mod moves;
 mod orders;
 mod page;
 mod routing;
+mod sale_day;
 mod shardmap;
 mod trust;
 mod validation;

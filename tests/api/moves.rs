@@ -818,6 +818,23 @@ async fn a_slot_of_items_moves_with_its_sales() {
         let r = app.buy_retrying(sale, *i, fresh_item(), 1, None).await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     }
+    // An operator's changes move with the items: a restock and a pause.
+    let restocked = admin_post(
+        &app,
+        &format!("/v1/admin/sales/{sale}/items/{}/restock", items[0]),
+        json!({"add": 2}),
+    )
+    .await;
+    assert_eq!(restocked.status, StatusCode::OK, "{:?}", restocked.body);
+    let paused = app
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/v1/admin/sales/{sale}"),
+            Some(json!({"paused": true})),
+        )
+        .await;
+    assert_eq!(paused.status, StatusCode::OK, "{:?}", paused.body);
+    let left = |i: u64| if i == items[0] { 6 } else { 4 };
     let plan = admin_post(
         &app,
         "/v1/admin/moves",
@@ -830,13 +847,40 @@ async fn a_slot_of_items_moves_with_its_sales() {
     assert_eq!(moved["phase"], "switched", "{moved}");
     for i in &items {
         assert_eq!(app.state.router.route(KeyKind::Items, *i), 1);
-        assert_eq!(app.remaining(sale, *i).await, 4);
-        // A fresh cluster on a loaded machine may still be opening connections: retried as
-        // clients do (the move, not the first connection, is what this test is about).
+        assert_eq!(app.remaining(sale, *i).await, left(*i));
+        let r = app.buy_retrying(sale, *i, fresh_item(), 1, None).await;
+        assert_eq!(
+            r.code(),
+            "paused",
+            "the pause moved with the item: {:?}",
+            r.body
+        );
+    }
+    let resumed = app
+        .admin(
+            reqwest::Method::PATCH,
+            &format!("/v1/admin/sales/{sale}"),
+            Some(json!({"paused": false})),
+        )
+        .await;
+    assert_eq!(resumed.status, StatusCode::OK, "{:?}", resumed.body);
+    for i in &items {
         let r = app.buy_retrying(sale, *i, fresh_item(), 1, None).await;
         assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
     }
-    assert_eq!(app.audit(sale).await["conserved"], true);
+    let audit = app.audit(sale).await;
+    assert_eq!(audit["conserved"], true, "{audit}");
+    let changes: Vec<&str> = audit["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| c["change"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        changes,
+        ["restock", "paused", "resumed"],
+        "each once: {audit}"
+    );
     let listed = app.admin_get("/v1/admin/shard-map").await;
     assert!(listed.body["slots"]
         .as_array()
@@ -855,7 +899,7 @@ async fn a_slot_of_items_moves_with_its_sales() {
     assert_eq!(back["phase"], "switched", "{back}");
     for i in &items {
         assert_eq!(app.state.router.route(KeyKind::Items, *i), 0);
-        assert_eq!(app.remaining(sale, *i).await, 3);
+        assert_eq!(app.remaining(sale, *i).await, left(*i) - 1);
     }
     assert_eq!(app.audit(sale).await["conserved"], true);
     // Completed, the slot has no open move left (other tests' keys may share it).

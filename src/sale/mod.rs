@@ -1,8 +1,12 @@
-//! Sales and their items: creation across groups, and the public view with remaining stock.
+//! Sales and their items: creation across groups, and the public view with remaining stock;
+//! changing a running sale ([`changes`]).
 //!
 //! A sale row lives on the group of its sale id (items' router); each item row on the group of its
 //! item id. Creation writes the items first and the sale row last, so a sale is visible only once
 //! all of its items exist; if any write fails, the items already written are removed again.
+
+pub mod cache;
+pub mod changes;
 
 use crate::db::DbError;
 use crate::domain::{ItemId, Protection, SaleId};
@@ -152,6 +156,10 @@ pub struct SaleView {
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
     pub payment_window_secs: i32,
+    /// `scheduled`, `live`, `paused` or `ended`, now.
+    pub state: changes::SaleState,
+    /// Paused by an operator: buys get 409 `paused` until it resumes.
+    pub paused: bool,
     /// The sale's protection, when it has one: what a buyer must do before buying.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub protection: Option<Protection>,
@@ -184,6 +192,11 @@ pub struct ItemView {
 pub enum SaleError {
     #[error("sale {0} not found")]
     NotFound(SaleId),
+    #[error("item {item} is not part of sale {sale}")]
+    ItemNotFound { sale: SaleId, item: ItemId },
+    /// A change that cannot be made: the field and why.
+    #[error("{0}")]
+    Invalid(String),
     /// Work on a group failed.
     #[error(transparent)]
     Group(#[from] GroupError),
@@ -387,7 +400,8 @@ impl SaleService<'_> {
                 Ok(client
                     .query_opt(
                         &client.prepare_cached("SELECT name, starts_at, ends_at, payment_window_secs, item_ids, protection,
-                                                       fair_window_ms, fair_commitment FROM sales WHERE sale_id = $1").await?,
+                                                       fair_window_ms, fair_commitment, paused FROM sales
+                                                WHERE sale_id = $1").await?,
                         &[&sale_id.db()],
                     )
                     .await?)
@@ -402,6 +416,8 @@ impl SaleService<'_> {
                     starts_at: r.get(1),
                     ends_at: r.get(2),
                     payment_window_secs: r.get(3),
+                    state: changes::state_of(Utc::now(), r.get(1), r.get(2), r.get(8)),
+                    paused: r.get(8),
                     protection: r
                         .try_get::<_, Option<serde_json::Value>>(5)
                         .ok()
@@ -447,7 +463,7 @@ impl SaleService<'_> {
                                 .prepare_cached(
                                     "SELECT item_id, stock, remaining, price_cents, per_user_limit,
                                     fair_seed, drawn_at IS NOT NULL FROM sale_items
-                             WHERE sale_id = $1 AND item_id = ANY($2) AND fenced_by IS NULL",
+                             WHERE sale_id = $1 AND item_id = ANY($2)",
                                 )
                                 .await?,
                             &[&sale_id.db(), &ids],
