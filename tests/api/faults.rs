@@ -333,6 +333,10 @@ async fn connections_beyond_the_bound_are_refused_not_queued() {
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut extra = tokio::net::TcpStream::connect(&host).await.unwrap();
+    extra
+        .write_all(b"GET /v1/time HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut answer = String::new();
     tokio::time::timeout(Duration::from_secs(2), extra.read_to_string(&mut answer))
         .await
@@ -349,6 +353,80 @@ async fn connections_beyond_the_bound_are_refused_not_queued() {
     })
     .await;
     assert!(ok, "served again once connections close");
+}
+
+/// Four times `server.max_connections` buyers at once, each on a connection of its own with a
+/// body on the way: every one gets an answer (201, 409 or a clean 503 with Retry-After), none a
+/// reset, and the stock sells exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_beyond_the_connection_bound_gets_answers_not_resets() {
+    let mut config = base_config(cluster());
+    config.server.max_connections = 8;
+    let app = Arc::new(spawn_config(config, quiet()).await);
+    let host = app.addr.trim_start_matches("http://").to_string();
+    let item = fresh_item();
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 10, "price_cents": 1}]))
+        .await;
+    // Six connections held open: two slots left for 32 buyers, so most are refused.
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(tokio::net::TcpStream::connect(&host).await.unwrap());
+    }
+    let mut buyers = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        let app = app.clone();
+        buyers.spawn(async move {
+            let user = fresh_item();
+            let mut seen = Vec::new();
+            for _ in 0..3 {
+                // A client of its own: a new connection each time.
+                let http = reqwest::Client::builder()
+                    .pool_max_idle_per_host(0)
+                    .build()
+                    .unwrap();
+                let r = http
+                    .post(format!("{}/v1/sales/{sale}/items/{item}/orders", app.addr))
+                    .bearer_auth(user_token(user))
+                    .json(&json!({"quantity": 1, "request_id": format!("burst-{user}")}))
+                    .send()
+                    .await;
+                match r {
+                    Ok(r) => {
+                        let status = r.status();
+                        let retry = r.headers().get("retry-after").is_some();
+                        seen.push(Ok((status, retry)));
+                    }
+                    Err(e) => seen.push(Err(format!("{e:?}"))),
+                }
+            }
+            seen
+        });
+    }
+    let mut statuses = std::collections::BTreeMap::new();
+    while let Some(done) = buyers.join_next().await {
+        for r in done.unwrap() {
+            let (status, retry) = r.unwrap_or_else(|e| panic!("a transport error: {e}"));
+            assert!(
+                [
+                    StatusCode::CREATED,
+                    StatusCode::CONFLICT,
+                    StatusCode::SERVICE_UNAVAILABLE
+                ]
+                .contains(&status),
+                "{status}"
+            );
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                assert!(retry, "a 503 says when to retry");
+            }
+            *statuses.entry(status.as_u16()).or_insert(0) += 1;
+        }
+    }
+    assert!(statuses.get(&503).is_some_and(|n| *n > 0), "{statuses:?}");
+    drop(held);
+    let audit = app.audit(sale).await;
+    assert_eq!(audit["conserved"], true, "{audit}");
+    assert!(audit["items"][0]["remaining"].as_i64().unwrap() >= 0);
 }
 
 /// The sold-out set does not grow with every past sale: an item whose sale ended is forgotten.
