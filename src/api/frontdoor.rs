@@ -255,7 +255,7 @@ pub async fn order_token(
             crate::frontdoor::challenge::Failed("solve the challenge first (`solution`)"),
         ))?;
         s.frontdoor
-            .accept_solution(&protection, &binding, solution)
+            .accept_solution(&protection, &binding, solution, starts_at)
             .await??;
     }
     let expires_ms =

@@ -32,6 +32,10 @@ pub struct FrontDoorConfig {
     pub blocklist_refresh_ms: u64,
     /// Block a user who keeps hitting the rate limit. Default off.
     pub auto_block: AutoBlockConfig,
+    /// The proof of work grows with the crowd: an item that served k challenges on this node in
+    /// the last second hands out ones `1 + k / pow_crowd_step` times as hard as its sale's
+    /// `pow_difficulty` (at most 8 times). 0: always the sale's. Default 1000.
+    pub pow_crowd_step: u32,
 }
 
 impl Default for FrontDoorConfig {
@@ -48,6 +52,7 @@ impl Default for FrontDoorConfig {
             limiter_cleanup_ms: 10_000,
             blocklist_refresh_ms: 500,
             auto_block: AutoBlockConfig::default(),
+            pow_crowd_step: 1_000,
         }
     }
 }

@@ -7,7 +7,9 @@
 //! HMAC of them, makes the salt itself unforgeable, so checking one costs no database work. The
 //! trailing `&` ends the salt unambiguously: no digit of the number (or the answer) can be moved
 //! into it to stretch `expires` or `t`. A question's salt carries the time it was served, so an
-//! answer that comes back sooner than a human could read it is refused.
+//! answer that comes back sooner than a human could read it is refused; the reading time
+//! (`min_answer_ms`) counts from the later of serving and the sale's start, so a question
+//! fetched during the lead window cannot be answered at T+0.
 //!
 //! - **pow** (ALTCHA v1): `challenge = hex(SHA-256(salt ‖ number))` for a secret random `number` in
 //!   `0..=maxnumber`; `signature = hex(HMAC-SHA256(challenge key, challenge))`. The client tries
@@ -200,13 +202,15 @@ fn parse_salt(keys: &Keys, salt: &str) -> Option<Salted> {
     })
 }
 
-/// Check `solution` for a challenge of `p.challenge` issued to `b`, at `now_ms`.
+/// Check `solution` for a challenge of `p.challenge` issued to `b`, at `now_ms`, for a sale
+/// that starts at `starts_ms`.
 pub fn verify(
     keys: &Keys,
     p: &crate::domain::Protection,
     b: &Binding,
     solution: &Solution,
     now_ms: i64,
+    starts_ms: i64,
 ) -> Result<Verified, Failed> {
     use crate::domain::ChallengeKind;
     if solution.salt.len() > 256 || solution.signature.len() > 128 {
@@ -258,7 +262,9 @@ pub fn verify(
             let issued = salted
                 .issued_ms
                 .ok_or(Failed("the salt is not a question's"))?;
-            if now_ms < issued.saturating_add(p.min_answer_ms.into()) {
+            // The reading time counts from the start, not from serving: a question fetched
+            // during the lead window and answered by a script at T+0 is still too fast.
+            if now_ms < issued.max(starts_ms).saturating_add(p.min_answer_ms.into()) {
                 return Err(Failed("answered too fast"));
             }
             let answer = solution
@@ -338,26 +344,26 @@ mod tests {
         let (k, p) = (keys(), protection(ChallengeKind::Pow, 0));
         let c = pow(&k, &binding(42), 2_000, 100);
         let s = pow_solution(&c);
-        let ok = verify(&k, &p, &binding(42), &s, 99_999).unwrap();
+        let ok = verify(&k, &p, &binding(42), &s, 99_999, 0).unwrap();
         assert_eq!((ok.expires, ok.then_fail), (100, None));
         assert_eq!(
-            verify(&k, &p, &binding(43), &s, 0),
+            verify(&k, &p, &binding(43), &s, 0, 0),
             Err(Failed("it was issued for another user, item or sale"))
         );
-        assert!(verify(&k, &p, &binding(42), &s, 100_000).is_err());
+        assert!(verify(&k, &p, &binding(42), &s, 100_000, 0).is_err());
         let mut wrong = s.clone();
         wrong.number = wrong.number.map(|n| n + 1);
-        assert!(verify(&k, &p, &binding(42), &wrong, 0).is_err());
+        assert!(verify(&k, &p, &binding(42), &wrong, 0, 0).is_err());
         wrong.challenge = None;
-        assert!(verify(&k, &p, &binding(42), &wrong, 0).is_err());
+        assert!(verify(&k, &p, &binding(42), &wrong, 0, 0).is_err());
         let mut forged = s.clone();
         forged.signature = "00".repeat(32);
-        assert!(verify(&k, &p, &binding(42), &forged, 0).is_err());
+        assert!(verify(&k, &p, &binding(42), &forged, 0, 0).is_err());
         // A salt rewritten for another user no longer carries our MAC.
         let mut moved = s.clone();
         moved.salt = s.salt.replace("&u=42&", "&u=43&");
         assert_eq!(
-            verify(&k, &p, &binding(43), &moved, 0),
+            verify(&k, &p, &binding(43), &moved, 0, 0),
             Err(Failed("the salt is not one of ours"))
         );
     }
@@ -378,13 +384,13 @@ mod tests {
             stretched.salt = format!("{}{}", s.salt, &n[..1]);
             stretched.number = n[1..].parse().ok();
             assert_eq!(
-                verify(&k, &p, &binding(42), &stretched, 0),
+                verify(&k, &p, &binding(42), &stretched, 0, 0),
                 Err(Failed("the salt is not one of ours"))
             );
         }
         // A salt that says it expires far beyond what we ever issue is not ours either.
         let far = pow(&k, &binding(42), 1_000, 10_000_000);
-        assert!(verify(&k, &p, &binding(42), &pow_solution(&far), 0).is_err());
+        assert!(verify(&k, &p, &binding(42), &pow_solution(&far), 0, 0).is_err());
     }
 
     #[test]
@@ -416,31 +422,38 @@ mod tests {
         };
         let b = binding(42);
         assert_eq!(
-            verify(&k, &p, &b, &s(&answer), 2_000).unwrap().then_fail,
+            verify(&k, &p, &b, &s(&answer), 2_000, 0).unwrap().then_fail,
             None
         );
         assert_eq!(
-            verify(&k, &p, &b, &s(&format!(" {answer} ")), 2_000)
+            verify(&k, &p, &b, &s(&format!(" {answer} ")), 2_000, 0)
                 .unwrap()
                 .then_fail,
             None
         );
         assert_eq!(
-            verify(&k, &p, &b, &s(&answer), 1_999),
+            verify(&k, &p, &b, &s(&answer), 1_999, 0),
             Err(Failed("answered too fast"))
         );
         // A wrong answer is recorded (the question is used up), then refused.
-        assert!(verify(&k, &p, &b, &s("1000"), 2_000)
+        assert!(verify(&k, &p, &b, &s("1000"), 2_000, 0)
             .unwrap()
             .then_fail
             .is_some());
         // The served time's last digit moved into the answer: no longer our salt.
         let mut moved = s(&format!("0{answer}"));
         moved.salt = salt.replacen("&t=1000&", "&t=100&", 1);
-        assert!(verify(&k, &p, &b, &moved, 2_000).is_err());
+        assert!(verify(&k, &p, &b, &moved, 2_000, 0).is_err());
         // A pow solution is not a question's, and the other way round.
         let pow_p = protection(ChallengeKind::Pow, 0);
-        assert!(verify(&k, &pow_p, &b, &s(&answer), 2_000).is_err());
+        assert!(verify(&k, &pow_p, &b, &s(&answer), 2_000, 0).is_err());
+        // Fetched during the lead window (served at 1000) for a sale starting at 60_000: the
+        // reading time counts from the start, so a script's answer at T+0.15 s is too fast.
+        assert_eq!(
+            verify(&k, &p, &b, &s(&answer), 60_150, 60_000),
+            Err(Failed("answered too fast"))
+        );
+        assert!(verify(&k, &p, &b, &s(&answer), 61_000, 60_000).is_ok());
     }
 
     #[test]
@@ -451,10 +464,10 @@ mod tests {
             pow(&k, &binding(1), 1_000, 50),
         );
         let (sa, sb) = (pow_solution(&a), pow_solution(&b));
-        let va = verify(&k, &p, &binding(1), &sa, 0).unwrap();
-        let vb = verify(&k, &p, &binding(1), &sb, 0).unwrap();
+        let va = verify(&k, &p, &binding(1), &sa, 0, 0).unwrap();
+        let vb = verify(&k, &p, &binding(1), &sb, 0, 0).unwrap();
         assert_ne!(va.replay_key, vb.replay_key, "each challenge is its own");
-        assert_eq!(va, verify(&k, &p, &binding(1), &sa, 0).unwrap());
+        assert_eq!(va, verify(&k, &p, &binding(1), &sa, 0, 0).unwrap());
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 pub mod blocklist;
 pub mod challenge;
+pub mod crowd;
 pub mod keys;
 pub mod limits;
 pub mod rules;
@@ -61,6 +62,8 @@ pub struct FrontDoor {
     trusted: Vec<ipnet::IpNet>,
     pub blocklist: blocklist::Blocklist,
     pub rules: rules::RulesCache,
+    /// Challenges served per item, for the proof of work's difficulty.
+    crowd: crowd::Crowd,
     /// Automatic blocks to write to the shared table.
     pending_blocks: Mutex<Vec<UserId>>,
     cluster: Arc<Cluster>,
@@ -113,6 +116,7 @@ impl FrontDoor {
             auto_block: f.auto_block.clone(),
             trusted: f.trusted_proxies(),
             blocklist: blocklist::Blocklist::default(),
+            crowd: crowd::Crowd::new(f.pow_crowd_step),
             rules: rules::RulesCache::new(
                 cluster.clone(),
                 router.clone(),
@@ -216,7 +220,11 @@ impl FrontDoor {
         let expires = now.max(starts_at.timestamp_millis()) / 1000 + i64::from(p.token_ttl_secs);
         match p.challenge {
             ChallengeKind::None => None,
-            ChallengeKind::Pow => Some(challenge::pow(&self.keys, b, p.pow_difficulty, expires)),
+            ChallengeKind::Pow => {
+                let factor = self.crowd.serve(b.sale, b.item, now);
+                let difficulty = p.pow_difficulty.saturating_mul(factor);
+                Some(challenge::pow(&self.keys, b, difficulty, expires))
+            }
             ChallengeKind::Question => Some(challenge::question(&self.keys, b, now, expires)),
         }
     }
@@ -228,8 +236,10 @@ impl FrontDoor {
         p: &Protection,
         b: &challenge::Binding,
         solution: &challenge::Solution,
+        starts_at: DateTime<Utc>,
     ) -> Result<Result<(), Refusal>, GroupError> {
-        let verified = match challenge::verify(&self.keys, p, b, solution, now_ms()) {
+        let starts = starts_at.timestamp_millis();
+        let verified = match challenge::verify(&self.keys, p, b, solution, now_ms(), starts) {
             Ok(v) => v,
             Err(f) => return Ok(Err(Refusal::ChallengeFailed(f))),
         };

@@ -336,6 +336,54 @@ async fn wrong_forged_foreign_and_hasty_solutions_fail_the_challenge() {
     );
 }
 
+/// Scripted accounts fetch a question during the countdown, parse it, and answer right at the
+/// start: the reading time counts from the start, so every one is too fast.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_question_fetched_before_the_start_cannot_be_answered_at_the_start() {
+    let app = spawn_app().await;
+    let item = fresh_item();
+    let sale = protected_sale(
+        &app,
+        item,
+        100,
+        chrono::Duration::seconds(3),
+        json!({"challenge": "question", "min_answer_ms": 1500}),
+    )
+    .await;
+    let starts = app.get(&format!("/v1/sales/{sale}")).await.body["starts_at"]
+        .as_str()
+        .unwrap()
+        .parse::<chrono::DateTime<chrono::Utc>>()
+        .unwrap();
+    let users: Vec<u64> = (0..10).map(|_| fresh_item()).collect();
+    let mut answers = Vec::new();
+    for u in &users {
+        let q = get_challenge(&app, sale, item, *u).await;
+        assert_eq!(q.status, StatusCode::OK, "{:?}", q.body);
+        let sum: u64 = q.body["question"]
+            .as_str()
+            .unwrap()
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|w| w.parse::<u64>().ok())
+            .sum();
+        answers.push(
+            json!({"solution": {"answer": sum.to_string(), "salt": q.body["salt"],
+                                         "signature": q.body["signature"]}}),
+        );
+    }
+    let at_start = (starts + chrono::Duration::milliseconds(150)) - chrono::Utc::now();
+    tokio::time::sleep(at_start.to_std().unwrap_or_default()).await;
+    for (u, a) in users.iter().zip(&answers) {
+        let r = order_token(&app, sale, item, *u, a.clone()).await;
+        assert_refused(&r, StatusCode::FORBIDDEN, "challenge_failed");
+        assert!(
+            r.body["detail"].as_str().unwrap().contains("too fast"),
+            "{:?}",
+            r.body
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_tokens_outside_the_window_or_for_a_sold_out_item() {
     let app = spawn_app().await;
