@@ -15,6 +15,7 @@ mod conn;
 mod cpu;
 mod fair;
 mod nemesis;
+mod pageflood;
 mod run;
 mod sale;
 mod verify;
@@ -46,6 +47,11 @@ pub enum Scenario {
     /// millisecond (`--honest`, `--bots`, `--window-ms`, `--stock`); how the winners spread over
     /// arrival, the engine's memory while holding the waiting requests, the draw verified.
     Fair,
+    /// A started protected sale: 50 buyers asking for order tokens every 300 ms, alone and then
+    /// under a flood of `GET /v1/sales/{id}` over `--concurrency` connections (see
+    /// bench/pageflood.rs); passes when the order tokens do not suffer.
+    #[value(name = "page-flood")]
+    PageFlood,
 }
 
 #[derive(Debug, Clone, Parser)]
@@ -229,6 +235,22 @@ async fn real_main(args: Args) -> Result<bool, String> {
             lead: std::time::Duration::from_secs(3),
         };
         let report = fair::run(&args.url, &keys.admin, &keys.users, &plan).await?;
+        report.print();
+        if let Some(path) = &args.json {
+            let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+            std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        return Ok(report.ok);
+    }
+    if args.scenario == Scenario::PageFlood {
+        let report = pageflood::run(
+            &args.url,
+            &keys.admin,
+            &keys.users,
+            args.duration,
+            args.concurrency,
+        )
+        .await?;
         report.print();
         if let Some(path) = &args.json {
             let text = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;

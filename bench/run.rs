@@ -225,7 +225,11 @@ fn next_step(scenario: Scenario, setup: &Setup, demand: u64, rng: &mut Rng) -> S
     let buyers = demand.max(1);
     let user = setup.user_base + rng.next() % buyers;
     match scenario {
-        Scenario::Hot | Scenario::Soldout | Scenario::Bots | Scenario::Fair => Step::Buy {
+        Scenario::Hot
+        | Scenario::Soldout
+        | Scenario::Bots
+        | Scenario::Fair
+        | Scenario::PageFlood => Step::Buy {
             item: setup.items[0].0,
             user,
         },
@@ -429,7 +433,9 @@ pub async fn run_scenario(args: &Args, url: &str, keys: &crate::Keys) -> Result<
     let http = client(args.concurrency)?;
     let base = rand_u64() % (1 << 50) + 1;
     let items: Vec<(u64, i64)> = match args.scenario {
-        Scenario::Hot | Scenario::Bots | Scenario::Fair => vec![(base, args.stock)],
+        Scenario::Hot | Scenario::Bots | Scenario::Fair | Scenario::PageFlood => {
+            vec![(base, args.stock)]
+        }
         Scenario::Soldout => vec![(base, args.stock.min(1_000))],
         Scenario::Spread => (0..args.items as u64)
             .map(|i| (base + i, args.stock))

@@ -4,8 +4,9 @@
 //!
 //! Each caller says how old an answer it accepts ([`Flights::get`]'s `fresh`), so one entry serves
 //! callers of different needs. A failed read is not kept: the next caller reads again. Memory is
-//! bounded: past `max` keys, the entries no caller would accept go, then (a flood of distinct
-//! keys) all. No crate imports.
+//! bounded: at most once a second, once a tenth of `max` keys are held, the entries the caller
+//! would not accept go (a flood of made-up keys leaves about a second's worth behind); past `max`
+//! keys, all go. No crate imports.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -21,14 +22,25 @@ struct Entry<V> {
 
 pub struct Flights<K, V> {
     max: usize,
-    entries: Mutex<HashMap<K, Arc<Entry<V>>>>,
+    map: Mutex<Map<K, V>>,
 }
+
+struct Map<K, V> {
+    entries: HashMap<K, Arc<Entry<V>>>,
+    swept: Instant,
+}
+
+/// How often the entries no caller would accept are dropped, at most.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
 
 impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
     pub fn new(max: usize) -> Self {
         Self {
             max,
-            entries: Mutex::new(HashMap::new()),
+            map: Mutex::new(Map {
+                entries: HashMap::new(),
+                swept: Instant::now(),
+            }),
         }
     }
 
@@ -50,35 +62,38 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
 
     /// Forget `key`: the next caller reads it again.
     pub fn forget(&self, key: &K) {
-        self.lock().remove(key);
+        self.lock().entries.remove(key);
     }
 
     pub fn len(&self) -> usize {
-        self.lock().len()
+        self.lock().entries.len()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Arc<Entry<V>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Map<K, V>> {
         // The map holds no invariant a panicking holder could break.
-        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The entry to wait on: the kept one when its value is acceptable or still being read.
     fn entry(&self, key: K, fresh: &impl Fn(&V, Duration) -> bool) -> Arc<Entry<V>> {
         let usable = |e: &Entry<V>| e.cell.get().is_none_or(|v| fresh(v, e.born.elapsed()));
-        let mut entries = self.lock();
-        if let Some(e) = entries.get(&key).filter(|e| usable(e)) {
+        let mut map = self.lock();
+        if let Some(e) = map.entries.get(&key).filter(|e| usable(e)) {
             return e.clone();
         }
-        if entries.len() >= self.max {
-            entries.retain(|_, e| e.cell.get().is_some_and(|v| fresh(v, e.born.elapsed())));
-            if entries.len() >= self.max {
-                entries.clear();
+        let full = map.entries.len() >= self.max;
+        if full || (map.entries.len() >= self.max / 10 && map.swept.elapsed() >= SWEEP_EVERY) {
+            map.entries.retain(|_, e| usable(e));
+            map.swept = Instant::now();
+            if map.entries.len() >= self.max {
+                map.entries.clear();
             }
         }
+        let entries = &mut map.entries;
         let e = Arc::new(Entry {
             born: Instant::now(),
             cell: OnceCell::new(),

@@ -67,7 +67,7 @@ pub async fn dev(
         let sale = demo_sale(&state).await?;
         let protected = protected_demo_sale(&state).await?;
         let addr = app.local_addr();
-        print_welcome(&addr.to_string(), [sale, protected], &toml_path, &secrets);
+        print_welcome(&addr.to_string(), [sale, protected], &toml_path);
         serve_until_signal(app).await
     }
     .await;
@@ -77,12 +77,7 @@ pub async fn dev(
     result
 }
 
-fn print_welcome(
-    addr: &str,
-    [sale, protected]: [u64; 2],
-    toml_path: &Path,
-    secrets: &EngineSecrets,
-) {
+fn print_welcome(addr: &str, [sale, protected]: [u64; 2], toml_path: &Path) {
     let me = std::env::current_exe()
         .ok()
         .and_then(|p| {
@@ -93,7 +88,13 @@ fn print_welcome(
     let cfg = toml_path.display();
     println!("\nseckill dev is up on http://{addr}");
     println!("  config:      {cfg} (mode 0600: it holds the cluster's secrets)");
-    println!("  admin token: {}", secrets.admin_token.expose());
+    // The token itself never goes to the terminal (a service's stdout is a log): its file does.
+    let token_file = toml_path.with_file_name("secrets").join("admin-token");
+    let admin = format!("${{SECKILL_ADMIN_TOKEN:-$(cat {})}}", token_file.display());
+    println!(
+        "  admin token: in {} (or $SECKILL_ADMIN_TOKEN when set)",
+        token_file.display()
+    );
     println!("  demo sale:   {sale} (items 1001: 100 units, 1002: 1000 units, limit 2 per user)");
     println!("  user tokens: {me} token --config {cfg} --user 42 [--ttl-secs 3600]");
     println!("  sale page:   http://{addr}/sales/{sale} (sign in with any user id)");
@@ -105,10 +106,7 @@ fn print_welcome(
     println!("  curl -s -X POST http://{addr}/v1/sales/{sale}/items/1001/orders -H \"Authorization: Bearer $TOKEN\" -H 'Content-Type: application/json' -d '{{\"quantity\": 1, \"request_id\": \"try-1\"}}'");
     println!("  curl -s -H \"Authorization: Bearer $TOKEN\" http://{addr}/v1/users/42/orders");
     println!("  curl -s http://{addr}/v1/sales/{sale}");
-    println!(
-        "  curl -s -H 'Authorization: Bearer {}' http://{addr}/v1/admin/groups",
-        secrets.admin_token.expose()
-    );
+    println!("  curl -s -H \"Authorization: Bearer {admin}\" http://{addr}/v1/admin/groups");
     println!("\nCtrl-C stops the engine and the servers.");
 }
 
