@@ -652,6 +652,48 @@ async fn planned_switchover_loses_nothing() {
     assert_on_both_servers(&cluster.0.groups[0], &outcome).await;
 }
 
+/// A transaction open on the master before the switchover's fence, that has not written yet
+/// (no transaction id), writes and commits after it: the switchover waits for it, so its commit
+/// is on the promoted shadow, not left alone on the fenced old master.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_switchover_waits_for_transactions_that_have_not_written_yet() {
+    let cluster = own_cluster();
+    let app = engine(&cluster.0).await;
+    let marker = rand_u64() as i64 & i64::MAX;
+    let mut writer = app.state.cluster.group(0).writer().await.expect("writer");
+    let tx = writer.transaction().await.expect("begin");
+    tx.query_one("SELECT 1", &[]).await.expect("a read: no xid");
+    let switching = {
+        let state = app.state.clone();
+        tokio::spawn(async move {
+            seckill::shard::admin::switchover(&state.cluster, "g0")
+                .await
+                .map_err(|e| e.to_string())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    tx.execute(
+        "INSERT INTO sale_changes (sale_id, change, detail) VALUES ($1, 'restock', '{}')",
+        &[&marker],
+    )
+    .await
+    .expect("the open transaction may still write");
+    let committed = tokio::time::timeout(Duration::from_secs(10), tx.commit()).await;
+    assert!(
+        matches!(committed, Ok(Ok(()))),
+        "the commit hung or failed (the shadow was promoted under it): {committed:?}"
+    );
+    switching.await.expect("task").expect("switchover");
+    let on_new_master = cluster.0.groups[0]
+        .shadow
+        .psql(
+            "seckill",
+            &format!("SELECT count(*) FROM sale_changes WHERE sale_id = {marker}"),
+        )
+        .expect("psql");
+    assert_eq!(on_new_master, "1", "the commit is on the promoted shadow");
+}
+
 /// A node cut off from a live master (here: it has a wrong address for it) must not promote the
 /// shadow: the shadow still streams from the master, so promoting would make two masters.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

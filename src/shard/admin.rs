@@ -19,6 +19,11 @@ async fn lsn(config: &super::tls::Endpoint, sql: &str) -> Result<i64> {
     Ok(v)
 }
 
+/// Client sessions in a transaction other than this one: any of them may still write.
+const OPEN_TRANSACTIONS: &str = "SELECT count(*) FROM pg_stat_activity
+     WHERE backend_type = 'client backend' AND xact_start IS NOT NULL
+       AND pid <> pg_backend_pid()";
+
 /// Planned role swap for one group.
 pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
     let (_, group) = cluster
@@ -47,19 +52,27 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
     .await?;
     println!("fencing {} (no new commits) ...", m.endpoint);
     admin(&m.admin, FENCE_SQL, timeout).await?;
-    // Transactions that were already writing when the fence went up may still commit; wait for
-    // them so the catch-up target below includes them.
-    let start = Instant::now();
-    while lsn(
+    // Transactions that were already open when the fence went up stay read-write (the fence
+    // applies at a transaction's start) and may still write and commit, whether or not they hold
+    // a transaction id yet: wait for every open one, so the catch-up target below includes them.
+    // Those that begin within a second of the fence may not have read it yet (the reload reaches
+    // each session as a signal); later ones are read-only.
+    let fenced_ms = lsn(
         &m.admin,
-        "SELECT count(*) FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid()",
+        "SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint",
     )
-    .await?
-        > 0
-    {
+    .await?;
+    let open = format!(
+        "{OPEN_TRANSACTIONS} AND xact_start < to_timestamp({fenced_ms} / 1000.0) + interval '1 second'"
+    );
+    let start = Instant::now();
+    while lsn(&m.admin, &open).await? > 0 {
         if start.elapsed() > Duration::from_secs(10) {
             admin(&m.admin, UNFENCE_SQL, timeout).await?;
-            return Err("writing transactions did not finish within 10 s; switchover aborted, master unfenced".into());
+            return Err(
+                "open transactions did not finish within 10 s; switchover aborted, master unfenced"
+                    .into(),
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
