@@ -294,3 +294,26 @@ async fn background_pass_repairs_dead_orders_and_keeps_reporting_violations() {
         "{report:?}"
     );
 }
+
+/// `seckill reconcile --grace-secs 0` would tombstone purchases between their two transactions:
+/// a grace shorter than twice the request budget is refused, before anything is touched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_refuses_a_grace_that_would_release_purchases_in_flight() {
+    let _serial = SERIAL.lock().await;
+    let dir = std::env::temp_dir().join(format!("seckill-reconcile-cli-{}", fresh_item()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let config = dir.join("shards.toml");
+    std::fs::write(&config, cluster().shards_toml("127.0.0.1:0", &secrets())).expect("toml");
+    for grace in ["0", "9"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_seckill"))
+            .args(["reconcile", "--grace-secs", grace, "--config"])
+            .arg(&config)
+            .output()
+            .expect("the CLI runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--grace-secs {grace} ran");
+        assert!(err.contains("at least 10"), "{err}");
+        assert!(out.stdout.is_empty(), "nothing reconciled: {out:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

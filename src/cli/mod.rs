@@ -6,6 +6,7 @@ mod sale;
 
 use crate::app::Application;
 use crate::config::Config;
+use crate::moves::Move;
 use crate::router::KeyKind;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
@@ -608,13 +609,16 @@ async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
             }
         }
         ShardMapAction::Moves { move_id } => match move_id {
-            Some(id) => println!("{}", serde_json::to_string_pretty(&mover.get(id).await?)?),
+            Some(id) => println!(
+                "{}",
+                serde_json::to_string_pretty(&mover.get(id).await?.shown())?
+            ),
             None => {
                 println!(
                     "{:>6} {:<6} {:>20} {:<6} {:<6} {:<12} {:>10} {:>9}",
                     "move", "kind", "key/slot", "from", "to", "phase", "rows", "pause_ms"
                 );
-                for m in mover.list(100).await? {
+                for m in mover.list(100).await?.into_iter().map(Move::shown) {
                     println!(
                         "{:>6} {:<6} {:>20} {:<6} {:<6} {:<12} {:>10} {:>9}",
                         m.move_id,
@@ -803,11 +807,19 @@ async fn reconcile(path: &Path, grace_secs: Option<u32>) -> ExitCode {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    let grace = std::time::Duration::from_secs(
-        grace_secs
-            .unwrap_or(config.orders.reconcile_grace_secs)
-            .into(),
-    );
+    let grace_secs = grace_secs.unwrap_or(config.orders.reconcile_grace_secs);
+    // A purchase may be between its two transactions for up to a request's budget: a shorter
+    // grace would tombstone purchases still in flight (their buyers would get 201 for an order
+    // whose stock was just released). The same floor as `orders.reconcile_grace_secs`.
+    let floor_ms = 2 * config.server.request_timeout_ms;
+    if u64::from(grace_secs) * 1000 < floor_ms {
+        return fail(format!(
+            "--grace-secs {grace_secs}: must be at least {} (twice server.request_timeout_ms): \
+             a shorter grace would release the stock of purchases still in flight",
+            floor_ms.div_ceil(1000)
+        ));
+    }
+    let grace = std::time::Duration::from_secs(grace_secs.into());
     let mut config = config;
     config.server.migrate_on_start = false;
     let tasks = tokio_util::task::TaskTracker::new();
