@@ -645,6 +645,12 @@ impl OrderService {
             .await?)
     }
 
+    /// The user's hash slot (its group's writes check the slot's fence as well as the user's).
+    fn user_slot(&self, user: UserId) -> i32 {
+        let slots = self.router.kind(crate::router::KeyKind::Users).slot_count();
+        crate::router::slot_of(user.key(), slots) as i32
+    }
+
     /// Run a status transition on the order's own (user) group.
     async fn transition(
         &self,
@@ -652,12 +658,13 @@ impl OrderService {
         order_id: Uuid,
         transition: store::Transition,
     ) -> Result<Option<Order>, OrderError> {
+        let slot = self.user_slot(user);
         Ok(self
             .on_user_group(user, |g| {
                 self.cluster
                     .group(g)
                     .run(Work::Settle, self.timeout, async move |c| {
-                        store::transition_order(c, user, order_id, transition).await
+                        store::transition_order(c, user, slot, order_id, transition).await
                     })
             })
             .await?)
@@ -671,6 +678,7 @@ impl OrderService {
         notice: payments::Notice,
     ) -> Result<payments::Settled, OrderError> {
         let mut settled = None;
+        let slot = self.user_slot(notice.user);
         for _ in 0..3 {
             let notice = &notice;
             settled = self
@@ -678,7 +686,7 @@ impl OrderService {
                     self.cluster
                         .group(g)
                         .run(Work::Settle, self.timeout, async move |c| {
-                            payments::settle(c, notice).await
+                            payments::settle(c, notice, slot).await
                         })
                 })
                 .await?;

@@ -162,9 +162,10 @@ pub struct Settled {
 pub async fn settle(
     client: &mut ClientWrapper,
     notice: &Notice,
+    slot: i32,
 ) -> Result<Option<Settled>, DbError> {
     let tx = client.transaction().await?;
-    super::store::check_user_fence(&tx, notice.user).await?;
+    super::store::check_user_fence(&tx, notice.user, slot).await?;
     // The database's clock judges the window, as the sweeper's does.
     let order_sql = format!(
         "SELECT {}, expires_at <= now(), pg_current_xact_id() FROM orders

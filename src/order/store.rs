@@ -94,17 +94,28 @@ pub enum Transition {
     Cancel,
 }
 
-/// Whether a user is fenced by a move on this group ([`crate::moves`]): first statement of every
-/// transaction that changes the user's orders or payments here. (The mover waits for the
-/// transactions that began before its fence, so a check that passed is never overtaken.)
+/// Whether a user is fenced by a move on this group ([`crate::moves`]), by its own fence or by
+/// its slot's (`slot` is the user's slot; a slot's fence outlives the switch by a while, for the
+/// nodes that still route the slot here): first statement of every transaction that changes the
+/// user's orders or payments here. (The mover waits for the transactions that began before its
+/// fence, so a check that passed is never overtaken.)
 pub async fn check_user_fence(
     tx: &deadpool_postgres::Transaction<'_>,
     user: UserId,
+    slot: i32,
 ) -> Result<(), DbError> {
     let stmt = tx
-        .prepare_cached("SELECT EXISTS (SELECT 1 FROM user_fences WHERE user_id = $1)")
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM user_fences WHERE user_id = $1)
+                 OR EXISTS (SELECT 1 FROM slot_fences WHERE kind = 'users' AND slot = $2
+                            AND (until IS NULL OR until > now()))",
+        )
         .await?;
-    if tx.query_one(&stmt, &[&user.db()]).await?.get::<_, bool>(0) {
+    if tx
+        .query_one(&stmt, &[&user.db(), &slot])
+        .await?
+        .get::<_, bool>(0)
+    {
         return Err(DbError::Moving(format!("user {}", user.key())));
     }
     Ok(())
@@ -116,6 +127,7 @@ pub async fn check_user_fence(
 pub async fn transition_order(
     client: &mut ClientWrapper,
     user: UserId,
+    slot: i32,
     order_id: Uuid,
     transition: Transition,
 ) -> Result<Option<Order>, DbError> {
@@ -132,7 +144,7 @@ pub async fn transition_order(
         ),
     };
     let tx = client.transaction().await?;
-    check_user_fence(&tx, user).await?;
+    check_user_fence(&tx, user, slot).await?;
     let stmt = tx.prepare_cached(sql).await?;
     let order = tx
         .query_opt(&stmt, &[&order_id, &user.db()])

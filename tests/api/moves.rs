@@ -914,6 +914,44 @@ async fn a_slot_of_items_moves_with_its_sales() {
     assert_eq!(done["phase"], "completed", "{done}");
 }
 
+/// After a users-slot switch the source keeps the slot fenced for a while (`slot_fences`, for
+/// nodes that still route the slot there): a cancel or a payment that reaches it then is refused
+/// like one under a user's own fence, never applied to the copy left behind.
+#[tokio::test]
+async fn cancels_and_payments_respect_a_users_slot_fence() {
+    let own = OwnCluster::start(2);
+    let app = own_app(&own).await;
+    let item = fresh_item();
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 5, "price_cents": 100}]))
+        .await;
+    let user = fresh_item();
+    let r = app.buy_retrying(sale, item, user, 1, None).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let order = r.body["order_id"].as_str().unwrap().to_string();
+    let group = app.state.router.route(KeyKind::Users, user);
+    let slot = seckill::router::slot_of(user, app.state.router.kind(KeyKind::Users).slot_count());
+    let fence = format!(
+        "WITH f AS (INSERT INTO slot_fences (kind, slot, move_id, until)
+                    VALUES ('users', {slot}, 999999, now() + interval '1 minute') RETURNING 1)
+         SELECT count(*) FROM f"
+    );
+    assert_eq!(app.sql_i64(group, &fence).await, 1);
+    let cancel = format!("/v1/users/{user}/orders/{order}/cancel");
+    let r = app.post(&cancel, json!({})).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    let r = app.pay(user, &order, 100, &format!("psp-{user}")).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    let lift = format!(
+        "WITH f AS (DELETE FROM slot_fences WHERE kind = 'users' AND slot = {slot} RETURNING 1)
+         SELECT count(*) FROM f"
+    );
+    assert_eq!(app.sql_i64(group, &lift).await, 1);
+    let r = app.post(&cancel, json!({})).await;
+    assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
+    assert_eq!(r.body["status"], "cancelled");
+}
+
 /// An engine on a cluster of the test's own.
 async fn own_app(own: &OwnCluster) -> TestApp {
     spawn_config(
