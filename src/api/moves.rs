@@ -4,7 +4,7 @@
 use super::error::ApiError;
 use super::extract::{Json, Params};
 use super::identity::Admin;
-use crate::moves::Unit;
+use crate::moves::{Move, Unit};
 use crate::router::KeyKind;
 use crate::state::AppState;
 use axum::extract::State;
@@ -76,7 +76,7 @@ pub async fn start(
         return Ok(axum::Json(plan).into_response());
     }
     let m = s.moves.start(kind, unit, &body.to, body.complete).await?;
-    Ok((StatusCode::ACCEPTED, axum::Json(m)).into_response())
+    Ok((StatusCode::ACCEPTED, axum::Json(m.shown())).into_response())
 }
 
 #[utoipa::path(
@@ -92,7 +92,13 @@ pub async fn start(
     security(("admin_token" = []))
 )]
 pub async fn list(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
-    let moves = s.moves.list(100).await?;
+    let moves = s
+        .moves
+        .list(100)
+        .await?
+        .into_iter()
+        .map(Move::shown)
+        .collect();
     Ok(axum::Json(MoveList { moves }).into_response())
 }
 
@@ -121,7 +127,7 @@ pub async fn get(
     p: Params,
 ) -> Result<Response, ApiError> {
     let m = s.moves.get(move_id(&p)?).await?;
-    Ok(axum::Json(m).into_response())
+    Ok(axum::Json(m.shown()).into_response())
 }
 
 #[utoipa::path(
@@ -159,5 +165,5 @@ pub async fn action(
             )))
         }
     };
-    Ok((StatusCode::ACCEPTED, axum::Json(m)).into_response())
+    Ok((StatusCode::ACCEPTED, axum::Json(m.shown())).into_response())
 }

@@ -72,6 +72,10 @@ pub enum Phase {
     Copying,
     CatchingUp,
     Fenced,
+    /// Shown, never stored: routed to the destination, whose copy is not live yet (its writes
+    /// are still paused; `write_pause_ms` is set when it goes live and the phase shows
+    /// `switched`).
+    Switching,
     Switched,
     Completed,
     Failed,
@@ -84,6 +88,7 @@ impl Phase {
             Phase::Copying => "copying",
             Phase::CatchingUp => "catching_up",
             Phase::Fenced => "fenced",
+            Phase::Switching => "switching",
             Phase::Switched => "switched",
             Phase::Completed => "completed",
             Phase::Failed => "failed",
@@ -199,6 +204,15 @@ impl Move {
 
     fn key_kind(&self) -> Result<KeyKind, MoveError> {
         KeyKind::parse(&self.kind).ok_or_else(|| MoveError::Unsupported(self.kind.clone()))
+    }
+
+    /// The move as operators see it: `switching` until the destination's copy is live, so
+    /// `switched` always means writes flow again and `write_pause_ms` is known.
+    pub fn shown(mut self) -> Self {
+        if self.phase == Phase::Switched && !self.dest_live {
+            self.phase = Phase::Switching;
+        }
+        self
     }
 
     /// Nothing left to do until someone asks for more (complete, reverse).
@@ -1067,4 +1081,44 @@ async fn draws_pending(
     )
     .await?
     .get(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_move_shows_switched_only_once_writes_flow_again() {
+        let now = Utc::now();
+        let routed = Move {
+            move_id: 1,
+            kind: "items".into(),
+            key: Some(7),
+            slot: None,
+            from: "g0".into(),
+            to: "g1".into(),
+            phase: Phase::Switched,
+            rows_copied: 3,
+            write_pause_ms: None,
+            error: None,
+            cancel_requested: false,
+            complete_requested: false,
+            dest_live: false,
+            cleanup_pending: false,
+            reverse_of: None,
+            reversed_by: None,
+            created_at: now,
+            updated_at: now,
+            fenced_at: Some(now),
+            switched_at: Some(now),
+            finished_at: None,
+        };
+        assert_eq!(routed.clone().shown().phase, Phase::Switching);
+        let live = Move {
+            dest_live: true,
+            write_pause_ms: Some(12),
+            ..routed
+        };
+        assert_eq!(live.shown().phase, Phase::Switched);
+    }
 }
