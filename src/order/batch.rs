@@ -41,7 +41,7 @@ use super::store::{Refusal, Reserved};
 use crate::db::DbError;
 use crate::domain::{ItemId, Quantity, SaleId, UserId};
 use deadpool_postgres::ClientWrapper;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 use uuid::Uuid;
@@ -175,6 +175,7 @@ async fn attempt(
 
     let Plan {
         decisions,
+        in_progress,
         writes,
         remaining,
     } = plan(asks, items, &rows, &held);
@@ -198,7 +199,11 @@ async fn attempt(
     let outcomes = asks
         .iter()
         .zip(decisions)
-        .map(|(a, d)| {
+        .enumerate()
+        .map(|(p, (a, d))| {
+            if in_progress.contains(&p) {
+                return Err(Refusal::InProgress);
+            }
             let key = (a.sale.db(), a.item.db());
             let Some(row) = rows.get(&key) else {
                 return Err(Refusal::NotFound);
@@ -224,6 +229,8 @@ async fn attempt(
 /// meanwhile), the writes, and each found item's stock after the batch.
 struct Plan {
     decisions: Vec<Option<Decision>>,
+    /// Asks whose purchase an earlier ask of the batch is making (the same txn id).
+    in_progress: HashSet<usize>,
     writes: Writes,
     remaining: Vec<(SaleId, ItemId, i32)>,
 }
@@ -237,6 +244,8 @@ fn plan(
     held: &HashMap<Key, Holdings>,
 ) -> Plan {
     let mut decisions: Vec<Option<Decision>> = vec![None; asks.len()];
+    let mut in_progress = HashSet::new();
+    let mut reserved_here = HashSet::new();
     let mut writes = Writes::default();
     let mut remaining_after = Vec::new();
     for key in items.keys() {
@@ -266,13 +275,24 @@ fn plan(
             writes.decrements.2.push(taken);
         }
         for (&p, d) in positions.iter().zip(item_decisions) {
+            let txn = asks[p].txn_id;
             match d {
                 // Only a txn id derived from a request_id can exist already.
-                Decision::Reserve { quantity } if asks[p].txn_id.get_version_num() == 7 => {
+                Decision::Reserve { quantity } if txn.get_version_num() == 7 => {
+                    reserved_here.insert(txn);
                     writes.fresh.push(*key, &asks[p], quantity)
                 }
-                Decision::Reserve { quantity } => writes.revivable.push(*key, &asks[p], quantity),
-                Decision::Existing { .. } => writes.resumed.push(asks[p].txn_id),
+                Decision::Reserve { quantity } => {
+                    reserved_here.insert(txn);
+                    writes.revivable.push(*key, &asks[p], quantity)
+                }
+                // A double click in one batch: resuming here would take the reservation from the
+                // first ask (a resume bumps the attempt), which could then no longer return the
+                // stock if its order fails. The first ask answers; this one is told to retry.
+                Decision::Existing { .. } if reserved_here.contains(&txn) => {
+                    in_progress.insert(p);
+                }
+                Decision::Existing { .. } => writes.resumed.push(txn),
                 _ => {}
             }
             decisions[p] = Some(d);
@@ -283,6 +303,7 @@ fn plan(
 
     Plan {
         decisions,
+        in_progress,
         writes,
         remaining: remaining_after,
     }
@@ -489,5 +510,54 @@ fn outcome(
         Decision::LimitExceeded { limit, already } => {
             Err(Refusal::LimitExceeded { limit, already })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A double click in one batch: the first ask reserves; the second must not resume the
+    /// reservation (a resume bumps its attempt, and the first ask could then no longer return the
+    /// stock if its order fails): it is told to retry, and nothing is written for it.
+    #[test]
+    fn a_double_click_in_one_batch_leaves_the_first_ask_its_reservation() {
+        let (sale, item) = (SaleId::from_db(1), ItemId::from_db(2));
+        let click = crate::domain::RequestId::parse("click".into()).expect("request id");
+        let txn = crate::domain::txn_id_for(sale, item, UserId::from_db(3), Some(&click));
+        let ask = |txn| BatchAsk {
+            sale,
+            item,
+            txn_id: txn,
+            user: UserId::from_db(3),
+            quantity: Quantity::parse(1).expect("quantity"),
+        };
+        let asks = [ask(txn), ask(txn), ask(Uuid::now_v7())];
+        let items = by_item(asks.iter().map(|a| (a.sale.db(), a.item.db())));
+        let row = ItemRow {
+            remaining: 5,
+            limit: 5,
+            price_cents: 1,
+            window: 60,
+            closed: None,
+            moving: false,
+        };
+        let rows = HashMap::from([((1, 2), row)]);
+        let p = plan(&asks, &items, &rows, &HashMap::new());
+        assert_eq!(
+            p.in_progress,
+            HashSet::from([1]),
+            "the second click waits its turn"
+        );
+        assert!(
+            p.writes.resumed.is_empty(),
+            "the first ask's attempt stands"
+        );
+        assert_eq!(p.writes.revivable.txn, vec![txn]);
+        assert_eq!(
+            p.writes.decrements.2,
+            vec![2],
+            "one unit per purchase, not per click"
+        );
     }
 }

@@ -114,6 +114,11 @@ impl OrderError {
             }
             Refusal::Moving => OrderError::Moving(item),
             Refusal::Paused => OrderError::Paused,
+            Refusal::InProgress => OrderError::Unavailable(
+                "the same purchase (request_id) is being made right now; retry shortly with the \
+                 same request_id to get its order"
+                    .into(),
+            ),
         }
     }
 }

@@ -207,6 +207,9 @@ pub enum Refusal {
     Moving,
     /// The sale is paused by an operator: nothing new is sold until it resumes.
     Paused,
+    /// The same purchase (request id) is being made by an earlier ask of the same batch (a double
+    /// click): that ask answers it; this one retries later and gets its order as a replay.
+    InProgress,
 }
 
 /// Find out why the conditional decrement matched no row.
