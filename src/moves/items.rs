@@ -294,6 +294,14 @@ async fn write_reservations(dst: &Client, move_id: i64, rows: &[Row]) -> Result<
 /// are taken in the order every writer takes them).
 pub async fn fence(src: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, DbError> {
     let tx = src.transaction().await?;
+    super::guard(&tx, move_id).await?;
+    // The keys themselves: a sale created for one while it moves gets no rows here.
+    tx.execute(
+        "INSERT INTO item_fences (item_id, move_id) SELECT k, $2 FROM unnest($1::bigint[]) AS k
+         ON CONFLICT (item_id) DO UPDATE SET move_id = EXCLUDED.move_id, until = NULL",
+        &[&keys, &move_id],
+    )
+    .await?;
     tx.execute(
         "SELECT 1 FROM sale_items WHERE item_id = ANY($1) ORDER BY sale_id, item_id FOR UPDATE",
         &[&keys],
@@ -318,7 +326,10 @@ pub async fn fence(src: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, 
 
 /// Lift this move's fence from a group (the destination at the switch, or the source when a move
 /// is rolled back).
-pub async fn unfence(client: &Client, move_id: i64) -> Result<u64, DbError> {
+pub async fn unfence(
+    client: &impl tokio_postgres::GenericClient,
+    move_id: i64,
+) -> Result<u64, DbError> {
     let n = client
         .execute(
             "UPDATE sale_items SET fenced_by = NULL WHERE fenced_by = $1",
@@ -330,6 +341,9 @@ pub async fn unfence(client: &Client, move_id: i64) -> Result<u64, DbError> {
             "UPDATE sales SET fenced_by = NULL WHERE fenced_by = $1",
             &[&move_id],
         )
+        .await?;
+    client
+        .execute("DELETE FROM item_fences WHERE move_id = $1", &[&move_id])
         .await?;
     Ok(n)
 }

@@ -345,6 +345,14 @@ async fn fence(kind: KeyKind, c: &mut Client, move_id: i64, keys: &[i64]) -> Res
 
 /// Lift this move's fences from a group (its slot fence too).
 async fn unfence(kind: KeyKind, c: &Client, move_id: i64) -> Result<u64, DbError> {
+    lift_fences(kind, c, move_id).await
+}
+
+async fn lift_fences(
+    kind: KeyKind,
+    c: &impl tokio_postgres::GenericClient,
+    move_id: i64,
+) -> Result<u64, DbError> {
     let n = match kind {
         KeyKind::Items => items::unfence(c, move_id).await?,
         KeyKind::Users => users::unfence(c, move_id).await?,
@@ -354,16 +362,64 @@ async fn unfence(kind: KeyKind, c: &Client, move_id: i64) -> Result<u64, DbError
     Ok(n)
 }
 
+/// **Guards.** A runner that lost its claim on a move may still be fencing for it (a COMMIT
+/// already sent completes on the server whatever the client does) while the new runner rolls the
+/// move back. So every fence and the roll-back's unfencing of the source take the move's advisory
+/// lock on the group, one after the other: the roll-back records the move as ended there
+/// (`ended_moves`), and a fence that comes later finds the record and is refused.
+async fn guard(tx: &tokio_postgres::Transaction<'_>, move_id: i64) -> Result<(), DbError> {
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('seckill move', $1))",
+        &[&move_id],
+    )
+    .await?;
+    let ended: bool = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM ended_moves WHERE move_id = $1)",
+            &[&move_id],
+        )
+        .await?
+        .get(0);
+    if ended {
+        return Err(DbError::Rejected {
+            code: "move_ended".into(),
+            message: format!("move {move_id} was rolled back on this group: no fence for it"),
+        });
+    }
+    Ok(())
+}
+
+/// Roll a move back on its source ([`guard`]): record it as ended, lift its fences.
+pub async fn end_on_source(kind: KeyKind, c: &mut Client, move_id: i64) -> Result<u64, DbError> {
+    let tx = c.transaction().await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('seckill move', $1))",
+        &[&move_id],
+    )
+    .await?;
+    tx.execute(
+        "INSERT INTO ended_moves (move_id) VALUES ($1) ON CONFLICT DO NOTHING",
+        &[&move_id],
+    )
+    .await?;
+    let n = lift_fences(kind, &tx, move_id).await?;
+    tx.commit().await?;
+    Ok(n)
+}
+
 /// Fence a whole slot on a group: writers refuse keys of it that have no rows yet (a user's first
 /// order, a new sale), which no key fence covers.
-async fn fence_slot(kind: KeyKind, c: &Client, move_id: i64, slot: u32) -> Result<(), DbError> {
+async fn fence_slot(kind: KeyKind, c: &mut Client, move_id: i64, slot: u32) -> Result<(), DbError> {
     let slot = i32::try_from(slot).unwrap_or(i32::MAX);
-    c.execute(
+    let tx = c.transaction().await?;
+    guard(&tx, move_id).await?;
+    tx.execute(
         "INSERT INTO slot_fences (kind, slot, move_id) VALUES ($1, $2, $3)
          ON CONFLICT (kind, slot) DO UPDATE SET move_id = EXCLUDED.move_id, until = NULL",
         &[&kind.as_str(), &slot, &move_id],
     )
     .await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -385,6 +441,11 @@ async fn clear_slot_tombstone(kind: KeyKind, c: &Client, slot: u32) -> Result<()
 async fn expire_slot_fence(c: &Client, move_id: i64) -> Result<(), DbError> {
     c.execute(
         "UPDATE slot_fences SET until = now() + interval '1 minute' WHERE move_id = $1",
+        &[&move_id],
+    )
+    .await?;
+    c.execute(
+        "UPDATE item_fences SET until = now() + interval '1 minute' WHERE move_id = $1",
         &[&move_id],
     )
     .await?;

@@ -2,11 +2,11 @@
 //! the roll-back.
 
 use super::{
-    clear_slot_tombstone, copy, drop_copy, expire_slot_fence, fence, fence_slot, unfence,
-    wait_out_older, watermark, Move, MoveError, Mover, Phase, Unit, LEASE, STEP_BUDGET,
+    clear_slot_tombstone, copy, drop_copy, end_on_source, expire_slot_fence, fence, fence_slot,
+    unfence, wait_out_older, watermark, Move, MoveError, Mover, Phase, Unit, LEASE, STEP_BUDGET,
 };
 use crate::db::DbError;
-use crate::router::slot_of;
+use crate::router::{slot_of, KeyKind};
 use crate::shard::Work;
 use chrono::{DateTime, Utc};
 use std::sync::Arc;
@@ -243,10 +243,19 @@ impl Mover {
                     Unit::Key(k) => slot_of(k, self.router.kind(kind).slot_count()),
                     Unit::Slot(s) => s,
                 };
+                let key = match m.unit() {
+                    Unit::Key(k) => Some(super::db_key(k)),
+                    Unit::Slot(_) => None,
+                };
                 self.on_group(&m.to, async |c| {
                     unfence(kind, c, id).await?;
                     // A key of a slot that left this group earlier lives here again.
-                    clear_slot_tombstone(kind, c, slot).await
+                    clear_slot_tombstone(kind, c, slot).await?;
+                    if let (Some(k), KeyKind::Items) = (key, kind) {
+                        c.execute("DELETE FROM item_fences WHERE item_id = $1", &[&k])
+                            .await?;
+                    }
+                    Ok(())
                 })
                 .await?;
                 self.on_config(async |c| {
@@ -313,6 +322,12 @@ impl Mover {
                 .await?;
             let again = self.move_keys(m).await?;
             if again.iter().all(|k| keys.contains(k)) {
+                if let (Unit::Key(_), KeyKind::Items) = (m.unit(), kind) {
+                    // A new sale checks the key's fence without a row lock: wait out the
+                    // statements that began before it, so the last copy sees what they wrote.
+                    self.on_group(&m.from, async |c| wait_out_older(c).await)
+                        .await?;
+                }
                 return Ok(keys);
             }
             keys.extend(
@@ -543,7 +558,7 @@ impl Mover {
     async fn clean_up(&self, m: &Move) -> Result<(), MoveError> {
         let kind = m.key_kind()?;
         let id = super::db_key(m.move_id);
-        self.on_group(&m.from, async |c| unfence(kind, c, id).await)
+        self.on_group(&m.from, async |c| end_on_source(kind, c, id).await)
             .await?;
         self.on_group(&m.to, async |c| drop_copy(kind, c, id, false).await)
             .await?;

@@ -204,13 +204,25 @@ pub async fn copy(
 /// Fence the users on the source, then wait until every transaction that began before the fence
 /// has ended: from then on nothing changes their rows there.
 pub async fn fence(src: &mut Client, move_id: i64, keys: &[i64]) -> Result<u64, DbError> {
-    let n = add_fences(src, move_id, keys, false).await?;
+    let tx = src.transaction().await?;
+    super::guard(&tx, move_id).await?;
+    let n = tx
+        .execute(
+            "INSERT INTO user_fences (user_id, move_id) SELECT u, $2 FROM unnest($1::bigint[]) AS u
+             ON CONFLICT (user_id) DO UPDATE SET move_id = EXCLUDED.move_id",
+            &[&keys, &move_id],
+        )
+        .await?;
+    tx.commit().await?;
     super::wait_out_older(src).await?;
     Ok(n)
 }
 
 /// Lift this move's fence from a group.
-pub async fn unfence(client: &Client, move_id: i64) -> Result<u64, DbError> {
+pub async fn unfence(
+    client: &impl tokio_postgres::GenericClient,
+    move_id: i64,
+) -> Result<u64, DbError> {
     Ok(client
         .execute("DELETE FROM user_fences WHERE move_id = $1", &[&move_id])
         .await?)

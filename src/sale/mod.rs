@@ -305,6 +305,9 @@ impl SaleService<'_> {
                                       AS t(i, s, p, l)
                                  WHERE NOT EXISTS (SELECT 1 FROM sale_items
                                                    WHERE item_id = ANY($2) AND fenced_by IS NOT NULL)
+                                   AND NOT EXISTS (SELECT 1 FROM item_fences
+                                                   WHERE item_id = ANY($2)
+                                                     AND (until IS NULL OR until > now()))
                                    AND NOT EXISTS (SELECT 1 FROM slot_fences
                                                    WHERE kind = 'items' AND slot = ANY($10)
                                                      AND (until IS NULL OR until > now()))",

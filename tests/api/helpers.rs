@@ -537,6 +537,16 @@ impl TestApp {
 }
 
 /// Poll `check` every 50 ms until it returns true or `limit` passes.
+/// The kinds of the changes an audit records (`paused`, `restock`, ...), oldest first.
+pub fn change_kinds(audit: &Value) -> Vec<String> {
+    audit["changes"]
+        .as_array()
+        .expect("changes")
+        .iter()
+        .map(|c| c["change"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
 pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
 where
     F: FnMut() -> Fut,

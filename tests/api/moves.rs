@@ -870,12 +870,7 @@ async fn a_slot_of_items_moves_with_its_sales() {
     }
     let audit = app.audit(sale).await;
     assert_eq!(audit["conserved"], true, "{audit}");
-    let changes: Vec<&str> = audit["changes"]
-        .as_array()
-        .expect("changes")
-        .iter()
-        .map(|c| c["change"].as_str().unwrap_or(""))
-        .collect();
+    let changes = change_kinds(&audit);
     assert_eq!(
         changes,
         ["restock", "paused", "resumed"],
@@ -950,6 +945,69 @@ async fn cancels_and_payments_respect_a_users_slot_fence() {
     let r = app.post(&cancel, json!({})).await;
     assert_eq!(r.status, StatusCode::OK, "{:?}", r.body);
     assert_eq!(r.body["status"], "cancelled");
+}
+
+/// A key move fences the item itself, not only its rows: a sale created for an item that has no
+/// rows yet while it moves is refused on the source (it would be left behind by the move).
+#[tokio::test]
+async fn a_key_fence_turns_away_a_new_sale_of_an_item_without_rows() {
+    let own = OwnCluster::start(2);
+    let app = own_app(&own).await;
+    let item = fresh_item_in(&app, 0);
+    let mut c = app.state.cluster.group(0).writer().await.expect("writer");
+    let move_id = (rand_u64() % 1_000_000 + 1) as i64;
+    seckill::moves::items::fence(&mut c, move_id, &[item as i64])
+        .await
+        .expect("fence");
+    let body = json!([{"item_id": item, "stock": 5, "price_cents": 1}]);
+    let now = chrono::Utc::now();
+    let r = app
+        .admin(
+            reqwest::Method::POST,
+            "/v1/admin/sales",
+            Some(
+                json!({"name": "during a move", "starts_at": now.to_rfc3339(),
+                        "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+                        "items": body.clone()}),
+            ),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", r.body);
+    let rows = format!("SELECT count(*) FROM sale_items WHERE item_id = {item}");
+    assert_eq!(
+        app.sql_i64(0, &rows).await,
+        0,
+        "nothing left behind on the source"
+    );
+    seckill::moves::items::unfence(&**c, move_id)
+        .await
+        .expect("unfence");
+    let sale = app.create_sale(body).await;
+    assert_eq!(app.remaining(sale, item).await, 5);
+}
+
+/// A runner that lost its claim fences after the new runner rolled the move back: the fence is
+/// refused, so the source is not left fenced by a move that no longer exists.
+#[tokio::test]
+async fn a_fence_that_comes_after_the_roll_back_is_refused() {
+    let own = OwnCluster::start(2);
+    let app = own_app(&own).await;
+    let item = fresh_item_in(&app, 0);
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 5, "price_cents": 1}]))
+        .await;
+    let mut c = app.state.cluster.group(0).writer().await.expect("writer");
+    let move_id = (rand_u64() % 1_000_000 + 1) as i64;
+    seckill::moves::end_on_source(KeyKind::Items, &mut c, move_id)
+        .await
+        .expect("roll back");
+    let late = seckill::moves::items::fence(&mut c, move_id, &[item as i64]).await;
+    assert!(late.is_err(), "a fence for an ended move: {late:?}");
+    let fenced =
+        format!("SELECT count(*) FROM sale_items WHERE item_id = {item} AND fenced_by IS NOT NULL");
+    assert_eq!(app.sql_i64(0, &fenced).await, 0);
+    let r = app.buy_retrying(sale, item, fresh_item(), 1, None).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
 }
 
 /// An engine on a cluster of the test's own.

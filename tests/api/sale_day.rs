@@ -96,12 +96,7 @@ async fn a_running_sale_is_paused_resumed_ended_and_extended_on_every_node() {
 
     let audit = app.audit(sale).await;
     assert_eq!(audit["conserved"], true, "{audit}");
-    let changes: Vec<&str> = audit["changes"]
-        .as_array()
-        .expect("changes")
-        .iter()
-        .map(|c| c["change"].as_str().unwrap_or(""))
-        .collect();
+    let changes = change_kinds(&audit);
     assert_eq!(
         changes,
         ["paused", "resumed", "ends_at", "ends_at"],
