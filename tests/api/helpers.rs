@@ -84,6 +84,28 @@ pub fn start_cluster(groups: usize) -> LocalCluster {
     cluster
         .ensure_running(&tuning())
         .expect("local cluster starts");
+    // An engine probes its groups once at start: a shadow not streaming yet then gates the group's
+    // purchases (503 shadow_unavailable) until a monitor round sees it, and tests without a
+    // monitor would wait forever. Every test cluster starts with its shadows streaming.
+    for g in &cluster.groups {
+        let streaming = || {
+            g.master
+                .psql(
+                    "postgres",
+                    "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'",
+                )
+                .is_ok_and(|n| n.trim() == "1")
+        };
+        let start = std::time::Instant::now();
+        while !streaming() {
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "the shadow of {} did not stream within 60 s",
+                g.master.name
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     cluster
 }
 
