@@ -71,8 +71,9 @@ pub struct SalesQuery {
 pub async fn list_sales(
     State(s): State<Arc<AppState>>,
     _: Admin,
-    Query(q): Query<SalesQuery>,
+    query: Result<Query<SalesQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::invalid(e.body_text()))?;
     let state =
         match q.state.as_deref() {
             None => None,
