@@ -246,7 +246,12 @@ async fn sales_are_listed_with_their_state() {
         .iter()
         .all(|s| s["state"] == "paused"));
     assert_eq!(state_of(&r.body, paused).as_deref(), Some("paused"));
-    for bad in ["state=open", "limit=0", "limit=1001", "state=live&state=live"] {
+    for bad in [
+        "state=open",
+        "limit=0",
+        "limit=1001",
+        "state=live&state=live",
+    ] {
         let r = app.admin_get(&format!("/v1/admin/sales?{bad}")).await;
         assert_eq!(
             r.status,
