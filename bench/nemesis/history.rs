@@ -76,7 +76,7 @@ pub struct FaultEvent {
 }
 
 /// An order as read back at the end.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FinalOrder {
     pub order_id: String,
     pub item: u64,
@@ -85,7 +85,7 @@ pub struct FinalOrder {
 }
 
 /// One item's audit at the end.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ItemAudit {
     pub item: u64,
     pub stock: i64,
@@ -97,7 +97,7 @@ pub struct ItemAudit {
 }
 
 /// A recorded payment (read from the shards).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PaymentRow {
     pub order_id: String,
     pub payment_ref: String,
@@ -105,7 +105,7 @@ pub struct PaymentRow {
 }
 
 /// Everything read back once the faults stopped and the cluster healed.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Final {
     pub per_user_limit: i64,
     /// user -> every order of theirs.
