@@ -158,3 +158,20 @@ def summary():
     print(f"contract: {sum(reached.values())} of {sum(ANSWERS.values())} requests answered 2xx:")
     for (method, path, status), n in sorted(reached.items()):
         print(f"  {n:5} x {status} {method} {path}")
+
+
+TRANSIENT_CODES = {"unavailable", "overloaded", "shadow_unavailable"}
+
+
+@schemathesis.check
+def a_503_is_a_documented_refusal(ctx, response, case):
+    """A 503 must be one of the documented transient refusals (problem+json with its code)."""
+    if response.status_code != 503:
+        return None
+    try:
+        code = json.loads(response.content).get("code")
+    except (ValueError, AttributeError):
+        code = None
+    if code not in TRANSIENT_CODES:
+        raise AssertionError(f"503 with code {code!r}, not one of {sorted(TRANSIENT_CODES)}")
+    return None
