@@ -174,7 +174,8 @@ pub async fn run(args: NemesisArgs) -> Result<bool, String> {
     }
     let end_ms = start.elapsed().as_millis() as u64;
     history.flush();
-    let (fin, reads) = settled_read_back(&admin, &dir, &shared, sale_id, args.limit).await?;
+    let (fin, reads) =
+        settled(async || read_back(&admin, &dir, &shared, sale_id, args.limit).await).await?;
     println!("end state read back ({reads} reads until two in a row agreed)");
     let ops = history.ops();
     let report = check::check(&ops, &fin, &faults, end_ms);
@@ -266,18 +267,14 @@ const SETTLE_WITHIN: Duration = Duration::from_secs(120);
 /// run at seed 7 did exactly that). Expiry and repair only move forward and stop once the
 /// payment window has passed, so the reads settle; if they do not within [`SETTLE_WITHIN`], that
 /// is itself reported as a failure.
-async fn settled_read_back(
-    admin: &cluster::Admin,
-    dir: &std::path::Path,
-    shared: &workload::Shared,
-    sale: u64,
-    limit: i64,
+async fn settled(
+    mut read_back: impl AsyncFnMut() -> Result<Final, String>,
 ) -> Result<(Final, u32), String> {
     let started = Instant::now();
-    let mut last = read_back(admin, dir, shared, sale, limit).await?;
+    let mut last = read_back().await?;
     let mut reads = 1;
     loop {
-        let next = read_back(admin, dir, shared, sale, limit).await?;
+        let next = read_back().await?;
         reads += 1;
         if next == last {
             return Ok((next, reads));
