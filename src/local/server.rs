@@ -175,6 +175,12 @@ impl LocalServer {
 
     /// initdb a new master: password authentication (SCRAM) only, the superuser
     /// [`ADMIN_ROLE`] with the cluster's admin password.
+    ///
+    /// `wal_init_zero = off`: while `wal_keep_size` holds every segment of a young cluster,
+    /// nothing is recycled and each new 16 MB WAL segment was zero-filled inside the commit that
+    /// needed it (the p99 of accepted hot orders was 110-127 ms with zeroing, 34-44 ms without, on
+    /// one cluster switched back and forth). The segment is still created at its full size and
+    /// every commit is still fsynced here and on the shadow: durability does not change.
     pub fn init_master(&self, tuning: &ServerTuning) -> Result<(), LocalError> {
         self.prepare_dirs()?;
         let base = self.data_dir.parent().unwrap_or(&self.data_dir);
@@ -203,7 +209,7 @@ impl LocalServer {
             "\n# seckill local cluster\nlisten_addresses = '127.0.0.1'\nmax_connections = {}\nshared_buffers = {}\n\
              password_encryption = 'scram-sha-256'\n\
              wal_level = replica\nmax_wal_senders = 10\nmax_replication_slots = 10\nwal_keep_size = '512MB'\n\
-             hot_standby = on\nwal_log_hints = on\nfsync = {}\nfull_page_writes = on\n\
+             hot_standby = on\nwal_log_hints = on\nfsync = {}\nfull_page_writes = on\nwal_init_zero = off\n\
              wal_sender_timeout = '3000ms'\nwal_receiver_timeout = '1500ms'\nwal_retrieve_retry_interval = '1s'\n\
              log_min_messages = warning\nlog_line_prefix = '%m [%p] '\n\
              # A setting per server, appended again at each start (below): base backups and rewinds copy this file.\n",
