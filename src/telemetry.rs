@@ -215,9 +215,13 @@ pub fn init_tracing_with<W>(json: bool, filter: tracing_subscriber::EnvFilter, w
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
+    // Colours only for a person at a terminal: in a log file they are escape codes, and they
+    // cost formatting on every line.
+    let ansi = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
+        .with_ansi(ansi)
         .with_target(false);
     let _ = if json {
         builder

@@ -40,9 +40,9 @@ struct Key {
 pub struct UserTokens {
     mode: UsersAuth,
     keys: Vec<Key>,
-    issuer: Option<String>,
-    audience: Option<String>,
-    leeway: u64,
+    /// The rules a token is checked against, one per algorithm a key accepts: built once at
+    /// start, not per request (they are the same for every token of that algorithm).
+    validations: Vec<(Algorithm, Validation)>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -74,12 +74,16 @@ impl UserTokens {
         if let Some(path) = &config.jwks_file {
             keys.extend(jwks_keys(path)?);
         }
+        let mut validations: Vec<(Algorithm, Validation)> = Vec::new();
+        for k in &keys {
+            if !validations.iter().any(|(alg, _)| *alg == k.alg) {
+                validations.push((k.alg, validation(config, k.alg)));
+            }
+        }
         Ok(Self {
             mode: config.users,
             keys,
-            issuer: config.issuer.clone(),
-            audience: config.audience.clone(),
-            leeway: config.leeway_secs,
+            validations,
         })
     }
 
@@ -109,24 +113,17 @@ impl UserTokens {
                     .unwrap_or_default()
             )));
         }
-        let mut validation = Validation::new(header.alg);
-        validation.leeway = self.leeway;
-        validation.validate_nbf = true;
-        // A configured issuer or audience must be present, not merely not wrong.
-        let mut required = vec!["exp", "sub"];
-        validation.validate_aud = self.audience.is_some();
-        if let Some(aud) = &self.audience {
-            validation.set_audience(&[aud]);
-            required.push("aud");
-        }
-        if let Some(iss) = &self.issuer {
-            validation.set_issuer(&[iss]);
-            required.push("iss");
-        }
-        validation.set_required_spec_claims(&required);
+        // Every key's algorithm has its rules (new), and a candidate's algorithm is the header's.
+        let Some((_, validation)) = self.validations.iter().find(|(alg, _)| *alg == header.alg)
+        else {
+            return Err(TokenError::Invalid(format!(
+                "no key for algorithm {:?}",
+                header.alg
+            )));
+        };
         let mut last = TokenError::Invalid("signature does not verify".into());
         for k in candidates {
-            match jsonwebtoken::decode::<Claims>(token, &k.key, &validation) {
+            match jsonwebtoken::decode::<Claims>(token, &k.key, validation) {
                 Ok(data) => return parse_sub(&data.claims.sub),
                 Err(e) => {
                     last = match e.kind() {
@@ -141,6 +138,26 @@ impl UserTokens {
         }
         Err(last)
     }
+}
+
+/// The checks a token of algorithm `alg` must pass under `[auth]`.
+fn validation(config: &AuthConfig, alg: Algorithm) -> Validation {
+    let mut validation = Validation::new(alg);
+    validation.leeway = config.leeway_secs;
+    validation.validate_nbf = true;
+    // A configured issuer or audience must be present, not merely not wrong.
+    let mut required = vec!["exp", "sub"];
+    validation.validate_aud = config.audience.is_some();
+    if let Some(aud) = &config.audience {
+        validation.set_audience(&[aud]);
+        required.push("aud");
+    }
+    if let Some(iss) = &config.issuer {
+        validation.set_issuer(&[iss]);
+        required.push("iss");
+    }
+    validation.set_required_spec_claims(&required);
+    validation
 }
 
 fn parse_sub(sub: &str) -> Result<u64, TokenError> {
