@@ -106,6 +106,17 @@ pub fn snapshot() -> Snapshot {
     s
 }
 
+/// CPU seconds one process has used so far (its threads and reaped children included).
+pub fn process_cpu_s(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    ticks(&stat).map(|(_, t)| t as f64 / hz())
+}
+
+/// CPU seconds every `seckill` process has used so far.
+pub fn engine_cpu_s() -> f64 {
+    snapshot().engine as f64 / hz()
+}
+
 /// What a run cost, in CPU seconds, and per order / per answer.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct Cost {

@@ -5,10 +5,12 @@
 //! status/code, then verifies the outcome through the API (and directly in the shards when given
 //! DSNs): no oversell, sold == stock when demand exceeds stock, nobody above the per-user limit,
 //! every acknowledged order present. `--against URL` runs the same scenario against a second engine
-//! and prints the ratio; `--baseline` measures a trivial endpoint (GET /v1/time) at the same
-//! concurrency; `--kill-master GROUP@SECONDS` SIGKILLs a local master mid-run (`--freeze-master`
+//! and prints the ratio; `--baseline` measures the engine's `GET /v1/time` and a bare axum
+//! server's GET and JSON POST answered 409 (bench/bare.rs) at the same concurrency, in server CPU
+//! per answer; `--kill-master GROUP@SECONDS` SIGKILLs a local master mid-run (`--freeze-master`
 //! SIGSTOPs it) and reports the outage; `--request-ids` sends a request_id with every purchase.
 
+mod bare;
 mod bots;
 mod chaos;
 mod conn;
@@ -91,7 +93,8 @@ pub struct Args {
     /// Potential buyers per unit of stock (demand = this x stock).
     #[arg(long, default_value_t = 100)]
     pub demand: u64,
-    /// Also measure GET /v1/time at the same concurrency, as a bare-handler baseline.
+    /// Also measure the engine's GET /v1/time and a bare axum server's GET and POST answered 409
+    /// (started by the bench) at the same concurrency: server CPU per answer, and the ratios.
     #[arg(long)]
     pub baseline: bool,
     /// Admin token (default: $SECKILL_ADMIN_TOKEN, else the dev cluster's).
@@ -153,6 +156,13 @@ pub enum Command {
     /// Faults dealt at random (seeded) to a `seckill dev` of its own under a steady workload, then
     /// a checker that reads the whole history back (bench/nemesis/).
     Nemesis(nemesis::NemesisArgs),
+    /// The bare axum server `--baseline` measures against (bench/bare.rs); started by the bench
+    /// itself as a child process.
+    #[command(hide = true)]
+    BareServer {
+        #[arg(long)]
+        listen: String,
+    },
 }
 
 /// A secret: the option, else the environment variable, else the dev cluster's file.
@@ -213,8 +223,10 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn real_main(args: Args) -> Result<bool, String> {
-    if let Some(Command::Nemesis(n)) = args.command {
-        return nemesis::run(n).await;
+    match args.command {
+        Some(Command::Nemesis(n)) => return nemesis::run(n).await,
+        Some(Command::BareServer { listen }) => return bare::serve(&listen).await.map(|()| true),
+        None => {}
     }
     let keys = Keys {
         admin: token(&args)?,
@@ -299,20 +311,33 @@ async fn real_main(args: Args) -> Result<bool, String> {
     }
     if args.baseline {
         let base = run::baseline(&args, &args.url).await?;
-        let storm = reports[0].rejections_per_s;
+        let run = &reports[0];
         println!(
-            "\n== baseline GET /v1/time, {} connections ==",
+            "\n== baseline: server CPU per answer, {} connections ==",
             args.concurrency
         );
-        println!("requests/s: {:.0}", base);
-        if storm > 0.0 {
+        let line = |what: &str, f: &run::Floor| {
+            println!("{what:<34} {:>6.1} µs  ({:.0}/s)", f.us_each, f.per_s)
+        };
+        line("engine GET /v1/time", &base.engine_time);
+        line("bare axum GET", &base.bare_time);
+        line("bare axum JSON POST answered 409", &base.bare_post_409);
+        let ratio = |x: f64, y: f64| if y > 0.0 { x / y } else { f64::INFINITY };
+        let time_ratio = ratio(base.engine_time.us_each, base.bare_time.us_each);
+        println!("engine GET /v1/time vs bare GET:   {time_ratio:.2}x");
+        summary["baseline"] = serde_json::json!(base);
+        summary["time_vs_bare"] = serde_json::json!(time_ratio);
+        if run.rejections_per_s > 0.0 {
+            // The engine alone: a sold-out answer touches no PostgreSQL server.
+            let engine_us = run.cost.engine_s * 1e6 / run.cost.answers.max(1) as f64;
+            let answer_ratio = ratio(engine_us, base.bare_post_409.us_each);
             println!(
-                "sold-out rejections/s vs baseline: {:.0}%",
-                100.0 * storm / base
+                "engine answer of this run ({engine_us:.1} µs) vs bare POST 409: {answer_ratio:.2}x"
             );
+            summary["answer_vs_bare_post"] = serde_json::json!(answer_ratio);
+            summary["rejections_vs_time"] =
+                serde_json::json!(run.rejections_per_s / base.engine_time.per_s);
         }
-        summary["baseline_requests_per_s"] = serde_json::json!(base);
-        summary["rejections_vs_baseline"] = serde_json::json!(storm / base);
     }
     if let Some(path) = &args.json {
         let text = serde_json::to_string_pretty(&summary).map_err(|e| e.to_string())?;

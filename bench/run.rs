@@ -536,21 +536,33 @@ pub async fn run_scenario(args: &Args, url: &str, keys: &crate::Keys) -> Result<
     })
 }
 
-/// Requests per second of GET /v1/time at the run's concurrency for the run's duration (at most 10 s).
-pub async fn baseline(args: &Args, url: &str) -> Result<f64, String> {
+/// Requests answered with `expect` at `url + path` by `concurrency` keep-alive connections
+/// sending for `duration`, and the seconds it took.
+pub async fn drive_fixed(
+    url: &str,
+    concurrency: usize,
+    duration: Duration,
+    method: hyper::Method,
+    path: &str,
+    body: Option<&str>,
+    expect: u16,
+) -> Result<(u64, f64), String> {
     let target = conn::Target::parse(url)?;
     let count = Arc::new(AtomicU64::new(0));
-    let duration = Duration::from_secs_f64(args.duration.min(10.0));
     let start = Instant::now();
-    let handles: Vec<_> = (0..args.concurrency)
+    let handles: Vec<_> = (0..concurrency)
         .map(|_| {
             let (mut conn, count) = (conn::Conn::new(target.clone()), count.clone());
+            let (method, path) = (method.clone(), path.to_string());
+            let body = body.map(|b| bytes::Bytes::copy_from_slice(b.as_bytes()));
             tokio::spawn(async move {
                 while start.elapsed() < duration {
-                    if let Ok((200, _)) =
-                        conn.send(hyper::Method::GET, "/v1/time", None, None).await
+                    if let Ok((status, _)) =
+                        conn.send(method.clone(), &path, body.clone(), None).await
                     {
-                        count.fetch_add(1, Ordering::Relaxed);
+                        if status == expect {
+                            count.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
                 }
             })
@@ -559,5 +571,74 @@ pub async fn baseline(args: &Args, url: &str) -> Result<f64, String> {
     for h in handles {
         h.await.map_err(|e| e.to_string())?;
     }
-    Ok(count.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64())
+    Ok((count.load(Ordering::Relaxed), start.elapsed().as_secs_f64()))
+}
+
+/// One endpoint's floor: answers per second, and CPU µs of the serving process per answer.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct Floor {
+    pub per_s: f64,
+    pub us_each: f64,
+}
+
+impl Floor {
+    fn of(answers: u64, secs: f64, cpu_s: f64) -> Self {
+        let n = answers.max(1) as f64;
+        Self {
+            per_s: answers as f64 / secs.max(1e-9),
+            us_each: cpu_s * 1e6 / n,
+        }
+    }
+}
+
+/// `--baseline`: the engine's `GET /v1/time`, then a bare axum server's (bench/bare.rs) `GET`
+/// and JSON `POST` answered 409, each at the run's concurrency for its duration (at most 10 s),
+/// with the CPU of the serving process from /proc.
+#[derive(Debug, Clone, Serialize)]
+pub struct Baseline {
+    pub engine_time: Floor,
+    pub bare_time: Floor,
+    pub bare_post_409: Floor,
+}
+
+pub async fn baseline(args: &Args, url: &str) -> Result<Baseline, String> {
+    let duration = Duration::from_secs_f64(args.duration.min(10.0));
+    let c = args.concurrency;
+    let before = crate::cpu::engine_cpu_s();
+    let (n, secs) =
+        drive_fixed(url, c, duration, hyper::Method::GET, "/v1/time", None, 200).await?;
+    let engine_time = Floor::of(n, secs, crate::cpu::engine_cpu_s() - before);
+
+    let bare = crate::bare::BareServer::start().await?;
+    let cpu = |pid| crate::cpu::process_cpu_s(pid).ok_or("the bare server is gone");
+    let before = cpu(bare.pid())?;
+    let (n, secs) = drive_fixed(
+        &bare.url,
+        c,
+        duration,
+        hyper::Method::GET,
+        "/v1/time",
+        None,
+        200,
+    )
+    .await?;
+    let mid = cpu(bare.pid())?;
+    let bare_time = Floor::of(n, secs, mid - before);
+    let body = r#"{"user_id":4242,"quantity":1}"#;
+    let (n, secs) = drive_fixed(
+        &bare.url,
+        c,
+        duration,
+        hyper::Method::POST,
+        "/v1/sales/1/items/1/orders",
+        Some(body),
+        409,
+    )
+    .await?;
+    let bare_post_409 = Floor::of(n, secs, cpu(bare.pid())? - mid);
+    Ok(Baseline {
+        engine_time,
+        bare_time,
+        bare_post_409,
+    })
 }
