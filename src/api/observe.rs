@@ -8,10 +8,11 @@ use super::error::{Code, REQUEST_ID};
 use crate::state::AppState;
 use crate::telemetry as t;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Instant;
 use tracing::Instrument;
 
@@ -26,56 +27,118 @@ fn request_id(req: &Request) -> String {
         .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
 }
 
+/// The HTTP metric handles of one method and route, looked up in the registry once (a lookup
+/// hashes and compares every label, and building the labels allocated, on every request).
+struct RouteMetrics {
+    method: String,
+    route: String,
+    active: metrics::Gauge,
+    /// By status code: a route answers a handful of them.
+    durations: RwLock<Vec<(u16, metrics::Histogram)>>,
+}
+
+impl RouteMetrics {
+    fn new(method: &str, route: &str) -> Self {
+        // Install the recorder before the first handle: a handle binds to the recorder of its time.
+        let _ = t::recorder();
+        let labels = [
+            ("http_request_method", method.to_string()),
+            ("http_route", route.to_string()),
+        ];
+        Self {
+            method: method.to_string(),
+            route: route.to_string(),
+            active: metrics::gauge!(t::HTTP_ACTIVE, &labels),
+            durations: RwLock::new(Vec::new()),
+        }
+    }
+
+    fn record(&self, status: u16, seconds: f64) {
+        let known = self
+            .durations
+            .read()
+            .ok()
+            .and_then(|d| d.iter().find(|(s, _)| *s == status).map(|(_, h)| h.clone()));
+        let histogram = known.unwrap_or_else(|| {
+            let h = metrics::histogram!(
+                t::HTTP_DURATION,
+                "http_request_method" => self.method.clone(),
+                "http_route" => self.route.clone(),
+                "http_response_status_code" => status.to_string(),
+            );
+            if let Ok(mut d) = self.durations.write() {
+                d.push((status, h.clone()));
+            }
+            h
+        });
+        histogram.record(seconds);
+    }
+}
+
+/// Every route's metrics, by route and method: the routes are the router's templates and
+/// "unmatched", so this stays as small as the API. A client can make up methods, so a route keeps
+/// at most [`METHODS_KEPT`] of them; the handles of any further one are looked up each time.
+static ROUTES: LazyLock<RwLock<HashMap<String, Vec<Arc<RouteMetrics>>>>> =
+    LazyLock::new(Default::default);
+const METHODS_KEPT: usize = 16;
+
+fn route_metrics(method: &Method, route: &str) -> Arc<RouteMetrics> {
+    let of = |ms: &Vec<Arc<RouteMetrics>>| ms.iter().find(|m| m.method == method.as_str()).cloned();
+    if let Some(m) = ROUTES.read().ok().and_then(|r| r.get(route).and_then(of)) {
+        return m;
+    }
+    let made = Arc::new(RouteMetrics::new(method.as_str(), route));
+    let Ok(mut routes) = ROUTES.write() else {
+        return made;
+    };
+    let kept = routes.entry(route.to_string()).or_default();
+    if let Some(m) = of(kept) {
+        return m;
+    }
+    if kept.len() < METHODS_KEPT {
+        kept.push(made.clone());
+    }
+    made
+}
+
 /// Request id, span and HTTP metrics for one request (module docs).
 pub async fn observe(req: Request, next: Next) -> Response {
     let id = request_id(&req);
-    let method = req.method().as_str().to_string();
     // The route template, never the concrete path (no ids in labels).
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or("unmatched", |m| m.as_str())
-        .to_string();
+        .map_or("unmatched", |m| m.as_str());
+    let m = route_metrics(req.method(), route);
     let span = tracing::info_span!(
         "request",
-        otel.name = %format!("{method} {route}"),
-        method = %method,
-        route = %route,
+        method = %m.method,
+        route = %m.route,
         request_id = %id,
-        status = tracing::field::Empty,
-        code = tracing::field::Empty,
     );
-    let labels = [
-        ("http_request_method", method.clone()),
-        ("http_route", route.clone()),
-    ];
-    let active = metrics::gauge!(t::HTTP_ACTIVE, &labels);
-    active.increment(1.0);
+    m.active.increment(1.0);
     let started = Instant::now();
     let mut resp = REQUEST_ID
         .scope(id.clone(), next.run(req))
         .instrument(span.clone())
         .await;
-    active.decrement(1.0);
+    m.active.decrement(1.0);
     let elapsed = started.elapsed();
     let status = resp.status().as_u16();
-    span.record("status", status);
-    let code = resp.extensions().get::<Code>().map(|c| c.as_str());
-    if let Some(code) = code {
-        span.record("code", code);
-    }
     // One line per request, at debug: a sale's millions of sold_out answers must not flood the
     // log at the default level. The causes of server errors are logged at warn where they are
-    // known (api::error), inside this span, so they carry the request id all the same.
-    let elapsed_ms = elapsed.as_millis() as u64;
-    span.in_scope(|| tracing::debug!(status, code, elapsed_ms, "request done"));
-    metrics::histogram!(
-        t::HTTP_DURATION,
-        "http_request_method" => method,
-        "http_route" => route,
-        "http_response_status_code" => status.to_string(),
-    )
-    .record(elapsed.as_secs_f64());
+    // known (api::error), inside this span, so they carry the request id all the same. The
+    // status and code are not recorded in the span: formatting them cost every answer.
+    span.in_scope(|| {
+        let code = resp.extensions().get::<Code>().map(|c| c.as_str());
+        tracing::debug!(
+            status,
+            code,
+            elapsed_ms = elapsed.as_millis() as u64,
+            "request done"
+        )
+    });
+    m.record(status, elapsed.as_secs_f64());
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
     }
