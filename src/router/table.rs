@@ -8,6 +8,7 @@
 
 use super::{GroupIdx, KeyKind};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 #[derive(Debug, Default)]
@@ -21,6 +22,11 @@ struct Snapshot {
 pub struct TableCache {
     groups: Vec<String>,
     current: RwLock<Arc<Snapshot>>,
+    /// Whether the snapshot names no key and no slot, as it does until a DBA moves something:
+    /// every order asks this cache two or three times, and an empty table is then answered
+    /// without touching the lock (whose shared counter every core would write). Set under the
+    /// write lock, with the snapshot it describes.
+    empty: AtomicBool,
 }
 
 impl TableCache {
@@ -31,6 +37,7 @@ impl TableCache {
                 version: -1,
                 ..Default::default()
             })),
+            empty: AtomicBool::new(true),
         }
     }
 
@@ -41,13 +48,27 @@ impl TableCache {
         }
     }
 
+    /// Look into the current snapshot under the read lock (no reference taken to it).
+    fn with<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
+        match self.current.read() {
+            Ok(g) => f(&g),
+            Err(poisoned) => f(&poisoned.into_inner()),
+        }
+    }
+
     pub fn get(&self, kind: KeyKind, key: u64) -> Option<GroupIdx> {
-        self.snapshot().entries.get(&(kind, key)).copied()
+        if self.empty.load(Ordering::Acquire) {
+            return None;
+        }
+        self.with(|s| s.entries.get(&(kind, key)).copied())
     }
 
     /// Where a moved hash slot lives now, if it was moved.
     pub fn slot(&self, kind: KeyKind, slot: u32) -> Option<GroupIdx> {
-        self.snapshot().slots.get(&(kind, slot)).copied()
+        if self.empty.load(Ordering::Acquire) {
+            return None;
+        }
+        self.with(|s| s.slots.get(&(kind, slot)).copied())
     }
 
     /// The keys of `kind` with an entry naming group `group`.
@@ -113,15 +134,18 @@ impl TableCache {
                 slots.insert((kind, slot), idx);
             }
         }
+        let empty = entries.is_empty() && slots.is_empty();
         let snapshot = Arc::new(Snapshot {
             version,
             entries,
             slots,
         });
-        match self.current.write() {
-            Ok(mut g) => *g = snapshot,
-            Err(poisoned) => *poisoned.into_inner() = snapshot,
-        }
+        let mut current = match self.current.write() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *current = snapshot;
+        self.empty.store(empty, Ordering::Release);
     }
 
     /// Re-read the table from the config group if its version moved. Returns whether it changed.
