@@ -13,15 +13,14 @@
 //! | [`frontdoor`] | against bots: order tokens, challenges, rate limits, the blocklist (cheapest check first) |
 //! | [`sale`] | sales and their items across groups |
 //! | [`shardmap`] | the shard map for DBAs: route introspection, safe re-routing |
-//! | [`layout`] | the layout guard: no start with a routing layout that moves existing keys |
 //! | [`moves`] | live moves of item keys between groups: copy, catch up, fence, switch, reverse |
 //! | [`fair`] | a fair start: the first seconds of a sale as a seeded draw anyone can verify |
 //! | [`order`] | the order service: sold-out fast path and admission, coalescing per shard group, the two short transactions, compensation, idempotency, pay/cancel/expiry |
+//! | [`router`] | item/user keys -> shard group (hash slots, ranges, the router-config table and its refresh from the config group), and the layout guard: no start with a routing layout that moves existing keys |
 //! | [`migrate`] | refinery migrations on every group |
+//! | [`local`] | local PostgreSQL groups for `seckill dev` and the tests; rejoining an old master |
 //! | [`shard`] | shard groups: master + shadow pools, health monitor, failover, fencing; `GroupError`, the error of work on a group that every layer above wraps |
 //! | [`auth`] | the trust boundary: user tokens (JWT) and signed payment callbacks |
-//! | [`local`] | local PostgreSQL groups for `seckill dev` and the tests |
-//! | [`router`] | item/user keys -> shard group (hash slots, ranges, router-config table) |
 //! | [`telemetry`] | logs (text or JSON) and Prometheus metrics |
 //! | [`batcher`] | a generic per-key batching queue (no crate imports): the mechanism of coalescing |
 //! | [`flight`] | a generic per-key cache whose misses fly once (no crate imports): a crowd's reads |
@@ -40,7 +39,6 @@ pub mod domain;
 pub mod fair;
 pub mod flight;
 pub mod frontdoor;
-pub mod layout;
 pub mod local;
 pub mod migrate;
 pub mod moves;

@@ -142,8 +142,9 @@ impl Maps<'_> {
 
     /// Re-read the router-config table now (a change made elsewhere shows at once).
     pub async fn refresh(&self) -> Result<(), ShardMapError> {
-        self.cluster
-            .refresh_routes(self.router.table(), Work::Settle, self.budget())
+        self.router
+            .table()
+            .refresh_from(self.cluster, Work::Settle, self.budget())
             .await?;
         Ok(())
     }

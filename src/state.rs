@@ -50,7 +50,8 @@ impl AppState {
             crate::migrate::run(&cluster).await?;
         }
         if config.server.layout_guard {
-            crate::layout::guard(&config, &cluster, config.server.accept_layout_change).await?;
+            crate::router::layout::guard(&config, &cluster, config.server.accept_layout_change)
+                .await?;
         }
         let orders = OrderService::new(cluster.clone(), router.clone(), &config, tasks.clone());
         let frontdoor = crate::frontdoor::FrontDoor::new(&config, cluster.clone(), router.clone());
@@ -116,7 +117,7 @@ pub enum StartError {
     #[error("auth: {0}")]
     Auth(#[from] crate::auth::users::KeyError),
     #[error(transparent)]
-    Layout(#[from] crate::layout::LayoutError),
+    Layout(#[from] crate::router::layout::LayoutError),
     #[error("migrations failed: {0}")]
     Migrate(#[from] crate::migrate::MigrateError),
     #[error("cannot listen on {addr}: {source}")]

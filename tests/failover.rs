@@ -626,7 +626,7 @@ async fn planned_switchover_loses_nothing() {
     let app = engine(&cluster.0).await;
     let (sale, item, storm) = sale_under_storm(vec![app.clone()], 16, Duration::from_secs(5)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    seckill::shard::admin::switchover(&app.state.cluster, "g0")
+    seckill::cli::group::switchover(&app.state.cluster, "g0")
         .await
         .expect("switchover");
     let outcome = finished(storm).await;
@@ -666,7 +666,7 @@ async fn a_switchover_waits_for_transactions_that_have_not_written_yet() {
     let switching = {
         let state = app.state.clone();
         tokio::spawn(async move {
-            seckill::shard::admin::switchover(&state.cluster, "g0")
+            seckill::cli::group::switchover(&state.cluster, "g0")
                 .await
                 .map_err(|e| e.to_string())
         })

@@ -2,6 +2,7 @@
 //! `reconcile`, `group`.
 
 mod dev;
+pub mod group;
 mod sale;
 
 use crate::app::Application;
@@ -249,29 +250,6 @@ pub enum GroupAction {
     },
 }
 
-/// `seckill group ...`: the cluster from the config, then the action (`shard::admin`).
-async fn group(config_path: &Path, action: GroupAction) -> crate::shard::admin::Result<()> {
-    use crate::shard::{admin, groups_report, Cluster};
-    let config = Config::load(config_path)?;
-    let cluster = Cluster::new(&config)?;
-    cluster.discover().await;
-    match action {
-        GroupAction::Status => {
-            println!(
-                "{}",
-                serde_json::to_string_pretty(&groups_report(&cluster))?
-            );
-            Ok(())
-        }
-        GroupAction::Switchover { group } => admin::switchover(&cluster, &group).await,
-        GroupAction::Rejoin {
-            group,
-            data_dir,
-            port,
-        } => crate::local::rejoin::rejoin(&cluster, &group, &data_dir, port).await,
-    }
-}
-
 pub fn init_tracing(format: LogFormat) {
     crate::telemetry::init_tracing(format == LogFormat::Json);
 }
@@ -322,7 +300,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Reconcile {
             config, grace_secs, ..
         } => return reconcile(&config, grace_secs).await,
-        Command::Group { config, action } => group(&config, action).await,
+        Command::Group { config, action } => group::run(&config, action).await,
         Command::Sale { config, action } => sale::run(&config, action).await,
     };
     match result {

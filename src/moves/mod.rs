@@ -653,8 +653,9 @@ impl Mover {
 
     /// Re-read the router-config table now.
     async fn refresh_routes(&self) -> Result<(), MoveError> {
-        self.cluster
-            .refresh_routes(self.router.table(), Work::Settle, self.budget())
+        self.router
+            .table()
+            .refresh_from(&self.cluster, Work::Settle, self.budget())
             .await?;
         Ok(())
     }

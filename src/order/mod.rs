@@ -263,8 +263,9 @@ impl OrderService {
             return;
         }
         let read = self
-            .cluster
-            .refresh_routes(self.router.table(), Work::Read, self.timeout)
+            .router
+            .table()
+            .refresh_from(&self.cluster, Work::Read, self.timeout)
             .await;
         if let Err(e) = read {
             tracing::debug!(error = %e, "router-config table not re-read");

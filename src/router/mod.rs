@@ -12,8 +12,13 @@
 //! wins under every strategy: moving a key never means rewriting slot maps or ranges.
 //!
 //! Groups are referred to by their index in the configuration's group list ([`GroupIdx`]).
+//!
+//! The routing wing also holds the route table's refresh from the config group
+//! ([`table::TableCache::refresh_from`]) and the layout guard ([`layout`]): the shard layer below
+//! knows groups, not keys.
 
 pub mod hash;
+pub mod layout;
 pub mod table;
 
 use crate::config::routing::{resolve, KindRoutes};

@@ -7,9 +7,11 @@
 //! are skipped with a warning rather than routing to nowhere.
 
 use super::{GroupIdx, KeyKind};
+use crate::shard::{Cluster, GroupError, Work};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 #[derive(Debug, Default)]
 struct Snapshot {
@@ -148,8 +150,22 @@ impl TableCache {
         self.empty.store(empty, Ordering::Release);
     }
 
-    /// Re-read the table from the config group if its version moved. Returns whether it changed.
-    /// (Callers go through `Cluster::refresh_routes`, which finds the config group.)
+    /// Re-read the table from the config group of `cluster` if its version moved (as `work`: a
+    /// buyer's re-read is a read, an admin's is not); whether it changed.
+    pub async fn refresh_from(
+        &self,
+        cluster: &Cluster,
+        work: Work,
+        budget: Duration,
+    ) -> Result<bool, GroupError> {
+        cluster
+            .group(cluster.config_group())
+            .run(work, budget, async |c| Ok(self.refresh(c).await?))
+            .await
+    }
+
+    /// Re-read the table over `client` (a session on the config group) if its version moved.
+    /// Returns whether it changed.
     pub async fn refresh(
         &self,
         client: &tokio_postgres::Client,

@@ -36,7 +36,6 @@
 //! A member writable on an older timeline is an old master, never a write target, whatever the
 //! probes of the newer one say this round ([`monitor::decide`]).
 
-pub mod admin;
 mod error;
 pub mod heal;
 pub mod monitor;
@@ -655,19 +654,6 @@ impl Cluster {
     /// The index of the config group.
     pub fn config_group(&self) -> usize {
         self.config_group
-    }
-
-    /// Re-read the router-config table from the config group into `table` if its version moved
-    /// (as `work`: a buyer's re-read is a read, an admin's is not); whether it changed.
-    pub async fn refresh_routes(
-        &self,
-        table: &crate::router::TableCache,
-        work: Work,
-        budget: Duration,
-    ) -> Result<bool, GroupError> {
-        self.group(self.config_group)
-            .run(work, budget, async |c| Ok(table.refresh(c).await?))
-            .await
     }
 
     /// Probe every group once to find its writable member, never promoting anything: what

@@ -1,17 +1,43 @@
-//! `seckill group switchover`: a planned, lossless role swap (rejoining an old master as the shadow
-//! is the dev cluster's business: [`crate::local::rejoin`]).
+//! `seckill group ...`: the groups' state, a planned switchover, and the rejoin of an old master
+//! (the dev cluster's business: [`crate::local::rejoin`]). A command for people at a terminal: it
+//! prints what it does, and its errors are words.
 //!
 //! Switchover is lossless by construction: the master is fenced first (no new commits), the
 //! shadow replays everything the master wrote, and only then is it promoted. Engine nodes follow
 //! by themselves (their monitors see the new master and the fenced old one).
 
-use super::monitor::{admin, probe, FENCE_SQL, UNFENCE_SQL};
-use super::Cluster;
+use super::GroupAction;
+use crate::config::Config;
+use crate::shard::monitor::{self, admin, probe, FENCE_SQL, UNFENCE_SQL};
+use crate::shard::{groups_report, tls::Endpoint, Cluster};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
-async fn lsn(config: &super::tls::Endpoint, sql: &str) -> Result<i64> {
+/// `seckill group ...`: the cluster from the config, then the action.
+pub async fn run(config_path: &Path, action: GroupAction) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let cluster = Cluster::new(&config)?;
+    cluster.discover().await;
+    match action {
+        GroupAction::Status => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&groups_report(&cluster))?
+            );
+            Ok(())
+        }
+        GroupAction::Switchover { group } => switchover(&cluster, &group).await,
+        GroupAction::Rejoin {
+            group,
+            data_dir,
+            port,
+        } => crate::local::rejoin::rejoin(&cluster, &group, &data_dir, port).await,
+    }
+}
+
+async fn lsn(config: &Endpoint, sql: &str) -> Result<i64> {
     let (client, task) = config.connect().await?;
     let v: i64 = client.query_one(sql, &[]).await?.get(0);
     drop(client);
@@ -43,7 +69,7 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
     }
     // Commit synchronously from here on (the shadow streams), so every commit that slips in
     // before the fence takes hold is on the shadow before it is acknowledged.
-    let names = super::monitor::sync_names_for(&cluster.failover().shadow_name);
+    let names = monitor::sync_names_for(&cluster.failover().shadow_name);
     admin(
         &m.admin,
         &format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'; SELECT pg_reload_conf()"),
@@ -104,8 +130,8 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
         "shadow {} has replayed everything; promoting ...",
         s.endpoint
     );
-    let names = super::monitor::sync_names_after_promotion(cluster.failover());
-    super::monitor::promote(&s.admin, timeout, &names).await?;
+    let names = monitor::sync_names_after_promotion(cluster.failover());
+    monitor::promote(&s.admin, timeout, &names).await?;
     println!(
         "done: {} is the master of {name}; {} stays fenced until `seckill group rejoin {name} --data-dir ...`",
         s.endpoint, m.endpoint
