@@ -8,7 +8,8 @@
 
 use super::GroupAction;
 use crate::config::Config;
-use crate::shard::monitor::{self, admin, probe, FENCE_SQL, UNFENCE_SQL};
+use crate::shard::monitor::sync_names_after_promotion;
+use crate::shard::probe::{admin, probe, promote, sync_names_for, FENCE_SQL, UNFENCE_SQL};
 use crate::shard::{groups_report, tls::Endpoint, Cluster};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -69,7 +70,7 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
     }
     // Commit synchronously from here on (the shadow streams), so every commit that slips in
     // before the fence takes hold is on the shadow before it is acknowledged.
-    let names = monitor::sync_names_for(&cluster.failover().shadow_name);
+    let names = sync_names_for(&cluster.failover().shadow_name);
     admin(
         &m.admin,
         &format!("ALTER SYSTEM SET synchronous_standby_names = '{names}'; SELECT pg_reload_conf()"),
@@ -130,8 +131,8 @@ pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
         "shadow {} has replayed everything; promoting ...",
         s.endpoint
     );
-    let names = monitor::sync_names_after_promotion(cluster.failover());
-    monitor::promote(&s.admin, timeout, &names).await?;
+    let names = sync_names_after_promotion(cluster.failover());
+    promote(&s.admin, timeout, &names).await?;
     println!(
         "done: {} is the master of {name}; {} stays fenced until `seckill group rejoin {name} --data-dir ...`",
         s.endpoint, m.endpoint

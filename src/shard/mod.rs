@@ -34,11 +34,13 @@
 //!
 //! **A term that only grows**: the group remembers the highest timeline any member was seen on.
 //! A member writable on an older timeline is an old master, never a write target, whatever the
-//! probes of the newer one say this round ([`monitor::decide`]).
+//! probes of the newer one say this round ([`decide::decide`]).
 
+pub mod decide;
 mod error;
 pub mod heal;
 pub mod monitor;
+pub mod probe;
 pub mod tls;
 
 pub use error::{GroupError, ShardError};
@@ -144,7 +146,7 @@ pub struct Member {
     /// built-in failover mode.
     pub admin: Endpoint,
     pub pool: Pool,
-    pub(crate) probe_session: monitor::ProbeSession,
+    pub(crate) probe_session: probe::ProbeSession,
     /// When work on this member last succeeded, in ms since the group was built: a member that
     /// answers the sale's queries is alive even when one probe of it is slow.
     last_ok_ms: AtomicU64,
