@@ -66,10 +66,17 @@ impl RouteMetrics {
                 "http_route" => self.route.clone(),
                 "http_response_status_code" => status.to_string(),
             );
-            if let Ok(mut d) = self.durations.write() {
-                d.push((status, h.clone()));
+            // Another request may have added this status since the read: keep one handle each.
+            match self.durations.write() {
+                Ok(mut d) => match d.iter().find(|(s, _)| *s == status) {
+                    Some((_, kept)) => kept.clone(),
+                    None => {
+                        d.push((status, h.clone()));
+                        h
+                    }
+                },
+                Err(_) => h,
             }
-            h
         });
         histogram.record(seconds);
     }

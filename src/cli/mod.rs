@@ -4,15 +4,15 @@
 mod dev;
 pub mod group;
 mod sale;
+mod shard_map;
+
+pub use shard_map::ShardMapAction;
 
 use crate::app::Application;
 use crate::config::Config;
-use crate::moves::Move;
-use crate::router::KeyKind;
 use clap::{Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -156,63 +156,6 @@ pub enum Command {
 }
 
 #[derive(Debug, Subcommand)]
-pub enum ShardMapAction {
-    /// Print every entry and the table's version.
-    List,
-    /// Where one key of a kind (`items` or `users`) routes, and why (hash, range or table).
-    Route { kind: String, key: u64 },
-    /// Route one key to a group. Refused (exit 1, `has_data`) when the key has rows on its
-    /// current or its new group: a key with rows must be moved, not re-routed.
-    Set {
-        kind: String,
-        key: u64,
-        group: String,
-    },
-    /// Remove an entry: the key routes by its rule again (refused like `set` when it has rows).
-    Delete { kind: String, key: u64 },
-    /// Move a key (or with --slot, a hash slot) of items or users to another group while it
-    /// sells, and wait until it has switched (docs/dba.md "Moving keys"). Exit 1 when it fails.
-    Move {
-        kind: String,
-        /// The key; omit it with --slot.
-        #[arg(required_unless_present = "slot", conflicts_with = "slot")]
-        key: Option<u64>,
-        /// Move every key of this hash slot.
-        #[arg(long)]
-        slot: Option<u32>,
-        /// The destination group.
-        #[arg(long)]
-        to: String,
-        /// Only run the pre-checks and print what would be copied.
-        #[arg(long)]
-        dry_run: bool,
-        /// Drop the source's copy right after the switch (no way back but a new move).
-        #[arg(long)]
-        complete: bool,
-    },
-    /// Even out how many hash slots of a kind each group holds (e.g. after adding a group with no
-    /// slots): plans the slot moves and runs them one at a time, each completed before the next,
-    /// printing progress. Stops at the first move that fails (exit 1).
-    Rebalance {
-        kind: String,
-        /// Print the plan only.
-        #[arg(long)]
-        dry_run: bool,
-        /// Run at most this many moves now (the rest on a later run).
-        #[arg(long)]
-        max_moves: Option<usize>,
-    },
-    /// List the moves (newest first), or show one.
-    Moves { move_id: Option<u64> },
-    /// Roll back a move that has not switched yet.
-    MoveCancel { move_id: u64 },
-    /// Move the key of a switched or completed move back (a new move); waits like `move`.
-    MoveReverse { move_id: u64 },
-    /// Drop the source's copy of a switched move.
-    MoveComplete { move_id: u64 },
-}
-
-#[derive(Debug, Subcommand)]
 pub enum BlocklistAction {
     /// Print the entries in force.
     List,
@@ -290,7 +233,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Openapi => openapi(),
         Command::Migrate { config, baseline } => migrate(&config, baseline).await,
         Command::CheckConfig { config } => check_config(&config),
-        Command::ShardMap { config, action } => shard_map(&config, action).await,
+        Command::ShardMap { config, action } => shard_map::run(&config, action).await,
         Command::Blocklist { config, action } => blocklist(&config, action).await,
         Command::Reconcile {
             config,
@@ -432,240 +375,6 @@ async fn config_group_client(
         .ok_or("config group missing")?;
     cluster.discover().await;
     Ok(cluster.group(idx).writer().await?)
-}
-
-async fn shard_map(path: &Path, action: ShardMapAction) -> CliResult {
-    let config = Arc::new(Config::load(path)?);
-    let cluster = Arc::new(crate::shard::Cluster::new(&config)?);
-    cluster.discover().await;
-    let router = Arc::new(crate::router::Router::from_config(&config)?);
-    let tasks = tokio_util::task::TaskTracker::new();
-    let mover = crate::moves::Mover::new(
-        config.clone(),
-        cluster.clone(),
-        router.clone(),
-        tasks.clone(),
-    );
-    let maps = crate::shardmap::Maps {
-        config: &config,
-        cluster: &cluster,
-        router: &router,
-    };
-    let kind = KeyKind::parse_given;
-    let key = |k: u64| {
-        Some(k)
-            .filter(|k| (1..=i64::MAX as u64).contains(k))
-            .ok_or("key must be between 1 and 2^63-1")
-    };
-    let print_route = |r: &crate::shardmap::Route| -> CliResult {
-        println!("{}", serde_json::to_string(r)?);
-        Ok(())
-    };
-    match action {
-        ShardMapAction::List => {
-            let map = maps.list().await?;
-            println!("version {}", map.version);
-            println!("{:<6} {:>20} {:<12} updated_at", "kind", "key", "group");
-            for e in map.entries {
-                println!(
-                    "{:<6} {:>20} {:<12} {}",
-                    e.kind,
-                    e.key,
-                    e.group,
-                    e.updated_at.to_rfc3339()
-                );
-            }
-            if !map.slots.is_empty() {
-                println!("moved slots:");
-                for e in map.slots {
-                    println!(
-                        "{:<6} {:>20} {:<12} {}",
-                        e.kind,
-                        format!("slot {}", e.slot),
-                        e.group,
-                        e.updated_at.to_rfc3339()
-                    );
-                }
-            }
-            for m in map.moves {
-                println!(
-                    "open move {}: {} {} {} -> {} {}",
-                    m.move_id,
-                    m.kind,
-                    m.unit_label(),
-                    m.from,
-                    m.to,
-                    m.phase.as_str()
-                );
-            }
-        }
-        ShardMapAction::Route { kind: k, key: n } => {
-            maps.refresh().await?;
-            print_route(&maps.route(kind(&k)?, key(n)?))?;
-        }
-        ShardMapAction::Set {
-            kind: k,
-            key: n,
-            group,
-        } => {
-            let route = maps.change(kind(&k)?, key(n)?, Some(&group)).await?;
-            print_route(&route)?;
-            eprintln!("engine nodes pick it up within routing.table_refresh_ms");
-        }
-        ShardMapAction::Delete { kind: k, key: n } => {
-            let route = maps.change(kind(&k)?, key(n)?, None).await?;
-            print_route(&route)?;
-        }
-        ShardMapAction::Move {
-            kind: k,
-            key: n,
-            slot,
-            to,
-            dry_run,
-            complete,
-        } => {
-            let k = kind(&k)?;
-            let n = match (n, slot) {
-                (Some(n), _) => crate::moves::Unit::Key(key(n)?),
-                (None, s) => crate::moves::Unit::Slot(s.unwrap_or_default()),
-            };
-            if dry_run {
-                let plan = mover.plan(k, n, &to).await?;
-                println!("{}", serde_json::to_string_pretty(&plan)?);
-                eprintln!("dry run: nothing was changed");
-            } else {
-                let m = mover.start(k, n, &to, complete).await?;
-                follow_move(&mover, m.move_id).await?;
-            }
-        }
-        ShardMapAction::Rebalance {
-            kind: k,
-            dry_run,
-            max_moves,
-        } => {
-            let k = kind(&k)?;
-            let plan = mover.rebalance_plan(k).await?;
-            let n = plan.len().min(max_moves.unwrap_or(usize::MAX));
-            eprintln!(
-                "rebalance {}: {} slot move(s) planned{}",
-                k.as_str(),
-                plan.len(),
-                if n < plan.len() {
-                    format!(", running {n} now")
-                } else {
-                    String::new()
-                }
-            );
-            for (i, (slot, from, to)) in plan.into_iter().take(n).enumerate() {
-                println!("slot {slot}: {from} -> {to}");
-                if dry_run {
-                    continue;
-                }
-                let started = std::time::Instant::now();
-                let m = mover
-                    .start(k, crate::moves::Unit::Slot(slot), &to, true)
-                    .await?;
-                let done = wait_for_move(&mover, m.move_id).await?;
-                eprintln!(
-                    "  [{}/{n}] move {}: {} in {:.1} s, {} rows, write pause {} ms",
-                    i + 1,
-                    done.move_id,
-                    done.phase.as_str(),
-                    started.elapsed().as_secs_f64(),
-                    done.rows_copied,
-                    done.write_pause_ms.unwrap_or_default()
-                );
-                if done.phase != crate::moves::Phase::Completed {
-                    return Err(format!(
-                        "move {} ended {}: {}",
-                        done.move_id,
-                        done.phase.as_str(),
-                        done.error.unwrap_or_default()
-                    )
-                    .into());
-                }
-            }
-        }
-        ShardMapAction::Moves { move_id } => match move_id {
-            Some(id) => println!(
-                "{}",
-                serde_json::to_string_pretty(&mover.get(id).await?.shown())?
-            ),
-            None => {
-                println!(
-                    "{:>6} {:<6} {:>20} {:<6} {:<6} {:<12} {:>10} {:>9}",
-                    "move", "kind", "key/slot", "from", "to", "phase", "rows", "pause_ms"
-                );
-                for m in mover.list(100).await?.into_iter().map(Move::shown) {
-                    println!(
-                        "{:>6} {:<6} {:>20} {:<6} {:<6} {:<12} {:>10} {:>9}",
-                        m.move_id,
-                        m.kind,
-                        m.unit_label(),
-                        m.from,
-                        m.to,
-                        m.phase.as_str(),
-                        m.rows_copied,
-                        m.write_pause_ms.map(|p| p.to_string()).unwrap_or_default()
-                    );
-                }
-            }
-        },
-        ShardMapAction::MoveCancel { move_id } => {
-            mover.cancel(move_id).await?;
-            follow_move(&mover, move_id).await?;
-        }
-        ShardMapAction::MoveReverse { move_id } => {
-            let m = mover.reverse(move_id, false).await?;
-            follow_move(&mover, m.move_id).await?;
-        }
-        ShardMapAction::MoveComplete { move_id } => {
-            mover.complete(move_id).await?;
-            follow_move(&mover, move_id).await?;
-        }
-    }
-    tasks.close();
-    tasks.wait().await;
-    Ok(())
-}
-
-/// Wait until a move rests, quietly.
-async fn wait_for_move(
-    mover: &crate::moves::Mover,
-    id: u64,
-) -> Result<crate::moves::Move, Box<dyn std::error::Error>> {
-    loop {
-        let m = mover.get(id).await?;
-        if m.at_rest() {
-            return Ok(m);
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-}
-
-/// Print a move's progress until it rests; an error when it failed.
-async fn follow_move(mover: &crate::moves::Mover, id: u64) -> CliResult {
-    let mut shown = None;
-    loop {
-        let m = mover.get(id).await?;
-        let now = (m.phase, m.rows_copied);
-        if shown != Some(now) {
-            eprintln!(
-                "move {id}: {} ({} rows copied)",
-                m.phase.as_str(),
-                m.rows_copied
-            );
-            shown = Some(now);
-        }
-        if m.at_rest() {
-            println!("{}", serde_json::to_string_pretty(&m)?);
-            if m.phase == crate::moves::Phase::Failed {
-                return Err(format!("move {id} failed: {}", m.error.unwrap_or_default()).into());
-            }
-            return Ok(());
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
 }
 
 async fn blocklist(path: &Path, action: BlocklistAction) -> CliResult {
