@@ -55,16 +55,59 @@ extern "C" fn stop_cluster_at_exit() {
     }
 }
 
-/// A base port with `n` free ports after it.
+/// A base port with `n` free ports after it, claimed for this process: the test binaries run at
+/// once (scripts/test-lanes), and a port that is free now may be taken by another binary's server
+/// a second later, between the check and the server's start. A claim is a file named after the
+/// port in a folder all test processes share, holding the claimer's pid; a claim whose process is
+/// gone is taken over.
 pub fn free_port_block(n: u16) -> u16 {
-    for _ in 0..200 {
+    for _ in 0..400 {
         // Below the kernel's ephemeral range (32768-60999), where outgoing connections live.
         let base = 20_000 + (rand_u64() % 12_000) as u16;
-        if (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+        let free = (0..n).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free && claim_ports(base, n) {
             return base;
         }
     }
     panic!("no block of {n} free ports found");
+}
+
+fn claim_ports(base: u16, n: u16) -> bool {
+    let dir = std::env::temp_dir().join("seckill-test-ports");
+    if std::fs::create_dir_all(&dir).is_err() {
+        return false;
+    }
+    let me = std::process::id();
+    let claim = |port: u16| {
+        let path = dir.join(port.to_string());
+        let create = || {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .and_then(|mut f| std::io::Write::write_all(&mut f, me.to_string().as_bytes()))
+        };
+        if create().is_ok() {
+            return true;
+        }
+        let holder: Option<i32> = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|t| t.trim().parse().ok());
+        // SAFETY: kill(2) with signal 0 only asks whether the process exists.
+        let alive = holder.is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
+        !alive && std::fs::remove_file(&path).is_ok() && create().is_ok()
+    };
+    let mut claimed = Vec::new();
+    for port in base..base + n {
+        if !claim(port) {
+            for p in claimed {
+                let _ = std::fs::remove_file(dir.join(format!("{p}")));
+            }
+            return false;
+        }
+        claimed.push(port);
+    }
+    true
 }
 
 pub fn rand_u64() -> u64 {
