@@ -31,7 +31,8 @@
 //! group is the one reconciled (never both, so nothing is counted or released twice).
 
 use crate::domain::{ItemId, SaleId, UserId};
-use crate::order::store::{self, NewOrder, OrderStatus, ReservationState};
+use crate::order::reservations::{self, ReservationState};
+use crate::order::store::{self, NewOrder, OrderStatus};
 use crate::order::OrderService;
 use crate::sale::SaleError;
 use crate::shard::{GroupError, Work};
@@ -627,7 +628,7 @@ async fn repair_page(
             .cluster
             .group(item_group)
             .run(Work::Settle, orders.timeout, async |c| {
-                store::advance_reservations(c, &txns, to).await
+                reservations::advance_reservations(c, &txns, to).await
             })
             .await?;
     }

@@ -38,7 +38,7 @@ async fn reconciler_repairs_a_crash_between_the_two_transactions() {
     let group = app.state.router.item_group(i);
     {
         let mut client = app.state.cluster.group(group).writer().await.unwrap();
-        let (outcome, _) = seckill::order::store::reserve_one(
+        let (outcome, _) = seckill::order::reservations::reserve_one(
             &mut client,
             s,
             i,
@@ -132,7 +132,7 @@ async fn concurrent_reconcilers_and_sweepers_never_double_release() {
             .unwrap();
         for n in 0..20u64 {
             let user = UserId::parse((fresh_item() + n).into()).unwrap();
-            let (o, _) = seckill::order::store::reserve_one(
+            let (o, _) = seckill::order::reservations::reserve_one(
                 &mut client,
                 s,
                 i,

@@ -21,6 +21,7 @@ mod ports;
 mod recover;
 pub mod rejoin;
 mod server;
+mod signals;
 
 pub use ports::free_port;
 pub use recover::{choose_master, Start};

@@ -1,10 +1,12 @@
-//! One local PostgreSQL server: create (initdb or a base backup), start, stop, signal, rejoin.
+//! One local PostgreSQL server: create (initdb or a base backup), start, stop, rejoin; its
+//! processes and signals are in [`super::signals`].
 
+use super::signals::process_alive;
 use super::{
     hand_to_postgres, run, run_with_input, running_as_root, write_private, LocalError, ADMIN_ROLE,
 };
 use crate::config::Secret;
-use crate::shard::heal::{Process, Rejoined};
+use crate::shard::heal::Rejoined;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -68,7 +70,7 @@ pub struct LocalServer {
     admin_password: Secret,
     /// The folder holding the data directory is ours (a cluster folder's server folder) and may
     /// be handed to the `postgres` user; for a data directory given from outside it is not.
-    owns_folder: bool,
+    pub(super) owns_folder: bool,
 }
 
 /// Settings written into every server's postgresql.conf.
@@ -133,7 +135,7 @@ impl LocalServer {
         }
     }
 
-    fn cmd(&self, program: &str) -> Command {
+    pub(super) fn cmd(&self, program: &str) -> Command {
         let path = self.bin.dir.join(program);
         let mut c = if running_as_root() {
             let mut c = Command::new("runuser");
@@ -275,7 +277,7 @@ impl LocalServer {
     }
 
     /// The postmaster's pid from its lock file, if the file exists.
-    fn postmaster_pid(&self) -> Option<i32> {
+    pub(super) fn postmaster_pid(&self) -> Option<i32> {
         std::fs::read_to_string(self.data_dir.join("postmaster.pid"))
             .ok()?
             .lines()
@@ -338,7 +340,7 @@ impl LocalServer {
 
     /// Remove the lock files a crashed (not running) server left. PostgreSQL, and pg_rewind's
     /// single-user recovery, would refuse to start while a zombie holds the pid they name.
-    fn clear_stale_lock(&self) -> Result<(), LocalError> {
+    pub(super) fn clear_stale_lock(&self) -> Result<(), LocalError> {
         if self.is_running() || self.postmaster_pid().is_none() {
             return Ok(());
         }
@@ -384,86 +386,6 @@ impl LocalServer {
                 .args(["-m", mode, "-w", "-t", "60"]),
         )?;
         Ok(())
-    }
-
-    /// SIGKILL the postmaster, as a machine or process crash would.
-    pub fn kill9(&self) -> Result<(), LocalError> {
-        let pid_file = std::fs::read_to_string(self.data_dir.join("postmaster.pid"))?;
-        let pid: i32 = pid_file
-            .lines()
-            .next()
-            .and_then(|l| l.trim().parse().ok())
-            .ok_or_else(|| LocalError::Command {
-                what: "kill".into(),
-                detail: "no pid in postmaster.pid".into(),
-            })?;
-        // SAFETY: plain kill(2) of a pid we read from the server's own pid file.
-        if unsafe { libc::kill(pid, libc::SIGKILL) } != 0 {
-            return Err(std::io::Error::last_os_error().into());
-        }
-        Ok(())
-    }
-
-    /// The postmaster and every process it started (backends, walsender, checkpointer, ...).
-    fn processes(&self) -> Result<Vec<i32>, LocalError> {
-        let root = self.postmaster_pid().ok_or_else(|| LocalError::Command {
-            what: "signal".into(),
-            detail: format!("{} has no postmaster.pid", self.name),
-        })?;
-        let mut pids = vec![root];
-        for entry in std::fs::read_dir("/proc")?.flatten() {
-            let Some(pid) = entry
-                .file_name()
-                .to_str()
-                .and_then(|n| n.parse::<i32>().ok())
-            else {
-                continue;
-            };
-            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-                continue;
-            };
-            // The parent pid is the second field after the parenthesised command name.
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-                .and_then(|p| p.parse::<i32>().ok());
-            if ppid == Some(root) {
-                pids.push(pid);
-            }
-        }
-        Ok(pids)
-    }
-
-    fn signal_all(&self, signal: i32) -> Result<(), LocalError> {
-        for pid in self.processes()? {
-            // SAFETY: plain kill(2) of the server's own processes.
-            unsafe { libc::kill(pid, signal) };
-        }
-        Ok(())
-    }
-
-    /// SIGSTOP every process of the server: it stops answering while its sockets stay open, as a
-    /// frozen host or a network partition looks from outside. The postmaster first (so it forks
-    /// nothing new), then its children until no unstopped one is left.
-    pub fn freeze(&self) -> Result<(), LocalError> {
-        let mut stopped = std::collections::HashSet::new();
-        loop {
-            let pids = self.processes()?;
-            let new: Vec<i32> = pids.into_iter().filter(|p| !stopped.contains(p)).collect();
-            if new.is_empty() {
-                return Ok(());
-            }
-            for pid in new {
-                // SAFETY: plain kill(2) of the server's own processes.
-                unsafe { libc::kill(pid, libc::SIGSTOP) };
-                stopped.insert(pid);
-            }
-        }
-    }
-
-    /// SIGCONT every process of a frozen server.
-    pub fn thaw(&self) -> Result<(), LocalError> {
-        self.signal_all(libc::SIGCONT)
     }
 
     /// Run SQL through psql as the superuser, returning its unaligned output.
@@ -605,72 +527,6 @@ impl LocalServer {
         Ok(Rejoined::Rebuilt)
     }
 
-    /// Stop the server whatever its state: a fast shutdown, else an immediate one, else SIGKILL
-    /// of every process (a frozen server answers no signal but that one).
-    pub fn halt(&self) -> Result<(), LocalError> {
-        if self.process_state() == Process::Frozen {
-            self.kill_all()?;
-        }
-        if self.is_running()
-            && self.stop_within("fast", 10).is_err()
-            && self.stop_within("immediate", 10).is_err()
-        {
-            self.kill_all()?;
-        }
-        self.kill_leftovers();
-        self.clear_stale_lock()
-    }
-
-    fn stop_within(&self, mode: &str, secs: u32) -> Result<(), LocalError> {
-        if !self.is_running() {
-            return Ok(());
-        }
-        run(
-            &format!("stopping {}", self.name),
-            self.cmd("pg_ctl")
-                .arg("stop")
-                .arg("-D")
-                .arg(&self.data_dir)
-                .args(["-m", mode, "-w", "-t", &secs.to_string()]),
-        )
-        .map(|_| ())
-    }
-
-    /// SIGKILL the postmaster and every process of the server, and wait (bounded) until they are
-    /// gone: a new postmaster refuses to start while an old backend holds the shared memory.
-    pub fn kill_all(&self) -> Result<(), LocalError> {
-        let mut pids = self.processes().unwrap_or_default();
-        pids.extend(self.leftovers());
-        for &pid in &pids {
-            // SAFETY: plain kill(2) of the server's own processes.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let start = Instant::now();
-        while pids.iter().any(|&p| process_alive(p)) && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
-    }
-
-    /// Running, frozen (its postmaster stopped by a signal) or stopped.
-    pub fn process_state(&self) -> Process {
-        match self.postmaster_pid() {
-            Some(pid) if process_alive(pid) => match process_status(pid) {
-                Some('T' | 't') => Process::Frozen,
-                _ => Process::Running,
-            },
-            _ => Process::Stopped,
-        }
-    }
-
-    /// The name every process of this server carries in its title (`cluster_name`), so that its
-    /// backends are found even after their postmaster died; None for a data directory given from
-    /// outside.
-    fn title_tag(&self) -> Option<String> {
-        self.owns_folder
-            .then(|| format!("seckill-{}-{}", self.name, self.port))
-    }
-
     /// This server's own settings, last in postgresql.conf (base backups and rewinds bring the
     /// source's file along).
     fn own_settings(&self) -> Result<(), LocalError> {
@@ -689,45 +545,6 @@ impl LocalServer {
             append(&conf, &format!("{line}\n"))?;
         }
         Ok(())
-    }
-
-    /// Processes of this server whose postmaster is gone (SIGKILLed alone while they were frozen,
-    /// say), found by their title.
-    fn leftovers(&self) -> Vec<i32> {
-        let Some(tag) = self.title_tag() else {
-            return Vec::new();
-        };
-        let prefix = format!("postgres: {tag}: ");
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return Vec::new();
-        };
-        procs
-            .flatten()
-            .filter_map(|e| {
-                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-                String::from_utf8_lossy(&cmdline)
-                    .starts_with(&prefix)
-                    .then_some(pid)
-            })
-            .filter(|&pid| process_alive(pid))
-            .collect()
-    }
-
-    fn kill_leftovers(&self) {
-        let alive = self.postmaster_pid().is_some_and(process_alive);
-        if alive {
-            return;
-        }
-        let pids = self.leftovers();
-        for &pid in &pids {
-            // SAFETY: plain kill(2) of processes carrying this server's own title.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let start = Instant::now();
-        while pids.iter().any(|&p| process_alive(p)) && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
     }
 
     /// What the data directory says of itself, without starting the server.
@@ -792,31 +609,6 @@ fn lsn_value(text: &str) -> u64 {
             Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
         })
         .unwrap_or(0)
-}
-
-/// The state letter of a process (R, S, D, T, Z, ...).
-fn process_status(pid: i32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .next()?
-        .chars()
-        .next()
-}
-
-/// Whether `pid` is a live process (not a zombie).
-fn process_alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) if std::path::Path::new("/proc/self").exists() => false,
-        // SAFETY: kill(2) with signal 0 only checks that the pid exists.
-        Err(_) => unsafe { libc::kill(pid, 0) == 0 },
-    }
 }
 
 fn append(path: &Path, text: &str) -> Result<(), LocalError> {

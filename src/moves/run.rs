@@ -1,10 +1,11 @@
 //! Driving one move through its phases ([module docs](super)): the lease, the steps, the switch,
 //! the roll-back.
 
-use super::{
+use super::kinds::{
     clear_slot_tombstone, copy, drop_copy, end_on_source, expire_slot_fence, fence, fence_slot,
-    unfence, wait_out_older, watermark, Move, MoveError, Mover, Phase, Unit, LEASE, STEP_BUDGET,
+    unfence, wait_out_older, watermark,
 };
+use super::{ledger, Move, MoveError, Mover, Phase, Unit, STEP_BUDGET};
 use crate::db::DbError;
 use crate::router::{slot_of, KeyKind};
 use crate::shard::Work;
@@ -33,54 +34,19 @@ impl Mover {
 
     /// Take the move if its lease ran out (or it has none, or it is already ours).
     pub(super) async fn claim(&self, id: u64) -> Result<bool, MoveError> {
-        let db_id = super::db_key(id);
-        let owner = self.owner.clone();
-        self.on_config(async |c| {
-            Ok(c.execute(
-                &format!(
-                    "UPDATE moves SET owner = $2, lease_until = now() + interval '{LEASE}'
-                     WHERE move_id = $1
-                       AND (owner IS NULL OR owner = $2 OR lease_until < now())"
-                ),
-                &[&db_id, &owner],
-            )
-            .await?
-                == 1)
-        })
-        .await
+        self.on_config(async |c| ledger::claim(c, id, &self.owner).await)
+            .await
     }
 
     /// Keep the claim; false when another runner took the move over.
     async fn renew(&self, id: u64) -> Result<bool, MoveError> {
-        let db_id = super::db_key(id);
-        let owner = self.owner.clone();
-        self.on_config(async |c| {
-            Ok(c.execute(
-                &format!(
-                    "UPDATE moves SET lease_until = now() + interval '{LEASE}'
-                     WHERE move_id = $1 AND owner = $2"
-                ),
-                &[&db_id, &owner],
-            )
-            .await?
-                == 1)
-        })
-        .await
+        self.on_config(async |c| ledger::renew(c, id, &self.owner).await)
+            .await
     }
 
     async fn let_go(&self, id: u64) {
-        let db_id = super::db_key(id);
-        let owner = self.owner.clone();
         let done = self
-            .on_config(async |c| {
-                c.execute(
-                    "UPDATE moves SET owner = NULL, lease_until = NULL
-                     WHERE move_id = $1 AND owner = $2",
-                    &[&db_id, &owner],
-                )
-                .await?;
-                Ok(())
-            })
+            .on_config(async |c| ledger::let_go(c, id, &self.owner).await)
             .await;
         if let Err(e) = done {
             tracing::debug!(move_id = id, error = %e, "lease not released; it runs out");
@@ -224,16 +190,8 @@ impl Mover {
             }
             Phase::Fenced => {
                 let keys = self.fence_all(m).await?;
-                self.on_config(async |c| {
-                    c.execute(
-                        "UPDATE moves SET fenced_at = coalesce(fenced_at, clock_timestamp())
-                         WHERE move_id = $1",
-                        &[&id],
-                    )
+                self.on_config(async |c| ledger::mark_fenced(c, id).await)
                     .await?;
-                    Ok(())
-                })
-                .await?;
                 let since = Self::since(m, self.watermark_of(id).await?);
                 let n = self.copy_since(m, &keys, since).await?;
                 self.switch(m, &keys, n).await
@@ -258,18 +216,8 @@ impl Mover {
                     Ok(())
                 })
                 .await?;
-                self.on_config(async |c| {
-                    c.execute(
-                        "UPDATE moves SET dest_live = true, updated_at = now(),
-                             write_pause_ms = (extract(epoch FROM clock_timestamp() - fenced_at)
-                                               * 1000)::bigint
-                         WHERE move_id = $1",
-                        &[&id],
-                    )
+                self.on_config(async |c| ledger::mark_live(c, id).await)
                     .await?;
-                    Ok(())
-                })
-                .await?;
                 let m = self.get(m.move_id).await?;
                 tracing::info!(
                     move_id = m.move_id,
@@ -285,17 +233,8 @@ impl Mover {
                     expire_slot_fence(c, id).await
                 })
                 .await?;
-                self.on_config(async |c| {
-                    c.execute(
-                        "UPDATE moves SET phase = 'completed', finished_at = now(),
-                             updated_at = now()
-                         WHERE move_id = $1 AND phase = 'switched'",
-                        &[&id],
-                    )
+                self.on_config(async |c| ledger::mark_completed(c, id).await)
                     .await?;
-                    Ok(())
-                })
-                .await?;
                 tracing::info!(move_id = m.move_id, "move completed");
                 Ok(())
             }
@@ -343,14 +282,8 @@ impl Mover {
     }
 
     async fn watermark_of(&self, id: i64) -> Result<Option<DateTime<Utc>>, MoveError> {
-        self.on_config(async |c| {
-            Ok(
-                c.query_one("SELECT watermark FROM moves WHERE move_id = $1", &[&id])
-                    .await?
-                    .get(0),
-            )
-        })
-        .await
+        self.on_config(async |c| ledger::watermark(c, id).await)
+            .await
     }
 
     /// One copy pass (all rows when `since` is None); returns its watermark and the rows written.
@@ -399,18 +332,8 @@ impl Mover {
         watermark: Option<DateTime<Utc>>,
         copied: u64,
     ) -> Result<(), MoveError> {
-        let copied = i64::try_from(copied).unwrap_or(i64::MAX);
-        self.on_config(async |c| {
-            c.execute(
-                "UPDATE moves SET phase = $2, watermark = coalesce($3, watermark),
-                     rows_copied = rows_copied + $4, updated_at = now(), error = NULL
-                 WHERE move_id = $1 AND phase IN ('copying', 'catching_up', 'fenced')",
-                &[&id, &next.as_str(), &watermark, &copied],
-            )
-            .await?;
-            Ok(())
-        })
-        .await
+        self.on_config(async |c| ledger::advance(c, id, next, watermark, copied).await)
+            .await
     }
 
     /// The commit point: the route and the move's phase, in one transaction on the config group
@@ -450,31 +373,15 @@ impl Mover {
                 )
             }
         };
-        let copied = i64::try_from(copied).unwrap_or(i64::MAX);
-        let owner = self.owner.clone();
         self.on_config(async |c| {
             let tx = c.transaction().await?;
-            let switched = tx
-                .execute(
-                    "UPDATE moves SET phase = 'switched', switched_at = now(), updated_at = now(),
-                         rows_copied = rows_copied + $3, error = NULL
-                     WHERE move_id = $1 AND phase = 'fenced' AND owner = $2
-                       AND NOT cancel_requested",
-                    &[&id, &owner, &copied],
-                )
-                .await?;
-            if switched == 0 {
+            if !ledger::mark_switched(&tx, id, &self.owner, copied).await? {
                 tx.rollback().await?;
                 return Ok(());
             }
             if let Some(old) = reverses {
                 // The move this one reverses is undone now (it stays as it was if this one fails).
-                tx.execute(
-                    "UPDATE moves SET phase = 'cancelled', finished_at = now(), updated_at = now()
-                     WHERE move_id = $1 AND phase = 'switched'",
-                    &[&old],
-                )
-                .await?;
+                ledger::mark_reversed(&tx, old).await?;
             }
             match &route {
                 Route::Key(key, by_rule) => {
@@ -515,34 +422,21 @@ impl Mover {
     /// pending, then clean up. Only this runner, and only before the switch.
     async fn abandon(&self, m: &Move, to: Phase, why: &str) -> Result<(), MoveError> {
         let id = super::db_key(m.move_id);
-        let owner = self.owner.clone();
         let reverses = m.reverse_of.map(super::db_key);
         let marked = self
             .on_config(async |c| {
                 let tx = c.transaction().await?;
-                let marked = tx
-                    .execute(
-                        "UPDATE moves SET phase = $3, error = $4, cleanup_pending = true,
-                             finished_at = now(), updated_at = now()
-                         WHERE move_id = $1 AND owner = $2
-                           AND phase IN ('copying', 'catching_up', 'fenced')",
-                        &[&id, &owner, &to.as_str(), &why],
-                    )
-                    .await?;
-                if let (1, Some(old)) = (marked, reverses) {
+                let marked = ledger::mark_abandoned(&tx, id, &self.owner, to, why).await?;
+                if let (true, Some(old)) = (marked, reverses) {
                     // The move this one would have reversed stands again: it may be reversed or
                     // completed later.
-                    tx.execute(
-                        "UPDATE moves SET reversed_by = NULL WHERE move_id = $1 AND reversed_by = $2",
-                        &[&old, &id],
-                    )
-                    .await?;
+                    ledger::unmark_reversed(&tx, old, id).await?;
                 }
                 tx.commit().await?;
                 Ok(marked)
             })
             .await?;
-        if marked == 0 {
+        if !marked {
             return Ok(());
         }
         tracing::warn!(
@@ -564,28 +458,13 @@ impl Mover {
             .await?;
         self.on_group(&m.to, async |c| unfence(kind, c, id).await)
             .await?;
-        self.on_config(async |c| {
-            c.execute(
-                "UPDATE moves SET cleanup_pending = false, updated_at = now() WHERE move_id = $1",
-                &[&id],
-            )
-            .await?;
-            Ok(())
-        })
-        .await
+        self.on_config(async |c| ledger::cleaned_up(c, id).await)
+            .await
     }
 
     async fn note_error(&self, id: u64, error: &str) {
-        let db_id = super::db_key(id);
         let _ = self
-            .on_config(async |c| {
-                c.execute(
-                    "UPDATE moves SET error = $2, updated_at = now() WHERE move_id = $1",
-                    &[&db_id, &error],
-                )
-                .await?;
-                Ok(())
-            })
+            .on_config(async |c| ledger::note_error(c, id, error).await)
             .await;
     }
 }

@@ -37,7 +37,7 @@
 //! in it gets 503 and retries. That is the price of one commit for many items.
 
 use super::allocate::{allocate, by_item, Ask, Decision, Holdings};
-use super::store::{Refusal, Reserved};
+use super::reservations::{Refusal, Reserved};
 use crate::db::DbError;
 use crate::domain::{ItemId, Quantity, SaleId, UserId};
 use deadpool_postgres::ClientWrapper;
@@ -442,7 +442,7 @@ async fn write(
     let fresh_params: [&(dyn ToSql + Sync); 5] = [&f.txn, &f.sale, &f.item, &f.user, &f.quantity];
     let revive_params: [&(dyn ToSql + Sync); 5] = [&r.txn, &r.sale, &r.item, &r.user, &r.quantity];
     let resume_params: [&(dyn ToSql + Sync); 1] = [&w.resumed];
-    let confirm_stmt = tx.prepare_cached(super::store::CONFIRM_SQL).await?;
+    let confirm_stmt = tx.prepare_cached(super::reservations::CONFIRM_SQL).await?;
     let confirm_params: [&(dyn ToSql + Sync); 1] = [&confirm];
     let (decremented, _, revived, bumped, _) = futures::try_join!(
         tx.query(&decrement_stmt, &decrement_params),

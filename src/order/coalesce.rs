@@ -12,7 +12,8 @@
 
 use super::batch::{self, BatchAsk};
 use super::hot::HotPath;
-use super::store::{self, NewOrder, Order, Refusal, Reserved};
+use super::reservations::{Refusal, Reserved};
+use super::store::{self, NewOrder, Order};
 use super::{BuyRequest, OrderError};
 use crate::batcher::Batcher;
 use crate::db::DbError;

@@ -131,7 +131,7 @@ async fn retries_on_a_sold_out_item_find_their_reservation() {
             .writer()
             .await
             .unwrap();
-        let (r, _) = seckill::order::store::reserve_one(
+        let (r, _) = seckill::order::reservations::reserve_one(
             &mut c,
             s,
             i,

@@ -5,7 +5,7 @@ use crate::helpers::*;
 use reqwest::StatusCode;
 use seckill::domain::{ItemId, Quantity, SaleId, UserId};
 use seckill::order::batch::{reserve_batch, BatchAsk};
-use seckill::order::store::Refusal;
+use seckill::order::reservations::Refusal;
 use serde_json::json;
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -305,7 +305,7 @@ async fn a_failed_order_insert_returns_the_stock() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_attempt_never_releases_a_reservation_a_retry_resumed() {
     use seckill::domain::{txn_id_for, ItemId, Quantity, RequestId, SaleId, UserId};
-    use seckill::order::store;
+    use seckill::order::reservations;
     let app = spawn_app().await;
     let item = fresh_item();
     let sale = app
@@ -322,12 +322,12 @@ async fn a_failed_attempt_never_releases_a_reservation_a_retry_resumed() {
     let mut client = app.state.cluster.group(group).writer().await.unwrap();
     let q = Quantity::parse(1).unwrap();
 
-    let (a, _) = store::reserve_one(&mut client, s, i, user, q, txn, true)
+    let (a, _) = reservations::reserve_one(&mut client, s, i, user, q, txn, true)
         .await
         .unwrap();
     let a = a.expect("attempt A reserves");
     assert!(!a.existing);
-    let (b, _) = store::reserve_one(&mut client, s, i, user, q, txn, true)
+    let (b, _) = reservations::reserve_one(&mut client, s, i, user, q, txn, true)
         .await
         .unwrap();
     let b = b.expect("attempt B resumes");
@@ -335,7 +335,7 @@ async fn a_failed_attempt_never_releases_a_reservation_a_retry_resumed() {
     assert_eq!(app.remaining(sale, item).await, 0, "stock taken once");
 
     // A's compensation comes too late: nothing is released.
-    let back = store::release(&mut client, &[txn], &[Some(a.attempt)])
+    let back = reservations::release(&mut client, &[txn], &[Some(a.attempt)])
         .await
         .unwrap();
     assert!(
