@@ -187,22 +187,29 @@ async fn a_sale_with_cancels_payments_and_expiries_stays_conserved() {
     for h in handles {
         h.await.unwrap();
     }
-    // Wait for every unpaid order to expire.
+    // Wait for every unpaid order to expire and its stock to be back: an expiry is done when its
+    // release_outbox entry is gone (the release follows the status change, after its commit).
     let a = app.clone();
     let settled = eventually(Duration::from_secs(15), || {
         let a = a.clone();
         async move {
-            let mut pending = 0;
+            let mut left = 0;
             for g in 0..2 {
-                pending += a
+                left += a
                     .sql_i64(g, &format!("SELECT count(*) FROM orders WHERE item_id = {item} AND status = 'pending_payment'"))
                     .await;
+                left += a
+                    .sql_i64(g, &format!("SELECT count(*) FROM release_outbox WHERE item_id = {item}"))
+                    .await;
             }
-            pending == 0
+            left == 0
         }
     })
     .await;
-    assert!(settled, "all unpaid orders expired");
+    assert!(
+        settled,
+        "all unpaid orders expired and their stock released"
+    );
     let mut paid = 0;
     for g in 0..2 {
         paid += app
