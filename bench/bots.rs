@@ -385,6 +385,7 @@ async fn admin_post(
     Ok(v)
 }
 
+// Long on purpose: one run from setup to verdict, its steps in the order they happen.
 pub async fn run(args: &Args, url: &str, keys: &crate::Keys) -> Result<BotsReport, String> {
     let http = crate::run::client(4)?;
     let item = rand_u64() % (1 << 50) + 1;

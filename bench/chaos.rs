@@ -74,6 +74,7 @@ pub fn parse(fault: Fault, spec: &str, dir: &Path, token: &str) -> Result<(f64, 
 
 /// Find the writable member of the group through the engine, then the local server listening on
 /// that port (postmaster.pid line 4 is the port), and SIGKILL its postmaster.
+// Long on purpose: one fault from start to healed, its steps in the order they happen.
 pub async fn kill_master(
     url: &str,
     target: &Target,

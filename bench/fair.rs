@@ -97,6 +97,7 @@ async fn server_offset_ms(http: &reqwest::Client, url: &str) -> Result<i64, Stri
     Ok(best.1)
 }
 
+// Long on purpose: one run from setup to verdict, its steps in the order they happen.
 pub async fn run(
     url: &str,
     admin: &str,

@@ -222,6 +222,7 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+// Long on purpose: the dispatch of every bench subcommand, one short arm each.
 async fn real_main(args: Args) -> Result<bool, String> {
     match args.command {
         Some(Command::Nemesis(n)) => return nemesis::run(n).await,

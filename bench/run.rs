@@ -262,6 +262,8 @@ struct Phase {
 }
 
 /// Drive `concurrency` virtual users through one phase.
+// Long on purpose: the load loop, its clients and its clock in one place, so what is timed is
+// in sight of what is counted.
 async fn drive(
     args: &Args,
     url: &str,
@@ -428,6 +430,7 @@ async fn drive(
     Ok((tally, seen, start.elapsed().as_secs_f64(), kill))
 }
 
+// Long on purpose: one bench scenario from setup to summary, in the order a reader follows it.
 pub async fn run_scenario(args: &Args, url: &str, keys: &crate::Keys) -> Result<Report, String> {
     let (token, minter) = (keys.admin.as_str(), &keys.users);
     let http = client(args.concurrency)?;

@@ -36,6 +36,7 @@ impl Verification {
     }
 }
 
+// Long on purpose: the checks after a run, each an exact assertion with its own message.
 pub async fn verify(
     args: &Args,
     url: &str,

@@ -159,6 +159,7 @@ fn every<F, Fut>(
 }
 
 /// The background tasks, each on its own period.
+// Long on purpose: the list of background tasks, one short block each.
 fn spawn_background(
     state: &Arc<AppState>,
     background: &Background,

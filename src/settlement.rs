@@ -81,6 +81,8 @@ pub fn parse(text: &str) -> Result<Vec<Settled>, String> {
 }
 
 /// Compare (module docs). Pure.
+// Long on purpose: one pass over the settlement file, each kind of mismatch decided where the
+// line is read.
 pub fn compare(settled: &[Settled], recorded: &[Payment]) -> Vec<Mismatch> {
     let mut by_ref: HashMap<&str, Vec<&Payment>> = HashMap::new();
     for p in recorded {

@@ -16,6 +16,8 @@ use std::time::Duration;
 const FAILOVER_PASSWORD: &str = "failover-role-password-0123456789";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn the_failover_role_fails_over_fences_and_moves_without_superuser() {
     let own = OwnCluster::start(2);
     let grants = include_str!("../deploy/initdb/07-failover-grants.sql");

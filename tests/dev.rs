@@ -311,6 +311,8 @@ fn pid_of(server: &LocalServer) -> Option<i32> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn seckill_dev_heals_through_kills_freezes_and_restarts() {
     let setup = Setup::new();
     let t = Instant::now();

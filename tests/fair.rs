@@ -117,6 +117,7 @@ async fn crowd(apps: &[Arc<TestApp>], sale: u64, item: u64, starts_ms: i64) -> V
 
 /// The draw as the engine publishes it, checked from the revealed seed, and the crowd's answers
 /// checked against it.
+// Long on purpose: the fairness checks of one run, each an exact assertion with its own message.
 async fn assert_fair(app: &TestApp, sale: u64, item: u64, answers: &[Answer]) {
     let others: Vec<_> = answers
         .iter()

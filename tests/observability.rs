@@ -212,6 +212,8 @@ impl std::io::Write for Sink {
 /// One buyer's request can be followed in the JSON log by its request id: the phases of its
 /// order path (with their group and outcome) and its answer are lines that name it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn one_buyers_request_can_be_followed_in_the_json_log() {
     let log = log();
     let app = spawn_app().await;

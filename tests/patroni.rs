@@ -299,6 +299,8 @@ async fn until_whole(app: &TestApp, patroni: &Patroni, seen: &Mutex<Seen>, limit
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn external_mode_under_patroni_loses_nothing_through_its_faults() {
     let patroni = Patroni::up();
     // As README asks of external mode: the probing role may see pg_stat_replication.

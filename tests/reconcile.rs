@@ -104,6 +104,8 @@ async fn reconciler_repairs_a_crash_between_the_two_transactions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn concurrent_reconcilers_and_sweepers_never_double_release() {
     let _serial = SERIAL.lock().await;
     let app = Arc::new(quiet_app().await);
@@ -201,6 +203,8 @@ async fn concurrent_reconcilers_and_sweepers_never_double_release() {
 /// order was cancelled behind its back is released, and an item whose stock moved out of balance is
 /// reported on every pass until repaired, while unchanged conserved items are not audited again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn background_pass_repairs_dead_orders_and_keeps_reporting_violations() {
     let _serial = SERIAL.lock().await;
     let app = quiet_app().await;

@@ -69,6 +69,8 @@ async fn uses_tls(e: &Endpoint) -> Result<bool, String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn tls_modes_verify_what_they_promise() {
     let cluster = start_cluster(1);
     let master = &cluster.groups[0].master;

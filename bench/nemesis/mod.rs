@@ -67,6 +67,7 @@ pub struct NemesisArgs {
 }
 
 /// Run the nemesis; Ok(true) when the checker found nothing.
+// Long on purpose: one run from setup to verdict, its steps in the order they happen.
 pub async fn run(args: NemesisArgs) -> Result<bool, String> {
     let (min_gap, max_gap) = gaps(&args.fault_every)?;
     let exe = match &args.seckill {

@@ -52,6 +52,8 @@ const OPEN_TRANSACTIONS: &str = "SELECT count(*) FROM pg_stat_activity
        AND pid <> pg_backend_pid()";
 
 /// Planned role swap for one group.
+// Long on purpose: the steps of a lossless switchover in the order they must happen, each
+// explained where it happens (fence, catch up, promote, re-point).
 pub async fn switchover(cluster: &Cluster, name: &str) -> Result<()> {
     let (_, group) = cluster
         .by_name(name)

@@ -204,6 +204,7 @@ fn parse_salt(keys: &Keys, salt: &str) -> Option<Salted> {
 
 /// Check `solution` for a challenge of `p.challenge` issued to `b`, at `now_ms`, for a sale
 /// that starts at `starts_ms`.
+// Long on purpose: the checks a solution must pass, cheapest first, each with its own answer.
 pub fn verify(
     keys: &Keys,
     p: &crate::domain::Protection,

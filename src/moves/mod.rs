@@ -261,23 +261,7 @@ impl Mover {
             self.check_group(g)?;
         }
         checks.push("both groups writable, their shadows streaming".to_string());
-        let versions = (
-            crate::migrate::applied_version(self.cluster.group(from_idx)).await,
-            crate::migrate::applied_version(self.cluster.group(to_idx)).await,
-        );
-        match versions {
-            (Ok(a), Ok(b)) if a == b => checks.push(format!("same schema version ({a})")),
-            (Ok(a), Ok(b)) => {
-                return Err(MoveError::Precheck(format!(
-                    "schema versions differ: {from} has {a}, {to} has {b}"
-                )))
-            }
-            (Err(e), _) | (_, Err(e)) => {
-                return Err(MoveError::Precheck(format!(
-                    "cannot read the schema version: {e}"
-                )))
-            }
-        }
+        checks.push(self.check_same_schema(from_idx, to_idx).await?);
         let keys = self.keys(kind, unit, &from, 0, true).await?;
         let source = self
             .on_group(&from, async |c| holdings(kind, c, &keys).await)
@@ -320,6 +304,25 @@ impl Mover {
             destination,
             checks,
         })
+    }
+
+    /// Both groups at the same schema version (the copy writes the same columns on both).
+    async fn check_same_schema(&self, from: usize, to: usize) -> Result<String, MoveError> {
+        let (a, b) = (self.cluster.group(from), self.cluster.group(to));
+        let versions = (
+            crate::migrate::applied_version(a).await,
+            crate::migrate::applied_version(b).await,
+        );
+        match versions {
+            (Ok(x), Ok(y)) if x == y => Ok(format!("same schema version ({x})")),
+            (Ok(x), Ok(y)) => Err(MoveError::Precheck(format!(
+                "schema versions differ: {} has {x}, {} has {y}",
+                a.name, b.name
+            ))),
+            (Err(e), _) | (_, Err(e)) => Err(MoveError::Precheck(format!(
+                "cannot read the schema version: {e}"
+            ))),
+        }
     }
 
     /// Writable, and every other member a healthy streaming shadow.

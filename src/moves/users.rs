@@ -85,6 +85,19 @@ pub async fn copy(
     since: Option<DateTime<Utc>>,
 ) -> Result<u64, DbError> {
     add_fences(dst, move_id, keys, true).await?;
+    Ok(copy_orders(src, dst, move_id, keys, since).await?
+        + copy_payments(src, dst, move_id, keys, since).await?
+        + copy_outbox(src, dst, move_id, keys).await?)
+}
+
+/// The orders changed at or after `since` (all when None), onto the fenced users only.
+async fn copy_orders(
+    src: &Client,
+    dst: &Client,
+    move_id: i64,
+    keys: &[i64],
+    since: Option<DateTime<Utc>>,
+) -> Result<u64, DbError> {
     let mut written = 0;
     let orders = src
         .query(
@@ -129,6 +142,18 @@ pub async fn copy(
             )
             .await?;
     }
+    Ok(written)
+}
+
+/// The payments received at or after `since` (all when None), onto the fenced users only.
+async fn copy_payments(
+    src: &Client,
+    dst: &Client,
+    move_id: i64,
+    keys: &[i64],
+    since: Option<DateTime<Utc>>,
+) -> Result<u64, DbError> {
+    let mut written = 0;
     let payments = src
         .query(
             "SELECT payment_ref, order_id, user_id, sale_id, amount_cents, state, reason,
@@ -172,6 +197,17 @@ pub async fn copy(
             )
             .await?;
     }
+    Ok(written)
+}
+
+/// The release outbox entries of the users' orders, onto the fenced users only.
+async fn copy_outbox(
+    src: &Client,
+    dst: &Client,
+    move_id: i64,
+    keys: &[i64],
+) -> Result<u64, DbError> {
+    let mut written = 0;
     let outbox = src
         .query(
             "SELECT ob.order_id, ob.item_id, ob.created_at, o.user_id FROM release_outbox ob

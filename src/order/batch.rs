@@ -393,6 +393,8 @@ struct Attempts {
 
 /// Step 3: the batch's writes in one round trip. The attempt numbers; or the items whose window
 /// closed while the batch waited.
+// Long on purpose: the batch's statements are prepared and pipelined in the order they must
+// run (the decrement takes the item locks first); one function keeps that order in sight.
 async fn write(
     tx: &deadpool_postgres::Transaction<'_>,
     w: &Writes,

@@ -92,82 +92,17 @@ impl Coalescer {
         timeout: Duration,
         tasks: tokio_util::task::TaskTracker,
     ) -> Self {
-        let max_wait = Duration::from_micros(config.max_wait_us);
-        let c = cluster.clone();
         let confirms = Arc::new(Confirms::default());
-        let waiting = confirms.clone();
-        let reserve = Batcher::new(
-            config.max_batch,
-            max_wait,
+        let reserve = reserve_batcher(
+            cluster.clone(),
+            hot,
+            confirms.clone(),
+            config,
+            timeout,
             tasks.clone(),
-            move |group: usize, asks: Vec<BatchAsk>| {
-                let (cluster, hot) = (c.clone(), hot.clone());
-                let confirm = waiting.take(group);
-                async move {
-                    let n = asks.len();
-                    let started = std::time::Instant::now();
-                    let group = cluster.group(group);
-                    let work = group.run(Work::Reserve, timeout, async |c| {
-                        batch::reserve_batch(c, &asks, &confirm).await
-                    });
-                    metrics::histogram!(crate::telemetry::BATCH).record(n as f64);
-                    match work.await {
-                        Ok(settled) => {
-                            for &(sale, item, rem) in &settled.remaining {
-                                hot.observe(sale, item, rem);
-                            }
-                            tracing::trace!(group = %group.name, batch = n, items = settled.remaining.len(),
-                                micros = started.elapsed().as_micros() as u64, "coalesced reserve");
-                            settled.outcomes.into_iter().map(Ok).collect()
-                        }
-                        Err(e) => {
-                            let f = BatchFailure::from_group_error(&e);
-                            // The confirmations are lost with it: the reconciler marks those.
-                            tracing::warn!(group = %group.name, batch = n, confirmations = confirm.len(),
-                                error = %e, "coalesced reserve failed");
-                            vec![Err(f); n]
-                        }
-                    }
-                }
-                .boxed()
-            },
         );
         let user_slots = router.kind(crate::router::KeyKind::Users).slot_count();
-        let insert = Batcher::new(
-            config.max_batch,
-            Duration::ZERO,
-            tasks,
-            move |group: usize, orders: Vec<NewOrder>| {
-                let cluster = cluster.clone();
-                async move {
-                    let n = orders.len();
-                    let work = cluster.group(group).run(Work::Settle, timeout, async |c| {
-                        store::insert_orders(c, &orders, user_slots).await
-                    });
-                    match work.await {
-                        Ok(inserted) => {
-                            let mut by_id: HashMap<Uuid, Order> = inserted
-                                .orders
-                                .into_iter()
-                                .map(|o| (o.order_id, o))
-                                .collect();
-                            orders
-                                .iter()
-                                .map(|o| {
-                                    if inserted.moving.contains(&o.order_id) {
-                                        Err(BatchFailure::Moving(format!("user {}", o.user.key())))
-                                    } else {
-                                        Ok(by_id.remove(&o.order_id))
-                                    }
-                                })
-                                .collect()
-                        }
-                        Err(e) => vec![Err(BatchFailure::from_group_error(&e)); n],
-                    }
-                }
-                .boxed()
-            },
-        );
+        let insert = insert_batcher(cluster, user_slots, config, timeout, tasks);
         Self {
             reserve,
             insert,
@@ -223,4 +158,97 @@ impl Coalescer {
             Err(lost) => Err(DbError::Lost(lost.to_string()).into()),
         }
     }
+}
+
+/// Transaction 1 batched per item group: each batch also carries the confirmations waiting for
+/// its group, and its outcomes feed the hot path's view of the stock.
+fn reserve_batcher(
+    cluster: Arc<Cluster>,
+    hot: Arc<HotPath>,
+    confirms: Arc<Confirms>,
+    config: &crate::config::CoalesceConfig,
+    timeout: Duration,
+    tasks: tokio_util::task::TaskTracker,
+) -> Arc<Batcher<usize, BatchAsk, ReserveResult>> {
+    Batcher::new(
+        config.max_batch,
+        Duration::from_micros(config.max_wait_us),
+        tasks,
+        move |group: usize, asks: Vec<BatchAsk>| {
+            let (cluster, hot) = (cluster.clone(), hot.clone());
+            let confirm = confirms.take(group);
+            async move {
+                let n = asks.len();
+                let started = std::time::Instant::now();
+                let group = cluster.group(group);
+                let work = group.run(Work::Reserve, timeout, async |c| {
+                    batch::reserve_batch(c, &asks, &confirm).await
+                });
+                metrics::histogram!(crate::telemetry::BATCH).record(n as f64);
+                match work.await {
+                    Ok(settled) => {
+                        for &(sale, item, rem) in &settled.remaining {
+                            hot.observe(sale, item, rem);
+                        }
+                        tracing::trace!(group = %group.name, batch = n, items = settled.remaining.len(),
+                            micros = started.elapsed().as_micros() as u64, "coalesced reserve");
+                        settled.outcomes.into_iter().map(Ok).collect()
+                    }
+                    Err(e) => {
+                        let f = BatchFailure::from_group_error(&e);
+                        // The confirmations are lost with it: the reconciler marks those.
+                        tracing::warn!(group = %group.name, batch = n, confirmations = confirm.len(),
+                            error = %e, "coalesced reserve failed");
+                        vec![Err(f); n]
+                    }
+                }
+            }
+            .boxed()
+        },
+    )
+}
+
+/// Transaction 2 batched per user group, sent as soon as the group is free.
+fn insert_batcher(
+    cluster: Arc<Cluster>,
+    user_slots: u32,
+    config: &crate::config::CoalesceConfig,
+    timeout: Duration,
+    tasks: tokio_util::task::TaskTracker,
+) -> Arc<Batcher<usize, NewOrder, InsertResult>> {
+    Batcher::new(
+        config.max_batch,
+        Duration::ZERO,
+        tasks,
+        move |group: usize, orders: Vec<NewOrder>| {
+            let cluster = cluster.clone();
+            async move {
+                let n = orders.len();
+                let work = cluster.group(group).run(Work::Settle, timeout, async |c| {
+                    store::insert_orders(c, &orders, user_slots).await
+                });
+                match work.await {
+                    Ok(inserted) => {
+                        let mut by_id: HashMap<Uuid, Order> = inserted
+                            .orders
+                            .into_iter()
+                            .map(|o| (o.order_id, o))
+                            .collect();
+                        orders
+                            .iter()
+                            .map(|o| {
+                                if inserted.moving.contains(&o.order_id) {
+                                    Err(BatchFailure::Moving(format!("user {}", o.user.key())))
+                                } else {
+                                    Ok(by_id.remove(&o.order_id))
+                                }
+                            })
+                            .collect()
+                    }
+                    Err(e) => vec![Err(BatchFailure::from_group_error(&e)); n],
+                }
+            }
+            .boxed()
+        },
+    )
 }

@@ -172,54 +172,8 @@ impl SaleService<'_> {
         let Some((before, item_ids)) = self.header(sale).await? else {
             return Err(SaleError::NotFound(sale));
         };
-        if let Some(ends) = change.ends_at {
-            if ends <= before.starts_at {
-                return Err(SaleError::Invalid(
-                    "ends_at: must be after the sale's starts_at".into(),
-                ));
-            }
-            if !(1970..=9999).contains(&chrono::Datelike::year(&ends)) {
-                return Err(SaleError::Invalid(
-                    "ends_at: must be between the years 1970 and 9999".into(),
-                ));
-            }
-        }
-        if change.ends_at.is_none() && change.paused.is_none() {
-            return Err(SaleError::Invalid(
-                "nothing to change: give ends_at, paused or both".into(),
-            ));
-        }
-        let mut by_group: HashMap<usize, Vec<i64>> = HashMap::new();
-        for item in &item_ids {
-            by_group
-                .entry(self.router.item_group(*item))
-                .or_default()
-                .push(item.db());
-        }
-        for (g, ids) in by_group {
-            let changed = self
-                .cluster
-                .group(g)
-                .run(Work::Settle, self.timeout, async |c| {
-                    Ok(c.execute(
-                        &c.prepare_cached(
-                            "UPDATE sale_items SET ends_at = coalesce($3, ends_at),
-                                                   paused = coalesce($4, paused)
-                             WHERE sale_id = $1 AND item_id = ANY($2) AND fenced_by IS NULL",
-                        )
-                        .await?,
-                        &[&sale.db(), &ids, &change.ends_at, &change.paused],
-                    )
-                    .await?)
-                })
-                .await?;
-            if changed != ids.len() as u64 {
-                // An item is being moved to another group: asked again, the change lands there.
-                return Err(SaleError::Group(
-                    DbError::Moving(format!("an item of sale {sale}")).into(),
-                ));
-            }
-        }
+        check_change(before.starts_at, change)?;
+        self.change_items(sale, &item_ids, change).await?;
         let mut records: Vec<(&str, serde_json::Value)> = Vec::new();
         if let Some(ends) = change.ends_at.filter(|e| *e != before.ends_at) {
             records.push((
@@ -260,6 +214,48 @@ impl SaleService<'_> {
             tracing::info!(sale_id = %sale, change = what, %detail, "sale changed");
         }
         self.get(sale).await
+    }
+
+    /// The change on every item row of the sale, group by group; refused while an item is fenced
+    /// by a move (asked again, the change lands on its new group).
+    async fn change_items(
+        &self,
+        sale: SaleId,
+        item_ids: &[ItemId],
+        change: &SaleChange,
+    ) -> Result<(), SaleError> {
+        let mut by_group: HashMap<usize, Vec<i64>> = HashMap::new();
+        for item in item_ids {
+            by_group
+                .entry(self.router.item_group(*item))
+                .or_default()
+                .push(item.db());
+        }
+        for (g, ids) in by_group {
+            let changed = self
+                .cluster
+                .group(g)
+                .run(Work::Settle, self.timeout, async |c| {
+                    Ok(c.execute(
+                        &c.prepare_cached(
+                            "UPDATE sale_items SET ends_at = coalesce($3, ends_at),
+                                                   paused = coalesce($4, paused)
+                             WHERE sale_id = $1 AND item_id = ANY($2) AND fenced_by IS NULL",
+                        )
+                        .await?,
+                        &[&sale.db(), &ids, &change.ends_at, &change.paused],
+                    )
+                    .await?)
+                })
+                .await?;
+            if changed != ids.len() as u64 {
+                // An item is being moved to another group: asked again, the change lands there.
+                return Err(SaleError::Group(
+                    DbError::Moving(format!("an item of sale {sale}")).into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Add `add` units to an item's stock and remaining, in one transaction (module docs).
@@ -380,6 +376,28 @@ impl SaleService<'_> {
         all.sort_by_key(|c| c.made_at);
         Ok(all)
     }
+}
+
+/// A change that can be made: something to change, and an end after the start.
+fn check_change(starts_at: DateTime<Utc>, change: &SaleChange) -> Result<(), SaleError> {
+    if let Some(ends) = change.ends_at {
+        if ends <= starts_at {
+            return Err(SaleError::Invalid(
+                "ends_at: must be after the sale's starts_at".into(),
+            ));
+        }
+        if !(1970..=9999).contains(&chrono::Datelike::year(&ends)) {
+            return Err(SaleError::Invalid(
+                "ends_at: must be between the years 1970 and 9999".into(),
+            ));
+        }
+    }
+    if change.ends_at.is_none() && change.paused.is_none() {
+        return Err(SaleError::Invalid(
+            "nothing to change: give ends_at, paused or both".into(),
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

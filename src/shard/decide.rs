@@ -62,6 +62,8 @@ pub enum Note {
 }
 
 /// The decision of one round, from what was seen (module docs).
+// Long on purpose: the rules in the order they apply, each ending the round; their order is
+// what makes a promotion safe, and split up it would no longer read as one.
 pub fn decide(obs: &Observations, config: &FailoverConfig) -> Action {
     let builtin = config.mode == FailoverMode::Builtin;
     // Writable members: answered as a master, or the current writer still serving our queries.

@@ -209,6 +209,7 @@ impl ShardGroup {
     /// lock queue turns into a clean, surely-not-committed refusal instead of a client-side
     /// deadline whose outcome is unknown. (Not `statement_timeout`: cancelling a COMMIT that waits
     /// for the synchronous shadow would acknowledge a commit the shadow does not have.)
+    // Long on purpose: the members, their pools and settings built in one pass, each step named.
     pub fn new(
         name: &str,
         pool_size: usize,

@@ -107,6 +107,8 @@ async fn clients_that_send_and_close_strand_no_stock() {
 /// A storm of buyers with request ids on a sold-out item is answered from memory, and a retry
 /// whose earlier attempt holds a live reservation still gets its order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn retries_on_a_sold_out_item_find_their_reservation() {
     let app = Arc::new(spawn_app().await);
     let item = fresh_item();

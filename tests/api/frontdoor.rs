@@ -146,6 +146,8 @@ async fn a_protected_sale_sells_only_through_order_urls_after_the_start() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn tampered_copied_and_expired_tokens_are_refused() {
     let app = spawn_app().await;
     let (item, other_item) = (fresh_item(), fresh_item());
@@ -510,6 +512,8 @@ async fn one_user_is_rate_limited_another_is_not() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn a_block_reaches_every_node_within_two_seconds_and_lifts() {
     let node_a = spawn_app().await;
     let node_b = spawn_app().await;

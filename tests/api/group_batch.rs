@@ -21,6 +21,8 @@ fn ask(sale: u64, item: u64, user: u64, quantity: i32, txn: uuid::Uuid) -> Batch
 }
 
 #[tokio::test]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn one_batch_spans_items_and_one_sells_out_mid_batch() {
     let app = spawn_app().await;
     let (a, b) = (fresh_item_in(&app, 0), fresh_item_in(&app, 0));

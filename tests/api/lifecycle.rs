@@ -137,6 +137,8 @@ async fn unpaid_orders_expire_and_return_their_stock() {
 /// A concurrent sale with random cancels, payments and expiries: at the end conservation holds and
 /// sold == paid + pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn a_sale_with_cancels_payments_and_expiries_stays_conserved() {
     let app = Arc::new(spawn_app().await);
     let item = fresh_item();

@@ -30,6 +30,8 @@ fn in_minutes(m: i64) -> String {
 }
 
 #[tokio::test]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn a_running_sale_is_paused_resumed_ended_and_extended_on_every_node() {
     let app = spawn_app().await;
     let other = spawn_app().await;

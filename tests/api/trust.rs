@@ -27,6 +27,8 @@ fn expired_token(user: u64) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn user_endpoints_need_a_valid_token_for_that_user() {
     let app = spawn_app().await;
     let item = fresh_item();
@@ -125,6 +127,8 @@ async fn user_endpoints_need_a_valid_token_for_that_user() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
+// read as one story.
 async fn payments_must_be_signed_and_are_recorded_whatever_their_fate() {
     let app = spawn_app().await;
     let item = fresh_item();

@@ -5,6 +5,7 @@ use reqwest::StatusCode;
 use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Long on purpose: a table of bad requests and the answer each must get, read top to bottom.
 async fn bad_buy_requests_get_clear_4xx() {
     let app = spawn_app().await;
     let item = fresh_item();
@@ -230,6 +231,7 @@ async fn bad_buy_requests_get_clear_4xx() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+// Long on purpose: a table of admin requests and the answer each must get, read top to bottom.
 async fn admin_endpoints_need_the_token_and_valid_sales() {
     let app = spawn_app().await;
     let url = format!("{}/v1/admin/sales", app.addr);
