@@ -145,8 +145,6 @@ impl Mover {
 
     /// One step of the state machine ([module docs](super)).
     async fn step(&self, m: &Move, passes: &mut u32) -> Result<(), MoveError> {
-        let kind = m.key_kind()?;
-        let id = super::db_key(m.move_id);
         if m.cleanup_pending {
             return self.clean_up(m).await;
         }
@@ -154,92 +152,114 @@ impl Mover {
             return self.abandon(m, Phase::Cancelled, "cancelled").await;
         }
         match m.phase {
-            Phase::Copying => {
-                if let Unit::Slot(slot) = m.unit() {
-                    // The slot comes back to a group an earlier move of it left a tombstone on.
-                    self.on_group(&m.to, async |c| clear_slot_tombstone(kind, c, slot).await)
-                        .await?;
-                }
-                let keys = self.move_keys(m).await?;
-                let (at, n) = self.pass(m, &keys, None).await?;
-                // The destination's tables just grew by the copy: without fresh statistics its
-                // first batches after the switch could be planned for empty tables.
-                let tables: &[&str] = match kind {
-                    crate::router::KeyKind::Items => &["sale_items", "reservations"],
-                    crate::router::KeyKind::Users => &["orders", "payments"],
-                };
-                if let Err(e) =
-                    crate::migrate::analyze(self.cluster.group(self.group_idx(&m.to)?), tables)
-                        .await
-                {
-                    tracing::warn!(move_id = m.move_id, error = %e, "statistics not refreshed on the destination");
-                }
-                self.advance(id, Phase::CatchingUp, Some(at), n).await
-            }
-            Phase::CatchingUp => {
-                let keys = self.move_keys(m).await?;
-                let since = Self::since(m, self.watermark_of(id).await?);
-                let (at, n) = self.pass(m, &keys, since).await?;
-                *passes += 1;
-                let next = if n < CATCH_UP_ROWS || *passes >= CATCH_UP_PASSES {
-                    Phase::Fenced
-                } else {
-                    Phase::CatchingUp
-                };
-                self.advance(id, next, Some(at), n).await
-            }
-            Phase::Fenced => {
-                let keys = self.fence_all(m).await?;
-                self.on_config(async |c| ledger::mark_fenced(c, id).await)
-                    .await?;
-                let since = Self::since(m, self.watermark_of(id).await?);
-                let n = self.copy_since(m, &keys, since).await?;
-                self.switch(m, &keys, n).await
-            }
-            Phase::Switched if !m.dest_live => {
-                let slot = match m.unit() {
-                    Unit::Key(k) => slot_of(k, self.router.kind(kind).slot_count()),
-                    Unit::Slot(s) => s,
-                };
-                let key = match m.unit() {
-                    Unit::Key(k) => Some(super::db_key(k)),
-                    Unit::Slot(_) => None,
-                };
-                self.on_group(&m.to, async |c| {
-                    unfence(kind, c, id).await?;
-                    // A key of a slot that left this group earlier lives here again.
-                    clear_slot_tombstone(kind, c, slot).await?;
-                    if let (Some(k), KeyKind::Items) = (key, kind) {
-                        c.execute("DELETE FROM item_fences WHERE item_id = $1", &[&k])
-                            .await?;
-                    }
-                    Ok(())
-                })
-                .await?;
-                self.on_config(async |c| ledger::mark_live(c, id).await)
-                    .await?;
-                let m = self.get(m.move_id).await?;
-                tracing::info!(
-                    move_id = m.move_id,
-                    write_pause_ms = m.write_pause_ms,
-                    rows = m.rows_copied,
-                    "move switched"
-                );
-                Ok(())
-            }
-            Phase::Switched if m.complete_requested => {
-                self.on_group(&m.from, async |c| {
-                    drop_copy(kind, c, id, true).await?;
-                    expire_slot_fence(c, id).await
-                })
-                .await?;
-                self.on_config(async |c| ledger::mark_completed(c, id).await)
-                    .await?;
-                tracing::info!(move_id = m.move_id, "move completed");
-                Ok(())
-            }
+            Phase::Copying => self.first_pass(m).await,
+            Phase::CatchingUp => self.catch_up(m, passes).await,
+            Phase::Fenced => self.fence_and_switch(m).await,
+            Phase::Switched if !m.dest_live => self.go_live(m).await,
+            Phase::Switched if m.complete_requested => self.drop_source(m).await,
             _ => Ok(()),
         }
+    }
+
+    /// Copying: the first pass copies everything, then the destination's statistics are refreshed.
+    async fn first_pass(&self, m: &Move) -> Result<(), MoveError> {
+        let kind = m.key_kind()?;
+        let id = super::db_key(m.move_id);
+        if let Unit::Slot(slot) = m.unit() {
+            // The slot comes back to a group an earlier move of it left a tombstone on.
+            self.on_group(&m.to, async |c| clear_slot_tombstone(kind, c, slot).await)
+                .await?;
+        }
+        let keys = self.move_keys(m).await?;
+        let (at, n) = self.pass(m, &keys, None).await?;
+        // The destination's tables just grew by the copy: without fresh statistics its
+        // first batches after the switch could be planned for empty tables.
+        let tables: &[&str] = match kind {
+            crate::router::KeyKind::Items => &["sale_items", "reservations"],
+            crate::router::KeyKind::Users => &["orders", "payments"],
+        };
+        if let Err(e) =
+            crate::migrate::analyze(self.cluster.group(self.group_idx(&m.to)?), tables).await
+        {
+            tracing::warn!(move_id = m.move_id, error = %e, "statistics not refreshed on the destination");
+        }
+        self.advance(id, Phase::CatchingUp, Some(at), n).await
+    }
+
+    /// Catching up: a pass over what changed since the last; fenced once a pass finds few rows.
+    async fn catch_up(&self, m: &Move, passes: &mut u32) -> Result<(), MoveError> {
+        let id = super::db_key(m.move_id);
+        let keys = self.move_keys(m).await?;
+        let since = Self::since(m, self.watermark_of(id).await?);
+        let (at, n) = self.pass(m, &keys, since).await?;
+        *passes += 1;
+        let next = if n < CATCH_UP_ROWS || *passes >= CATCH_UP_PASSES {
+            Phase::Fenced
+        } else {
+            Phase::CatchingUp
+        };
+        self.advance(id, next, Some(at), n).await
+    }
+
+    /// Fenced: the source's fences up, the last changes copied, then the switch (the commit point).
+    async fn fence_and_switch(&self, m: &Move) -> Result<(), MoveError> {
+        let id = super::db_key(m.move_id);
+        let keys = self.fence_all(m).await?;
+        self.on_config(async |c| ledger::mark_fenced(c, id).await)
+            .await?;
+        let since = Self::since(m, self.watermark_of(id).await?);
+        let n = self.copy_since(m, &keys, since).await?;
+        self.switch(m, &keys, n).await
+    }
+
+    /// Switched, not live yet: the destination's copy unfenced; the write pause ends here.
+    async fn go_live(&self, m: &Move) -> Result<(), MoveError> {
+        let kind = m.key_kind()?;
+        let id = super::db_key(m.move_id);
+        let slot = match m.unit() {
+            Unit::Key(k) => slot_of(k, self.router.kind(kind).slot_count()),
+            Unit::Slot(s) => s,
+        };
+        let key = match m.unit() {
+            Unit::Key(k) => Some(super::db_key(k)),
+            Unit::Slot(_) => None,
+        };
+        self.on_group(&m.to, async |c| {
+            unfence(kind, c, id).await?;
+            // A key of a slot that left this group earlier lives here again.
+            clear_slot_tombstone(kind, c, slot).await?;
+            if let (Some(k), KeyKind::Items) = (key, kind) {
+                c.execute("DELETE FROM item_fences WHERE item_id = $1", &[&k])
+                    .await?;
+            }
+            Ok(())
+        })
+        .await?;
+        self.on_config(async |c| ledger::mark_live(c, id).await)
+            .await?;
+        let m = self.get(m.move_id).await?;
+        tracing::info!(
+            move_id = m.move_id,
+            write_pause_ms = m.write_pause_ms,
+            rows = m.rows_copied,
+            "move switched"
+        );
+        Ok(())
+    }
+
+    /// Switched, asked to complete: the source's copy dropped, its fences left as tombstones.
+    async fn drop_source(&self, m: &Move) -> Result<(), MoveError> {
+        let kind = m.key_kind()?;
+        let id = super::db_key(m.move_id);
+        self.on_group(&m.from, async |c| {
+            drop_copy(kind, c, id, true).await?;
+            expire_slot_fence(c, id).await
+        })
+        .await?;
+        self.on_config(async |c| ledger::mark_completed(c, id).await)
+            .await?;
+        tracing::info!(move_id = m.move_id, "move completed");
+        Ok(())
     }
 
     /// Fence the move's keys on the source; for a slot, the slot first (no key of it gets its
@@ -338,6 +358,8 @@ impl Mover {
 
     /// The commit point: the route and the move's phase, in one transaction on the config group
     /// (only while this runner holds the move and nobody asked to cancel it).
+    // Long on purpose: the commit point is one transaction; its statements read in the order
+    // they run.
     async fn switch(&self, m: &Move, keys: &[i64], copied: u64) -> Result<(), MoveError> {
         let kind = m.key_kind()?;
         let id = super::db_key(m.move_id);
