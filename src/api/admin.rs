@@ -18,11 +18,11 @@ use std::sync::Arc;
     request_body = crate::sale::NewSale,
     responses(
         (status = 201, description = "created", body = crate::sale::SaleView),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 413, description = "the body is larger than server.admin_body_limit_bytes", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "a field is out of range or the sale is inconsistent (the detail names the field); a protection on an engine without token keys", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "a group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::GroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -62,9 +62,9 @@ pub struct SalesQuery {
     params(SalesQuery),
     responses(
         (status = 200, body = crate::sale::changes::SaleList),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 422, description = "an unknown state or a limit out of range", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or a group unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::OverloadedOrGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -104,8 +104,8 @@ fn request_id() -> Option<String> {
     request_body = crate::sale::changes::SaleChange,
     responses(
         (status = 200, description = "the sale as changed", body = crate::sale::SaleView),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 404, description = "no such sale", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "nothing to change, or ends_at not after starts_at", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "a group is unavailable, or an item is being moved: ask again", body = super::error::Problem, content_type = "application/problem+json"),
@@ -139,9 +139,9 @@ pub async fn change_sale(
     request_body = crate::sale::changes::Restock,
     responses(
         (status = 200, description = "the item with its new stock and remaining", body = crate::sale::changes::Restocked),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such sale or item", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
+        (status = 401, response = super::responses::AdminTokenRefused),
+        (status = 404, response = super::responses::NoSuchSaleOrItem),
         (status = 422, description = "add out of range, or the stock would pass 1000000000", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "a group is unavailable, or the item is being moved: ask again", body = super::error::Problem, content_type = "application/problem+json"),
     ),
@@ -172,10 +172,10 @@ pub async fn restock(
     params(("sale_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64)),
     responses(
         (status = 200, body = crate::reconcile::SaleAudit),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 404, description = "no such sale", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "the id is not a positive integer", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or a group unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::OverloadedOrGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -200,10 +200,10 @@ pub async fn audit(
     ),
     responses(
         (status = 200, body = crate::fair::store::Listing),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such sale or item", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
+        (status = 404, response = super::responses::NoSuchSaleOrItem),
         (status = 422, description = "an id is not a positive integer", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or a group unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::OverloadedOrGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -230,7 +230,7 @@ pub async fn draw(
     summary = "Every shard group: members, role, health, replication lag",
     responses(
         (status = 200, body = crate::shard::GroupsReport),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
     ),
     security(("admin_token" = []))
 )]
@@ -268,9 +268,9 @@ pub struct Payments {
     params(PaymentsQuery),
     responses(
         (status = 200, body = Payments),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 422, description = "a query parameter is out of range", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or a group unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::OverloadedOrGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -333,11 +333,11 @@ pub struct Blocklist {
     request_body = crate::frontdoor::blocklist::NewEntry,
     responses(
         (status = 201, description = "the entry", body = crate::frontdoor::blocklist::Entry),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
+        (status = 401, response = super::responses::AdminTokenRefused),
+        (status = 413, response = super::responses::BodyTooLarge),
         (status = 422, description = "the kind, value, reason or ttl_secs is invalid", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the config group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::ConfigGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -367,8 +367,8 @@ pub async fn block(
     summary = "The blocklist's entries in force, newest first",
     responses(
         (status = 200, body = Blocklist),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the config group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
+        (status = 503, response = super::responses::ConfigGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -389,10 +389,10 @@ pub async fn blocklist(State(s): State<Arc<AppState>>, _: Admin) -> Result<Respo
     params(("id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64)),
     responses(
         (status = 204, description = "removed"),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 404, description = "no such entry", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "the id is not a positive integer", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the config group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::ConfigGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]

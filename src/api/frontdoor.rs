@@ -131,13 +131,13 @@ fn window_closed(ends_at: DateTime<Utc>, sold_out: bool) -> Result<(), ApiError>
     ),
     responses(
         (status = 200, description = "the challenge (never cached)", body = Challenge),
-        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::UserTokenRefused),
         (status = 403, description = "blocked, or the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such sale or item, or the sale has no challenge", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 409, description = "not_started (before the lead window), ended or sold_out", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "an id is out of range", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 429, description = "rate_limited: retry after Retry-After seconds", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::Unavailable),
     ),
     security(("user_token" = []))
 )]
@@ -212,15 +212,15 @@ pub struct OrderToken {
     request_body = OrderTokenBody,
     responses(
         (status = 201, description = "the token (never cached)", body = OrderToken),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
+        (status = 401, response = super::responses::UserTokenRefused),
         (status = 403, description = "challenge_failed (wrong, forged, another buyer's, expired, used before, too fast), blocked, or the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such sale or item, or the sale does not use order tokens", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 409, description = "not_started, ended or sold_out", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "a field is out of range", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, response = super::responses::BodyTooLarge),
+        (status = 422, response = super::responses::FieldOutOfRange),
         (status = 429, description = "rate_limited: retry after Retry-After seconds", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::Unavailable),
     ),
     security(("user_token" = []))
 )]

@@ -18,6 +18,7 @@ pub mod observe;
 pub mod orders;
 pub mod page;
 pub mod payments;
+mod responses;
 pub mod server;
 pub mod shardmap;
 
@@ -41,7 +42,7 @@ use utoipa_axum::routes;
         description = "A flash-sale order engine on sharded PostgreSQL. Errors are application/problem+json with a machine-readable `code`.",
         license(name = "MIT OR Apache-2.0")
     ),
-    modifiers(&Security),
+    modifiers(&Security, &SharedResponses),
     tags(
         (name = "sales", description = "Sales and their items"),
         (name = "orders", description = "A user's purchases (user token)"),
@@ -53,6 +54,16 @@ use utoipa_axum::routes;
 pub struct ApiDoc;
 
 struct Security;
+
+/// The problem+json answers many operations share ([`responses`]), in `components.responses`.
+struct SharedResponses;
+
+impl utoipa::Modify for SharedResponses {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.responses.extend(responses::all());
+    }
+}
 
 impl utoipa::Modify for Security {
     fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
@@ -286,7 +297,7 @@ async fn openapi_json() -> Response {
         (status = 404, description = "no such sale", body = error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "the id is not a positive integer", body = error::Problem, content_type = "application/problem+json"),
         (status = 429, description = "this address asks too often (`frontdoor.ip_limit`)", body = error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or a group unavailable", body = error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = responses::OverloadedOrGroupUnavailable),
     )
 )]
 async fn get_sale(
@@ -360,6 +371,15 @@ mod tests {
         for (path, ops) in doc["paths"].as_object().unwrap() {
             for (method, op) in ops.as_object().unwrap() {
                 for (status, resp) in op["responses"].as_object().unwrap() {
+                    // A shared answer is a reference into components.responses.
+                    let resp = match resp["$ref"].as_str() {
+                        Some(r) => {
+                            let name = r.strip_prefix("#/components/responses/").unwrap();
+                            &doc["components"]["responses"][name]
+                        }
+                        None => resp,
+                    };
+                    assert!(resp.is_object(), "{method} {path} {status}: {resp}");
                     // The sale page's friendly 404 is a page for people.
                     let is_page = resp["content"].get("text/html").is_some();
                     if (status.starts_with('4') || status.starts_with('5')) && !is_page {

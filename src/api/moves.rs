@@ -51,11 +51,11 @@ pub struct MoveList {
     responses(
         (status = 202, description = "started; follow it at /v1/admin/moves/{move_id}", body = crate::moves::Move),
         (status = 200, description = "dry_run: what the move would copy, and the checks it passed", body = crate::moves::Plan),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 409, description = "move_conflict: another open move of the key; precheck_failed: a group not writable, a shadow not streaming, schema versions differ; has_data: live rows for the key on the destination", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "an unknown kind or group, the key's own group, or a key out of range", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "a group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::GroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -86,8 +86,8 @@ pub async fn start(
     summary = "The moves, newest first (the last 100)",
     responses(
         (status = 200, body = MoveList),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the config group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
+        (status = 503, response = super::responses::ConfigGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -114,10 +114,10 @@ fn move_id(p: &Params) -> Result<u64, ApiError> {
     params(("move_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64)),
     responses(
         (status = 200, body = crate::moves::Move),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 404, description = "no such move", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "a move id out of range", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the config group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::ConfigGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -141,11 +141,11 @@ pub async fn get(
     ),
     responses(
         (status = 202, description = "asked; the move (for reverse: the new move)", body = crate::moves::Move),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 404, description = "no such move, or no such action", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 409, description = "move_conflict: the move's phase does not allow it; precheck_failed / has_data (reverse)", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "a move id out of range", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "a group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::GroupUnavailable),
     ),
     security(("admin_token" = []))
 )]

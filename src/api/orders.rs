@@ -47,13 +47,13 @@ fn one() -> Quantity {
     request_body = BuyBody,
     responses(
         (status = 201, description = "the order (header idempotent-replayed: true when the request_id had one already)", body = crate::order::store::Order),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
+        (status = 401, response = super::responses::UserTokenRefused),
         (status = 403, description = "token_required (a protected sale: buy through the order URL), blocked, or the user id is not the token's (forbidden)", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such sale or item", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, response = super::responses::NoSuchSaleOrItem),
         (status = 409, description = "not_started, ended, sold_out, limit_exceeded, or a replayed purchase whose order was cancelled or expired (order_cancelled / order_expired, the order in the body)", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "a field is out of range", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, response = super::responses::BodyTooLarge),
+        (status = 422, response = super::responses::FieldOutOfRange),
         (status = 429, description = "rate_limited: retry (with the same request_id) after Retry-After seconds", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "overloaded or unavailable: retry (with the same request_id) after Retry-After", body = super::error::Problem, content_type = "application/problem+json"),
     ),
@@ -82,13 +82,13 @@ pub async fn buy(
     request_body = BuyBody,
     responses(
         (status = 201, description = "the order (header idempotent-replayed: true when the request_id had one already)", body = crate::order::store::Order),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
+        (status = 401, response = super::responses::UserTokenRefused),
         (status = 403, description = "invalid_token (does not verify, or another user's, item's or sale's), token_expired, blocked, or the user id is not the token's (forbidden)", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 404, description = "no such sale or item", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 404, response = super::responses::NoSuchSaleOrItem),
         (status = 409, description = "not_started, ended, sold_out, limit_exceeded, or a replayed purchase whose order was cancelled or expired", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 422, description = "a field is out of range", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, response = super::responses::BodyTooLarge),
+        (status = 422, response = super::responses::FieldOutOfRange),
         (status = 429, description = "rate_limited: retry (with the same request_id) after Retry-After seconds", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "overloaded or unavailable: retry (with the same request_id) after Retry-After", body = super::error::Problem, content_type = "application/problem+json"),
     ),
@@ -188,10 +188,10 @@ pub struct Orders {
     params(("user_id" = u64, Path, minimum = 1, maximum = 9223372036854775807_u64), ListQuery),
     responses(
         (status = 200, body = Orders),
-        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::UserTokenRefused),
+        (status = 403, response = super::responses::NotTheTokensUser),
         (status = 422, description = "an id or the limit is out of range", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::Unavailable),
     ),
     security(("user_token" = []))
 )]
@@ -222,11 +222,11 @@ pub async fn list(
     ),
     responses(
         (status = 200, body = crate::order::store::Order),
-        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::UserTokenRefused),
+        (status = 403, response = super::responses::NotTheTokensUser),
         (status = 404, description = "no such order", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "an id is malformed", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::Unavailable),
     ),
     security(("user_token" = []))
 )]
@@ -251,12 +251,12 @@ pub async fn get(
     ),
     responses(
         (status = 200, description = "the cancelled order (cancelling twice answers the same)", body = crate::order::store::Order),
-        (status = 401, description = "no, an expired or an invalid user token", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 403, description = "the user id is not the token's", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::UserTokenRefused),
+        (status = 403, response = super::responses::NotTheTokensUser),
         (status = 404, description = "no such order", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 409, description = "order_paid or order_expired", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "an id is malformed", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "overloaded or unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::Unavailable),
     ),
     security(("user_token" = []))
 )]

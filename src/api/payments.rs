@@ -39,11 +39,11 @@ pub struct PaymentBody {
     request_body = PaymentBody,
     responses(
         (status = 200, description = "the paid order (header idempotent-replayed: true for a payment_ref seen before)", body = crate::order::store::Order),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
         (status = 401, description = "the signature is missing, malformed, wrong or stale", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 404, description = "no such order for this user (recorded: refund due)", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 409, description = "amount_mismatch, order_paid, order_cancelled or order_expired (recorded: refund due; the payment in the body)", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 413, description = "the body is too large", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 413, response = super::responses::BodyTooLarge),
         (status = 422, description = "a field is out of range, or the payment_ref was recorded for another order or amount", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 503, description = "overloaded or unavailable: retry", body = super::error::Problem, content_type = "application/problem+json"),
     ),

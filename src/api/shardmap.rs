@@ -28,7 +28,7 @@ fn kind_and_key(p: &Params) -> Result<(KeyKind, u64), ApiError> {
     ),
     responses(
         (status = 200, body = crate::shardmap::Route),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 422, description = "an unknown kind or a key out of range", body = super::error::Problem, content_type = "application/problem+json"),
     ),
     security(("admin_token" = []))
@@ -49,8 +49,8 @@ pub async fn route(
     summary = "The router-config table: its entries and version",
     responses(
         (status = 200, body = crate::shardmap::ShardMap),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "the config group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
+        (status = 503, response = super::responses::ConfigGroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -78,11 +78,11 @@ pub struct SetRoute {
     request_body = SetRoute,
     responses(
         (status = 200, description = "where the key routes now", body = crate::shardmap::Route),
-        (status = 400, description = "malformed JSON or no JSON content type", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 400, response = super::responses::BadJson),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 409, description = "has_data: the key has rows on its current or its new group", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "an unknown kind or group, or a key out of range", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "a group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::GroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
@@ -108,11 +108,11 @@ pub async fn set(
     ),
     responses(
         (status = 200, description = "where the key routes now", body = crate::shardmap::Route),
-        (status = 401, description = "the admin token is missing or wrong", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 401, response = super::responses::AdminTokenRefused),
         (status = 404, description = "the key has no table entry", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 409, description = "has_data: the key has rows on its current or its new group", body = super::error::Problem, content_type = "application/problem+json"),
         (status = 422, description = "an unknown kind or a key out of range", body = super::error::Problem, content_type = "application/problem+json"),
-        (status = 503, description = "a group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
+        (status = 503, response = super::responses::GroupUnavailable),
     ),
     security(("admin_token" = []))
 )]
