@@ -8,6 +8,10 @@ use helpers::*;
 use reqwest::StatusCode;
 use serde_json::json;
 
+/// The order metrics are the process's, shared by every test here: the tests that buy take turns,
+/// so that the one counting orders counts only its own.
+static BUYERS: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The sum of the series `name{...labels...}` (labels as they print, e.g. `outcome="created"`).
 fn series(text: &str, name: &str, labels: &str) -> f64 {
     text.lines()
@@ -38,6 +42,7 @@ async fn scrape(app: &TestApp) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_orders_by_outcome_and_name_routes_by_template() {
+    let _turn = BUYERS.lock().await;
     let app = spawn_app().await;
     let item = fresh_item();
     let sale = app
@@ -215,6 +220,7 @@ impl std::io::Write for Sink {
 // Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
 // read as one story.
 async fn one_buyers_request_can_be_followed_in_the_json_log() {
+    let _turn = BUYERS.lock().await;
     let log = log();
     let app = spawn_app().await;
     let item = fresh_item();
