@@ -9,7 +9,8 @@
 //! with a bound.
 
 use crate::config::Config;
-pub use crate::state::{AppState, StartError};
+pub use crate::state::AppState;
+pub(crate) use crate::state::StartError;
 use futures::future::BoxFuture;
 use futures::FutureExt;
 use std::net::SocketAddr;
@@ -52,7 +53,7 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(config: Config) -> Result<Self, StartError> {
+    pub(crate) async fn build(config: Config) -> Result<Self, StartError> {
         Self::build_with(config, Background::default()).await
     }
 

@@ -20,7 +20,7 @@ struct Lane<T, R> {
     draining: bool,
 }
 
-pub struct Batcher<K, T, R> {
+pub(crate) struct Batcher<K, T, R> {
     lanes: Mutex<HashMap<K, Lane<T, R>>>,
     max_batch: usize,
     max_wait: Duration,
@@ -31,7 +31,7 @@ pub struct Batcher<K, T, R> {
 /// The request was accepted but its batch never answered (the task died): outcome unknown.
 #[derive(Debug, thiserror::Error)]
 #[error("the batch serving this request was lost")]
-pub struct Lost;
+pub(crate) struct Lost;
 
 impl<K, T, R> Batcher<K, T, R>
 where
@@ -62,12 +62,12 @@ where
     }
 
     /// How many requests wait for `key` (not counting a batch in flight).
-    pub fn queued(&self, key: &K) -> usize {
+    pub(crate) fn queued(&self, key: &K) -> usize {
         self.lanes().get(key).map_or(0, |l| l.queue.len())
     }
 
     /// Queue `item` under `key` and wait for its result.
-    pub async fn submit(self: &Arc<Self>, key: K, item: T) -> Result<R, Lost> {
+    pub(crate) async fn submit(self: &Arc<Self>, key: K, item: T) -> Result<R, Lost> {
         let (tx, rx) = oneshot::channel();
         let start_drain = {
             let mut lanes = self.lanes();

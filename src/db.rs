@@ -30,7 +30,7 @@ pub enum DbError {
 
 impl DbError {
     /// True when the work surely did not commit.
-    pub fn surely_not_committed(&self) -> bool {
+    pub(crate) fn surely_not_committed(&self) -> bool {
         !matches!(self, DbError::Lost(_))
     }
 }
@@ -60,19 +60,5 @@ impl From<tokio_postgres::Error> for DbError {
             },
             None => DbError::Lost(e.to_string()),
         }
-    }
-}
-
-/// Bound a database future by a deadline; running out means the outcome is unknown.
-pub async fn deadline<T>(
-    limit: std::time::Duration,
-    work: impl std::future::Future<Output = Result<T, DbError>>,
-) -> Result<T, DbError> {
-    match tokio::time::timeout(limit, work).await {
-        Ok(r) => r,
-        Err(_) => Err(DbError::Lost(format!(
-            "no answer within {} ms",
-            limit.as_millis()
-        ))),
     }
 }

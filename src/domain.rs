@@ -9,9 +9,9 @@ use std::fmt;
 
 /// Largest quantity one buy request may ask for. Far above any sane per-user limit; it exists so a
 /// request for `u32::MAX` units is refused as malformed rather than reaching the database.
-pub const MAX_QUANTITY: u32 = 1_000;
+pub(crate) const MAX_QUANTITY: u32 = 1_000;
 /// Longest accepted `request_id`.
-pub const MAX_REQUEST_ID_LEN: usize = 128;
+pub(crate) const MAX_REQUEST_ID_LEN: usize = 128;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DomainError {
@@ -87,7 +87,7 @@ macro_rules! id_type {
 /// A JSON integer, also when written as an integral number such as `3.0` (JSON has one number
 /// type; JSON Schema counts `3.0` as an integer, and JavaScript clients may send it). A fraction is
 /// an error.
-pub fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i128, D::Error> {
+pub(crate) fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i128, D::Error> {
     struct V;
     impl serde::de::Visitor<'_> for V {
         type Value = i128;
@@ -112,19 +112,21 @@ pub fn integer<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i128, D::Error>
 }
 
 /// [`integer`] into an `i64` field.
-pub fn integer_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+pub(crate) fn integer_i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     let v = integer(d)?;
     i64::try_from(v).map_err(|_| serde::de::Error::custom(format!("{v} is out of range")))
 }
 
 /// [`integer`] into a `u32` field.
-pub fn integer_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+pub(crate) fn integer_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
     let v = integer(d)?;
     u32::try_from(v).map_err(|_| serde::de::Error::custom(format!("{v} is out of range")))
 }
 
 /// [`integer`] into an optional `u32` field.
-pub fn integer_opt_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+pub(crate) fn integer_opt_u32<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<u32>, D::Error> {
     let v = integer(d)?;
     u32::try_from(v)
         .map(Some)
@@ -261,7 +263,7 @@ impl Protection {
     /// A protection as stored with a sale. Fields this engine does not know (written by a newer
     /// one) are ignored; one it cannot read at all guards the item as strictly as it can (order
     /// tokens behind a proof of work) rather than leave it open.
-    pub fn from_stored(stored: serde_json::Value) -> Self {
+    pub(crate) fn from_stored(stored: serde_json::Value) -> Self {
         let known = serde_json::to_value(Self::default())
             .ok()
             .and_then(|v| v.as_object().cloned())

@@ -20,7 +20,7 @@ struct Entry<V> {
     cell: OnceCell<V>,
 }
 
-pub struct Flights<K, V> {
+pub(crate) struct Flights<K, V> {
     max: usize,
     map: Mutex<Map<K, V>>,
 }
@@ -61,16 +61,13 @@ impl<K: Hash + Eq + Clone, V: Clone> Flights<K, V> {
     }
 
     /// Forget `key`: the next caller reads it again.
-    pub fn forget(&self, key: &K) {
+    pub(crate) fn forget(&self, key: &K) {
         self.lock().entries.remove(key);
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.lock().entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Map<K, V>> {

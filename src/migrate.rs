@@ -38,7 +38,7 @@ pub enum MigrateError {
 
 /// Apply pending migrations to every group's writable member, as found by the last
 /// [`Cluster::discover`] (or monitor round). Returns how many each group applied.
-pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError> {
+pub(crate) async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError> {
     let mut applied = Vec::new();
     for group in &cluster.groups {
         let connect_err = |source| MigrateError::Connect {
@@ -87,7 +87,10 @@ pub async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, MigrateError
 /// was applied by hand (its tables exist, refinery's history does not or is empty): what
 /// `seckill migrate --baseline N` does once before the first `seckill migrate` of such a cluster.
 /// Groups that already have a history are refused, never touched.
-pub async fn baseline(cluster: &Cluster, upto: u32) -> Result<Vec<(String, usize)>, MigrateError> {
+pub(crate) async fn baseline(
+    cluster: &Cluster,
+    upto: u32,
+) -> Result<Vec<(String, usize)>, MigrateError> {
     let runner = embedded::migrations::runner();
     let migrations: Vec<_> = runner
         .get_migrations()
@@ -163,7 +166,7 @@ pub async fn baseline(cluster: &Cluster, upto: u32) -> Result<Vec<(String, usize
 
 /// The newest migration a group's writable member has applied, read with the admin role (the
 /// application role may not read the history).
-pub async fn applied_version(group: &crate::shard::ShardGroup) -> Result<i64, MigrateError> {
+pub(crate) async fn applied_version(group: &crate::shard::ShardGroup) -> Result<i64, MigrateError> {
     as_admin(group, async |c, _| {
         c.query_one(
             "SELECT coalesce(max(version), 0)::bigint FROM refinery_schema_history",
@@ -181,7 +184,7 @@ pub async fn applied_version(group: &crate::shard::ShardGroup) -> Result<i64, Mi
 
 /// Refresh the planner's statistics of `tables` on a group's writable member (admin role: only
 /// a table's owner may), e.g. after a move copied many rows into them.
-pub async fn analyze(
+pub(crate) async fn analyze(
     group: &crate::shard::ShardGroup,
     tables: &[&str],
 ) -> Result<(), MigrateError> {

@@ -56,7 +56,7 @@ pub struct ItemAudit {
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct SaleAudit {
+pub(crate) struct SaleAudit {
     pub sale_id: u64,
     pub conserved: bool,
     pub items: Vec<ItemAudit>,
@@ -116,7 +116,10 @@ fn audit_row(r: &tokio_postgres::Row) -> ItemAudit {
 }
 
 /// The per-item conservation report of one sale.
-pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit, SaleError> {
+pub(crate) async fn audit_sale(
+    orders: &OrderService,
+    sale: SaleId,
+) -> Result<SaleAudit, SaleError> {
     let sales = crate::sale::SaleService {
         cluster: &orders.cluster,
         router: &orders.router,
@@ -165,13 +168,13 @@ pub async fn audit_sale(orders: &OrderService, sale: SaleId) -> Result<SaleAudit
 pub struct ReconcileReport {
     pub checked: u64,
     pub orphans_released: u64,
-    pub marked_ordered: u64,
-    pub marked_paid: u64,
+    pub(crate) marked_ordered: u64,
+    pub(crate) marked_paid: u64,
     pub dead_orders_released: u64,
     /// Items breaking conservation after the pass.
     pub violations: Vec<ItemAudit>,
     /// Groups that could not be read (the pass is incomplete for them).
-    pub unreachable_groups: Vec<String>,
+    pub(crate) unreachable_groups: Vec<String>,
 }
 
 impl ReconcileReport {
@@ -188,7 +191,7 @@ pub async fn reconcile(orders: &OrderService, grace: Duration) -> ReconcileRepor
 }
 
 /// How many pages of `ordered` reservations a background pass checks per group.
-pub const ORDERED_PAGES_PER_PASS: usize = 4;
+pub(crate) const ORDERED_PAGES_PER_PASS: usize = 4;
 
 /// The background reconciler of one engine node: what it remembers between passes.
 #[derive(Default)]

@@ -36,8 +36,8 @@ pub struct Mismatch {
     pub kind: &'static str,
     pub payment_ref: String,
     pub order_id: Uuid,
-    pub settled_cents: Option<i64>,
-    pub recorded_cents: Option<i64>,
+    pub(crate) settled_cents: Option<i64>,
+    pub(crate) recorded_cents: Option<i64>,
     pub detail: String,
 }
 

@@ -24,7 +24,7 @@ use std::time::Duration;
 /// How a key's group was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
-pub enum Source {
+pub(crate) enum Source {
     /// The hash slot map.
     Hash,
     /// A key range of `strategy = "range"`.
@@ -35,7 +35,7 @@ pub enum Source {
 
 /// Where one key routes.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Route {
+pub(crate) struct Route {
     #[schema(example = "items")]
     pub kind: &'static str,
     pub key: u64,
@@ -54,23 +54,23 @@ pub struct Entry {
     pub key: u64,
     #[schema(example = "g1")]
     pub group: String,
-    pub updated_at: DateTime<Utc>,
+    pub(crate) updated_at: DateTime<Utc>,
 }
 
 /// A hash slot moved off the group the configuration gives it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct SlotEntry {
+pub(crate) struct SlotEntry {
     #[schema(example = "users")]
     pub kind: String,
     pub slot: u32,
     #[schema(example = "g2")]
     pub group: String,
-    pub updated_at: DateTime<Utc>,
+    pub(crate) updated_at: DateTime<Utc>,
 }
 
 /// The router-config table.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ShardMap {
+pub(crate) struct ShardMap {
     /// Bumped by every change; engine nodes reload when it moves.
     pub version: i64,
     pub entries: Vec<Entry>,
@@ -81,7 +81,7 @@ pub struct ShardMap {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum ShardMapError {
+pub(crate) enum ShardMapError {
     #[error("unknown group {0:?}")]
     UnknownGroup(String),
     #[error("{kind} {key} has rows on group {group}: re-routing it would strand them (move the key instead)")]
@@ -104,7 +104,7 @@ impl From<DbError> for ShardMapError {
 }
 
 /// The groups, the router and the config group's place: what every function here works with.
-pub struct Maps<'a> {
+pub(crate) struct Maps<'a> {
     pub config: &'a Config,
     pub cluster: &'a Cluster,
     pub router: &'a Router,

@@ -18,22 +18,25 @@ pub struct AppState {
     pub orders: Arc<OrderService>,
     pub admin_token: Option<crate::config::Secret>,
     /// Verifies user tokens.
-    pub users: crate::auth::users::UserTokens,
+    pub(crate) users: crate::auth::users::UserTokens,
     /// Order tokens, challenges, rate limits, the blocklist.
     pub frontdoor: crate::frontdoor::FrontDoor,
     /// Live moves of keys between groups.
     pub moves: Arc<crate::moves::Mover>,
     /// Fair starts: window entries and draws.
-    pub fair: Arc<crate::fair::FairStart>,
+    pub(crate) fair: Arc<crate::fair::FairStart>,
     /// `GET /v1/sales/{id}` as served lately ([`crate::sale::cache`]).
-    pub sale_views: crate::sale::cache::ViewCache,
+    pub(crate) sale_views: crate::sale::cache::ViewCache,
 }
 
 impl AppState {
     /// Connect to the shard groups, apply migrations (when configured) and find the writable
     /// members and the routing table; no listener, no background tasks. Used by the server and by
     /// one-shot commands such as `seckill reconcile`.
-    pub async fn connect(config: Config, tasks: &TaskTracker) -> Result<Arc<Self>, StartError> {
+    pub(crate) async fn connect(
+        config: Config,
+        tasks: &TaskTracker,
+    ) -> Result<Arc<Self>, StartError> {
         let config = Arc::new(config);
         let users = crate::auth::users::UserTokens::new(&config.auth)?;
         if config.auth.users == crate::config::UsersAuth::None {
@@ -83,14 +86,14 @@ impl AppState {
     }
 
     /// Read the router-config table (the `table` routing strategy) from the config group.
-    pub async fn refresh_table(&self) {
+    pub(crate) async fn refresh_table(&self) {
         if let Err(e) = self.maps().refresh().await {
             tracing::warn!(error = %e, "cannot read the router-config table");
         }
     }
 
     /// The shard map as DBAs see and change it.
-    pub fn maps(&self) -> crate::shardmap::Maps<'_> {
+    pub(crate) fn maps(&self) -> crate::shardmap::Maps<'_> {
         crate::shardmap::Maps {
             config: &self.config,
             cluster: &self.cluster,
@@ -98,7 +101,7 @@ impl AppState {
         }
     }
 
-    pub fn sales(&self) -> crate::sale::SaleService<'_> {
+    pub(crate) fn sales(&self) -> crate::sale::SaleService<'_> {
         crate::sale::SaleService {
             cluster: &self.cluster,
             router: &self.router,

@@ -14,29 +14,31 @@
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
-pub const HTTP_DURATION: &str = "http_server_request_duration_seconds";
-pub const HTTP_ACTIVE: &str = "http_server_active_requests";
-pub const ORDERS: &str = "seckill_orders_total";
-pub const PHASE: &str = "seckill_order_phase_duration_seconds";
-pub const BATCH: &str = "seckill_coalesce_batch_size";
-pub const SOLDOUT_FASTPATH: &str = "seckill_soldout_fastpath_total";
-pub const POOL: &str = "seckill_db_pool_connections";
-pub const GROUP_UP: &str = "seckill_group_up";
-pub const LAG: &str = "seckill_replication_lag_bytes";
-pub const FAILOVERS: &str = "seckill_failovers_total";
-pub const SHADOW_STREAMING: &str = "seckill_group_shadow_streaming";
-pub const SYNCHRONOUS: &str = "seckill_group_synchronous";
-pub const WRITES_HELD: &str = "seckill_group_writes_held";
-pub const HEALS: &str = "seckill_heals_total";
-pub const REPAIRS: &str = "seckill_reconcile_repairs_total";
-pub const VIOLATIONS: &str = "seckill_conservation_violations";
-pub const DB_WORK: &str = "seckill_db_work_total";
-pub const PROCESS_RSS: &str = "process_resident_memory_bytes";
-pub const PROCESS_CPU: &str = "process_cpu_seconds_total";
-pub const PROCESS_FDS: &str = "process_open_fds";
+pub(crate) const HTTP_DURATION: &str = "http_server_request_duration_seconds";
+pub(crate) const HTTP_ACTIVE: &str = "http_server_active_requests";
+pub(crate) const ORDERS: &str = "seckill_orders_total";
+pub(crate) const PHASE: &str = "seckill_order_phase_duration_seconds";
+pub(crate) const BATCH: &str = "seckill_coalesce_batch_size";
+pub(crate) const SOLDOUT_FASTPATH: &str = "seckill_soldout_fastpath_total";
+pub(crate) const POOL: &str = "seckill_db_pool_connections";
+pub(crate) const GROUP_UP: &str = "seckill_group_up";
+pub(crate) const LAG: &str = "seckill_replication_lag_bytes";
+pub(crate) const FAILOVERS: &str = "seckill_failovers_total";
+pub(crate) const SHADOW_STREAMING: &str = "seckill_group_shadow_streaming";
+pub(crate) const SYNCHRONOUS: &str = "seckill_group_synchronous";
+pub(crate) const WRITES_HELD: &str = "seckill_group_writes_held";
+pub(crate) const HEALS: &str = "seckill_heals_total";
+pub(crate) const REPAIRS: &str = "seckill_reconcile_repairs_total";
+pub(crate) const VIOLATIONS: &str = "seckill_conservation_violations";
+pub(crate) const DB_WORK: &str = "seckill_db_work_total";
+pub(crate) const PROCESS_RSS: &str = "process_resident_memory_bytes";
+pub(crate) const PROCESS_CPU: &str = "process_cpu_seconds_total";
+pub(crate) const PROCESS_FDS: &str = "process_open_fds";
 
-/// Every metric the engine exports (histograms also as `_bucket`, `_sum` and `_count`).
-pub const ALL: &[&str] = &[
+/// Every metric the engine exports (histograms also as `_bucket`, `_sum` and `_count`), for the
+/// tests that hold the dashboard and the code to each other.
+#[cfg(test)]
+pub(crate) const ALL: &[&str] = &[
     HTTP_DURATION,
     HTTP_ACTIVE,
     ORDERS,
@@ -58,6 +60,7 @@ pub const ALL: &[&str] = &[
     PROCESS_CPU,
     PROCESS_FDS,
 ];
+#[cfg(test)]
 const HISTOGRAMS: &[&str] = &[HTTP_DURATION, PHASE, BATCH];
 
 const SECONDS: &[f64] = &[
@@ -155,7 +158,8 @@ fn describe() {
 
 /// The metric a series name belongs to: `x_bucket`, `x_sum` and `x_count` of a histogram `x` are
 /// `x`; anything else is itself.
-pub fn metric_of(series: &str) -> &str {
+#[cfg(test)]
+pub(crate) fn metric_of(series: &str) -> &str {
     for suffix in ["_bucket", "_sum", "_count"] {
         if let Some(base) = series.strip_suffix(suffix) {
             if HISTOGRAMS.contains(&base) {
@@ -167,7 +171,7 @@ pub fn metric_of(series: &str) -> &str {
 }
 
 /// Resident memory, CPU time and open files of this process, from /proc (Linux).
-pub fn record_process() {
+pub(crate) fn record_process() {
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as f64;
     if let Ok(statm) = std::fs::read_to_string("/proc/self/statm") {

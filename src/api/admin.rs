@@ -26,7 +26,7 @@ use std::sync::Arc;
     ),
     security(("admin_token" = []))
 )]
-pub async fn create_sale(
+pub(crate) async fn create_sale(
     State(s): State<Arc<AppState>>,
     _: Admin,
     Json(new): Json<crate::sale::NewSale>,
@@ -45,7 +45,7 @@ pub async fn create_sale(
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct SalesQuery {
+pub(crate) struct SalesQuery {
     /// Only sales in this state: `scheduled`, `live`, `paused` or `ended`.
     #[param(pattern = "^(scheduled|live|paused|ended)$")]
     state: Option<String>,
@@ -68,7 +68,7 @@ pub struct SalesQuery {
     ),
     security(("admin_token" = []))
 )]
-pub async fn list_sales(
+pub(crate) async fn list_sales(
     State(s): State<Arc<AppState>>,
     _: Admin,
     query: Result<Query<SalesQuery>, axum::extract::rejection::QueryRejection>,
@@ -112,7 +112,7 @@ fn request_id() -> Option<String> {
     ),
     security(("admin_token" = []))
 )]
-pub async fn change_sale(
+pub(crate) async fn change_sale(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,
@@ -147,7 +147,7 @@ pub async fn change_sale(
     ),
     security(("admin_token" = []))
 )]
-pub async fn restock(
+pub(crate) async fn restock(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,
@@ -179,7 +179,7 @@ pub async fn restock(
     ),
     security(("admin_token" = []))
 )]
-pub async fn audit(
+pub(crate) async fn audit(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,
@@ -207,7 +207,7 @@ pub async fn audit(
     ),
     security(("admin_token" = []))
 )]
-pub async fn draw(
+pub(crate) async fn draw(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,
@@ -241,7 +241,7 @@ pub async fn groups(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response
 #[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
-pub struct PaymentsQuery {
+pub(crate) struct PaymentsQuery {
     /// Only this sale's payments.
     #[param(minimum = 1, maximum = 9223372036854775807_i64)]
     sale_id: Option<i64>,
@@ -255,7 +255,7 @@ pub struct PaymentsQuery {
 
 /// Recorded payments.
 #[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct Payments {
+pub(crate) struct Payments {
     pub payments: Vec<crate::order::payments::Payment>,
 }
 
@@ -274,7 +274,7 @@ pub struct Payments {
     ),
     security(("admin_token" = []))
 )]
-pub async fn payments(
+pub(crate) async fn payments(
     State(s): State<Arc<AppState>>,
     _: Admin,
     query: Result<Query<PaymentsQuery>, axum::extract::rejection::QueryRejection>,
@@ -341,7 +341,7 @@ pub struct Blocklist {
     ),
     security(("admin_token" = []))
 )]
-pub async fn block(
+pub(crate) async fn block(
     State(s): State<Arc<AppState>>,
     _: Admin,
     Json(new): Json<crate::frontdoor::blocklist::NewEntry>,
@@ -372,7 +372,10 @@ pub async fn block(
     ),
     security(("admin_token" = []))
 )]
-pub async fn blocklist(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
+pub(crate) async fn blocklist(
+    State(s): State<Arc<AppState>>,
+    _: Admin,
+) -> Result<Response, ApiError> {
     let entries = on_config_group(
         &s,
         async |c| Ok(crate::frontdoor::blocklist::list(c).await?),
@@ -396,7 +399,7 @@ pub async fn blocklist(State(s): State<Arc<AppState>>, _: Admin) -> Result<Respo
     ),
     security(("admin_token" = []))
 )]
-pub async fn unblock(
+pub(crate) async fn unblock(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,

@@ -125,7 +125,7 @@ impl Code {
 
 /// A problem-details body (`application/problem+json`).
 #[derive(Serialize, ToSchema)]
-pub struct Problem {
+pub(crate) struct Problem {
     /// Always `about:blank`: `code` says what happened.
     #[serde(rename = "type")]
     #[schema(example = "about:blank")]
@@ -151,14 +151,14 @@ pub struct ApiError {
     pub status: StatusCode,
     pub code: Code,
     pub detail: String,
-    pub retry_after_secs: Option<u32>,
+    pub(crate) retry_after_secs: Option<u32>,
     pub order: Option<Box<Order>>,
-    pub payment: Option<Box<crate::order::payments::Payment>>,
+    pub(crate) payment: Option<Box<crate::order::payments::Payment>>,
 }
 
 tokio::task_local! {
     /// The id of the request being served (set by the request-id middleware).
-    pub static REQUEST_ID: String;
+    pub(crate) static REQUEST_ID: String;
 }
 
 impl ApiError {
@@ -173,17 +173,17 @@ impl ApiError {
         }
     }
 
-    pub fn with_order(mut self, order: Order) -> Self {
+    pub(crate) fn with_order(mut self, order: Order) -> Self {
         self.order = Some(Box::new(order));
         self
     }
 
-    pub fn with_payment(mut self, payment: crate::order::payments::Payment) -> Self {
+    pub(crate) fn with_payment(mut self, payment: crate::order::payments::Payment) -> Self {
         self.payment = Some(Box::new(payment));
         self
     }
 
-    pub fn invalid(detail: impl Into<String>) -> Self {
+    pub(crate) fn invalid(detail: impl Into<String>) -> Self {
         Self::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             Code::InvalidRequest,
@@ -191,7 +191,7 @@ impl ApiError {
         )
     }
 
-    pub fn bad_request(detail: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, detail)
     }
 

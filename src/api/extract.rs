@@ -25,7 +25,7 @@ where
 
 /// The raw body, with problem+json rejections (e.g. 413): for bodies that must be seen exactly as
 /// sent, such as a signed payment callback.
-pub struct RawBody(pub axum::body::Bytes);
+pub(crate) struct RawBody(pub axum::body::Bytes);
 
 impl<S: Send + Sync> FromRequest<S> for RawBody {
     type Rejection = ApiError;
@@ -46,7 +46,7 @@ impl<S: Send + Sync> FromRequest<S> for RawBody {
 
 /// Parse a JSON object body: a JSON content type is required; malformed JSON is 400, a valid
 /// document of the wrong shape 422.
-pub fn parse_json<T: DeserializeOwned>(
+pub(crate) fn parse_json<T: DeserializeOwned>(
     headers: &axum::http::HeaderMap,
     bytes: &[u8],
 ) -> Result<T, ApiError> {
@@ -96,7 +96,7 @@ fn json_rejection(r: JsonRejection) -> ApiError {
 }
 
 /// Parse one path segment as a positive id.
-pub fn id<T>(
+pub(crate) fn id<T>(
     name: &str,
     raw: &str,
     parse: impl Fn(i128) -> Result<T, crate::domain::DomainError>,
@@ -107,13 +107,13 @@ pub fn id<T>(
     parse(n).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
-pub fn uuid(name: &str, raw: &str) -> Result<uuid::Uuid, ApiError> {
+pub(crate) fn uuid(name: &str, raw: &str) -> Result<uuid::Uuid, ApiError> {
     raw.parse()
         .map_err(|_| ApiError::invalid(format!("{name} must be a UUID, got {raw:?}")))
 }
 
 /// The route's path parameters by name; invalid UTF-8 in the path is a 400, not a 500.
-pub struct Params(pub Vec<(String, String)>);
+pub(crate) struct Params(pub Vec<(String, String)>);
 
 impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
     type Rejection = ApiError;

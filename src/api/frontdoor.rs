@@ -21,7 +21,7 @@ use std::sync::Arc;
 /// [`crate::frontdoor::limits::client_ip`]) against the IP blocklist and the IP limit. An
 /// extractor placed before the user's token, so a blocked or flooding address costs not even a
 /// token verification.
-pub struct Door;
+pub(crate) struct Door;
 
 impl axum::extract::FromRequestParts<Arc<AppState>> for Door {
     type Rejection = ApiError;
@@ -56,7 +56,7 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Door {
 /// `?user_id=` for deployments without user tokens (`auth.users = "none"`).
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct AsUser {
+pub(crate) struct AsUser {
     /// Only with `auth.users = "none"`; with tokens it must be the token's user if given.
     #[param(value_type = Option<u64>, minimum = 1, maximum = 9223372036854775807_u64)]
     user_id: Option<UserId>,
@@ -141,7 +141,7 @@ fn window_closed(ends_at: DateTime<Utc>, sold_out: bool) -> Result<(), ApiError>
     ),
     security(("user_token" = []))
 )]
-pub async fn challenge(
+pub(crate) async fn challenge(
     State(s): State<Arc<AppState>>,
     _: Door,
     caller: Caller,
@@ -180,7 +180,7 @@ pub async fn challenge(
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct OrderTokenBody {
+pub(crate) struct OrderTokenBody {
     /// The solved challenge; leave out when the sale has none.
     #[serde(default)]
     solution: Option<Solution>,
@@ -192,7 +192,7 @@ pub struct OrderTokenBody {
 
 /// An order token and the order URL it opens.
 #[derive(Serialize, utoipa::ToSchema)]
-pub struct OrderToken {
+pub(crate) struct OrderToken {
     pub token: String,
     pub expires_at: DateTime<Utc>,
     /// Where to buy: `POST` here with the usual buy body.
@@ -224,7 +224,7 @@ pub struct OrderToken {
     ),
     security(("user_token" = []))
 )]
-pub async fn order_token(
+pub(crate) async fn order_token(
     State(s): State<Arc<AppState>>,
     _: Door,
     caller: Caller,

@@ -24,7 +24,7 @@ impl axum::extract::FromRequestParts<Arc<AppState>> for Admin {
 }
 
 /// The admin token check of [`Admin`], for handlers that need it only sometimes.
-pub fn check_admin(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_admin(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(expected) = s.admin_token.as_ref() else {
         return Err(ApiError::unauthorized(
             "the admin API is disabled: set server.admin_token or SECKILL_ADMIN_TOKEN",
@@ -40,7 +40,7 @@ pub fn check_admin(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 
 /// The user a request acts for. With `auth.users = "jwt"` it is the token's `sub`; with
 /// `"none"` the engine trusts the `user_id` the request names.
-pub struct Caller(Option<UserId>);
+pub(crate) struct Caller(Option<UserId>);
 
 impl axum::extract::FromRequestParts<Arc<AppState>> for Caller {
     type Rejection = ApiError;
@@ -65,7 +65,7 @@ impl Caller {
     /// The user to act for, given the id the request names (path or body), if any: it must be
     /// the token's (403 otherwise). Without tokens (`users = "none"`) the named id, which is
     /// then required.
-    pub fn acting_as(&self, named: Option<UserId>) -> Result<UserId, ApiError> {
+    pub(crate) fn acting_as(&self, named: Option<UserId>) -> Result<UserId, ApiError> {
         match (self.0, named) {
             (Some(me), Some(n)) if n != me => Err(ApiError::forbidden(
                 "the user id in the request is not the token's",

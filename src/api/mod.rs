@@ -51,7 +51,7 @@ use utoipa_axum::routes;
         (name = "operations", description = "Health, metrics, the clock, this document"),
     )
 )]
-pub struct ApiDoc;
+pub(crate) struct ApiDoc;
 
 struct Security;
 
@@ -194,14 +194,14 @@ async fn within(
 
 /// The server's clock.
 #[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct Time {
+pub(crate) struct Time {
     /// Milliseconds since the Unix epoch.
     pub now_ms: i64,
 }
 
 /// Status of a health check.
 #[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct Health {
+pub(crate) struct Health {
     #[schema(example = "ok")]
     pub status: &'static str,
 }

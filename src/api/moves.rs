@@ -38,7 +38,7 @@ pub struct NewMove {
 
 /// The moves, newest first.
 #[derive(serde::Serialize, utoipa::ToSchema)]
-pub struct MoveList {
+pub(crate) struct MoveList {
     moves: Vec<crate::moves::Move>,
 }
 
@@ -91,7 +91,7 @@ pub async fn start(
     ),
     security(("admin_token" = []))
 )]
-pub async fn list(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
+pub(crate) async fn list(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
     let moves = s
         .moves
         .list(100)
@@ -121,7 +121,7 @@ fn move_id(p: &Params) -> Result<u64, ApiError> {
     ),
     security(("admin_token" = []))
 )]
-pub async fn get(
+pub(crate) async fn get(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,
@@ -149,7 +149,7 @@ pub async fn get(
     ),
     security(("admin_token" = []))
 )]
-pub async fn action(
+pub(crate) async fn action(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,

@@ -16,7 +16,7 @@ use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Instant;
 use tracing::Instrument;
 
-pub const REQUEST_ID_HEADER: &str = "x-request-id";
+pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
 fn request_id(req: &Request) -> String {
     req.headers()
@@ -109,7 +109,7 @@ fn route_metrics(method: &Method, route: &str) -> Arc<RouteMetrics> {
 }
 
 /// Request id, span and HTTP metrics for one request (module docs).
-pub async fn observe(req: Request, next: Next) -> Response {
+pub(crate) async fn observe(req: Request, next: Next) -> Response {
     let id = request_id(&req);
     // The route template, never the concrete path (no ids in labels).
     let route = req
@@ -238,12 +238,12 @@ fn record_state(s: &AppState) {
 }
 
 /// The routes that buy (for the outcome metric).
-pub fn is_buy_route(route: &str) -> bool {
+pub(crate) fn is_buy_route(route: &str) -> bool {
     route == "/v1/sales/{sale_id}/items/{item_id}/orders"
         || route == "/v1/sales/{sale_id}/items/{item_id}/orders/{token}"
 }
 
 /// Count one buy request's outcome in `seckill_orders_total`.
-pub fn count_outcome(outcome: &'static str) {
+pub(crate) fn count_outcome(outcome: &'static str) {
     metrics::counter!(crate::telemetry::ORDERS, "outcome" => outcome).increment(1);
 }

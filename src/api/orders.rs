@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct BuyBody {
+pub(crate) struct BuyBody {
     /// Optional: the token's user (must match it when given).
     #[serde(default)]
     #[schema(value_type = Option<u64>, minimum = 1, maximum = 9223372036854775807_u64)]
@@ -59,7 +59,7 @@ fn one() -> Quantity {
     ),
     security(("user_token" = []))
 )]
-pub async fn buy(
+pub(crate) async fn buy(
     State(s): State<Arc<AppState>>,
     _: Door,
     caller: Caller,
@@ -94,7 +94,7 @@ pub async fn buy(
     ),
     security(("user_token" = []))
 )]
-pub async fn buy_with_token(
+pub(crate) async fn buy_with_token(
     State(s): State<Arc<AppState>>,
     _: Door,
     caller: Caller,
@@ -168,7 +168,7 @@ async fn admit(s: &AppState, req: &BuyRequest, token: Option<&str>) -> Result<()
 
 #[derive(Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub struct ListQuery {
+pub(crate) struct ListQuery {
     /// 1 to 1000; default 100.
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
@@ -195,7 +195,7 @@ pub struct Orders {
     ),
     security(("user_token" = []))
 )]
-pub async fn list(
+pub(crate) async fn list(
     State(s): State<Arc<AppState>>,
     caller: Caller,
     p: Params,
@@ -230,7 +230,7 @@ pub async fn list(
     ),
     security(("user_token" = []))
 )]
-pub async fn get(
+pub(crate) async fn get(
     State(s): State<Arc<AppState>>,
     caller: Caller,
     p: Params,
@@ -260,7 +260,7 @@ pub async fn get(
     ),
     security(("user_token" = []))
 )]
-pub async fn cancel(
+pub(crate) async fn cancel(
     State(s): State<Arc<AppState>>,
     caller: Caller,
     p: Params,

@@ -50,7 +50,7 @@ struct Page {
 /// The page, the 404 page and the assets, rendered once per process.
 static PAGES: std::sync::LazyLock<SalePages> = std::sync::LazyLock::new(SalePages::default);
 
-pub struct SalePages {
+pub(crate) struct SalePages {
     page: Page,
     not_found: Page,
     assets: Vec<Asset>,
@@ -175,7 +175,7 @@ fn html(status: StatusCode, page: &Page, cache: &'static str, headers: &HeaderMa
         (status = 503, description = "the sale's group is unavailable", body = super::error::Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn sale_page(
+pub(crate) async fn sale_page(
     State(s): State<Arc<AppState>>,
     p: Params,
     headers: HeaderMap,
@@ -215,7 +215,7 @@ pub async fn sale_page(
         (status = 404, description = "no such file", body = super::error::Problem, content_type = "application/problem+json"),
     )
 )]
-pub async fn asset(p: Params, headers: HeaderMap) -> Result<Response, ApiError> {
+pub(crate) async fn asset(p: Params, headers: HeaderMap) -> Result<Response, ApiError> {
     let name = p.get("name");
     let a = PAGES
         .assets
@@ -248,13 +248,13 @@ pub async fn asset(p: Params, headers: HeaderMap) -> Result<Response, ApiError> 
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DevLogin {
+pub(crate) struct DevLogin {
     user_id: UserId,
 }
 
 /// `POST /dev/token {"user_id": 42}` → `{"token": "..."}`: the dev cluster's sign-in (absent from
 /// `seckill serve`, and from the OpenAPI document).
-pub async fn dev_token(
+pub(crate) async fn dev_token(
     State(s): State<Arc<AppState>>,
     Json(login): Json<DevLogin>,
 ) -> Result<Response, ApiError> {

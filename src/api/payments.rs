@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PaymentBody {
+pub(crate) struct PaymentBody {
     order_id: uuid::Uuid,
     #[schema(value_type = u64, minimum = 1, maximum = 9223372036854775807_u64)]
     user_id: UserId,
@@ -49,7 +49,7 @@ pub struct PaymentBody {
     ),
     security(("payment_signature" = []))
 )]
-pub async fn callback(
+pub(crate) async fn callback(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     RawBody(body): RawBody,

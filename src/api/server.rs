@@ -30,9 +30,9 @@ use tower::ServiceExt;
 
 /// What the server loop enforces (module docs).
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_connections: usize,
-    pub header_read_timeout: Duration,
+    pub(crate) header_read_timeout: Duration,
     pub drain: Duration,
 }
 
@@ -48,7 +48,7 @@ fn full() -> Vec<u8> {
 }
 
 /// Serve `app` on `listener` until `shutdown` fires, then drain (module docs).
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     app: axum::Router,
     limits: Limits,
@@ -190,7 +190,7 @@ fn content_length(head: &[u8]) -> usize {
 
 /// The peer address of a request served by [`serve`] (tests that call the router directly have
 /// none).
-pub fn peer(req: &axum::http::request::Parts) -> Option<SocketAddr> {
+pub(crate) fn peer(req: &axum::http::request::Parts) -> Option<SocketAddr> {
     req.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0)
 }
 

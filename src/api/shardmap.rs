@@ -33,7 +33,7 @@ fn kind_and_key(p: &Params) -> Result<(KeyKind, u64), ApiError> {
     ),
     security(("admin_token" = []))
 )]
-pub async fn route(
+pub(crate) async fn route(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,
@@ -54,14 +54,14 @@ pub async fn route(
     ),
     security(("admin_token" = []))
 )]
-pub async fn list(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
+pub(crate) async fn list(State(s): State<Arc<AppState>>, _: Admin) -> Result<Response, ApiError> {
     Ok(axum::Json(s.maps().list().await?).into_response())
 }
 
 /// Where a key should route.
 #[derive(serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct SetRoute {
+pub(crate) struct SetRoute {
     #[schema(example = "g1")]
     group: String,
 }
@@ -86,7 +86,7 @@ pub struct SetRoute {
     ),
     security(("admin_token" = []))
 )]
-pub async fn set(
+pub(crate) async fn set(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,
@@ -116,7 +116,7 @@ pub async fn set(
     ),
     security(("admin_token" = []))
 )]
-pub async fn remove(
+pub(crate) async fn remove(
     State(s): State<Arc<AppState>>,
     _: Admin,
     p: Params,

@@ -12,7 +12,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Why a signature was refused (a safe text for the caller).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SignatureError {
+pub(crate) enum SignatureError {
     #[error("missing Seckill-Signature header")]
     Missing,
     #[error("malformed Seckill-Signature header (want t=<unix seconds>,v1=<hex>)")]
@@ -26,7 +26,7 @@ pub enum SignatureError {
 }
 
 /// Verify `header` over `body` at `now` (unix seconds).
-pub fn verify(
+pub(crate) fn verify(
     secret: Option<&Secret>,
     header: Option<&str>,
     body: &[u8],

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 /// Why a token was refused: a safe text for the client.
 #[derive(Debug, Clone, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     #[error("missing `Authorization: Bearer <token>`")]
     Missing,
     #[error("the token has expired")]
@@ -37,7 +37,7 @@ struct Key {
 }
 
 /// Verifies user tokens (module docs). Built once at start from `[auth]`.
-pub struct UserTokens {
+pub(crate) struct UserTokens {
     mode: UsersAuth,
     keys: Vec<Key>,
     /// The rules a token is checked against, one per algorithm a key accepts: built once at

@@ -21,8 +21,8 @@ fn engine_secret(
 }
 
 /// The switches of `seckill dev` beyond where it runs.
-pub struct DevOptions {
-    pub no_coalesce: bool,
+pub(crate) struct DevOptions {
+    pub(crate) no_coalesce: bool,
     pub accept_layout_change: bool,
 }
 

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
 
 /// `seckill group ...`: the cluster from the config, then the action.
-pub async fn run(config_path: &Path, action: GroupAction) -> Result<()> {
+pub(crate) async fn run(config_path: &Path, action: GroupAction) -> Result<()> {
     let config = Config::load(config_path)?;
     let cluster = Cluster::new(&config)?;
     cluster.discover().await;

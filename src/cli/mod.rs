@@ -6,7 +6,7 @@ pub mod group;
 mod sale;
 mod shard_map;
 
-pub use shard_map::ShardMapAction;
+pub(crate) use shard_map::ShardMapAction;
 
 use crate::app::Application;
 use crate::config::Config;

@@ -34,10 +34,10 @@ pub enum TlsMode {
 /// A DSN resolved for connecting.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    pub pg: tokio_postgres::Config,
+    pub(crate) pg: tokio_postgres::Config,
     pub tls: TlsMode,
     /// PEM file of the root certificate(s) to check the server against.
-    pub root_cert: Option<PathBuf>,
+    pub(crate) root_cert: Option<PathBuf>,
 }
 
 impl Dsn {
@@ -46,7 +46,8 @@ impl Dsn {
     }
 
     /// The text as written, password included.
-    pub fn expose(&self) -> &str {
+    #[cfg(test)]
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
@@ -236,7 +237,7 @@ impl std::fmt::Debug for Dsn {
 }
 
 /// The DSN with its password (key, URL user info or query parameter) replaced by `***`.
-pub fn redact(text: &str) -> String {
+pub(crate) fn redact(text: &str) -> String {
     if is_url(text) {
         let (base, query) = text.split_once('?').unwrap_or((text, ""));
         let base = match (base.find("://"), base.rfind('@')) {

@@ -24,18 +24,18 @@ pub struct FrontDoorConfig {
     /// Most keys one limiter remembers; keys idle long enough to be full again are dropped every
     /// `limiter_cleanup_ms`, and beyond this many new keys are refused (429) until room is made.
     /// Default 1000000.
-    pub max_limiter_keys: usize,
+    pub(crate) max_limiter_keys: usize,
     /// How often idle limiter keys are dropped, in ms. Default 10000.
-    pub limiter_cleanup_ms: u64,
+    pub(crate) limiter_cleanup_ms: u64,
     /// How often each node checks the shared blocklist (on the config group) for changes, in ms.
     /// Default 500: a block reaches every node within about a second.
-    pub blocklist_refresh_ms: u64,
+    pub(crate) blocklist_refresh_ms: u64,
     /// Block a user who keeps hitting the rate limit. Default off.
     pub auto_block: AutoBlockConfig,
     /// The proof of work grows with the crowd: an item that served k challenges on this node in
     /// the last second hands out ones `1 + k / pow_crowd_step` times as hard as its sale's
     /// `pow_difficulty` (at most 8 times). 0: always the sale's. Default 1000.
-    pub pow_crowd_step: u32,
+    pub(crate) pow_crowd_step: u32,
 }
 
 impl Default for FrontDoorConfig {
@@ -97,7 +97,7 @@ pub struct AutoBlockConfig {
     /// A user answered `rate_limited` this many times within `window_secs` is blocked. Default 50.
     pub strikes: u32,
     /// Default 60.
-    pub window_secs: u32,
+    pub(crate) window_secs: u32,
     /// How long an automatic block lasts, in seconds (reason `auto`). Default 600.
     pub block_secs: u32,
 }
@@ -179,7 +179,7 @@ impl FrontDoorConfig {
 
 /// An address (as its own /32 or /128) or a CIDR; IPv4-mapped IPv6 ones as IPv4 (as client
 /// addresses are compared).
-pub fn parse_net(text: &str) -> Option<ipnet::IpNet> {
+pub(crate) fn parse_net(text: &str) -> Option<ipnet::IpNet> {
     let text = text.trim();
     let net = text
         .parse::<ipnet::IpNet>()

@@ -19,8 +19,9 @@ mod validate;
 
 use validate::positive;
 
-pub use dsn::{Dsn, Resolved, TlsMode};
-pub use frontdoor::FrontDoorConfig;
+pub use dsn::Dsn;
+pub(crate) use dsn::{Resolved, TlsMode};
+pub(crate) use frontdoor::FrontDoorConfig;
 pub use secret::Secret;
 
 use serde::Deserialize;
@@ -30,10 +31,10 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Default number of hash slots (docs/dba.md "Routing"). Never change it for a live cluster: keys would move.
-pub const DEFAULT_SLOTS: u32 = 1024;
+pub(crate) const DEFAULT_SLOTS: u32 = 1024;
 
 /// Longest payment window, of the configuration and of a sale: 7 days.
-pub const MAX_PAYMENT_WINDOW_SECS: u32 = 7 * 24 * 3600;
+pub(crate) const MAX_PAYMENT_WINDOW_SECS: u32 = 7 * 24 * 3600;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -74,43 +75,43 @@ pub struct Config {
     #[serde(default)]
     pub failover: FailoverConfig,
     #[serde(default)]
-    pub auth: AuthConfig,
+    pub(crate) auth: AuthConfig,
     #[serde(default)]
-    pub payments: PaymentsConfig,
+    pub(crate) payments: PaymentsConfig,
     #[serde(default)]
     pub frontdoor: FrontDoorConfig,
     /// Password of member DSNs that name none: `SECKILL_DB_PASSWORD` (not read from the file).
     #[serde(skip)]
-    pub db_password: Option<Secret>,
+    pub(crate) db_password: Option<Secret>,
     /// Password of admin DSNs that name none: `SECKILL_DB_ADMIN_PASSWORD` (not read from the file).
     #[serde(skip)]
-    pub db_admin_password: Option<Secret>,
+    pub(crate) db_admin_password: Option<Secret>,
 }
 
 /// How users prove who they are (`[auth]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
+pub(crate) struct AuthConfig {
     /// `jwt` (default): every user-facing endpoint needs `Authorization: Bearer <JWT>`, whose `sub`
     /// is the user id. `none`: trust the caller's `user_id` (only behind a gateway that already
     /// authenticated it; logged as a warning at start).
     pub users: UsersAuth,
     /// Shared secret for HS256 tokens (at least 32 characters). `SECKILL_USER_TOKEN_SECRET`
     /// overrides it.
-    pub hs256_secret: Option<Secret>,
+    pub(crate) hs256_secret: Option<Secret>,
     /// PEM file with one or more public keys (RSA, EC P-256, Ed25519) for RS256/ES256/EdDSA
     /// tokens, e.g. the identity provider's.
-    pub public_key_file: Option<std::path::PathBuf>,
+    pub(crate) public_key_file: Option<std::path::PathBuf>,
     /// JWKS file (`{"keys": [...]}`) with the identity provider's public keys; a token's `kid`
     /// picks one.
-    pub jwks_file: Option<std::path::PathBuf>,
+    pub(crate) jwks_file: Option<std::path::PathBuf>,
     /// Required `iss`, when set.
     pub issuer: Option<String>,
     /// Required `aud`, when set; must be set with `public_key_file` or `jwks_file` (an identity
     /// provider signs tokens for other services too).
-    pub audience: Option<String>,
+    pub(crate) audience: Option<String>,
     /// Clock skew allowed on `exp` and `nbf`, in seconds. Default 30.
-    pub leeway_secs: u64,
+    pub(crate) leeway_secs: u64,
 }
 
 impl Default for AuthConfig {
@@ -129,7 +130,7 @@ impl Default for AuthConfig {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
-pub enum UsersAuth {
+pub(crate) enum UsersAuth {
     #[default]
     Jwt,
     None,
@@ -138,12 +139,12 @@ pub enum UsersAuth {
 /// The payment service's callbacks (`[payments]`).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
-pub struct PaymentsConfig {
+pub(crate) struct PaymentsConfig {
     /// HMAC-SHA256 key the payment service signs callbacks with (at least 16 characters).
     /// `SECKILL_PAYMENT_SECRET` overrides it. Without one, every callback is refused.
     pub secret: Option<Secret>,
     /// A signature's timestamp may be this far from the engine's clock, in seconds. Default 300.
-    pub tolerance_secs: u64,
+    pub(crate) tolerance_secs: u64,
 }
 
 impl Default for PaymentsConfig {
@@ -164,12 +165,12 @@ pub struct ServerConfig {
     /// `SECKILL_ADMIN_TOKEN` is set. Must be at least 16 characters when set.
     pub admin_token: Option<Secret>,
     /// Largest accepted request body in bytes. Default 16384.
-    pub body_limit_bytes: usize,
+    pub(crate) body_limit_bytes: usize,
     /// Apply migrations to every group's master at start. Default true.
     pub migrate_on_start: bool,
     /// Largest body of the admin API's sale creation, in bytes: room for the largest sale
     /// ([`crate::sale::MAX_ITEMS`] items). Default 1048576.
-    pub admin_body_limit_bytes: usize,
+    pub(crate) admin_body_limit_bytes: usize,
     /// Per-request budget for database work, in milliseconds. Default 5000.
     pub request_timeout_ms: u64,
     /// A whole HTTP request, body included, is answered within this many ms (503 `unavailable`
@@ -258,7 +259,7 @@ pub struct GroupConfig {
     pub shadow_admin: Option<Dsn>,
     /// Connections per member in this engine node's pool. Default 16.
     #[serde(default = "default_pool_size")]
-    pub pool_size: usize,
+    pub(crate) pool_size: usize,
 }
 
 fn default_pool_size() -> usize {
@@ -271,7 +272,7 @@ pub struct RoutingConfig {
     /// Number of hash slots. Default 1024. Fixed for the life of a cluster.
     pub slots: u32,
     /// Group that holds the router-config table `shard_map`. Default: the first group.
-    pub config_group: Option<String>,
+    pub(crate) config_group: Option<String>,
     /// How often each engine node checks `shard_map` for changes, in ms. Default 1000.
     pub table_refresh_ms: u64,
     /// Routing of item keys (and sale ids, which live with the items' router).
@@ -340,7 +341,7 @@ pub struct OrdersConfig {
     /// How often each node's sweeper looks for expired orders, in ms. Default 1000.
     pub sweep_interval_ms: u64,
     /// Most orders one sweep expires per group. Default 500.
-    pub sweep_batch: i64,
+    pub(crate) sweep_batch: i64,
     /// How often the reconciler runs in each node, in ms (0 disables the background task). Default 30000.
     pub reconcile_interval_ms: u64,
     /// A reservation without an order is repaired only when older than this, in seconds. Default 60.
@@ -370,13 +371,13 @@ pub struct CoalesceConfig {
     /// How long the first request of a batch may wait for company, in microseconds, when no
     /// transaction is in flight for the group. Default 0: requests that arrive while one is in
     /// flight already form the next batch, which is where the gain comes from.
-    pub max_wait_us: u64,
+    pub(crate) max_wait_us: u64,
     /// Admission: at most this many times the item's remaining stock may be in flight. Default 4.
     pub inflight_per_stock: u32,
     /// Admission: most queued requests per item, whatever the stock. Default 4096.
     pub max_queue: usize,
     /// Admission: most buy requests in flight in this node over all items. Default 20000.
-    pub max_inflight_total: usize,
+    pub(crate) max_inflight_total: usize,
     /// How often the sold-out cache re-reads the stock of items it holds sold out, in ms. Default 500.
     pub soldout_refresh_ms: u64,
 }
@@ -413,17 +414,17 @@ pub struct FailoverConfig {
     /// A shadow counts as having lost its master after this long without a message from it, in
     /// ms. The engine sets the shadow's `wal_receiver_timeout` to it and the master's
     /// `wal_sender_timeout` to twice it. Default 1500.
-    pub stream_timeout_ms: u64,
+    pub(crate) stream_timeout_ms: u64,
     /// The `application_name` the shadows connect to their master with (in their
     /// `primary_conninfo`); `synchronous_standby_names` names exactly it. Default `shadow`.
-    pub shadow_name: String,
+    pub(crate) shadow_name: String,
     /// Synchronous replication to the shadow, so a 201 means two servers hold the order. Default true.
     pub synchronous: bool,
     /// What the master does when no shadow streams: `block` (default) keeps commits waiting until
     /// a shadow is back; `degrade` switches to asynchronous commits after `shadow_loss_grace_ms`.
     pub shadow_loss: ShadowLossPolicy,
     /// How long a master waits for a lost shadow before degrading, in ms. Default 3000.
-    pub shadow_loss_grace_ms: u64,
+    pub(crate) shadow_loss_grace_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -461,7 +462,7 @@ impl Default for FailoverConfig {
 
 impl Config {
     /// Read, apply environment overrides, and validate.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+    pub(crate) fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.display().to_string(),
             source,
@@ -480,7 +481,7 @@ impl Config {
     }
 
     /// Environment overrides for secrets (module docs).
-    pub fn apply_env(&mut self) {
+    pub(crate) fn apply_env(&mut self) {
         if let Some(t) = secret::from_env("SECKILL_ADMIN_TOKEN") {
             self.server.admin_token = Some(t);
         }
@@ -496,7 +497,7 @@ impl Config {
     }
 
     /// The DSNs of one group's members, resolved: `(role, connection, administration)`.
-    pub fn members(&self, group: &GroupConfig) -> Result<Vec<Member>, ConfigError> {
+    pub(crate) fn members(&self, group: &GroupConfig) -> Result<Vec<Member>, ConfigError> {
         let admin_pw = self
             .db_admin_password
             .as_ref()
@@ -530,24 +531,24 @@ impl Config {
         Ok(out)
     }
 
-    pub fn config_group(&self) -> &str {
+    pub(crate) fn config_group(&self) -> &str {
         self.routing
             .config_group
             .as_deref()
             .unwrap_or_else(|| self.groups.first().map_or("", |g| g.name.as_str()))
     }
 
-    pub fn request_timeout(&self) -> Duration {
+    pub(crate) fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.server.request_timeout_ms)
     }
 
-    pub fn group_names(&self) -> Vec<String> {
+    pub(crate) fn group_names(&self) -> Vec<String> {
         self.groups.iter().map(|g| g.name.clone()).collect()
     }
 }
 
 /// `host:port` of the first host in a DSN, used to refuse two members on one server.
-pub fn endpoint_of(config: &tokio_postgres::Config) -> Option<String> {
+pub(crate) fn endpoint_of(config: &tokio_postgres::Config) -> Option<String> {
     let host = match config.get_hosts().first()? {
         tokio_postgres::config::Host::Tcp(h) => h.clone(),
         tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
@@ -557,7 +558,7 @@ pub fn endpoint_of(config: &tokio_postgres::Config) -> Option<String> {
 }
 
 /// Parse `"0-511"` or `"7"` into an inclusive slot range.
-pub fn parse_slot_range(text: &str) -> Option<(u32, u32)> {
+pub(crate) fn parse_slot_range(text: &str) -> Option<(u32, u32)> {
     let text = text.trim();
     match text.split_once('-') {
         Some((a, b)) => {

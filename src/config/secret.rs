@@ -14,7 +14,7 @@ impl Secret {
     }
 
     /// The value itself, for the code that signs or compares with it.
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         &self.0
     }
 
@@ -40,7 +40,7 @@ impl std::fmt::Display for Secret {
 }
 
 /// The value of environment variable `name`, when set and not empty.
-pub fn from_env(name: &str) -> Option<Secret> {
+pub(crate) fn from_env(name: &str) -> Option<Secret> {
     std::env::var(name)
         .ok()
         .filter(|v| !v.is_empty())

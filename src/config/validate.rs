@@ -5,7 +5,7 @@ use super::*;
 
 impl Config {
     /// Everything that can be checked without a network; the error names the field.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         self.validate_groups()?;
         self.validate_server()?;
         self.validate_orders()?;

@@ -31,7 +31,7 @@ pub mod stats;
 pub mod store;
 pub mod verify;
 
-pub use run::{FairStart, POLL};
+pub(crate) use run::{FairStart, POLL};
 
 /// Entries decided per transaction of a draw.
-pub const CHUNK: usize = 256;
+pub(crate) const CHUNK: usize = 256;

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 pub type Seed = [u8; 32];
 
 /// A fresh seed from the operating system's secure random source.
-pub fn fresh_seed() -> Result<Seed, getrandom::Error> {
+pub(crate) fn fresh_seed() -> Result<Seed, getrandom::Error> {
     let mut seed = [0u8; 32];
     getrandom::fill(&mut seed)?;
     Ok(seed)
@@ -29,7 +29,7 @@ pub fn commitment(seed: &Seed) -> [u8; 32] {
 }
 
 /// The rank key of a user's entry for an item (module docs); compare keys as byte strings.
-pub fn rank_key(seed: &Seed, sale_id: u64, item_id: u64, user_id: u64) -> [u8; 32] {
+pub(crate) fn rank_key(seed: &Seed, sale_id: u64, item_id: u64, user_id: u64) -> [u8; 32] {
     let mut mac = match <Hmac<Sha256> as KeyInit>::new_from_slice(seed) {
         Ok(m) => m,
         Err(_) => unreachable!("HMAC takes keys of any length"),
@@ -74,13 +74,13 @@ pub struct Entry {
 
 /// Order `entries` as the draw serves them: ascending rank key (ties, which need a SHA-256
 /// collision, by user id).
-pub fn order(seed: &Seed, sale_id: u64, item_id: u64, entries: &mut [Entry]) {
+pub(crate) fn order(seed: &Seed, sale_id: u64, item_id: u64, entries: &mut [Entry]) {
     entries.sort_by_cached_key(|e| (rank_key(seed, sale_id, item_id, e.user_id), e.user_id));
 }
 
 /// Serve entries already in draw order from `stock` units with a per-user `limit`: each entry's
 /// outcome, and the stock left.
-pub fn serve(entries: &[Entry], stock: i64, limit: i64) -> (Vec<Outcome>, i64) {
+pub(crate) fn serve(entries: &[Entry], stock: i64, limit: i64) -> (Vec<Outcome>, i64) {
     let mut left = stock;
     let outcomes = entries
         .iter()

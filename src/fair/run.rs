@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 use uuid::Uuid;
 
 /// How often each node asks the item groups for the outcomes its waiters wait for.
-pub const POLL: Duration = Duration::from_millis(50);
+pub(crate) const POLL: Duration = Duration::from_millis(50);
 /// How long a node's claim on a draw holds without renewal.
 const LEASE_MS: i64 = 10_000;
 /// How long a rules read is trusted (the window never changes; `drawn` does).
@@ -33,7 +33,7 @@ struct Waiters {
     by_item: HashMap<Key, (Rules, Waiting)>,
 }
 
-pub struct FairStart {
+pub(crate) struct FairStart {
     cluster: Arc<Cluster>,
     router: Arc<Router>,
     orders: Arc<OrderService>,
@@ -231,7 +231,7 @@ impl FairStart {
     }
 
     /// An item's draw for the audit; None for an unknown item.
-    pub async fn listing(
+    pub(crate) async fn listing(
         &self,
         sale: SaleId,
         item: ItemId,
@@ -247,7 +247,7 @@ impl FairStart {
     }
 
     /// One round of the poller: hand every decided entry to its waiters.
-    pub async fn poll_waiters(&self) {
+    pub(crate) async fn poll_waiters(&self) {
         let now = now_ms();
         let due: Vec<(Key, Vec<i64>)> = lock(&self.waiters)
             .by_item
@@ -289,7 +289,7 @@ impl FairStart {
 
     /// One round of the draw runner: on every group, run the draws that are due (one node each,
     /// by claim).
-    pub async fn run_due_draws(&self) {
+    pub(crate) async fn run_due_draws(&self) {
         for g in 0..self.cluster.groups.len() {
             let group = self.cluster.group(g);
             let Ok(due) = group

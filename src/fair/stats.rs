@@ -5,7 +5,7 @@
 //! as in Numerical Recipes), no dependency.
 
 /// ln Γ(x) for x > 0 (Lanczos, g = 7, n = 9: about 15 significant digits).
-pub fn ln_gamma(x: f64) -> f64 {
+pub(crate) fn ln_gamma(x: f64) -> f64 {
     const G: [f64; 9] = [
         0.999_999_999_999_809_9,
         676.520_368_121_885_1,
@@ -31,7 +31,7 @@ pub fn ln_gamma(x: f64) -> f64 {
 }
 
 /// The upper regularized incomplete gamma function Q(a, x).
-pub fn gamma_q(a: f64, x: f64) -> f64 {
+pub(crate) fn gamma_q(a: f64, x: f64) -> f64 {
     if x <= 0.0 {
         return 1.0;
     }

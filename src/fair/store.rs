@@ -18,7 +18,11 @@ pub struct Rules {
 }
 
 /// An item's fair rules (None: no such item).
-pub async fn rules(c: &ClientWrapper, sale: i64, item: i64) -> Result<Option<Rules>, DbError> {
+pub(crate) async fn rules(
+    c: &ClientWrapper,
+    sale: i64,
+    item: i64,
+) -> Result<Option<Rules>, DbError> {
     let stmt = c
         .prepare_cached(
             "SELECT (extract(epoch FROM starts_at) * 1000)::bigint, fair_window_ms, drawn_at IS NOT NULL,
@@ -36,7 +40,7 @@ pub async fn rules(c: &ClientWrapper, sale: i64, item: i64) -> Result<Option<Rul
 
 /// An entry as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stored {
+pub(crate) struct Stored {
     pub user_id: i64,
     pub quantity: i32,
     pub txn_id: Uuid,
@@ -62,7 +66,7 @@ const STORED_AGAIN: &str = "user_id, quantity, txn_id, outcome, ordered";
 /// Store an entry, unless the user has one for the item already (then that one is returned: a
 /// repeat gets the first entry's outcome). None when the item's draw has begun: the window is
 /// over, whatever this node's clock said.
-pub async fn enter(
+pub(crate) async fn enter(
     c: &ClientWrapper,
     sale: i64,
     item: i64,
@@ -94,7 +98,7 @@ pub async fn enter(
 }
 
 /// The entries of `users` for an item, as they stand.
-pub async fn entries_of(
+pub(crate) async fn entries_of(
     c: &ClientWrapper,
     sale: i64,
     item: i64,
@@ -114,7 +118,7 @@ pub async fn entries_of(
 }
 
 /// Items whose window is over and whose draw is not done, on this group.
-pub async fn due(c: &ClientWrapper) -> Result<Vec<(i64, i64)>, DbError> {
+pub(crate) async fn due(c: &ClientWrapper) -> Result<Vec<(i64, i64)>, DbError> {
     let stmt = c
         .prepare_cached(
             "SELECT sale_id, item_id FROM sale_items
@@ -131,7 +135,7 @@ pub async fn due(c: &ClientWrapper) -> Result<Vec<(i64, i64)>, DbError> {
 
 /// What a draw needs from its item's row.
 #[derive(Debug, Clone)]
-pub struct Claimed {
+pub(crate) struct Claimed {
     pub seed: Seed,
     pub stock: i64,
     pub limit: i64,
@@ -141,7 +145,7 @@ pub struct Claimed {
 
 /// Claim an item's draw for `node` for `lease_ms` (renewing its own claim; taking over one that
 /// lapsed). None when another node holds it, the draw is done, or the item is not due.
-pub async fn claim(
+pub(crate) async fn claim(
     c: &ClientWrapper,
     sale: i64,
     item: i64,
@@ -184,7 +188,11 @@ pub async fn claim(
 }
 
 /// Every entry of an item not decided yet, and every winner whose order is not made yet.
-pub async fn pending(c: &ClientWrapper, sale: i64, item: i64) -> Result<Vec<Stored>, DbError> {
+pub(crate) async fn pending(
+    c: &ClientWrapper,
+    sale: i64,
+    item: i64,
+) -> Result<Vec<Stored>, DbError> {
     let stmt = c
         .prepare_cached(&format!(
             "SELECT {STORED} FROM draw_entries
@@ -204,7 +212,7 @@ pub async fn pending(c: &ClientWrapper, sale: i64, item: i64) -> Result<Vec<Stor
 /// take the winners' stock, write their reservations, record every outcome and rank key. The
 /// outcomes, in the chunk's order. [`DbError::Moving`] when the claim was lost.
 #[allow(clippy::too_many_arguments)]
-pub async fn decide(
+pub(crate) async fn decide(
     c: &mut ClientWrapper,
     sale: i64,
     item: i64,
@@ -284,7 +292,7 @@ pub async fn decide(
 }
 
 /// Winners whose orders are made now.
-pub async fn ordered(
+pub(crate) async fn ordered(
     c: &ClientWrapper,
     sale: i64,
     item: i64,
@@ -301,7 +309,12 @@ pub async fn ordered(
 }
 
 /// The draw is done: what is left of the item sells first come, first served from now on.
-pub async fn done(c: &ClientWrapper, sale: i64, item: i64, node: Uuid) -> Result<bool, DbError> {
+pub(crate) async fn done(
+    c: &ClientWrapper,
+    sale: i64,
+    item: i64,
+    node: Uuid,
+) -> Result<bool, DbError> {
     let stmt = c
         .prepare_cached(
             "UPDATE sale_items SET drawn_at = clock_timestamp(), draw_claim = NULL,
@@ -317,23 +330,23 @@ pub async fn done(c: &ClientWrapper, sale: i64, item: i64, node: Uuid) -> Result
 
 /// An entry as the audit lists it.
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct Listed {
+pub(crate) struct Listed {
     /// 1 for the first served.
     pub rank: usize,
     pub user_id: u64,
     pub quantity: i32,
     /// hex(HMAC-SHA256(seed, "<sale_id>:<item_id>:<user_id>")), once drawn.
-    pub rank_key: Option<String>,
+    pub(crate) rank_key: Option<String>,
     /// `won`, `sold_out` or `limit_exceeded`; null before the draw.
     pub outcome: Option<String>,
     /// A winner's order id.
     pub order_id: Option<Uuid>,
-    pub entered_at: chrono::DateTime<chrono::Utc>,
+    pub(crate) entered_at: chrono::DateTime<chrono::Utc>,
 }
 
 /// An item's draw as the audit shows it (`GET /v1/admin/sales/{sale_id}/items/{item_id}/draw`).
 #[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
-pub struct Listing {
+pub(crate) struct Listing {
     pub sale_id: u64,
     pub item_id: u64,
     pub window_ms: i32,
@@ -347,7 +360,11 @@ pub struct Listing {
 }
 
 /// An item's draw (None: no such item on this group).
-pub async fn listing(c: &ClientWrapper, sale: i64, item: i64) -> Result<Option<Listing>, DbError> {
+pub(crate) async fn listing(
+    c: &ClientWrapper,
+    sale: i64,
+    item: i64,
+) -> Result<Option<Listing>, DbError> {
     let head = c
         .query_opt(
             "SELECT draw_stock, per_user_limit, fair_window_ms, drawn_at IS NOT NULL FROM sale_items

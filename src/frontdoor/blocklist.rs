@@ -50,7 +50,7 @@ pub struct Entry {
     /// A user id (decimal), or an IP address or CIDR.
     pub value: String,
     pub reason: String,
-    pub created_at: DateTime<Utc>,
+    pub(crate) created_at: DateTime<Utc>,
     /// None: until removed.
     pub expires_at: Option<DateTime<Utc>>,
 }
@@ -58,7 +58,7 @@ pub struct Entry {
 /// A new entry (`POST /v1/admin/blocklist`).
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct NewEntry {
+pub(crate) struct NewEntry {
     pub kind: Kind,
     /// A user id (decimal string or number), or an IP address or CIDR (`203.0.113.0/24`,
     /// `2001:db8::/64`).
@@ -76,7 +76,7 @@ pub struct NewEntry {
 
 impl NewEntry {
     /// The value in canonical form, or the offending field and why.
-    pub fn canonical(&self) -> Result<String, (&'static str, String)> {
+    pub(crate) fn canonical(&self) -> Result<String, (&'static str, String)> {
         if self.reason.chars().count() > 500 || self.reason.chars().any(char::is_control) {
             return Err((
                 "reason",
@@ -200,7 +200,7 @@ impl Blocklist {
 
     /// Block `user` on this node at once (an automatic block, before the table has it). Returns
     /// false when an automatic block of this node holds the user already.
-    pub fn block_user_here(&self, user: UserId, reason: &str, until_ms: i64) -> bool {
+    pub(crate) fn block_user_here(&self, user: UserId, reason: &str, until_ms: i64) -> bool {
         let mut local = match self.local.write() {
             Ok(l) => l,
             Err(poisoned) => poisoned.into_inner(),
@@ -282,7 +282,9 @@ fn entry(r: &Row) -> Option<Entry> {
 }
 
 /// The entries in force, newest first.
-pub async fn list(client: &tokio_postgres::Client) -> Result<Vec<Entry>, tokio_postgres::Error> {
+pub(crate) async fn list(
+    client: &tokio_postgres::Client,
+) -> Result<Vec<Entry>, tokio_postgres::Error> {
     let rows = client
         .query(
             &format!(
@@ -296,7 +298,7 @@ pub async fn list(client: &tokio_postgres::Client) -> Result<Vec<Entry>, tokio_p
 }
 
 /// Add an entry (`value` canonical, see [`NewEntry::canonical`]).
-pub async fn add(
+pub(crate) async fn add(
     client: &tokio_postgres::Client,
     kind: Kind,
     value: &str,
@@ -333,7 +335,9 @@ pub async fn remove(
 }
 
 /// Delete entries that expired more than a day ago (they no longer count anyway).
-pub async fn purge_expired(client: &tokio_postgres::Client) -> Result<u64, tokio_postgres::Error> {
+pub(crate) async fn purge_expired(
+    client: &tokio_postgres::Client,
+) -> Result<u64, tokio_postgres::Error> {
     client
         .execute(
             "DELETE FROM blocklist WHERE expires_at < now() - interval '1 day'",

@@ -63,7 +63,7 @@ pub enum Challenge {
 /// (`algorithm`, `challenge`, `number`, `salt`, `signature`, `took`) is accepted as it is.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Solution {
+pub(crate) struct Solution {
     /// Proof of work: the number found.
     #[serde(default)]
     pub number: Option<u64>,
@@ -80,9 +80,10 @@ pub struct Solution {
     /// ALTCHA's; `SHA-256` when given.
     #[serde(default)]
     pub algorithm: Option<String>,
-    /// ALTCHA's solving time in ms; ignored.
+    /// ALTCHA's solving time in ms: accepted from its widgets, and ignored.
     #[serde(default)]
-    pub took: Option<f64>,
+    #[allow(dead_code)]
+    pub(crate) took: Option<f64>,
 }
 
 /// Why a solution was refused (403 `challenge_failed`).
@@ -93,13 +94,13 @@ pub struct Failed(pub &'static str);
 /// A solution to record as used: one that checks out, or a question's wrong answer (which uses
 /// the question up, then fails).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Verified {
+pub(crate) struct Verified {
     /// SHA-256 of the salt: the record that makes the solution single-use.
-    pub replay_key: [u8; 32],
+    pub(crate) replay_key: [u8; 32],
     /// Unix seconds after which the record is useless (the challenge has expired).
     pub expires: i64,
     /// Record, then refuse with this.
-    pub then_fail: Option<Failed>,
+    pub(crate) then_fail: Option<Failed>,
 }
 
 fn random_u64() -> u64 {
@@ -127,7 +128,7 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
     hex::encode(h.finalize())
 }
 
-pub fn pow(keys: &Keys, b: &Binding, max_number: u32, expires: i64) -> Challenge {
+pub(crate) fn pow(keys: &Keys, b: &Binding, max_number: u32, expires: i64) -> Challenge {
     let salt = salt(keys, b, expires, None);
     let number = random_u64() % (u64::from(max_number) + 1);
     let challenge = sha256_hex(&[salt.as_bytes(), number.to_string().as_bytes()]);
@@ -141,7 +142,7 @@ pub fn pow(keys: &Keys, b: &Binding, max_number: u32, expires: i64) -> Challenge
     }
 }
 
-pub fn question(keys: &Keys, b: &Binding, issued_ms: i64, expires: i64) -> Challenge {
+pub(crate) fn question(keys: &Keys, b: &Binding, issued_ms: i64, expires: i64) -> Challenge {
     let salt = salt(keys, b, expires, Some(issued_ms));
     let (x, y) = (2 + random_u64() % 18, 2 + random_u64() % 18);
     let answer = (x + y).to_string();
@@ -205,7 +206,7 @@ fn parse_salt(keys: &Keys, salt: &str) -> Option<Salted> {
 /// Check `solution` for a challenge of `p.challenge` issued to `b`, at `now_ms`, for a sale
 /// that starts at `starts_ms`.
 // Long on purpose: the checks a solution must pass, cheapest first, each with its own answer.
-pub fn verify(
+pub(crate) fn verify(
     keys: &Keys,
     p: &crate::domain::Protection,
     b: &Binding,

@@ -12,7 +12,7 @@ use std::sync::Mutex;
 /// Most items counted; beyond, the counts start over (a flood of made-up items).
 const MAX_ITEMS: usize = 100_000;
 /// The largest multiple of the base difficulty.
-pub const MAX_FACTOR: u32 = 8;
+pub(crate) const MAX_FACTOR: u32 = 8;
 
 #[derive(Default)]
 struct Count {
@@ -21,7 +21,7 @@ struct Count {
     last: u32,
 }
 
-pub struct Crowd {
+pub(crate) struct Crowd {
     step: u32,
     counts: Mutex<HashMap<(SaleId, ItemId), Count>>,
 }

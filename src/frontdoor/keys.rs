@@ -73,12 +73,12 @@ impl Keys {
     }
 
     /// The id of the key that signs.
-    pub fn signing_id(&self) -> [u8; 4] {
+    pub(crate) fn signing_id(&self) -> [u8; 4] {
         self.signer().id
     }
 
     /// `(key id, MAC)` of an order token's payload, with the newest key.
-    pub fn sign_token(&self, payload: &[u8]) -> ([u8; 4], [u8; 32]) {
+    pub(crate) fn sign_token(&self, payload: &[u8]) -> ([u8; 4], [u8; 32]) {
         let k = self.signer();
         (
             k.id,
@@ -87,7 +87,7 @@ impl Keys {
     }
 
     /// Whether `mac` is the MAC of `payload` under the key `id` names (constant-time).
-    pub fn verify_token(&self, id: [u8; 4], payload: &[u8], mac: &[u8]) -> bool {
+    pub(crate) fn verify_token(&self, id: [u8; 4], payload: &[u8], mac: &[u8]) -> bool {
         self.keys
             .iter()
             .find(|k| k.id == id)
@@ -95,7 +95,7 @@ impl Keys {
     }
 
     /// Hex HMAC-SHA256 of `parts` under the newest challenge key (ALTCHA's `signature`).
-    pub fn sign_challenge(&self, parts: &[&[u8]]) -> String {
+    pub(crate) fn sign_challenge(&self, parts: &[&[u8]]) -> String {
         hex::encode(
             hmac(&self.signer().challenge, parts)
                 .finalize()
@@ -105,7 +105,7 @@ impl Keys {
 
     /// Whether the hex `signature` is the challenge MAC of `parts` under any key (constant-time
     /// per key).
-    pub fn verify_challenge(&self, parts: &[&[u8]], signature: &str) -> bool {
+    pub(crate) fn verify_challenge(&self, parts: &[&[u8]], signature: &str) -> bool {
         let Ok(mac) = hex::decode(signature) else {
             return false;
         };
@@ -115,7 +115,7 @@ impl Keys {
     }
 
     /// Like [`Keys::verify_challenge`] for a MAC cut to its first bytes (constant-time per key).
-    pub fn verify_challenge_prefix(&self, parts: &[&[u8]], prefix: &str) -> bool {
+    pub(crate) fn verify_challenge_prefix(&self, parts: &[&[u8]], prefix: &str) -> bool {
         let Ok(mac) = hex::decode(prefix) else {
             return false;
         };

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 /// A refusal of a limiter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limited {
+pub(crate) struct Limited {
     /// Whole seconds, at least 1.
     pub retry_after: u64,
     /// The limiter is full of busy keys: nothing says this key was too fast.
@@ -26,7 +26,7 @@ pub struct Limited {
 }
 
 /// A keyed GCRA limit, or none (disabled).
-pub struct Limiter<K: Hash + Eq + Clone> {
+pub(crate) struct Limiter<K: Hash + Eq + Clone> {
     inner: Option<DefaultKeyedRateLimiter<K>>,
     max_keys: usize,
     started: Instant,
@@ -105,12 +105,9 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         }
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.inner.as_ref().map_or(0, |l| l.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -123,7 +120,7 @@ fn whole_seconds(d: Duration) -> u64 {
 /// first address that is not a trusted proxy. A hop that is not an address ends the walk at the
 /// last good hop, so junk written by a client cannot move the key; when every hop is trusted, the
 /// leftmost.
-pub fn client_ip(
+pub(crate) fn client_ip(
     peer: Option<IpAddr>,
     forwarded: Option<&str>,
     trusted: &[IpNet],
@@ -156,7 +153,7 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 /// The rate-limit key of an address: itself for IPv4, its /64 for IPv6 (one subscriber usually
 /// holds a whole /64).
-pub fn ip_key(ip: IpAddr) -> IpAddr {
+pub(crate) fn ip_key(ip: IpAddr) -> IpAddr {
     match canonical(ip) {
         IpAddr::V6(v6) => {
             let bits = u128::from(v6) & !((1u128 << 64) - 1);

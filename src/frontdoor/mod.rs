@@ -131,12 +131,16 @@ impl FrontDoor {
     }
 
     /// The client address of a request (see [`limits::client_ip`]).
-    pub fn client_ip(&self, peer: Option<IpAddr>, forwarded: Option<&str>) -> Option<IpAddr> {
+    pub(crate) fn client_ip(
+        &self,
+        peer: Option<IpAddr>,
+        forwarded: Option<&str>,
+    ) -> Option<IpAddr> {
         limits::client_ip(peer, forwarded, &self.trusted)
     }
 
     /// The IP blocklist, then the IP limit.
-    pub fn check_ip(&self, ip: Option<IpAddr>) -> Result<(), Refusal> {
+    pub(crate) fn check_ip(&self, ip: Option<IpAddr>) -> Result<(), Refusal> {
         let Some(ip) = ip else {
             return Ok(());
         };
@@ -156,7 +160,7 @@ impl FrontDoor {
     }
 
     /// The user blocklist.
-    pub fn check_user(&self, user: UserId) -> Result<(), Refusal> {
+    pub(crate) fn check_user(&self, user: UserId) -> Result<(), Refusal> {
         match self.blocklist.user(user, now_ms()) {
             Some(reason) => Err(Refusal::Blocked(format!("this user is blocked ({reason})"))),
             None => Ok(()),
@@ -165,7 +169,7 @@ impl FrontDoor {
 
     /// The user's rate limit. A user who keeps hitting it is blocked when auto-blocking is on
     /// (a limiter shedding because it is full counts against nobody).
-    pub fn limit_user(&self, user: UserId) -> Result<(), Refusal> {
+    pub(crate) fn limit_user(&self, user: UserId) -> Result<(), Refusal> {
         let Err(limited) = self.users.check(&user) else {
             return Ok(());
         };
@@ -195,7 +199,7 @@ impl FrontDoor {
     }
 
     /// Verify the order token of an order URL for this sale, item and user.
-    pub fn verify_token(
+    pub(crate) fn verify_token(
         &self,
         token: &str,
         sale: SaleId,
@@ -231,7 +235,7 @@ impl FrontDoor {
 
     /// Check a solution and record it as used (on the user's group): each works once, and a
     /// question's first answer uses it up even when wrong.
-    pub async fn accept_solution(
+    pub(crate) async fn accept_solution(
         &self,
         p: &Protection,
         b: &challenge::Binding,
@@ -276,17 +280,17 @@ impl FrontDoor {
 
     /// Whether order tokens are signed with configured keys (shared by every node) rather than
     /// a random key of this process.
-    pub fn keys_configured(&self) -> bool {
+    pub(crate) fn keys_configured(&self) -> bool {
         self.keys_configured
     }
 
     /// An order token for this grant.
-    pub fn issue_token(&self, g: &token::Grant) -> String {
+    pub(crate) fn issue_token(&self, g: &token::Grant) -> String {
         token::issue(&self.keys, g)
     }
 
     /// Drop idle limiter keys.
-    pub fn cleanup_limiters(&self) {
+    pub(crate) fn cleanup_limiters(&self) {
         self.users.cleanup();
         self.ips.cleanup();
         self.strikes.cleanup();
@@ -294,7 +298,7 @@ impl FrontDoor {
 
     /// Write pending automatic blocks, then reload the blocklist if it changed (the front door's
     /// background task, every `frontdoor.blocklist_refresh_ms`).
-    pub async fn refresh_blocklist(&self) {
+    pub(crate) async fn refresh_blocklist(&self) {
         let Some((g, _)) = self.cluster.by_name(&self.config_group) else {
             return;
         };
@@ -330,7 +334,7 @@ impl FrontDoor {
 
     /// Forget challenge solutions whose challenges have expired, and blocklist entries that
     /// expired a day ago.
-    pub async fn purge(&self) {
+    pub(crate) async fn purge(&self) {
         for group in &self.cluster.groups {
             let purged = group
                 .run(Work::Settle, self.timeout, async |c| {

@@ -60,7 +60,7 @@ impl RulesCache {
     }
 
     /// The item's rules and its remaining stock as of at most 250 ms ago.
-    pub async fn with_remaining(
+    pub(crate) async fn with_remaining(
         &self,
         sale: SaleId,
         item: ItemId,

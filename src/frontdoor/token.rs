@@ -24,7 +24,7 @@ pub struct Grant {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     #[error("the order token is not valid: {0}")]
     Invalid(&'static str),
     #[error("the order token has expired: get a new one")]
@@ -46,7 +46,7 @@ pub fn issue(keys: &Keys, g: &Grant) -> String {
 
 /// The grant of `token`, if it verifies and was issued for exactly this sale, item and user and
 /// is still valid at `now_ms`.
-pub fn verify(
+pub(crate) fn verify(
     keys: &Keys,
     token: &str,
     want: (SaleId, ItemId, UserId),

@@ -23,9 +23,8 @@ pub mod rejoin;
 mod server;
 mod signals;
 
-pub use ports::free_port;
-pub use recover::{choose_master, Start};
-pub use server::{DiskFacts, LocalServer, PgBin, ServerTuning};
+pub use recover::Start;
+pub use server::{LocalServer, PgBin, ServerTuning};
 
 use crate::config::Secret;
 use std::path::{Path, PathBuf};
@@ -34,11 +33,11 @@ use std::process::{Command, Output, Stdio};
 /// The superuser of local servers.
 pub const ADMIN_ROLE: &str = "seckill_admin";
 /// The engine's application role on local servers.
-pub const APP_ROLE: &str = "seckill";
+pub(crate) const APP_ROLE: &str = "seckill";
 /// Marks a folder as a seckill cluster folder.
 const MARKER: &str = ".seckill-cluster";
 /// The `application_name` shadows of local groups stream with (`failover.shadow_name`'s default).
-pub const SHADOW_NAME: &str = "shadow";
+pub(crate) const SHADOW_NAME: &str = "shadow";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
@@ -60,7 +59,7 @@ pub enum LocalError {
     Refused(String),
 }
 
-pub fn running_as_root() -> bool {
+pub(crate) fn running_as_root() -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.
     unsafe { libc::geteuid() == 0 }
 }
@@ -123,7 +122,7 @@ pub(crate) fn run_with_input(
 }
 
 /// A fresh random secret: 32 hex digits (128 bits).
-pub fn random_secret() -> Secret {
+pub(crate) fn random_secret() -> Secret {
     Secret::new(uuid::Uuid::new_v4().simple().to_string())
 }
 
@@ -209,7 +208,7 @@ impl LocalCluster {
     }
 
     /// A secret kept in the cluster folder (`secrets/<name>`, mode 0600), made on first use.
-    pub fn secret(&self, name: &str) -> Result<Secret, LocalError> {
+    pub(crate) fn secret(&self, name: &str) -> Result<Secret, LocalError> {
         let path = self.root.join("secrets").join(name);
         if let Ok(text) = std::fs::read_to_string(&path) {
             if !text.trim().is_empty() {

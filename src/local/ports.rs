@@ -58,13 +58,6 @@ fn port_holder(port: u16) -> String {
     }
 }
 
-/// A free TCP port on 127.0.0.1 (best effort: another process may take it before we bind).
-pub fn free_port() -> Result<u16, LocalError> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

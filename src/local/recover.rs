@@ -26,7 +26,7 @@ pub enum Start {
 
 /// Which member of a group becomes its master, from the facts of the members whose data exists
 /// (`None`: no data directory). Err names why no choice is safe.
-pub fn choose_master(facts: [Option<DiskFacts>; 2]) -> Result<Start, String> {
+pub(crate) fn choose_master(facts: [Option<DiskFacts>; 2]) -> Result<Start, String> {
     let primaries: Vec<usize> = (0..2)
         .filter(|&i| facts[i].is_some_and(|f| !f.standby))
         .collect();
@@ -62,7 +62,7 @@ impl LocalGroup {
     /// Start a group whose data directories exist (one or both): everything left running from
     /// before is stopped first (thawed or killed when frozen), then the chosen master is started
     /// and the other member made its streaming standby. Returns the master's index.
-    pub fn recover(&self, shadow_name: &str) -> Result<usize, LocalError> {
+    pub(crate) fn recover(&self, shadow_name: &str) -> Result<usize, LocalError> {
         for i in 0..2 {
             self.member(i).halt()?;
         }

@@ -1,7 +1,6 @@
 //! One local PostgreSQL server: create (initdb or a base backup), start, stop, rejoin; its
 //! processes and signals are in [`super::signals`].
 
-use super::signals::process_alive;
 use super::{
     hand_to_postgres, run, run_with_input, running_as_root, write_private, LocalError, ADMIN_ROLE,
 };
@@ -61,8 +60,8 @@ impl PgBin {
 pub struct LocalServer {
     pub name: String,
     pub data_dir: PathBuf,
-    pub socket_dir: PathBuf,
-    pub log_file: PathBuf,
+    pub(crate) socket_dir: PathBuf,
+    pub(crate) log_file: PathBuf,
     pub port: u16,
     bin: PgBin,
     /// The superuser's name and password, for the commands run against the server.
@@ -183,7 +182,7 @@ impl LocalServer {
     /// needed it (the p99 of accepted hot orders was 110-127 ms with zeroing, 34-44 ms without, on
     /// one cluster switched back and forth). The segment is still created at its full size and
     /// every commit is still fsynced here and on the shadow: durability does not change.
-    pub fn init_master(&self, tuning: &ServerTuning) -> Result<(), LocalError> {
+    pub(crate) fn init_master(&self, tuning: &ServerTuning) -> Result<(), LocalError> {
         self.prepare_dirs()?;
         let base = self.data_dir.parent().unwrap_or(&self.data_dir);
         let pwfile = base.join(".initdb-password");
@@ -224,13 +223,13 @@ impl LocalServer {
     }
 
     /// Make this server a streaming replica of `master` (which must be running).
-    pub fn init_shadow_of(&self, master: &LocalServer) -> Result<(), LocalError> {
+    pub(crate) fn init_shadow_of(&self, master: &LocalServer) -> Result<(), LocalError> {
         self.init_shadow_of_addr("127.0.0.1", master.port)
     }
 
     /// Make this server a streaming replica of the master at `host:port` (same superuser
     /// credentials).
-    pub fn init_shadow_of_addr(&self, host: &str, port: u16) -> Result<(), LocalError> {
+    pub(crate) fn init_shadow_of_addr(&self, host: &str, port: u16) -> Result<(), LocalError> {
         self.prepare_dirs()?;
         if self.data_dir.exists() {
             std::fs::remove_dir_all(&self.data_dir)?;
@@ -249,7 +248,12 @@ impl LocalServer {
     /// Point this (standby) server at the master at `host:port`, connecting as
     /// `application_name` (what `synchronous_standby_names` names). Any earlier
     /// `primary_conninfo` (its own, or the one a rewind copied from its source) is replaced.
-    pub fn follow(&self, host: &str, port: u16, application_name: &str) -> Result<(), LocalError> {
+    pub(crate) fn follow(
+        &self,
+        host: &str,
+        port: u16,
+        application_name: &str,
+    ) -> Result<(), LocalError> {
         let password = self.admin_password.expose();
         if password.contains(['\'', '\\', ' ']) {
             return Err(LocalError::Refused(
@@ -285,12 +289,6 @@ impl LocalServer {
             .trim()
             .parse()
             .ok()
-    }
-
-    /// True while the postmaster lives. A killed postmaster whose parent does not reap it stays
-    /// a zombie: `kill(pid, 0)` (and so `pg_ctl status`) still finds it, so /proc decides.
-    pub fn is_running(&self) -> bool {
-        self.postmaster_pid().is_some_and(process_alive)
     }
 
     /// For a server given from outside: its own fresh scratch folder (socket, log), private to
@@ -373,7 +371,7 @@ impl LocalServer {
     }
 
     /// Stop: `fast` rolls back sessions and shuts down cleanly; `immediate` is a crash-like stop.
-    pub fn stop(&self, mode: &str) -> Result<(), LocalError> {
+    pub(crate) fn stop(&self, mode: &str) -> Result<(), LocalError> {
         if !self.is_running() {
             return Ok(());
         }
@@ -410,7 +408,7 @@ impl LocalServer {
 
     /// What `pg_controldata` says of the data directory: its system identifier (which cluster
     /// lineage it belongs to) and the timeline of its latest checkpoint.
-    pub fn control_data(&self) -> Result<(String, i64), LocalError> {
+    pub(crate) fn control_data(&self) -> Result<(String, i64), LocalError> {
         let out = run(
             &format!("pg_controldata of {}", self.name),
             self.cmd("pg_controldata").arg("-D").arg(&self.data_dir),
@@ -548,7 +546,7 @@ impl LocalServer {
     }
 
     /// What the data directory says of itself, without starting the server.
-    pub fn disk_facts(&self) -> Result<DiskFacts, LocalError> {
+    pub(crate) fn disk_facts(&self) -> Result<DiskFacts, LocalError> {
         let out = run(
             &format!("pg_controldata of {}", self.name),
             self.cmd("pg_controldata").arg("-D").arg(&self.data_dir),
@@ -591,7 +589,7 @@ impl LocalServer {
 
 /// What a data directory says of itself ([`LocalServer::disk_facts`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DiskFacts {
+pub(crate) struct DiskFacts {
     /// It is set up as a standby (`standby.signal`).
     pub standby: bool,
     /// Shut down cleanly (not crashed, not running).
@@ -599,7 +597,7 @@ pub struct DiskFacts {
     /// The newest timeline it knows (its history files, its last checkpoint).
     pub timeline: i64,
     /// How far its WAL is known to go (its last checkpoint, or the end of its recovery).
-    pub lsn: u64,
+    pub(crate) lsn: u64,
 }
 
 /// `X/Y` as PostgreSQL prints a WAL position, as a number (0 when unreadable).

@@ -8,6 +8,12 @@ use crate::shard::heal::Process;
 use std::time::{Duration, Instant};
 
 impl LocalServer {
+    /// True while the postmaster lives. A killed postmaster whose parent does not reap it stays
+    /// a zombie: `kill(pid, 0)` (and so `pg_ctl status`) still finds it, so /proc decides.
+    pub(crate) fn is_running(&self) -> bool {
+        self.postmaster_pid().is_some_and(process_alive)
+    }
+
     /// SIGKILL the postmaster, as a machine or process crash would.
     pub fn kill9(&self) -> Result<(), LocalError> {
         let pid_file = std::fs::read_to_string(self.data_dir.join("postmaster.pid"))?;
@@ -121,7 +127,7 @@ impl LocalServer {
 
     /// SIGKILL the postmaster and every process of the server, and wait (bounded) until they are
     /// gone: a new postmaster refuses to start while an old backend holds the shared memory.
-    pub fn kill_all(&self) -> Result<(), LocalError> {
+    pub(crate) fn kill_all(&self) -> Result<(), LocalError> {
         let mut pids = self.processes().unwrap_or_default();
         pids.extend(self.leftovers());
         for &pid in &pids {
@@ -136,7 +142,7 @@ impl LocalServer {
     }
 
     /// Running, frozen (its postmaster stopped by a signal) or stopped.
-    pub fn process_state(&self) -> Process {
+    pub(crate) fn process_state(&self) -> Process {
         match self.postmaster_pid() {
             Some(pid) if process_alive(pid) => match process_status(pid) {
                 Some('T' | 't') => Process::Frozen,

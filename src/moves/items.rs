@@ -17,7 +17,7 @@ use uuid::Uuid;
 /// The instant from which a later pass copies: read while holding the item's rows (`FOR SHARE`),
 /// so every writer that changes a reservation afterwards got the row lock after this instant and
 /// stamps its change later (writers stamp `clock_timestamp()` under the lock).
-pub async fn watermark(src: &mut Client, keys: &[i64]) -> Result<DateTime<Utc>, DbError> {
+pub(crate) async fn watermark(src: &mut Client, keys: &[i64]) -> Result<DateTime<Utc>, DbError> {
     let tx = src.transaction().await?;
     tx.execute(
         "SELECT 1 FROM sale_items WHERE item_id = ANY($1) ORDER BY sale_id, item_id FOR SHARE",
@@ -31,7 +31,7 @@ pub async fn watermark(src: &mut Client, keys: &[i64]) -> Result<DateTime<Utc>, 
 
 /// Every item key with rows on a group that are live or fenced by `move_id` (the keys a slot
 /// move may have to carry; the caller keeps those of its slot).
-pub async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbError> {
+pub(crate) async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbError> {
     Ok(client
         .query(
             "SELECT item_id FROM sale_items WHERE fenced_by IS NULL OR fenced_by = $1
@@ -52,7 +52,7 @@ const RESERVATION_COLUMNS: &str =
 /// Copy the key's rows from `src` to `dst`: the sale row, the `sale_items` rows (written fenced
 /// by `move_id`: the copy stays inactive until the switch), and the reservations changed at or
 /// after `since` (all of them when None). Returns how many rows were written.
-pub async fn copy(
+pub(crate) async fn copy(
     src: &Client,
     dst: &mut Client,
     move_id: i64,
@@ -353,7 +353,7 @@ pub async fn unfence(
 /// fenced is touched: a live copy is never dropped. With `tombstones` (completing a move: the
 /// source) the fenced `sale_items` rows stay, so a node that still routes a key here is told it
 /// moved.
-pub async fn drop_copy(
+pub(crate) async fn drop_copy(
     client: &mut Client,
     move_id: i64,
     tombstones: bool,
@@ -390,7 +390,7 @@ pub async fn drop_copy(
 }
 
 /// What a group holds of the keys.
-pub async fn holdings(client: &Client, keys: &[i64]) -> Result<Holdings, DbError> {
+pub(crate) async fn holdings(client: &Client, keys: &[i64]) -> Result<Holdings, DbError> {
     let r = client
         .query_one(
             "WITH si AS (SELECT * FROM sale_items WHERE item_id = ANY($1)),

@@ -82,7 +82,7 @@ pub(super) async fn open_clash(
 }
 
 /// The open moves (not completed, failed or cancelled), for the shard map's listing.
-pub async fn open_moves(client: &Client) -> Result<Vec<Move>, DbError> {
+pub(crate) async fn open_moves(client: &Client) -> Result<Vec<Move>, DbError> {
     Ok(client
         .query(
             &format!(

@@ -54,11 +54,12 @@ mod run;
 pub mod users;
 
 pub use kinds::end_on_source;
-pub use ledger::open_moves;
+pub(crate) use ledger::open_moves;
 
 use kinds::{candidates, column, db_key, guard, holdings, wait_out_older, CHUNK};
 use ledger::open_clash;
-pub use model::{Holdings, Move, MoveError, Phase, Plan, Unit};
+pub(crate) use model::{Holdings, MoveError};
+pub use model::{Move, Phase, Plan, Unit};
 
 use crate::config::Config;
 use crate::db::DbError;
@@ -497,7 +498,7 @@ impl Mover {
     }
 
     /// Resume every move whose runner died (its lease ran out) and that has work left.
-    pub async fn resume_pending(self: &Arc<Self>) {
+    pub(crate) async fn resume_pending(self: &Arc<Self>) {
         let pending = self.on_config(async |c| ledger::resumable(c).await).await;
         let pending = match pending {
             Ok(p) => p,

@@ -52,7 +52,7 @@ impl Phase {
     }
 
     /// Before the switch: the move can still be cancelled (rolled back).
-    pub fn before_switch(self) -> bool {
+    pub(crate) fn before_switch(self) -> bool {
         matches!(self, Phase::Copying | Phase::CatchingUp | Phase::Fenced)
     }
 }
@@ -88,11 +88,11 @@ pub struct Move {
     /// The move this one reverses, and the move that reversed this one.
     pub reverse_of: Option<u64>,
     pub reversed_by: Option<u64>,
-    pub created_at: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    pub fenced_at: Option<DateTime<Utc>>,
-    pub switched_at: Option<DateTime<Utc>>,
-    pub finished_at: Option<DateTime<Utc>>,
+    pub(crate) created_at: DateTime<Utc>,
+    pub(crate) updated_at: DateTime<Utc>,
+    pub(crate) fenced_at: Option<DateTime<Utc>>,
+    pub(crate) switched_at: Option<DateTime<Utc>>,
+    pub(crate) finished_at: Option<DateTime<Utc>>,
 }
 
 impl Move {
@@ -105,7 +105,7 @@ impl Move {
     }
 
     /// The key, or `slot N`, for listings.
-    pub fn unit_label(&self) -> String {
+    pub(crate) fn unit_label(&self) -> String {
         match self.unit() {
             Unit::Key(k) => k.to_string(),
             Unit::Slot(s) => format!("slot {s}"),
@@ -126,7 +126,7 @@ impl Move {
     }
 
     /// Nothing left to do until someone asks for more (complete, reverse).
-    pub fn at_rest(&self) -> bool {
+    pub(crate) fn at_rest(&self) -> bool {
         match self.phase {
             Phase::Switched => self.dest_live && !self.complete_requested,
             Phase::Completed | Phase::Failed | Phase::Cancelled => !self.cleanup_pending,
@@ -148,8 +148,8 @@ pub struct Plan {
     pub keys: usize,
     /// Rows the first pass copies.
     pub rows_to_copy: i64,
-    pub source: Holdings,
-    pub destination: Holdings,
+    pub(crate) source: Holdings,
+    pub(crate) destination: Holdings,
     /// The pre-checks, all passed.
     pub checks: Vec<String>,
 }
@@ -207,7 +207,7 @@ impl Unit {
 
 /// What a group holds of a move's keys.
 #[derive(Debug, Clone, Copy, Default, Serialize, utoipa::ToSchema)]
-pub struct Holdings {
+pub(crate) struct Holdings {
     /// Rows (items: sale items, reservations, sales; users: orders, payments).
     pub rows: i64,
     /// Keys with rows here.

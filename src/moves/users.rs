@@ -24,7 +24,7 @@ use uuid::Uuid;
 type Ts = DateTime<Utc>;
 
 /// Every user with rows on a group that are live or fenced by `move_id`.
-pub async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbError> {
+pub(crate) async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbError> {
     Ok(client
         .query(
             "SELECT k FROM (SELECT user_id AS k FROM orders UNION SELECT user_id FROM payments) u
@@ -39,7 +39,7 @@ pub async fn candidates(client: &Client, move_id: i64) -> Result<Vec<i64>, DbErr
 }
 
 /// The start of the oldest transaction running on the server now (or now).
-pub async fn watermark(src: &mut Client, _keys: &[i64]) -> Result<DateTime<Utc>, DbError> {
+pub(crate) async fn watermark(src: &mut Client, _keys: &[i64]) -> Result<DateTime<Utc>, DbError> {
     Ok(src
         .query_one(
             "SELECT least(clock_timestamp(), min(xact_start)) FROM pg_stat_activity
@@ -77,7 +77,7 @@ async fn add_fences(
 
 /// Copy the users' orders and payments changed at or after `since` (all when None) and their
 /// outbox entries from `src` to `dst`, fencing them on `dst` first. Returns the rows written.
-pub async fn copy(
+pub(crate) async fn copy(
     src: &Client,
     dst: &mut Client,
     move_id: i64,
@@ -266,7 +266,7 @@ pub async fn unfence(
 
 /// Drop this move's inactive copy of the users from a group (only users this move fenced here);
 /// with `tombstones` their fences stay, so a node still routing them here is told they moved.
-pub async fn drop_copy(
+pub(crate) async fn drop_copy(
     client: &mut Client,
     move_id: i64,
     tombstones: bool,
@@ -304,7 +304,7 @@ pub async fn drop_copy(
 }
 
 /// What a group holds of the users.
-pub async fn holdings(client: &Client, keys: &[i64]) -> Result<Holdings, DbError> {
+pub(crate) async fn holdings(client: &Client, keys: &[i64]) -> Result<Holdings, DbError> {
     let r = client
         .query_one(
             "WITH held AS (SELECT user_id AS k FROM orders WHERE user_id = ANY($1)

@@ -19,7 +19,7 @@ pub struct Ask {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Newly reserved: take `quantity` from the stock.
     Reserve {
         quantity: i32,
@@ -39,15 +39,15 @@ pub enum Decision {
 
 /// What the batch transaction read under the row lock.
 #[derive(Debug, Clone, Default)]
-pub struct Holdings {
+pub(crate) struct Holdings {
     /// Live (not released) units per user for this item.
     pub by_user: HashMap<u64, i64>,
     /// Live reservations by txn_id: their quantity.
-    pub live_txns: HashMap<Uuid, i32>,
+    pub(crate) live_txns: HashMap<Uuid, i32>,
 }
 
 /// Decide every ask in order. Returns the decisions and the units taken in total.
-pub fn allocate(
+pub(crate) fn allocate(
     remaining: i32,
     limit: i32,
     asks: &[Ask],
@@ -92,7 +92,7 @@ pub fn allocate(
 /// A shard group's batch split by item: each item's positions in the batch, in arrival order, and
 /// the items in key order (the order their rows are locked in). Allocation then runs per item, so a
 /// batch of several items is exactly its items' batches side by side.
-pub fn by_item<K: Ord>(keys: impl IntoIterator<Item = K>) -> BTreeMap<K, Vec<usize>> {
+pub(crate) fn by_item<K: Ord>(keys: impl IntoIterator<Item = K>) -> BTreeMap<K, Vec<usize>> {
     let mut items: BTreeMap<K, Vec<usize>> = BTreeMap::new();
     for (i, k) in keys.into_iter().enumerate() {
         items.entry(k).or_default().push(i);

@@ -27,7 +27,7 @@ use uuid::Uuid;
 
 /// A batch outcome that every member of the batch can hold a copy of.
 #[derive(Debug, Clone)]
-pub enum BatchFailure {
+pub(crate) enum BatchFailure {
     /// The batch surely did not commit.
     NotCommitted(String),
     /// The batch may have committed.
@@ -44,7 +44,7 @@ impl BatchFailure {
             BatchFailure::Unknown(e.to_string())
         }
     }
-    pub fn into_order_error(self) -> OrderError {
+    pub(crate) fn into_order_error(self) -> OrderError {
         match self {
             BatchFailure::NotCommitted(m) => OrderError::Unavailable(m),
             BatchFailure::Unknown(m) => DbError::Lost(m).into(),
@@ -56,7 +56,7 @@ impl BatchFailure {
 type ReserveResult = Result<Result<Reserved, Refusal>, BatchFailure>;
 type InsertResult = Result<Option<Order>, BatchFailure>;
 
-pub struct Coalescer {
+pub(crate) struct Coalescer {
     /// Transaction 1, batched per item group.
     reserve: Arc<Batcher<usize, BatchAsk, ReserveResult>>,
     /// Transaction 2, batched per user group.
@@ -137,7 +137,7 @@ impl Coalescer {
     /// on its own. Checking the queue and leaving the confirmation happen under one lock, which the
     /// batch also takes to collect them, so a confirmation left here is never stranded: the queued
     /// buyers' batch starts after it.
-    pub fn confirm_later(&self, group: usize, txn_id: Uuid) -> bool {
+    pub(crate) fn confirm_later(&self, group: usize, txn_id: Uuid) -> bool {
         let mut waiting = self.confirms.lock();
         if self.reserve.queued(&group) == 0 {
             return false;

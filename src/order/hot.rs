@@ -37,10 +37,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use uuid::Uuid;
 
-pub type ItemKey = (SaleId, ItemId);
+pub(crate) type ItemKey = (SaleId, ItemId);
 
 /// Beyond this many live reservations an item's holders are not kept in memory.
-pub const MAX_HOLDERS: usize = 500_000;
+pub(crate) const MAX_HOLDERS: usize = 500_000;
 
 /// An idle admission gate is forgotten after this long.
 const GATE_IDLE: Duration = Duration::from_secs(600);
@@ -61,7 +61,7 @@ impl HotPath {
     }
 
     /// Record the remaining stock just seen for an item.
-    pub fn observe(&self, sale: SaleId, item: ItemId, remaining: i32) {
+    pub(crate) fn observe(&self, sale: SaleId, item: ItemId, remaining: i32) {
         self.soldout.observe(sale, item, remaining);
         self.admission.observe(sale, item, remaining);
     }
@@ -69,7 +69,7 @@ impl HotPath {
 
 /// The live reservations of a sold-out item, as of `version`.
 #[derive(Debug, Clone)]
-pub enum Holders {
+pub(crate) enum Holders {
     /// Not read yet.
     Unknown,
     /// More than [`MAX_HOLDERS`]: not kept.
@@ -151,7 +151,7 @@ impl SoldOutCache {
     }
 
     /// Record the remaining stock just seen for an item.
-    pub fn observe(&self, sale: SaleId, item: ItemId, remaining: i32) {
+    pub(crate) fn observe(&self, sale: SaleId, item: ItemId, remaining: i32) {
         let sold_out = remaining <= 0;
         if sold_out == self.is_sold_out(sale, item) {
             return;
@@ -171,7 +171,7 @@ impl SoldOutCache {
     }
 
     /// Every sold-out item: the version its holders were read at, and its generation.
-    pub fn sold_out_items(&self) -> Vec<(ItemKey, Option<i64>, u64)> {
+    pub(crate) fn sold_out_items(&self) -> Vec<(ItemKey, Option<i64>, u64)> {
         self.read()
             .iter()
             .map(|(k, e)| (*k, e.holders.version(), e.generation))
@@ -180,7 +180,7 @@ impl SoldOutCache {
 
     /// Install holders, unless the item left the sold-out set meanwhile (or left and came back:
     /// another `generation`).
-    pub fn set_holders(&self, key: ItemKey, generation: u64, holders: Holders) {
+    pub(crate) fn set_holders(&self, key: ItemKey, generation: u64, holders: Holders) {
         if let Some(e) = self.write().get_mut(&key) {
             if e.generation == generation {
                 e.holders = holders;
@@ -189,12 +189,13 @@ impl SoldOutCache {
     }
 
     /// The generation of an item's current sell-out, if it is sold out.
-    pub fn generation(&self, key: ItemKey) -> Option<u64> {
+    #[cfg(test)]
+    pub(crate) fn generation(&self, key: ItemKey) -> Option<u64> {
         self.read().get(&key).map(|e| e.generation)
     }
 
     /// Drop items that ended or no longer exist.
-    pub fn forget(&self, keys: &[ItemKey]) {
+    pub(crate) fn forget(&self, keys: &[ItemKey]) {
         let mut m = self.write();
         for k in keys {
             m.remove(k);
@@ -233,7 +234,7 @@ impl Default for Gate {
 }
 
 /// Holds one request's place until the purchase is over; gives it back on drop.
-pub struct Ticket {
+pub(crate) struct Ticket {
     gates: Arc<Gates>,
     key: ItemKey,
 }
@@ -272,7 +273,7 @@ impl Admission {
     }
 
     /// A place for one request, or None when the item (or the node) has enough in flight already.
-    pub fn admit(&self, sale: SaleId, item: ItemId) -> Option<Ticket> {
+    pub(crate) fn admit(&self, sale: SaleId, item: ItemId) -> Option<Ticket> {
         let g = &self.inner;
         let mut items = g.lock();
         let gate = items.entry((sale, item)).or_default();
@@ -295,7 +296,7 @@ impl Admission {
     }
 
     /// Record the remaining stock last seen for an item.
-    pub fn observe(&self, sale: SaleId, item: ItemId, remaining: i32) {
+    pub(crate) fn observe(&self, sale: SaleId, item: ItemId, remaining: i32) {
         let mut items = self.inner.lock();
         let gate = items.entry((sale, item)).or_default();
         gate.remaining = Some(remaining);

@@ -3,7 +3,7 @@
 
 use super::*;
 impl OrderService {
-    pub async fn find_order(
+    pub(crate) async fn find_order(
         &self,
         user: UserId,
         order_id: Uuid,
@@ -32,13 +32,21 @@ impl OrderService {
             .await?)
     }
 
-    pub async fn get_order(&self, user: UserId, order_id: Uuid) -> Result<Order, OrderError> {
+    pub(crate) async fn get_order(
+        &self,
+        user: UserId,
+        order_id: Uuid,
+    ) -> Result<Order, OrderError> {
         self.find_order(user, order_id)
             .await?
             .ok_or(OrderError::OrderNotFound(order_id))
     }
 
-    pub async fn list_orders(&self, user: UserId, limit: i64) -> Result<Vec<Order>, OrderError> {
+    pub(crate) async fn list_orders(
+        &self,
+        user: UserId,
+        limit: i64,
+    ) -> Result<Vec<Order>, OrderError> {
         Ok(self
             .cluster
             .group(self.router.user_group(user))
@@ -70,7 +78,7 @@ impl OrderService {
     /// A payment callback ([`payments`]): applied to its order, or refused, and recorded either
     /// way; the same `payment_ref` again gives the recorded answer. The reservation follows a
     /// paid order, and an order this callback found past its window is expired (stock back).
-    pub async fn settle_payment(
+    pub(crate) async fn settle_payment(
         &self,
         notice: payments::Notice,
     ) -> Result<payments::Settled, OrderError> {
@@ -124,7 +132,7 @@ impl OrderService {
     }
 
     /// Recorded payments over all groups, newest first (admin API).
-    pub async fn list_payments(
+    pub(crate) async fn list_payments(
         &self,
         sale: Option<SaleId>,
         state: Option<payments::PaymentState>,
@@ -177,7 +185,7 @@ impl OrderService {
     /// Expire due unpaid orders on one user group (at most `batch`), then return their stock.
     /// `only` restricts it to one order. Safe with several nodes ([`store::expire_due`]).
     /// Returns how many orders expired.
-    pub async fn expire_orders(
+    pub(crate) async fn expire_orders(
         &self,
         user_group: usize,
         only: Option<Uuid>,
@@ -258,7 +266,7 @@ impl OrderService {
     /// Retry the releases recorded in every group's outbox that are older than `min_age`. A
     /// group that cannot be read is skipped (and logged); the others are drained regardless.
     /// Returns how many entries were handled.
-    pub async fn drain_releases(&self, min_age: Duration) -> usize {
+    pub(crate) async fn drain_releases(&self, min_age: Duration) -> usize {
         let mut handled = 0;
         for g in 0..self.cluster.groups.len() {
             let group = self.cluster.group(g);

@@ -146,7 +146,7 @@ pub struct Bought {
 }
 
 pub struct OrderService {
-    pub(crate) cluster: Arc<Cluster>,
+    pub cluster: Arc<Cluster>,
     pub(crate) router: Arc<Router>,
     pub(crate) timeout: Duration,
     tasks: TaskTracker,
@@ -252,7 +252,7 @@ impl OrderService {
 
     /// Release reservations on one item group and tell the sold-out cache.
     /// `attempts` as in [`reservations::release`] (empty: whatever the attempt).
-    pub async fn release_on(
+    pub(crate) async fn release_on(
         &self,
         item_group: usize,
         txn_ids: &[Uuid],
@@ -287,7 +287,7 @@ impl OrderService {
 
     /// Re-read the stock of every item held sold out, one query per group; read the holders of
     /// items whose version moved; drop items that ended or vanished ([`hot`] module docs).
-    pub async fn refresh_sold_out(&self) {
+    pub(crate) async fn refresh_sold_out(&self) {
         let mut by_group: HashMap<usize, (Vec<i64>, Vec<i64>)> = HashMap::new();
         let known: HashMap<hot::ItemKey, (Option<i64>, u64)> = self
             .hot
@@ -369,13 +369,13 @@ impl OrderService {
     }
 
     /// Whether this node knows the item to be sold out (no database work).
-    pub fn known_sold_out(&self, sale: SaleId, item: ItemId) -> bool {
+    pub(crate) fn known_sold_out(&self, sale: SaleId, item: ItemId) -> bool {
         self.hot.soldout.verdict(sale, item, None) == Verdict::SoldOut
     }
 
     /// Wait for an item to sell out somewhere, then read its holders at once (the background
     /// sold-out task runs this between its ticks).
-    pub async fn sold_out_changed(&self) {
+    pub(crate) async fn sold_out_changed(&self) {
         self.hot.soldout.wake.notified().await;
     }
 }

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 /// A payment callback after validation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Notice {
+pub(crate) struct Notice {
     pub order_id: Uuid,
     pub user: UserId,
     pub amount_cents: i64,
@@ -87,7 +87,7 @@ impl Refused {
 
 /// What a payment does to its order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Pay the order.
     Apply,
     /// The order is pending but past its window: expire it (its stock returns), refuse.
@@ -97,7 +97,7 @@ pub enum Decision {
 
 /// The decision for a new payment (pure; the order as read under its row lock, and whether its
 /// window had passed by the database's clock).
-pub fn decide(order: Option<&Order>, amount_cents: i64, past_window: bool) -> Decision {
+pub(crate) fn decide(order: Option<&Order>, amount_cents: i64, past_window: bool) -> Decision {
     let Some(order) = order else {
         return Decision::Refuse(Refused::OrderNotFound);
     };
@@ -124,7 +124,7 @@ pub struct Payment {
     pub amount_cents: i64,
     pub state: PaymentState,
     pub reason: Option<Refused>,
-    pub received_at: DateTime<Utc>,
+    pub(crate) received_at: DateTime<Utc>,
 }
 
 impl Payment {
@@ -154,12 +154,12 @@ pub struct Settled {
     /// The same `payment_ref` was seen before: this is its recorded answer.
     pub replayed: bool,
     /// The order was expired by this callback: its stock must go back.
-    pub expired_now: bool,
+    pub(crate) expired_now: bool,
 }
 
 /// Apply one callback on the user's group (module docs). `Ok(None)`: another callback with the
 /// same `payment_ref` was being recorded at the same moment; try again.
-pub async fn settle(
+pub(crate) async fn settle(
     client: &mut ClientWrapper,
     notice: &Notice,
     slot: i32,
@@ -266,7 +266,7 @@ async fn change_status(
 }
 
 /// Recorded payments of one group, newest first: of one sale and/or in one state.
-pub async fn list(
+pub(crate) async fn list(
     client: &ClientWrapper,
     sale: Option<i64>,
     state: Option<PaymentState>,
@@ -296,7 +296,7 @@ pub async fn list(
 }
 
 /// Every recorded payment of one group, for the settlement reconciliation (paged by ref).
-pub async fn all_after(
+pub(crate) async fn all_after(
     client: &ClientWrapper,
     after: &str,
     limit: i64,

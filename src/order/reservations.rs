@@ -52,7 +52,7 @@ pub enum Refusal {
 }
 
 /// Find out why the conditional decrement matched no row.
-pub async fn diagnose(
+pub(crate) async fn diagnose(
     client: &ClientWrapper,
     sale: SaleId,
     item: ItemId,
@@ -208,7 +208,7 @@ async fn record(
 /// attempt. None when there is none, or when the item is fenced by a move (transaction 1 then
 /// says so). The bump is made under the item's row lock, like every write of transaction 1, so a
 /// move copies it; a first attempt (no live reservation) takes no lock.
-pub async fn resume(
+pub(crate) async fn resume(
     client: &mut ClientWrapper,
     sale: SaleId,
     item: ItemId,
@@ -260,7 +260,7 @@ pub async fn resume(
 }
 
 /// The stock and version of a sold-out item, as [`stock_versions`] reads it.
-pub struct StockVersion {
+pub(crate) struct StockVersion {
     pub sale: i64,
     pub item: i64,
     pub remaining: i32,
@@ -270,7 +270,7 @@ pub struct StockVersion {
 }
 
 /// Stock, version and end of the given items (parallel arrays of sale and item ids).
-pub async fn stock_versions(
+pub(crate) async fn stock_versions(
     client: &ClientWrapper,
     sales: &[i64],
     items: &[i64],
@@ -297,7 +297,7 @@ pub async fn stock_versions(
 
 /// An item's remaining stock, version and the txn ids of its live reservations (at most
 /// `limit`), all from one snapshot. None when the item does not exist.
-pub async fn holders(
+pub(crate) async fn holders(
     client: &ClientWrapper,
     sale: SaleId,
     item: ItemId,
@@ -389,7 +389,7 @@ pub struct Released {
 
 /// Where a reservation is: the item-side ledger's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReservationState {
+pub(crate) enum ReservationState {
     Reserved,
     Ordered,
     Paid,
@@ -427,12 +427,12 @@ impl ReservationState {
 /// tiny row counts at their word and scanned the whole of `reservations_live` for each batch of
 /// marks (a BitmapAnd with the primary key), a cost growing with every reservation ever made.
 /// Measured: the masters' CPU per hot order swung between 50 and 190 µs from run to run.
-pub const CONFIRM_SQL: &str = "UPDATE reservations SET ordered_at = clock_timestamp()
+pub(crate) const CONFIRM_SQL: &str = "UPDATE reservations SET ordered_at = clock_timestamp()
      WHERE txn_id = ANY($1) AND (state = 'reserved') IS TRUE AND ordered_at IS NULL";
 
 /// Move live reservations forward to ordered ([`CONFIRM_SQL`]) or `paid` (never backwards, never
 /// out of released).
-pub async fn advance_reservations(
+pub(crate) async fn advance_reservations(
     client: &ClientWrapper,
     txn_ids: &[Uuid],
     to: ReservationState,

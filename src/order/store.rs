@@ -45,7 +45,7 @@ impl OrderStatus {
     }
 
     /// Cancelled or expired: its stock went (or goes) back to the item.
-    pub fn is_dead(self) -> bool {
+    pub(crate) fn is_dead(self) -> bool {
         matches!(self, OrderStatus::Cancelled | OrderStatus::Expired)
     }
 }
@@ -66,7 +66,7 @@ pub struct Order {
     pub quantity: i32,
     pub amount_cents: i64,
     pub status: OrderStatus,
-    pub created_at: DateTime<Utc>,
+    pub(crate) created_at: DateTime<Utc>,
     pub expires_at: DateTime<Utc>,
     pub paid_at: Option<DateTime<Utc>>,
 }
@@ -77,11 +77,11 @@ macro_rules! order_columns {
     };
 }
 
-pub const ORDER_COLUMNS: &str = order_columns!();
+pub(crate) const ORDER_COLUMNS: &str = order_columns!();
 
 /// A status change of a pending order, made on the user's group.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transition {
+pub(crate) enum Transition {
     /// pending_payment -> cancelled.
     Cancel,
 }
@@ -91,7 +91,7 @@ pub enum Transition {
 /// nodes that still route the slot here): first statement of every transaction that changes the
 /// user's orders or payments here. (The mover waits for the transactions that began before its
 /// fence, so a check that passed is never overtaken.)
-pub async fn check_user_fence(
+pub(crate) async fn check_user_fence(
     tx: &deadpool_postgres::Transaction<'_>,
     user: UserId,
     slot: i32,
@@ -116,7 +116,7 @@ pub async fn check_user_fence(
 /// Apply a transition if the order is in a state that allows it; None when it is not (or the
 /// order does not exist): the caller then reads the order to tell which. [`DbError::Moving`] when
 /// the user is being moved to another group.
-pub async fn transition_order(
+pub(crate) async fn transition_order(
     client: &mut ClientWrapper,
     user: UserId,
     slot: i32,
@@ -148,12 +148,12 @@ pub async fn transition_order(
 }
 
 impl Order {
-    pub fn from_row(row: &Row) -> Self {
+    pub(crate) fn from_row(row: &Row) -> Self {
         Self::from_row_at(row, 0)
     }
 
     /// The order's columns from column `at` on.
-    pub fn from_row_at(row: &Row, at: usize) -> Self {
+    pub(crate) fn from_row_at(row: &Row, at: usize) -> Self {
         Self {
             order_id: row.get(at),
             user_id: row.get::<_, i64>(at + 1).unsigned_abs(),
@@ -256,7 +256,7 @@ pub struct Inserted {
     pub moving: Vec<Uuid>,
 }
 
-pub async fn get_order(
+pub(crate) async fn get_order(
     client: &ClientWrapper,
     user: UserId,
     order_id: Uuid,
@@ -276,7 +276,7 @@ pub async fn get_order(
 /// a transaction id, so its COMMIT waits for synchronous replication like any write, and that
 /// commit comes after the order's own. A replay must never report an order that a failover could
 /// still lose (e.g. one whose commit waited for the shadow and was cancelled by a DBA).
-pub async fn get_order_durable(
+pub(crate) async fn get_order_durable(
     client: &mut ClientWrapper,
     user: UserId,
     order_id: Uuid,
@@ -293,7 +293,7 @@ pub async fn get_order_durable(
 /// recording the stock each must return in the release outbox in the same statement. Rows are
 /// claimed with `FOR UPDATE SKIP LOCKED` and the status change is conditional, so several sweepers
 /// expire each order once. Returns `(order_id, item_id)` of each.
-pub async fn expire_due(
+pub(crate) async fn expire_due(
     client: &ClientWrapper,
     only: Option<Uuid>,
     batch: i64,
@@ -322,7 +322,7 @@ pub async fn expire_due(
 /// Releases recorded in the outbox that are due (recorded, or last tried, at least `min_age` ago:
 /// a younger one is still being done by the request that recorded it): `(order_id, item_id)`,
 /// the longest-waiting first.
-pub async fn pending_releases(
+pub(crate) async fn pending_releases(
     client: &ClientWrapper,
     min_age: std::time::Duration,
     limit: i64,
@@ -341,7 +341,10 @@ pub async fn pending_releases(
 }
 
 /// Outbox entries whose release failed go to the back of the queue.
-pub async fn postpone_releases(client: &ClientWrapper, order_ids: &[Uuid]) -> Result<(), DbError> {
+pub(crate) async fn postpone_releases(
+    client: &ClientWrapper,
+    order_ids: &[Uuid],
+) -> Result<(), DbError> {
     let stmt = client
         .prepare_cached(
             "UPDATE release_outbox SET next_attempt_at = now() WHERE order_id = ANY($1)",
@@ -352,7 +355,10 @@ pub async fn postpone_releases(client: &ClientWrapper, order_ids: &[Uuid]) -> Re
 }
 
 /// Forget outbox entries whose release is done.
-pub async fn forget_releases(client: &ClientWrapper, order_ids: &[Uuid]) -> Result<(), DbError> {
+pub(crate) async fn forget_releases(
+    client: &ClientWrapper,
+    order_ids: &[Uuid],
+) -> Result<(), DbError> {
     let stmt = client
         .prepare_cached("DELETE FROM release_outbox WHERE order_id = ANY($1)")
         .await?;
@@ -360,7 +366,10 @@ pub async fn forget_releases(client: &ClientWrapper, order_ids: &[Uuid]) -> Resu
     Ok(())
 }
 
-pub async fn get_orders_by_id(client: &ClientWrapper, ids: &[Uuid]) -> Result<Vec<Order>, DbError> {
+pub(crate) async fn get_orders_by_id(
+    client: &ClientWrapper,
+    ids: &[Uuid],
+) -> Result<Vec<Order>, DbError> {
     let sql = format!("SELECT {ORDER_COLUMNS} FROM orders WHERE order_id = ANY($1)");
     Ok(client
         .query(&client.prepare_cached(&sql).await?, &[&ids])
@@ -370,7 +379,7 @@ pub async fn get_orders_by_id(client: &ClientWrapper, ids: &[Uuid]) -> Result<Ve
         .collect())
 }
 
-pub async fn list_orders(
+pub(crate) async fn list_orders(
     client: &ClientWrapper,
     user: UserId,
     limit: i64,

@@ -6,7 +6,7 @@
 use std::hash::Hasher;
 
 /// FNV-1a 64 of `key.to_be_bytes()`.
-pub fn fnv1a64(key: u64) -> u64 {
+pub(crate) fn fnv1a64(key: u64) -> u64 {
     let mut h = fnv::FnvHasher::default();
     h.write(&key.to_be_bytes());
     h.finish()

@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 
 /// One kind's routing, by group name.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct KindLayout {
+pub(crate) struct KindLayout {
     pub strategy: String,
     /// Runs of consecutive slots with their group: (first, last, group).
     pub slots: Vec<(u32, u32, String)>,
@@ -30,7 +30,7 @@ pub struct KindLayout {
 
 /// The whole routing layout.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Layout {
+pub(crate) struct Layout {
     pub slots: u32,
     pub kinds: BTreeMap<String, KindLayout>,
 }
@@ -77,7 +77,7 @@ impl Layout {
     }
 
     /// The slot maps as `[routing.KIND] slot_map` entries would spell them.
-    pub fn slot_maps(&self) -> String {
+    pub(crate) fn slot_maps(&self) -> String {
         self.kinds
             .iter()
             .map(|(kind, k)| {
@@ -93,7 +93,7 @@ impl Layout {
     }
 
     /// What moves from `self` (recorded) to `new`, one line per change; empty when nothing does.
-    pub fn changes_to(&self, new: &Layout) -> Vec<String> {
+    pub(crate) fn changes_to(&self, new: &Layout) -> Vec<String> {
         let mut changes = Vec::new();
         if self.slots != new.slots {
             changes.push(format!("routing.slots {} -> {}", self.slots, new.slots));
@@ -184,7 +184,11 @@ fn slot_moves(kind: &str, old: &[(u32, u32, String)], new: &[(u32, u32, String)]
 
 /// Check `config`'s layout against the recorded one (module docs); record it when there is none,
 /// or when `accept` says a change is meant.
-pub async fn guard(config: &Config, cluster: &Cluster, accept: bool) -> Result<(), LayoutError> {
+pub(crate) async fn guard(
+    config: &Config,
+    cluster: &Cluster,
+    accept: bool,
+) -> Result<(), LayoutError> {
     let layout = Layout::of(config)?;
     let (g, _) = cluster.by_name(config.config_group()).ok_or_else(|| {
         LayoutError::Unavailable(format!("no config group {:?}", config.config_group()))

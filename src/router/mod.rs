@@ -25,11 +25,11 @@ use crate::config::routing::{resolve, KindRoutes};
 use crate::config::{ConfigError, KindRouting, Strategy};
 use std::sync::Arc;
 
-pub use hash::{fnv1a64, slot_of};
-pub use table::TableCache;
+pub use hash::slot_of;
+pub(crate) use table::TableCache;
 
 /// Index of a shard group in the configuration's `groups` list.
-pub type GroupIdx = usize;
+pub(crate) type GroupIdx = usize;
 
 /// The two kinds of routed keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -54,7 +54,7 @@ impl KeyKind {
     }
 
     /// [`Self::parse`] of what a user gave (API, CLI), with the message to show when it is neither.
-    pub fn parse_given(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse_given(text: &str) -> Result<Self, String> {
         Self::parse(text).ok_or_else(|| format!("kind must be `items` or `users`, got {text:?}"))
     }
 }
@@ -100,12 +100,12 @@ impl KindRouter {
     }
 
     /// The group of `key` by the hash slot map alone.
-    pub fn by_hash(&self, key: u64) -> GroupIdx {
+    pub(crate) fn by_hash(&self, key: u64) -> GroupIdx {
         self.slot_map[slot_of(key, self.slot_count()) as usize]
     }
 
     /// The group of `key` by the kind's rule (ranges, or the hash slots), ignoring the table.
-    pub fn by_rule(&self, key: u64) -> GroupIdx {
+    pub(crate) fn by_rule(&self, key: u64) -> GroupIdx {
         match self.strategy {
             Strategy::Range => self.by_range(key),
             _ => self.by_hash(key),
@@ -137,7 +137,7 @@ impl Router {
         }
     }
 
-    pub fn from_config(config: &crate::config::Config) -> Result<Self, ConfigError> {
+    pub(crate) fn from_config(config: &crate::config::Config) -> Result<Self, ConfigError> {
         let names = config.group_names();
         let items =
             KindRouter::build("items", &config.routing.items, config.routing.slots, &names)?;
@@ -168,7 +168,7 @@ impl Router {
     }
 
     /// The group the configuration gives a slot (hash and table strategies).
-    pub fn slot_home(&self, kind: KeyKind, slot: u32) -> Option<GroupIdx> {
+    pub(crate) fn slot_home(&self, kind: KeyKind, slot: u32) -> Option<GroupIdx> {
         self.kind(kind).slot_map.get(slot as usize).copied()
     }
 
@@ -177,7 +177,7 @@ impl Router {
     }
 
     /// Sales live with the items' router, keyed by sale id.
-    pub fn sale_group(&self, sale: crate::domain::SaleId) -> GroupIdx {
+    pub(crate) fn sale_group(&self, sale: crate::domain::SaleId) -> GroupIdx {
         self.route(KeyKind::Items, sale.key())
     }
 

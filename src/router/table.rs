@@ -74,7 +74,7 @@ impl TableCache {
     }
 
     /// The keys of `kind` with an entry naming group `group`.
-    pub fn keys_on(&self, kind: KeyKind, group: GroupIdx) -> Vec<u64> {
+    pub(crate) fn keys_on(&self, kind: KeyKind, group: GroupIdx) -> Vec<u64> {
         self.snapshot()
             .entries
             .iter()
@@ -103,7 +103,7 @@ impl TableCache {
     }
 
     /// [`Self::replace`], with the moved slots.
-    pub fn replace_with_slots(
+    pub(crate) fn replace_with_slots(
         &self,
         version: i64,
         rows: Vec<(KeyKind, u64, String)>,
@@ -152,7 +152,7 @@ impl TableCache {
 
     /// Re-read the table from the config group of `cluster` if its version moved (as `work`: a
     /// buyer's re-read is a read, an admin's is not); whether it changed.
-    pub async fn refresh_from(
+    pub(crate) async fn refresh_from(
         &self,
         cluster: &Cluster,
         work: Work,
@@ -206,7 +206,7 @@ impl TableCache {
 
 /// Point `key` of `kind` at `group` by an entry, or remove its entry (`None`): what `shard-map
 /// set`/`delete` and a key move's switch write. Returns the rows changed.
-pub async fn write_entry(
+pub(crate) async fn write_entry(
     c: &impl tokio_postgres::GenericClient,
     kind: KeyKind,
     key: i64,

@@ -21,12 +21,12 @@ const MAX_ENTRIES: usize = 10_000;
 
 /// A sale's view as served: the JSON body and its entity tag; or the sale does not exist.
 #[derive(Debug, Clone)]
-pub enum Cached {
+pub(crate) enum Cached {
     Found { body: Bytes, etag: Arc<str> },
     Missing,
 }
 
-pub struct ViewCache {
+pub(crate) struct ViewCache {
     ttl: Duration,
     flights: Flights<u64, Cached>,
 }
@@ -55,7 +55,7 @@ impl ViewCache {
     }
 
     /// Forget `sale`: the next request reads it again.
-    pub fn forget(&self, sale: u64) {
+    pub(crate) fn forget(&self, sale: u64) {
         self.flights.forget(&sale);
     }
 }

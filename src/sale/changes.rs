@@ -21,7 +21,7 @@ use std::collections::HashMap;
 /// `PATCH /v1/admin/sales/{sale_id}`: what to change; a field left out stays as it is.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct SaleChange {
+pub(crate) struct SaleChange {
     /// The new end: now to end the sale at once, later to extend it. After `starts_at`.
     pub ends_at: Option<DateTime<Utc>>,
     /// `true` pauses the sale (buys get 409 `paused`), `false` resumes it.
@@ -31,7 +31,7 @@ pub struct SaleChange {
 /// `POST /v1/admin/sales/{sale_id}/items/{item_id}/restock`.
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct Restock {
+pub(crate) struct Restock {
     /// Units to add: 1 to 1000000000 (the item's stock stays at most 1000000000).
     #[serde(deserialize_with = "crate::domain::integer_i64")]
     #[schema(minimum = 1, maximum = 1000000000)]
@@ -41,7 +41,7 @@ pub struct Restock {
 /// Where a sale is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
-pub enum SaleState {
+pub(crate) enum SaleState {
     Scheduled,
     Live,
     Paused,
@@ -62,7 +62,7 @@ impl SaleState {
 
 /// A sale's state at `now`: ended once its end has passed (paused or not), paused while paused,
 /// else scheduled before its start and live after.
-pub fn state_of(
+pub(crate) fn state_of(
     now: DateTime<Utc>,
     starts: DateTime<Utc>,
     ends: DateTime<Utc>,
@@ -81,7 +81,7 @@ pub fn state_of(
 
 /// One sale in `GET /v1/admin/sales`.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct SaleSummary {
+pub(crate) struct SaleSummary {
     pub sale_id: u64,
     pub name: String,
     pub starts_at: DateTime<Utc>,
@@ -91,14 +91,14 @@ pub struct SaleSummary {
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct SaleList {
+pub(crate) struct SaleList {
     /// Newest start first.
     pub sales: Vec<SaleSummary>,
 }
 
 /// A recorded change (the audit shows them).
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Change {
+pub(crate) struct Change {
     /// `ends_at`, `paused`, `resumed` or `restock`.
     pub change: String,
     pub item_id: Option<u64>,
@@ -106,12 +106,12 @@ pub struct Change {
     pub detail: serde_json::Value,
     /// The `x-request-id` of the admin request that made it.
     pub request_id: Option<String>,
-    pub made_at: DateTime<Utc>,
+    pub(crate) made_at: DateTime<Utc>,
 }
 
 /// The item after a restock.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct Restocked {
+pub(crate) struct Restocked {
     pub sale_id: u64,
     pub item_id: u64,
     pub stock: i32,

@@ -18,13 +18,13 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 /// Largest stock of one item.
-pub const MAX_STOCK: i64 = 1_000_000_000;
+pub(crate) const MAX_STOCK: i64 = 1_000_000_000;
 /// Most items in one sale.
-pub const MAX_ITEMS: usize = 1_000;
+pub(crate) const MAX_ITEMS: usize = 1_000;
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct NewSale {
+pub(crate) struct NewSale {
     /// 1 to 200 characters, no control characters.
     #[schema(
         min_length = 1,
@@ -55,11 +55,11 @@ pub struct NewSale {
 }
 
 /// Longest fair window of a sale, in ms.
-pub const MAX_FAIR_WINDOW_MS: u32 = 10_000;
+pub(crate) const MAX_FAIR_WINDOW_MS: u32 = 10_000;
 
 #[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct NewItem {
+pub(crate) struct NewItem {
     #[schema(value_type = u64, minimum = 1, maximum = 9223372036854775807_u64)]
     pub item_id: ItemId,
     #[schema(minimum = 0, maximum = 1000000000)]
@@ -150,7 +150,7 @@ impl NewSale {
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct SaleView {
+pub(crate) struct SaleView {
     pub sale_id: u64,
     pub name: String,
     pub starts_at: DateTime<Utc>,
@@ -170,7 +170,7 @@ pub struct SaleView {
 
 /// What a sale shows of its fair start (DESIGN.md "Fair start").
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct FairDraw {
+pub(crate) struct FairDraw {
     pub window_ms: i32,
     /// hex(SHA-256 of the seed's 32 raw bytes), from the sale's creation on.
     pub commitment: String,
@@ -179,7 +179,7 @@ pub struct FairDraw {
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct ItemView {
+pub(crate) struct ItemView {
     pub item_id: u64,
     pub stock: i32,
     pub remaining: i32,
@@ -189,7 +189,7 @@ pub struct ItemView {
 
 /// What can go wrong with a sale.
 #[derive(Debug, thiserror::Error)]
-pub enum SaleError {
+pub(crate) enum SaleError {
     #[error("sale {0} not found")]
     NotFound(SaleId),
     #[error("item {item} is not part of sale {sale}")]
@@ -202,11 +202,11 @@ pub enum SaleError {
     Group(#[from] GroupError),
 }
 
-pub struct SaleService<'a> {
+pub(crate) struct SaleService<'a> {
     pub cluster: &'a Cluster,
     pub router: &'a Router,
     pub timeout: Duration,
-    pub default_window: u32,
+    pub(crate) default_window: u32,
 }
 
 impl SaleService<'_> {

@@ -21,24 +21,24 @@ pub enum Seen {
 
 /// Everything [`decide`] looks at.
 #[derive(Debug, Clone)]
-pub struct Observations {
+pub(crate) struct Observations {
     pub seen: Vec<Seen>,
     /// The group's term: the highest timeline any member was seen on, this round included.
     pub term: i64,
     /// The member written to before this round.
     pub writer: Option<usize>,
     /// Per member: the timeline it was last seen on.
-    pub last_timeline: Vec<Option<i64>>,
+    pub(crate) last_timeline: Vec<Option<i64>>,
     /// Per member: a standby that has heard nothing from its master for `stream_timeout_ms`.
-    pub lost_master: Vec<bool>,
+    pub(crate) lost_master: Vec<bool>,
     /// Whether the master committed synchronously to a streaming shadow when it last answered
     /// (None: this node never saw it answer).
-    pub master_was_synchronous: Option<bool>,
+    pub(crate) master_was_synchronous: Option<bool>,
 }
 
 /// What the monitor should do about a group this round.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Action {
+pub(crate) struct Action {
     pub writer: Option<usize>,
     /// Old masters writable on an older timeline: make them read-only.
     pub fence: Vec<usize>,
@@ -49,7 +49,7 @@ pub struct Action {
 
 /// Why nothing (more) was done, for the log.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Note {
+pub(crate) enum Note {
     TwoWritableSameTimeline,
     /// The only writable member is on a timeline older than the term: an old master.
     OnlyAnOldMaster,
@@ -64,7 +64,7 @@ pub enum Note {
 /// The decision of one round, from what was seen (module docs).
 // Long on purpose: the rules in the order they apply, each ending the round; their order is
 // what makes a promotion safe, and split up it would no longer read as one.
-pub fn decide(obs: &Observations, config: &FailoverConfig) -> Action {
+pub(crate) fn decide(obs: &Observations, config: &FailoverConfig) -> Action {
     let builtin = config.mode == FailoverMode::Builtin;
     // Writable members: answered as a master, or the current writer still serving our queries.
     let writable: Vec<(usize, i64)> = obs

@@ -44,7 +44,7 @@ pub enum GroupError {
 impl GroupError {
     /// True when the work surely did not commit: it never reached the server, or the server
     /// refused it. False when its outcome is unknown ([`DbError::Lost`]).
-    pub fn surely_not_committed(&self) -> bool {
+    pub(crate) fn surely_not_committed(&self) -> bool {
         match self {
             GroupError::Shard(_) => true,
             GroupError::Db(e) => e.surely_not_committed(),

@@ -33,18 +33,18 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// How long a member's processes may stay frozen before the healer kills them.
-pub const FROZEN_GRACE: Duration = Duration::from_secs(1);
+pub(crate) const FROZEN_GRACE: Duration = Duration::from_secs(1);
 /// How long a running standby may go without streaming before it is rejoined.
-pub const STREAM_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const STREAM_GRACE: Duration = Duration::from_secs(5);
 /// How long a running, unfrozen server may stay silent (crash recovery, start-up) before it is
 /// rejoined.
-pub const SILENT_GRACE: Duration = Duration::from_secs(20);
+pub(crate) const SILENT_GRACE: Duration = Duration::from_secs(20);
 /// After a rejoin that worked, the time given to the member to stream before the next attempt.
-pub const SETTLE: Duration = Duration::from_secs(8);
+pub(crate) const SETTLE: Duration = Duration::from_secs(8);
 /// After a rejoin that failed, the first pause before the next one (doubling per attempt).
-pub const FIRST_BACKOFF: Duration = Duration::from_secs(2);
+pub(crate) const FIRST_BACKOFF: Duration = Duration::from_secs(2);
 /// The longest pause between two failed attempts.
-pub const MAX_BACKOFF: Duration = Duration::from_secs(60);
+pub(crate) const MAX_BACKOFF: Duration = Duration::from_secs(60);
 /// How often each group is looked at.
 const ROUND: Duration = Duration::from_millis(500);
 /// The monitor's view of the writer must be this fresh for the healer to act on it.
@@ -91,7 +91,7 @@ pub trait ServerControl: Send + Sync + 'static {
 }
 
 /// The servers of a cluster's members, `[group][member]` in configuration order.
-pub type Servers = Vec<Vec<Arc<dyn ServerControl>>>;
+pub(crate) type Servers = Vec<Vec<Arc<dyn ServerControl>>>;
 
 /// What the member not written to is, as the monitor last saw it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,22 +110,22 @@ pub enum Seen {
 
 /// Everything [`decide`] looks at for one member.
 #[derive(Debug, Clone, Copy)]
-pub struct Facts {
+pub(crate) struct Facts {
     pub seen: Seen,
     pub process: Process,
     /// How long it has been in its current unhealthy state (frozen, not streaming, silent).
-    pub unhealthy_for: Duration,
+    pub(crate) unhealthy_for: Duration,
     /// Since the last rejoin, if there was one in this unhealthy spell.
-    pub since_attempt: Option<Duration>,
+    pub(crate) since_attempt: Option<Duration>,
     /// Whether that rejoin failed (an error, not merely no streaming yet).
-    pub last_failed: bool,
+    pub(crate) last_failed: bool,
     /// Rejoins made in this unhealthy spell.
     pub attempts: u32,
 }
 
 /// What to do with a member.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     Nothing,
     /// Give it time: it may heal by itself, or the last attempt may still be taking hold.
     Wait,
@@ -146,7 +146,7 @@ pub fn backoff(attempts: u32) -> Duration {
 }
 
 /// The healing decision for the member that is not the writer (module docs).
-pub fn decide(f: &Facts) -> Action {
+pub(crate) fn decide(f: &Facts) -> Action {
     if f.seen == Seen::Streaming {
         return Action::Nothing;
     }
@@ -181,9 +181,9 @@ pub struct HealRecord {
     /// The member healed (`host:port`).
     pub member: String,
     /// `kill`, `rejoin` or `rebuild`.
-    pub action: &'static str,
-    pub started_at: chrono::DateTime<chrono::Utc>,
-    pub finished_at: Option<chrono::DateTime<chrono::Utc>>,
+    pub(crate) action: &'static str,
+    pub(crate) started_at: chrono::DateTime<chrono::Utc>,
+    pub(crate) finished_at: Option<chrono::DateTime<chrono::Utc>>,
     /// `running`, `ok` or `failed`.
     pub outcome: &'static str,
     /// How the member came back, for a rejoin that worked.
@@ -227,7 +227,7 @@ impl Memory {
 }
 
 /// Heal every group whose servers are in `servers` until `cancel` fires.
-pub async fn run(
+pub(crate) async fn run(
     cluster: Arc<super::Cluster>,
     servers: Servers,
     shadow_name: String,

@@ -43,7 +43,7 @@ pub mod monitor;
 pub mod probe;
 pub mod tls;
 
-pub use error::{GroupError, ShardError};
+pub(crate) use error::{GroupError, ShardError};
 
 use crate::config::Config;
 use crate::db::DbError;
@@ -79,9 +79,9 @@ pub struct Replication {
     pub shadow_streaming: bool,
     /// The writer commits synchronously (`synchronous_standby_names` names a standby).
     pub synchronous: bool,
-    pub lag_bytes: Option<i64>,
+    pub(crate) lag_bytes: Option<i64>,
     /// When the writer last answered a probe.
-    pub seen_at: Option<Instant>,
+    pub(crate) seen_at: Option<Instant>,
 }
 
 /// What a piece of database work is for (module docs: shares of the pool).
@@ -131,14 +131,14 @@ pub struct MemberStatus {
     pub healthy: bool,
     pub timeline: Option<i64>,
     /// Bytes the shadow's replay is behind the master's current WAL position.
-    pub replication_lag_bytes: Option<i64>,
-    pub last_error: Option<String>,
-    pub consecutive_failures: u32,
+    pub(crate) replication_lag_bytes: Option<i64>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) consecutive_failures: u32,
 }
 
 pub struct Member {
     /// `master` or `shadow`: the role this member has in shards.toml (not necessarily now).
-    pub configured_role: &'static str,
+    pub(crate) configured_role: &'static str,
     pub endpoint: String,
     /// The engine's own connections (the pool's).
     pub conn: Endpoint,
@@ -315,11 +315,6 @@ impl ShardGroup {
         self.term
             .fetch_max(timeline, Ordering::AcqRel)
             .max(timeline)
-    }
-
-    /// Whether writes wait for a durable writer in this group.
-    pub fn gates_writes(&self) -> bool {
-        self.gate_writes
     }
 
     pub fn durability(&self) -> Durability {
@@ -655,13 +650,13 @@ impl Cluster {
     }
 
     /// The index of the config group.
-    pub fn config_group(&self) -> usize {
+    pub(crate) fn config_group(&self) -> usize {
         self.config_group
     }
 
     /// Probe every group once to find its writable member, never promoting anything: what
     /// one-shot commands and start-up need before they touch a group.
-    pub async fn discover(&self) {
+    pub(crate) async fn discover(&self) {
         let quiet = crate::config::FailoverConfig {
             enabled: false,
             ..self.failover.clone()
@@ -679,26 +674,26 @@ impl Cluster {
         &self.groups[idx]
     }
 
-    pub fn by_name(&self, name: &str) -> Option<(usize, &ShardGroup)> {
+    pub(crate) fn by_name(&self, name: &str) -> Option<(usize, &ShardGroup)> {
         self.groups.iter().enumerate().find(|(_, g)| g.name == name)
     }
 
     /// True when every group has a member it writes to. The monitor clears a group's writer only
     /// once its master has failed `failures_before_promote` probes in a row (or turns out not to
     /// be writable), so one slow probe does not flip readiness.
-    pub fn all_writable(&self) -> bool {
+    pub(crate) fn all_writable(&self) -> bool {
         self.groups.iter().all(|g| g.writer_index().is_some())
     }
 }
 
 /// The view of GET /v1/admin/groups and `seckill group status`.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct GroupsReport {
+pub(crate) struct GroupsReport {
     pub groups: Vec<GroupView>,
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct GroupView {
+pub(crate) struct GroupView {
     pub name: String,
     /// The member written to, if any (`host:port`).
     pub writable_master: Option<String>,
@@ -713,7 +708,7 @@ pub struct GroupView {
     /// `shadow_loss = "block"`: writes get 503 `shadow_unavailable`), or `unknown` (not gated).
     pub writes: &'static str,
     /// How far the shadow's replay is behind the master, in bytes.
-    pub replication_lag_bytes: Option<i64>,
+    pub(crate) replication_lag_bytes: Option<i64>,
     /// Failovers this engine node has seen.
     pub failovers: u64,
     /// The last time this node healed a member of the group (`seckill dev` and the test harness
@@ -723,20 +718,20 @@ pub struct GroupView {
 }
 
 #[derive(Debug, Serialize, utoipa::ToSchema)]
-pub struct MemberView {
+pub(crate) struct MemberView {
     pub endpoint: String,
     /// `master` or `shadow`: its role in shards.toml.
-    pub configured_role: &'static str,
+    pub(crate) configured_role: &'static str,
     pub role: Role,
     pub writable: bool,
     pub healthy: bool,
     pub timeline: Option<i64>,
-    pub replication_lag_bytes: Option<i64>,
-    pub consecutive_failures: u32,
-    pub last_error: Option<String>,
+    pub(crate) replication_lag_bytes: Option<i64>,
+    pub(crate) consecutive_failures: u32,
+    pub(crate) last_error: Option<String>,
 }
 
-pub fn groups_report(cluster: &Cluster) -> GroupsReport {
+pub(crate) fn groups_report(cluster: &Cluster) -> GroupsReport {
     let groups = cluster
         .groups
         .iter()

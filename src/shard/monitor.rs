@@ -324,7 +324,7 @@ async fn promote_shadow(
 
 /// What a promoted master commits to: under `block` its shadow, whom it waits for (nothing is
 /// acknowledged until the healed old master streams from it); otherwise nobody yet.
-pub fn sync_names_after_promotion(config: &FailoverConfig) -> String {
+pub(crate) fn sync_names_after_promotion(config: &FailoverConfig) -> String {
     if config.synchronous && config.shadow_loss == ShadowLossPolicy::Block {
         sync_names_for(&config.shadow_name)
     } else {
@@ -429,7 +429,7 @@ async fn manage_replication(
 
 /// Run the monitor for every group until `cancel` fires. Each group has its own loop, so a slow
 /// promotion in one group never delays the probes of another.
-pub async fn run(cluster: Arc<Cluster>, config: FailoverConfig, cancel: CancellationToken) {
+pub(crate) async fn run(cluster: Arc<Cluster>, config: FailoverConfig, cancel: CancellationToken) {
     let loops = (0..cluster.groups.len()).map(|g| {
         let (cluster, config, cancel) = (cluster.clone(), config.clone(), cancel.clone());
         async move {

@@ -9,31 +9,31 @@ use std::time::Duration;
 /// One probe's findings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Probe {
-    pub in_recovery: bool,
+    pub(crate) in_recovery: bool,
     pub timeline: i64,
     pub fenced: bool,
     /// On a master: the replay lag of the shadow (by `application_name`) in bytes, when it streams.
-    pub standby_lag: Option<i64>,
-    pub sync_names: String,
+    pub(crate) standby_lag: Option<i64>,
+    pub(crate) sync_names: String,
     /// On a standby whose WAL receiver streams: ms since its last message from the master.
-    pub receipt_age_ms: Option<i64>,
+    pub(crate) receipt_age_ms: Option<i64>,
     /// On a standby: a WAL receiver exists but its details are hidden from this role (neither
     /// superuser nor pg_read_all_stats), so whether it hears the master cannot be judged.
-    pub receiver_hidden: bool,
-    pub wal_receiver_timeout_ms: i64,
-    pub wal_sender_timeout_ms: i64,
+    pub(crate) receiver_hidden: bool,
+    pub(crate) wal_receiver_timeout_ms: i64,
+    pub(crate) wal_sender_timeout_ms: i64,
     /// On a master: whether a standby streams with `sync_state` sync or quorum (None: the
     /// walsenders' details are hidden from this role).
-    pub sync_streaming: Option<bool>,
+    pub(crate) sync_streaming: Option<bool>,
     /// `synchronous_commit` of the server.
-    pub synchronous_commit: String,
+    pub(crate) synchronous_commit: String,
 }
 
 /// A probe that failed. `answered` tells a server that replied with an error (alive, e.g. out of
 /// connection slots) from one that gave no answer; only the latter counts towards a failover.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{message}")]
-pub struct ProbeError {
+pub(crate) struct ProbeError {
     pub message: String,
     pub answered: bool,
 }
@@ -75,7 +75,7 @@ const PROBE_SQL: &str = "SELECT pg_is_in_recovery(),
     current_setting('synchronous_commit')";
 
 /// Probe one member over a fresh connection, bounded by `timeout` (a session used once).
-pub async fn probe(
+pub(crate) async fn probe(
     config: &Endpoint,
     shadow_name: &str,
     timeout: Duration,
@@ -107,7 +107,7 @@ use super::tls::Session;
 /// restarted server) is replaced by a fresh connection within the same probe; a probe that merely
 /// timed out keeps the session, so a slow answer never sets off a burst of new connections.
 #[derive(Default)]
-pub struct ProbeSession {
+pub(crate) struct ProbeSession {
     session: tokio::sync::Mutex<Option<Session>>,
 }
 
@@ -187,7 +187,7 @@ impl Probe {
 /// Whether a master that answered `p` acknowledges a commit only once a standby has it: a
 /// standby named in `synchronous_standby_names`, commits that wait for it, and (where this role
 /// may see it) one streaming in sync.
-pub fn durable(p: &Probe) -> bool {
+pub(crate) fn durable(p: &Probe) -> bool {
     let waits = matches!(
         p.synchronous_commit.as_str(),
         "on" | "remote_write" | "remote_apply"
@@ -196,7 +196,7 @@ pub fn durable(p: &Probe) -> bool {
 }
 
 /// The server's own words for an error, not just "db error".
-pub fn describe(e: &tokio_postgres::Error) -> String {
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {
         Some(db) => format!("{} ({})", db.message(), db.code().code()),
         None => match std::error::Error::source(e) {
@@ -228,14 +228,14 @@ pub async fn admin(config: &Endpoint, sql: &str, timeout: Duration) -> Result<()
     }
 }
 
-pub const FENCE_SQL: &str =
+pub(crate) const FENCE_SQL: &str =
     "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf();";
-pub const UNFENCE_SQL: &str =
+pub(crate) const UNFENCE_SQL: &str =
     "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf();";
 
 /// `synchronous_standby_names` that names exactly the shadow (quoted: the name is the
 /// application_name verbatim), or "" for asynchronous commits.
-pub fn sync_names_for(shadow_name: &str) -> String {
+pub(crate) fn sync_names_for(shadow_name: &str) -> String {
     format!("\"{}\"", shadow_name.replace('"', ""))
 }
 

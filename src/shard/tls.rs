@@ -14,9 +14,9 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 /// A server and the way to connect to it.
 #[derive(Clone)]
 pub struct Endpoint {
-    pub pg: tokio_postgres::Config,
+    pub(crate) pg: tokio_postgres::Config,
     pub tls: MakeRustlsConnect,
-    pub mode: TlsMode,
+    pub(crate) mode: TlsMode,
 }
 
 impl std::fmt::Debug for Endpoint {
@@ -28,7 +28,7 @@ impl std::fmt::Debug for Endpoint {
     }
 }
 
-pub type Session = (
+pub(crate) type Session = (
     tokio_postgres::Client,
     tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
 );
@@ -50,7 +50,7 @@ impl Endpoint {
 
     /// The first host and port it names (127.0.0.1 and 5432 when it names none): where a
     /// standby of this server connects.
-    pub fn host_port(&self) -> (String, u16) {
+    pub(crate) fn host_port(&self) -> (String, u16) {
         let host = match self.pg.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
             _ => "127.0.0.1".to_string(),
