@@ -122,6 +122,7 @@ pub fn start_cluster(groups: usize) -> LocalCluster {
         rand_u64() % 1_000_000
     ));
     let base = free_port_block(2 * groups as u16);
+    copy_template(&root, groups);
     let cluster =
         LocalCluster::open(&root, base, groups).expect("PostgreSQL binaries (run scripts/test)");
     cluster
@@ -150,6 +151,79 @@ pub fn start_cluster(groups: usize) -> LocalCluster {
         }
     }
     cluster
+}
+
+/// What a template is made of: a template made by another recipe is made again.
+fn template_recipe() -> String {
+    format!(
+        "seckill test template 1: {:?} {:?}",
+        tuning(),
+        seckill::local::PgBin::locate().map(|b| b.dir).ok()
+    )
+}
+
+/// A template cluster folder: one group, its master initialised with the engine's role and
+/// database and its shadow streaming from it, both stopped cleanly. Made once (by whichever test
+/// binary asks first; the others wait on a file lock) and copied into every test cluster: initdb,
+/// the database and the base backup cost seconds of CPU a cluster, a copy a fraction of one. The
+/// copy starts the way `seckill dev` starts a folder it finds (one master, its shadow following).
+fn template() -> &'static std::path::Path {
+    static TEMPLATE: OnceLock<std::path::PathBuf> = OnceLock::new();
+    TEMPLATE.get_or_init(|| {
+        let dir = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("cluster-template");
+        let lock = std::fs::File::create(dir.with_extension("lock")).expect("template lock file");
+        // SAFETY: flock(2) on a file descriptor this function owns; released when `lock` drops.
+        assert_eq!(
+            unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) },
+            0,
+            "template lock"
+        );
+        let recipe = template_recipe();
+        let ready = dir.join("ready");
+        if std::fs::read_to_string(&ready).ok().as_deref() != Some(recipe.as_str()) {
+            let _ = std::fs::remove_dir_all(&dir);
+            let made = LocalCluster::open(&dir, free_port_block(2), 1)
+                .expect("PostgreSQL binaries (run scripts/test)");
+            made.ensure_running(&tuning())
+                .expect("template cluster starts");
+            made.stop_all("fast");
+            std::fs::write(&ready, &recipe).expect("template marker");
+        }
+        drop(lock);
+        dir
+    })
+}
+
+/// Fill a new cluster folder for `groups` groups from the template (`cp -a`: the data
+/// directories keep their owner and modes).
+fn copy_template(root: &std::path::Path, groups: usize) {
+    let template = template();
+    let cp = |from: std::path::PathBuf, to: std::path::PathBuf| {
+        let out = std::process::Command::new("cp")
+            .arg("-a")
+            .arg(&from)
+            .arg(&to)
+            .output()
+            .expect("cp runs");
+        assert!(
+            out.status.success(),
+            "cp -a {} {}: {}",
+            from.display(),
+            to.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::create_dir_all(root).expect("cluster folder");
+    for entry in [".seckill-cluster", "secrets"] {
+        cp(template.join(entry), root.join(entry));
+    }
+    for g in 0..groups {
+        for member in ["a", "b"] {
+            let to = root.join(format!("g{g}-{member}"));
+            cp(template.join(format!("g0-{member}")), to.clone());
+            let _ = std::fs::remove_file(to.join("server.log"));
+        }
+    }
 }
 
 /// A cluster of a test's own (it kills servers, or needs a fresh database), stopped and removed
