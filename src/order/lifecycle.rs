@@ -9,9 +9,7 @@ impl OrderService {
         order_id: Uuid,
     ) -> Result<Option<Order>, OrderError> {
         Ok(self
-            .cluster
-            .group(self.router.user_group(user))
-            .run(Work::Read, self.timeout, async |c| {
+            .on_user(user, Work::Read, async |c| {
                 store::get_order(c, user, order_id).await
             })
             .await?)
@@ -24,9 +22,7 @@ impl OrderService {
         order_id: Uuid,
     ) -> Result<Option<Order>, OrderError> {
         Ok(self
-            .cluster
-            .group(self.router.user_group(user))
-            .run(Work::Settle, self.timeout, async |c| {
+            .on_user(user, Work::Settle, async |c| {
                 store::get_order_durable(c, user, order_id).await
             })
             .await?)
@@ -48,9 +44,7 @@ impl OrderService {
         limit: i64,
     ) -> Result<Vec<Order>, OrderError> {
         Ok(self
-            .cluster
-            .group(self.router.user_group(user))
-            .run(Work::Read, self.timeout, async |c| {
+            .on_user(user, Work::Read, async |c| {
                 store::list_orders(c, user, limit).await
             })
             .await?)
@@ -113,9 +107,7 @@ impl OrderService {
         } else if settled.payment.state == payments::PaymentState::Applied {
             let order_id = order.order_id;
             let follow = self
-                .cluster
-                .group(self.router.item_group(item))
-                .run(Work::Settle, self.timeout, async |c| {
+                .on_item(item, Work::Settle, async |c| {
                     reservations::advance_reservations(
                         c,
                         &[order_id],

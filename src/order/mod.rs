@@ -229,6 +229,28 @@ impl OrderService {
         *last = Some(std::time::Instant::now());
     }
 
+    /// Run `work` on the user's group, as routed now.
+    async fn on_user<T>(
+        &self,
+        user: UserId,
+        kind: Work,
+        work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, DbError>,
+    ) -> Result<T, GroupError> {
+        let group = self.cluster.group(self.router.user_group(user));
+        group.run(kind, self.timeout, work).await
+    }
+
+    /// Run `work` on the item's group, as routed now.
+    async fn on_item<T>(
+        &self,
+        item: ItemId,
+        kind: Work,
+        work: impl AsyncFnOnce(&mut deadpool_postgres::Object) -> Result<T, DbError>,
+    ) -> Result<T, GroupError> {
+        let group = self.cluster.group(self.router.item_group(item));
+        group.run(kind, self.timeout, work).await
+    }
+
     /// Work on a user's group that a move may fence ([`DbError::Moving`]): retried on the user's
     /// route as re-read, for up to [`FENCE_WAIT`].
     async fn on_user_group<T, Fut>(

@@ -85,10 +85,9 @@ impl OrderService {
         req: &BuyRequest,
         txn_id: Uuid,
     ) -> Result<Result<Reserved, Refusal>, OrderError> {
-        let group = self.cluster.group(self.router.item_group(req.item));
         let resumable = req.request_id.is_some();
-        let (outcome, remaining) = group
-            .run(Work::Reserve, self.timeout, async |c| {
+        let (outcome, remaining) = self
+            .on_item(req.item, Work::Reserve, async |c| {
                 reservations::reserve_one(
                     c,
                     req.sale,
