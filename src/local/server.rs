@@ -372,18 +372,7 @@ impl LocalServer {
 
     /// Stop: `fast` rolls back sessions and shuts down cleanly; `immediate` is a crash-like stop.
     pub(crate) fn stop(&self, mode: &str) -> Result<(), LocalError> {
-        if !self.is_running() {
-            return Ok(());
-        }
-        run(
-            &format!("stopping {}", self.name),
-            self.cmd("pg_ctl")
-                .arg("stop")
-                .arg("-D")
-                .arg(&self.data_dir)
-                .args(["-m", mode, "-w", "-t", "60"]),
-        )?;
-        Ok(())
+        self.stop_within(mode, 60)
     }
 
     /// Run SQL through psql as the superuser, returning its unaligned output.
