@@ -77,6 +77,15 @@ fn claim_ports(base: u16, n: u16) -> bool {
     if std::fs::create_dir_all(&dir).is_err() {
         return false;
     }
+    // One claimer at a time across processes, so that taking over a stale claim (remove, then
+    // create) cannot race another process doing the same. Released when `lock` drops.
+    let Ok(lock) = std::fs::File::create(dir.join(".lock")) else {
+        return false;
+    };
+    // SAFETY: flock(2) on a file descriptor this function owns.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return false;
+    }
     let me = std::process::id();
     let claim = |port: u16| {
         let path = dir.join(port.to_string());
@@ -97,11 +106,11 @@ fn claim_ports(base: u16, n: u16) -> bool {
         let alive = holder.is_some_and(|pid| unsafe { libc::kill(pid, 0) } == 0);
         !alive && std::fs::remove_file(&path).is_ok() && create().is_ok()
     };
-    let mut claimed = Vec::new();
+    let mut claimed: Vec<u16> = Vec::new();
     for port in base..base + n {
         if !claim(port) {
             for p in claimed {
-                let _ = std::fs::remove_file(dir.join(format!("{p}")));
+                let _ = std::fs::remove_file(dir.join(p.to_string()));
             }
             return false;
         }
