@@ -102,13 +102,25 @@ impl GroupState {
 
     /// Remember whether the master, when it last answered, committed synchronously to a
     /// streaming shadow: only then does the shadow hold every acknowledged order.
+    ///
+    /// A master that names the shadow but has no streaming walsender this round proves nothing
+    /// either way, and leaves the last view as it was: its commits wait for the shadow, so none
+    /// is acknowledged without it. That is what a master's last answer looks like when it is
+    /// killed: a SIGKILLed postmaster's walsender exits at once, while the orphaned backend of
+    /// the probe session may still answer one last probe. Taken as "asynchronous", that answer
+    /// refused every promotion after it, and the group stayed without a master.
     fn note_master(&mut self, seen: &[Seen], shadow_name: &str) {
-        if let Some(p) = seen.iter().find_map(|s| match s {
+        let Some(p) = seen.iter().find_map(|s| match s {
             Seen::Up(p) if p.writable() => Some(p),
             _ => None,
-        }) {
-            self.master_was_synchronous =
-                Some(p.standby_lag.is_some() && p.sync_names == sync_names_for(shadow_name));
+        }) else {
+            return;
+        };
+        let names_the_shadow = p.sync_names == sync_names_for(shadow_name) && p.commits_wait();
+        if !names_the_shadow {
+            self.master_was_synchronous = Some(false);
+        } else if p.standby_lag.is_some() {
+            self.master_was_synchronous = Some(true);
         }
     }
 }
@@ -693,6 +705,34 @@ mod tests {
         assert_eq!(decide(&o, &degrade).promote, Some(1));
         o.master_was_synchronous = Some(true);
         assert_eq!(decide(&o, &cfg()).promote, Some(1));
+    }
+
+    #[test]
+    fn a_master_whose_walsender_is_gone_keeps_its_synchronous_record() {
+        let master = |streaming: bool, names: &str| match up(false, 1) {
+            Seen::Up(mut p) => {
+                p.standby_lag = streaming.then_some(0);
+                p.sync_names = names.to_string();
+                p.synchronous_commit = "on".to_string();
+                vec![Seen::Up(p), up(true, 1)]
+            }
+            _ => unreachable!(),
+        };
+        let named = sync_names_for("shadow");
+        let mut state = GroupState::default();
+        state.note_master(&master(true, &named), "shadow");
+        assert_eq!(state.master_was_synchronous, Some(true));
+        // Its last answer, killed: the walsender already gone, the names still set.
+        state.note_master(&master(false, &named), "shadow");
+        assert_eq!(state.master_was_synchronous, Some(true));
+        // Not naming the shadow: its commits were acknowledged without it.
+        state.note_master(&master(true, ""), "shadow");
+        assert_eq!(state.master_was_synchronous, Some(false));
+        // Naming it again, but not yet streamed from since: still unproven.
+        state.note_master(&master(false, &named), "shadow");
+        assert_eq!(state.master_was_synchronous, Some(false));
+        state.note_master(&master(true, &named), "shadow");
+        assert_eq!(state.master_was_synchronous, Some(true));
     }
 
     #[test]

@@ -182,17 +182,24 @@ impl Probe {
     pub(super) fn writable(&self) -> bool {
         !self.in_recovery && !self.fenced
     }
+
+    /// Whether a commit waits for the standbys `synchronous_standby_names` names.
+    pub(super) fn commits_wait(&self) -> bool {
+        matches!(
+            self.synchronous_commit.as_str(),
+            "on" | "remote_write" | "remote_apply"
+        )
+    }
 }
 
 /// Whether a master that answered `p` acknowledges a commit only once a standby has it: a
 /// standby named in `synchronous_standby_names`, commits that wait for it, and (where this role
 /// may see it) one streaming in sync.
 pub(crate) fn durable(p: &Probe) -> bool {
-    let waits = matches!(
-        p.synchronous_commit.as_str(),
-        "on" | "remote_write" | "remote_apply"
-    );
-    !p.in_recovery && waits && !p.sync_names.trim().is_empty() && p.sync_streaming != Some(false)
+    !p.in_recovery
+        && p.commits_wait()
+        && !p.sync_names.trim().is_empty()
+        && p.sync_streaming != Some(false)
 }
 
 /// The server's own words for an error, not just "db error".
