@@ -159,3 +159,212 @@ pub(crate) fn decide(obs: &Observations, config: &FailoverConfig) -> Action {
         ..Default::default()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> FailoverConfig {
+        FailoverConfig::default()
+    }
+
+    fn up(recovery: bool, timeline: i64) -> Seen {
+        Seen::Up(Probe::answering(recovery, timeline))
+    }
+
+    fn obs(seen: Vec<Seen>, writer: Option<usize>, lost: Vec<bool>) -> Observations {
+        let term = seen
+            .iter()
+            .filter_map(|s| match s {
+                Seen::Up(p) => Some(p.timeline),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        Observations {
+            last_timeline: vec![Some(1); seen.len()],
+            term,
+            seen,
+            writer,
+            lost_master: lost,
+            master_was_synchronous: None,
+        }
+    }
+
+    #[test]
+    fn healthy_group_keeps_its_master() {
+        let a = decide(
+            &obs(vec![up(false, 1), up(true, 1)], Some(0), vec![false; 2]),
+            &cfg(),
+        );
+        assert_eq!(a.writer, Some(0));
+        assert_eq!(a.promote, None);
+        assert!(a.fence.is_empty());
+    }
+
+    #[test]
+    fn old_master_on_older_timeline_is_fenced() {
+        let a = decide(
+            &obs(vec![up(false, 1), up(false, 2)], Some(0), vec![false; 2]),
+            &cfg(),
+        );
+        assert_eq!(a.writer, Some(1));
+        assert_eq!(a.fence, vec![0]);
+    }
+
+    /// The newer master's probe goes unanswered for one round while the old master, writable on
+    /// an older timeline (external mode never fences it), answers: writes must not go back to it.
+    #[test]
+    fn one_missed_probe_never_sends_writes_to_an_old_master() {
+        for mode in [FailoverMode::Builtin, FailoverMode::External] {
+            let config = FailoverConfig { mode, ..cfg() };
+            let mut o = obs(
+                vec![up(false, 1), Seen::Silent { rounds: 1 }],
+                Some(1),
+                vec![false; 2],
+            );
+            o.last_timeline = vec![Some(1), Some(2)];
+            o.term = 2;
+            let a = decide(&o, &config);
+            assert_ne!(
+                a.writer,
+                Some(0),
+                "{mode:?}: the old master is never written to"
+            );
+            assert_eq!(a.promote, None);
+            assert_eq!(
+                a.fence,
+                if mode == FailoverMode::Builtin {
+                    vec![0]
+                } else {
+                    vec![]
+                },
+                "{mode:?}"
+            );
+            // Also when this node has no writer yet (it just started, or lost it).
+            o.writer = None;
+            assert_eq!(decide(&o, &config).writer, None, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn external_mode_never_fences_or_promotes() {
+        let ext = FailoverConfig {
+            mode: FailoverMode::External,
+            ..cfg()
+        };
+        let a = decide(
+            &obs(vec![up(false, 1), up(false, 2)], Some(0), vec![false; 2]),
+            &ext,
+        );
+        assert_eq!((a.writer, a.fence.len()), (Some(1), 0));
+        let dead = obs(
+            vec![Seen::Silent { rounds: 9 }, up(true, 1)],
+            Some(0),
+            vec![false, true],
+        );
+        let a = decide(&dead, &ext);
+        assert_eq!((a.writer, a.promote), (None, None));
+    }
+
+    #[test]
+    fn one_silent_round_changes_nothing() {
+        let a = decide(
+            &obs(
+                vec![Seen::Silent { rounds: 1 }, up(true, 1)],
+                Some(0),
+                vec![false, true],
+            ),
+            &cfg(),
+        );
+        assert_eq!(
+            a.writer,
+            Some(0),
+            "the writer stays until the master is dead long enough"
+        );
+        assert_eq!(a.promote, None);
+    }
+
+    #[test]
+    fn a_busy_master_is_alive() {
+        let a = decide(
+            &obs(vec![Seen::Busy, up(true, 1)], Some(0), vec![false, true]),
+            &cfg(),
+        );
+        assert_eq!((a.writer, a.promote), (Some(0), None));
+    }
+
+    #[test]
+    fn dead_master_and_lost_shadow_promote() {
+        let a = decide(
+            &obs(
+                vec![Seen::Silent { rounds: 3 }, up(true, 1)],
+                Some(0),
+                vec![false, true],
+            ),
+            &cfg(),
+        );
+        assert_eq!((a.writer, a.promote), (None, Some(1)));
+    }
+
+    #[test]
+    fn shadow_that_still_hears_the_master_is_not_promoted() {
+        let a = decide(
+            &obs(
+                vec![Seen::Silent { rounds: 5 }, up(true, 1)],
+                Some(0),
+                vec![false, false],
+            ),
+            &cfg(),
+        );
+        assert_eq!((a.writer, a.promote), (None, None));
+        assert_eq!(a.note, Some(Note::ShadowStillHearsMaster));
+    }
+
+    #[test]
+    fn a_shadow_of_an_asynchronous_master_is_not_promoted_under_block() {
+        let mut o = obs(
+            vec![Seen::Silent { rounds: 3 }, up(true, 1)],
+            Some(0),
+            vec![false, true],
+        );
+        o.master_was_synchronous = Some(false);
+        let a = decide(&o, &cfg());
+        assert_eq!((a.writer, a.promote), (None, None));
+        assert_eq!(a.note, Some(Note::MasterWasAsynchronous));
+        // Under degrade, availability was chosen: promote.
+        let degrade = FailoverConfig {
+            shadow_loss: ShadowLossPolicy::Degrade,
+            ..cfg()
+        };
+        assert_eq!(decide(&o, &degrade).promote, Some(1));
+        o.master_was_synchronous = Some(true);
+        assert_eq!(decide(&o, &cfg()).promote, Some(1));
+    }
+
+    #[test]
+    fn disabled_failover_only_drops_the_writer() {
+        let off = FailoverConfig {
+            enabled: false,
+            ..cfg()
+        };
+        let a = decide(
+            &obs(
+                vec![Seen::Silent { rounds: 5 }, up(true, 1)],
+                Some(0),
+                vec![false, true],
+            ),
+            &off,
+        );
+        assert_eq!((a.writer, a.promote), (None, None));
+    }
+
+    #[test]
+    fn writer_answering_as_standby_is_dropped_at_once() {
+        let a = decide(
+            &obs(vec![up(true, 1), up(true, 1)], Some(0), vec![false; 2]),
+            &cfg(),
+        );
+        assert_eq!(a.writer, None);
+    }
+}

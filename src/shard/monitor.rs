@@ -465,38 +465,7 @@ mod tests {
     use super::*;
 
     fn up(recovery: bool, timeline: i64) -> Seen {
-        Seen::Up(Probe {
-            in_recovery: recovery,
-            timeline,
-            fenced: false,
-            standby_lag: None,
-            sync_names: String::new(),
-            receipt_age_ms: None,
-            receiver_hidden: false,
-            wal_receiver_timeout_ms: 0,
-            wal_sender_timeout_ms: 0,
-            sync_streaming: Some(false),
-            synchronous_commit: "on".into(),
-        })
-    }
-
-    fn obs(seen: Vec<Seen>, writer: Option<usize>, lost: Vec<bool>) -> Observations {
-        let term = seen
-            .iter()
-            .filter_map(|s| match s {
-                Seen::Up(p) => Some(p.timeline),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
-        Observations {
-            last_timeline: vec![Some(1); seen.len()],
-            term,
-            seen,
-            writer,
-            lost_master: lost,
-            master_was_synchronous: None,
-        }
+        Seen::Up(Probe::answering(recovery, timeline))
     }
 
     fn cfg() -> FailoverConfig {
@@ -504,92 +473,9 @@ mod tests {
     }
 
     #[test]
-    fn healthy_group_keeps_its_master() {
-        let a = decide(
-            &obs(vec![up(false, 1), up(true, 1)], Some(0), vec![false; 2]),
-            &cfg(),
-        );
-        assert_eq!(a.writer, Some(0));
-        assert_eq!(a.promote, None);
-        assert!(a.fence.is_empty());
-    }
-
-    #[test]
-    fn old_master_on_older_timeline_is_fenced() {
-        let a = decide(
-            &obs(vec![up(false, 1), up(false, 2)], Some(0), vec![false; 2]),
-            &cfg(),
-        );
-        assert_eq!(a.writer, Some(1));
-        assert_eq!(a.fence, vec![0]);
-    }
-
-    /// The newer master's probe goes unanswered for one round while the old master, writable on
-    /// an older timeline (external mode never fences it), answers: writes must not go back to it.
-    #[test]
-    fn one_missed_probe_never_sends_writes_to_an_old_master() {
-        for mode in [FailoverMode::Builtin, FailoverMode::External] {
-            let config = FailoverConfig { mode, ..cfg() };
-            let mut o = obs(
-                vec![up(false, 1), Seen::Silent { rounds: 1 }],
-                Some(1),
-                vec![false; 2],
-            );
-            o.last_timeline = vec![Some(1), Some(2)];
-            o.term = 2;
-            let a = decide(&o, &config);
-            assert_ne!(
-                a.writer,
-                Some(0),
-                "{mode:?}: the old master is never written to"
-            );
-            assert_eq!(a.promote, None);
-            assert_eq!(
-                a.fence,
-                if mode == FailoverMode::Builtin {
-                    vec![0]
-                } else {
-                    vec![]
-                },
-                "{mode:?}"
-            );
-            // Also when this node has no writer yet (it just started, or lost it).
-            o.writer = None;
-            assert_eq!(decide(&o, &config).writer, None, "{mode:?}");
-        }
-    }
-
-    #[test]
-    fn durable_needs_a_synchronous_streaming_standby_and_waiting_commits() {
-        let master = |names: &str, streaming: Option<bool>, commit: &str| Probe {
-            sync_names: names.into(),
-            sync_streaming: streaming,
-            synchronous_commit: commit.into(),
-            ..match up(false, 1) {
-                Seen::Up(p) => p,
-                _ => unreachable!(),
-            }
-        };
-        assert!(durable(&master("\"shadow\"", Some(true), "on")));
-        assert!(
-            durable(&master("pb", None, "on")),
-            "walsenders hidden from this role: the setting decides (commits wait)"
-        );
-        assert!(!durable(&master("", Some(true), "on")), "asynchronous");
-        assert!(
-            !durable(&master("\"shadow\"", Some(false), "on")),
-            "no standby streams"
-        );
-        assert!(!durable(&master("\"shadow\"", Some(true), "local")));
-    }
-
-    #[test]
     fn under_block_a_master_without_a_shadow_stays_synchronous() {
         let mut state = GroupState::default();
-        let promoted = match up(false, 2) {
-            Seen::Up(p) => p,
-            _ => unreachable!(),
-        };
+        let promoted = Probe::answering(false, 2);
         assert_eq!(
             desired_sync_names(&promoted, &cfg(), &mut state, true),
             Some(sync_names_for("shadow")),
@@ -613,110 +499,14 @@ mod tests {
     }
 
     #[test]
-    fn external_mode_never_fences_or_promotes() {
-        let ext = FailoverConfig {
-            mode: FailoverMode::External,
-            ..cfg()
-        };
-        let a = decide(
-            &obs(vec![up(false, 1), up(false, 2)], Some(0), vec![false; 2]),
-            &ext,
-        );
-        assert_eq!((a.writer, a.fence.len()), (Some(1), 0));
-        let dead = obs(
-            vec![Seen::Silent { rounds: 9 }, up(true, 1)],
-            Some(0),
-            vec![false, true],
-        );
-        let a = decide(&dead, &ext);
-        assert_eq!((a.writer, a.promote), (None, None));
-    }
-
-    #[test]
-    fn one_silent_round_changes_nothing() {
-        let a = decide(
-            &obs(
-                vec![Seen::Silent { rounds: 1 }, up(true, 1)],
-                Some(0),
-                vec![false, true],
-            ),
-            &cfg(),
-        );
-        assert_eq!(
-            a.writer,
-            Some(0),
-            "the writer stays until the master is dead long enough"
-        );
-        assert_eq!(a.promote, None);
-    }
-
-    #[test]
-    fn a_busy_master_is_alive() {
-        let a = decide(
-            &obs(vec![Seen::Busy, up(true, 1)], Some(0), vec![false, true]),
-            &cfg(),
-        );
-        assert_eq!((a.writer, a.promote), (Some(0), None));
-    }
-
-    #[test]
-    fn dead_master_and_lost_shadow_promote() {
-        let a = decide(
-            &obs(
-                vec![Seen::Silent { rounds: 3 }, up(true, 1)],
-                Some(0),
-                vec![false, true],
-            ),
-            &cfg(),
-        );
-        assert_eq!((a.writer, a.promote), (None, Some(1)));
-    }
-
-    #[test]
-    fn shadow_that_still_hears_the_master_is_not_promoted() {
-        let a = decide(
-            &obs(
-                vec![Seen::Silent { rounds: 5 }, up(true, 1)],
-                Some(0),
-                vec![false, false],
-            ),
-            &cfg(),
-        );
-        assert_eq!((a.writer, a.promote), (None, None));
-        assert_eq!(a.note, Some(Note::ShadowStillHearsMaster));
-    }
-
-    #[test]
-    fn a_shadow_of_an_asynchronous_master_is_not_promoted_under_block() {
-        let mut o = obs(
-            vec![Seen::Silent { rounds: 3 }, up(true, 1)],
-            Some(0),
-            vec![false, true],
-        );
-        o.master_was_synchronous = Some(false);
-        let a = decide(&o, &cfg());
-        assert_eq!((a.writer, a.promote), (None, None));
-        assert_eq!(a.note, Some(Note::MasterWasAsynchronous));
-        // Under degrade, availability was chosen: promote.
-        let degrade = FailoverConfig {
-            shadow_loss: ShadowLossPolicy::Degrade,
-            ..cfg()
-        };
-        assert_eq!(decide(&o, &degrade).promote, Some(1));
-        o.master_was_synchronous = Some(true);
-        assert_eq!(decide(&o, &cfg()).promote, Some(1));
-    }
-
-    #[test]
     fn a_master_whose_walsender_is_gone_keeps_its_synchronous_record() {
-        let master = |streaming: bool, names: &str| match up(false, 1) {
-            Seen::Up(mut p) => {
-                p.standby_lag = streaming.then_some(0);
-                p.sync_names = names.to_string();
-                p.synchronous_commit = "on".to_string();
-                vec![Seen::Up(p), up(true, 1)]
-            }
-            _ => unreachable!(),
+        let master = |streaming: bool, names: &str| {
+            let p = Probe {
+                standby_lag: streaming.then_some(0),
+                sync_names: names.to_string(),
+                ..Probe::answering(false, 1)
+            };
+            vec![Seen::Up(p), up(true, 1)]
         };
         let named = sync_names_for("shadow");
         let mut state = GroupState::default();
@@ -751,32 +541,6 @@ mod tests {
     }
 
     #[test]
-    fn disabled_failover_only_drops_the_writer() {
-        let off = FailoverConfig {
-            enabled: false,
-            ..cfg()
-        };
-        let a = decide(
-            &obs(
-                vec![Seen::Silent { rounds: 5 }, up(true, 1)],
-                Some(0),
-                vec![false, true],
-            ),
-            &off,
-        );
-        assert_eq!((a.writer, a.promote), (None, None));
-    }
-
-    #[test]
-    fn writer_answering_as_standby_is_dropped_at_once() {
-        let a = decide(
-            &obs(vec![up(true, 1), up(true, 1)], Some(0), vec![false; 2]),
-            &cfg(),
-        );
-        assert_eq!(a.writer, None);
-    }
-
-    #[test]
     fn a_restarting_receiver_is_not_lost_until_the_stream_timeout() {
         let mut state = GroupState::default();
         let no_stream = vec![up(false, 1), up(true, 1)];
@@ -791,10 +555,7 @@ mod tests {
             vec![false, true]
         );
         // Streaming again with a fresh message: heard.
-        let mut fresh = match up(true, 1) {
-            Seen::Up(p) => p,
-            _ => unreachable!(),
-        };
+        let mut fresh = Probe::answering(true, 1);
         fresh.receipt_age_ms = Some(0);
         let streaming = vec![up(false, 1), Seen::Up(fresh)];
         assert_eq!(

@@ -179,6 +179,25 @@ impl Probe {
         }
     }
 
+    /// A test's member that answered: in recovery or not, on `timeline`, nothing else set (no
+    /// standby named, none streaming, commits that wait).
+    #[cfg(test)]
+    pub(crate) fn answering(in_recovery: bool, timeline: i64) -> Self {
+        Probe {
+            in_recovery,
+            timeline,
+            fenced: false,
+            standby_lag: None,
+            sync_names: String::new(),
+            receipt_age_ms: None,
+            receiver_hidden: false,
+            wal_receiver_timeout_ms: 0,
+            wal_sender_timeout_ms: 0,
+            sync_streaming: Some(false),
+            synchronous_commit: "on".into(),
+        }
+    }
+
     pub(super) fn writable(&self) -> bool {
         !self.in_recovery && !self.fenced
     }
@@ -274,4 +293,30 @@ pub async fn promote(config: &Endpoint, timeout: Duration, sync_names: &str) -> 
         sync_sql(sync_names)
     );
     admin(config, &setup, timeout).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_needs_a_synchronous_streaming_standby_and_waiting_commits() {
+        let master = |names: &str, streaming: Option<bool>, commit: &str| Probe {
+            sync_names: names.into(),
+            sync_streaming: streaming,
+            synchronous_commit: commit.into(),
+            ..Probe::answering(false, 1)
+        };
+        assert!(durable(&master("\"shadow\"", Some(true), "on")));
+        assert!(
+            durable(&master("pb", None, "on")),
+            "walsenders hidden from this role: the setting decides (commits wait)"
+        );
+        assert!(!durable(&master("", Some(true), "on")), "asynchronous");
+        assert!(
+            !durable(&master("\"shadow\"", Some(false), "on")),
+            "no standby streams"
+        );
+        assert!(!durable(&master("\"shadow\"", Some(true), "local")));
+    }
 }

@@ -29,6 +29,8 @@ async fn item_audit(app: &TestApp, sale: u64) -> serde_json::Value {
 /// Buyers who send a purchase and hang up at once: every unit ends as an order or back in stock
 /// within seconds, never as a reservation that nobody finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// Long on purpose: one scenario (hang-ups in rounds, the settling, the stock and the orders
+// counted), run once per coalescing mode; split, it would no longer read as one story.
 async fn clients_that_send_and_close_strand_no_stock() {
     for coalesce in [true, false] {
         let app = Arc::new(spawn_app_with(|c| c.coalesce.enabled = coalesce).await);
