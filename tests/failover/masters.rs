@@ -1,5 +1,6 @@
 //! A master killed or frozen mid-sale, a planned switchover, a node cut off from a live master,
-//! two engine nodes following one failover, and the stock of cancels and expiries across it.
+//! two engine nodes following one failover, the stock of cancels and expiries across it, and a
+//! master whose stream to its shadow ended before it died.
 
 use super::*;
 
@@ -307,4 +308,88 @@ async fn stock_of_cancels_and_expiries_during_a_failover_comes_back() {
         .get(&format!("/v1/users/{user}/orders/{}", ids[1]))
         .await;
     assert_eq!(expired.body["status"], "expired");
+}
+
+/// A master whose shadow's stream had already ended when it died: the shadow frozen until the
+/// master's walsender gave up on it (its last answers show no shadow streaming, but it still
+/// named the shadow and its commits waited, so it acknowledged nothing alone), then the master
+/// SIGKILLed and the shadow thawed. The shadow is promoted; the old master, rejoined by hand, is
+/// its shadow; a second node joins, and the order acknowledged before the faults is on both.
+/// (A killed master's orphaned session can answer one more probe after its walsender is gone:
+/// the monitor once read that as "asynchronous" and refused the promotion for ever.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_master_whose_stream_ended_before_it_died_is_still_failed_over() {
+    let cluster = own_cluster();
+    let group = &cluster.0.groups[0];
+    // No healer on this node: it would kill the frozen shadow after a second.
+    let app = engine_without_healer(&cluster.0).await;
+    let item = fresh_item();
+    let sale = app
+        .create_sale(json!([{"item_id": item, "stock": 10, "price_cents": 1}]))
+        .await;
+    let user = fresh_item();
+    let r = app.buy(sale, item, user, 1, None).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    let order = r.body["order_id"].as_str().unwrap().to_string();
+
+    group.shadow.freeze().expect("SIGSTOP the shadow");
+    let streaming = "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'";
+    let stream_gone = eventually(Duration::from_secs(30), || {
+        let master = group.master.clone();
+        async move { master.psql("seckill", streaming).is_ok_and(|n| n == "0") }
+    })
+    .await;
+    assert!(
+        stream_gone,
+        "the master's walsender gives up on a frozen shadow"
+    );
+    // Let the monitor see the master without its stream for a few probes (100 ms apart).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    group.master.kill9().expect("kill -9 the master");
+    group.shadow.thaw().expect("SIGCONT the shadow");
+
+    let promoted = group.shadow.port.to_string();
+    let state = app.state.clone();
+    assert!(
+        wait_for(OUTAGE_BOUND, || writer_of(&state)
+            .is_some_and(|e| e.ends_with(&promoted)))
+        .await,
+        "the shadow is promoted: {:?}",
+        app.state.cluster.group(0).status()
+    );
+    assert_eq!(app.state.cluster.group(0).failovers(), 1);
+
+    // By hand, as without a healer: the old master restarted (fenced on its old timeline), then
+    // rewound into the shadow (`seckill group rejoin`); a second node, with the healer, joins.
+    group.master.start().expect("restart the old master");
+    seckill::local::rejoin::rejoin(
+        &app.state.cluster,
+        "g0",
+        &group.master.data_dir,
+        Some(group.master.port),
+    )
+    .await
+    .expect("rejoin");
+    until_whole(&app, 0, HEAL_BOUND).await;
+    let healer = engine(&cluster.0).await;
+    until_whole(&healer, 0, HEAL_BOUND).await;
+    assert_eq!(
+        group
+            .master
+            .psql("seckill", "SELECT pg_is_in_recovery()")
+            .unwrap(),
+        "t",
+        "the old master is the shadow now"
+    );
+    for node in [&app, &healer] {
+        let r = node.get(&format!("/v1/users/{user}/orders/{order}")).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "the order acknowledged before the faults"
+        );
+        let r = node.buy(sale, item, fresh_item(), 1, None).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{:?}", r.body);
+    }
+    assert_eq!(app.remaining(sale, item).await, 7);
 }
