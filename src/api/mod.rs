@@ -162,22 +162,22 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        // One middleware for what every request crosses (its id, span, metrics and deadline):
+        // each `from_fn` layer boxes the request's future and the service under it.
         .layer(axum::middleware::from_fn(move |req, next| {
-            within(deadline, req, next)
+            observe::observe(deadline, req, next)
         }))
-        .layer(axum::middleware::from_fn(observe::observe))
         .with_state(state)
 }
 
 /// A whole request, body included, is answered within `server.http_timeout_ms`. A purchase that
 /// is still under way when the time is up goes on (it is a task of the order service); the client
 /// learns to retry it with the same request_id.
-async fn within(
+pub(crate) async fn within(
     limit: std::time::Duration,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
+    answer: impl std::future::Future<Output = Response>,
 ) -> Response {
-    match tokio::time::timeout(limit, next.run(req)).await {
+    match tokio::time::timeout(limit, answer).await {
         Ok(resp) => resp,
         Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,

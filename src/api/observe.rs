@@ -13,7 +13,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tracing::Instrument;
 
 pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -108,8 +108,9 @@ fn route_metrics(method: &Method, route: &str) -> Arc<RouteMetrics> {
     made
 }
 
-/// Request id, span and HTTP metrics for one request (module docs).
-pub(crate) async fn observe(req: Request, next: Next) -> Response {
+/// Request id, span, HTTP metrics and the deadline ([`super::within`]) of one request (module
+/// docs).
+pub(crate) async fn observe(deadline: Duration, req: Request, next: Next) -> Response {
     let id = request_id(&req);
     // The route template, never the concrete path (no ids in labels).
     let route = req
@@ -126,7 +127,7 @@ pub(crate) async fn observe(req: Request, next: Next) -> Response {
     m.active.increment(1.0);
     let started = Instant::now();
     let mut resp = REQUEST_ID
-        .scope(id.clone(), next.run(req))
+        .scope(id.clone(), super::within(deadline, next.run(req)))
         .instrument(span.clone())
         .await;
     m.active.decrement(1.0);
@@ -136,15 +137,14 @@ pub(crate) async fn observe(req: Request, next: Next) -> Response {
     // log at the default level. The causes of server errors are logged at warn where they are
     // known (api::error), inside this span, so they carry the request id all the same. The
     // status and code are not recorded in the span: formatting them cost every answer.
-    span.in_scope(|| {
-        let code = resp.extensions().get::<Code>().map(|c| c.as_str());
-        tracing::debug!(
-            status,
-            code,
-            elapsed_ms = elapsed.as_millis() as u64,
-            "request done"
-        )
-    });
+    // The span as the event's parent, not entered: nothing to do when debug is off.
+    tracing::debug!(
+        parent: &span,
+        status,
+        code = resp.extensions().get::<Code>().map(|c| c.as_str()),
+        elapsed_ms = elapsed.as_millis() as u64,
+        "request done"
+    );
     m.record(status, elapsed.as_secs_f64());
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
