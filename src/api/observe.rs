@@ -137,14 +137,20 @@ pub(crate) async fn observe(deadline: Duration, req: Request, next: Next) -> Res
     // log at the default level. The causes of server errors are logged at warn where they are
     // known (api::error), inside this span, so they carry the request id all the same. The
     // status and code are not recorded in the span: formatting them cost every answer.
-    // The span as the event's parent, not entered: nothing to do when debug is off.
-    tracing::debug!(
-        parent: &span,
-        status,
-        code = resp.extensions().get::<Code>().map(|c| c.as_str()),
-        elapsed_ms = elapsed.as_millis() as u64,
-        "request done"
-    );
+    // Entered, not named as the event's parent: the JSON log lists the entered spans only. Not
+    // entered at all when no debug line can be logged anywhere (the filter's most verbose level,
+    // the same check the macro makes first).
+    if tracing::Level::DEBUG <= tracing::level_filters::LevelFilter::current() {
+        span.in_scope(|| {
+            let code = resp.extensions().get::<Code>().map(|c| c.as_str());
+            tracing::debug!(
+                status,
+                code,
+                elapsed_ms = elapsed.as_millis() as u64,
+                "request done"
+            )
+        });
+    }
     m.record(status, elapsed.as_secs_f64());
     if let Ok(v) = HeaderValue::from_str(&id) {
         resp.headers_mut().insert(REQUEST_ID_HEADER, v);
