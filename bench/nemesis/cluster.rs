@@ -327,7 +327,22 @@ pub async fn deal(fault: &Fault, dev: &mut Dev, admin: &Admin) -> Result<String,
                 }
                 _ => json!({"kind": "items", "key": item, "to": to, "complete": true}),
             };
-            let (status, answer) = admin.post("/v1/admin/moves", body).await?;
+            let (status, answer) = admin.post("/v1/admin/moves", body.clone()).await?;
+            // An item moved by key routes apart from its slot, so the slot may already live on
+            // the group the item's route pointed away from: then the slot moves the other way.
+            let slot_already_there = matches!(fault, Fault::MoveSlot { .. })
+                && status == 422
+                && answer["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("already lives on group"));
+            let (from, to, status, answer) = if slot_already_there {
+                let mut body = body;
+                body["to"] = json!(from);
+                let (status, answer) = admin.post("/v1/admin/moves", body).await?;
+                (to, from, status, answer)
+            } else {
+                (from, to, status, answer)
+            };
             if status != 202 {
                 return Err(format!("move refused ({status}): {}", answer["code"]));
             }
