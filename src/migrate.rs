@@ -62,10 +62,18 @@ pub(crate) async fn run(cluster: &Cluster) -> Result<Vec<(String, usize)>, Migra
             let app = member.conn.pg.get_user().unwrap_or("");
             let owner = member.admin.pg.get_user().unwrap_or("");
             let report = match report {
-                Ok(r) if !app.is_empty() && app != owner => grant_dml(client, app)
-                    .await
-                    .map(|()| r)
-                    .map_err(connect_err),
+                Ok(r) if !app.is_empty() && app != owner => {
+                    let in_place = r.applied_migrations().is_empty()
+                        && dml_granted(client, app).await.unwrap_or(false);
+                    if in_place {
+                        Ok(r)
+                    } else {
+                        grant_dml(client, app)
+                            .await
+                            .map(|()| r)
+                            .map_err(connect_err)
+                    }
+                }
                 other => other,
             };
             // Closing the session releases the advisory lock even if unlocking fails.
@@ -225,6 +233,34 @@ async fn as_admin<T>(
     drop(client);
     conn_task.abort();
     out
+}
+
+/// Whether the application role already has what [`grant_dml`] gives on the tables there are: a
+/// start that applied nothing then writes nothing. A grant is a catalog write, and its commit
+/// waits for the synchronous shadow: on a group between a failover and the heal of its old master
+/// (no shadow yet, `shadow_loss = "block"`) an engine granting at every start could not start,
+/// nor could the healer it carries. The default privileges for later tables are set by the grant
+/// that follows every applied migration.
+async fn dml_granted(
+    client: &tokio_postgres::Client,
+    role: &str,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT has_schema_privilege($1::name, 'public', 'USAGE')
+                AND NOT EXISTS (
+                    SELECT 1 FROM pg_tables t, LATERAL format('public.%I', t.tablename) AS r(n)
+                    WHERE t.schemaname = 'public' AND t.tablename <> 'refinery_schema_history'
+                      AND NOT (has_table_privilege($1::name, r.n, 'SELECT')
+                               AND has_table_privilege($1::name, r.n, 'INSERT')
+                               AND has_table_privilege($1::name, r.n, 'UPDATE')
+                               AND has_table_privilege($1::name, r.n, 'DELETE')))
+                AND NOT has_table_privilege($1::name, 'public.refinery_schema_history',
+                    'SELECT, INSERT, UPDATE, DELETE, TRUNCATE, REFERENCES, TRIGGER')",
+            &[&role],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// DML on every table of the schema for the application role, and for tables made later; but not
