@@ -19,6 +19,14 @@ pub enum Seen {
     },
 }
 
+#[cfg(test)]
+impl Seen {
+    /// A test's member that answered ([`Probe::answering`]).
+    pub(crate) fn answering(in_recovery: bool, timeline: i64) -> Self {
+        Seen::Up(Probe::answering(in_recovery, timeline))
+    }
+}
+
 /// Everything [`decide`] looks at.
 #[derive(Debug, Clone)]
 pub(crate) struct Observations {
@@ -168,10 +176,6 @@ mod tests {
         FailoverConfig::default()
     }
 
-    fn up(recovery: bool, timeline: i64) -> Seen {
-        Seen::Up(Probe::answering(recovery, timeline))
-    }
-
     fn obs(seen: Vec<Seen>, writer: Option<usize>, lost: Vec<bool>) -> Observations {
         let term = seen
             .iter()
@@ -194,7 +198,11 @@ mod tests {
     #[test]
     fn healthy_group_keeps_its_master() {
         let a = decide(
-            &obs(vec![up(false, 1), up(true, 1)], Some(0), vec![false; 2]),
+            &obs(
+                vec![Seen::answering(false, 1), Seen::answering(true, 1)],
+                Some(0),
+                vec![false; 2],
+            ),
             &cfg(),
         );
         assert_eq!(a.writer, Some(0));
@@ -205,7 +213,11 @@ mod tests {
     #[test]
     fn old_master_on_older_timeline_is_fenced() {
         let a = decide(
-            &obs(vec![up(false, 1), up(false, 2)], Some(0), vec![false; 2]),
+            &obs(
+                vec![Seen::answering(false, 1), Seen::answering(false, 2)],
+                Some(0),
+                vec![false; 2],
+            ),
             &cfg(),
         );
         assert_eq!(a.writer, Some(1));
@@ -219,7 +231,7 @@ mod tests {
         for mode in [FailoverMode::Builtin, FailoverMode::External] {
             let config = FailoverConfig { mode, ..cfg() };
             let mut o = obs(
-                vec![up(false, 1), Seen::Silent { rounds: 1 }],
+                vec![Seen::answering(false, 1), Seen::Silent { rounds: 1 }],
                 Some(1),
                 vec![false; 2],
             );
@@ -254,12 +266,16 @@ mod tests {
             ..cfg()
         };
         let a = decide(
-            &obs(vec![up(false, 1), up(false, 2)], Some(0), vec![false; 2]),
+            &obs(
+                vec![Seen::answering(false, 1), Seen::answering(false, 2)],
+                Some(0),
+                vec![false; 2],
+            ),
             &ext,
         );
         assert_eq!((a.writer, a.fence.len()), (Some(1), 0));
         let dead = obs(
-            vec![Seen::Silent { rounds: 9 }, up(true, 1)],
+            vec![Seen::Silent { rounds: 9 }, Seen::answering(true, 1)],
             Some(0),
             vec![false, true],
         );
@@ -271,7 +287,7 @@ mod tests {
     fn one_silent_round_changes_nothing() {
         let a = decide(
             &obs(
-                vec![Seen::Silent { rounds: 1 }, up(true, 1)],
+                vec![Seen::Silent { rounds: 1 }, Seen::answering(true, 1)],
                 Some(0),
                 vec![false, true],
             ),
@@ -288,7 +304,11 @@ mod tests {
     #[test]
     fn a_busy_master_is_alive() {
         let a = decide(
-            &obs(vec![Seen::Busy, up(true, 1)], Some(0), vec![false, true]),
+            &obs(
+                vec![Seen::Busy, Seen::answering(true, 1)],
+                Some(0),
+                vec![false, true],
+            ),
             &cfg(),
         );
         assert_eq!((a.writer, a.promote), (Some(0), None));
@@ -298,7 +318,7 @@ mod tests {
     fn dead_master_and_lost_shadow_promote() {
         let a = decide(
             &obs(
-                vec![Seen::Silent { rounds: 3 }, up(true, 1)],
+                vec![Seen::Silent { rounds: 3 }, Seen::answering(true, 1)],
                 Some(0),
                 vec![false, true],
             ),
@@ -311,7 +331,7 @@ mod tests {
     fn shadow_that_still_hears_the_master_is_not_promoted() {
         let a = decide(
             &obs(
-                vec![Seen::Silent { rounds: 5 }, up(true, 1)],
+                vec![Seen::Silent { rounds: 5 }, Seen::answering(true, 1)],
                 Some(0),
                 vec![false, false],
             ),
@@ -324,7 +344,7 @@ mod tests {
     #[test]
     fn a_shadow_of_an_asynchronous_master_is_not_promoted_under_block() {
         let mut o = obs(
-            vec![Seen::Silent { rounds: 3 }, up(true, 1)],
+            vec![Seen::Silent { rounds: 3 }, Seen::answering(true, 1)],
             Some(0),
             vec![false, true],
         );
@@ -350,7 +370,7 @@ mod tests {
         };
         let a = decide(
             &obs(
-                vec![Seen::Silent { rounds: 5 }, up(true, 1)],
+                vec![Seen::Silent { rounds: 5 }, Seen::answering(true, 1)],
                 Some(0),
                 vec![false, true],
             ),
@@ -362,7 +382,11 @@ mod tests {
     #[test]
     fn writer_answering_as_standby_is_dropped_at_once() {
         let a = decide(
-            &obs(vec![up(true, 1), up(true, 1)], Some(0), vec![false; 2]),
+            &obs(
+                vec![Seen::answering(true, 1), Seen::answering(true, 1)],
+                Some(0),
+                vec![false; 2],
+            ),
             &cfg(),
         );
         assert_eq!(a.writer, None);

@@ -464,10 +464,6 @@ pub(crate) async fn run(cluster: Arc<Cluster>, config: FailoverConfig, cancel: C
 mod tests {
     use super::*;
 
-    fn up(recovery: bool, timeline: i64) -> Seen {
-        Seen::Up(Probe::answering(recovery, timeline))
-    }
-
     fn cfg() -> FailoverConfig {
         FailoverConfig::default()
     }
@@ -506,7 +502,7 @@ mod tests {
                 sync_names: names.to_string(),
                 ..Probe::answering(false, 1)
             };
-            vec![Seen::Up(p), up(true, 1)]
+            vec![Seen::Up(p), Seen::answering(true, 1)]
         };
         let named = sync_names_for("shadow");
         let mut state = GroupState::default();
@@ -531,11 +527,11 @@ mod tests {
         let t = Duration::from_millis(50);
         // Seen as a master for longer than the stream timeout, then as a standby whose receiver
         // is only starting: its silence as a standby has just begun.
-        state.lost_master(&[up(false, 1), up(true, 1)], t);
+        state.lost_master(&[Seen::answering(false, 1), Seen::answering(true, 1)], t);
         std::thread::sleep(Duration::from_millis(60));
-        state.lost_master(&[up(false, 1), up(true, 1)], t);
+        state.lost_master(&[Seen::answering(false, 1), Seen::answering(true, 1)], t);
         assert_eq!(
-            state.lost_master(&[up(true, 1), up(false, 2)], t),
+            state.lost_master(&[Seen::answering(true, 1), Seen::answering(false, 2)], t),
             vec![false, false]
         );
     }
@@ -543,7 +539,7 @@ mod tests {
     #[test]
     fn a_restarting_receiver_is_not_lost_until_the_stream_timeout() {
         let mut state = GroupState::default();
-        let no_stream = vec![up(false, 1), up(true, 1)];
+        let no_stream = vec![Seen::answering(false, 1), Seen::answering(true, 1)];
         // Receiver not streaming (starting/waiting) on the first look: not lost yet.
         assert_eq!(
             state.lost_master(&no_stream, Duration::from_millis(50)),
@@ -557,7 +553,7 @@ mod tests {
         // Streaming again with a fresh message: heard.
         let mut fresh = Probe::answering(true, 1);
         fresh.receipt_age_ms = Some(0);
-        let streaming = vec![up(false, 1), Seen::Up(fresh)];
+        let streaming = vec![Seen::answering(false, 1), Seen::Up(fresh)];
         assert_eq!(
             state.lost_master(&streaming, Duration::from_millis(50)),
             vec![false, false]
