@@ -110,7 +110,14 @@ where
             batcher: &self,
             key: Some(key.clone()),
         };
-        if !self.max_wait.is_zero() {
+        if self.max_wait.is_zero() {
+            // Let the requests already woken alongside the first one queue up before the first
+            // batch leaves. They come in bursts: a coalesced transaction 1 answers all its buyers
+            // at once, and each of them then asks for its order. The task that starts this drain
+            // hands it the scheduler at once, so without the yield the first batch held one order
+            // and the rest of the burst waited a whole round trip for the second.
+            tokio::task::yield_now().await;
+        } else {
             tokio::time::sleep(self.max_wait).await;
         }
         loop {
