@@ -35,7 +35,12 @@ patroni_ok() {
 }
 
 etcd_ok() {
-  [ -x "$venv/bin/etcd" ] && "$venv/bin/etcd" --version 2>/dev/null | grep -q '^etcd Version: 3\.'
+  # The version is read whole before it is matched: `etcd --version | grep -q` under pipefail
+  # fails whenever grep exits before etcd has written its last line (SIGPIPE), which a busy
+  # machine makes likely.
+  local version
+  [ -x "$venv/bin/etcd" ] && version=$("$venv/bin/etcd" --version 2>/dev/null) \
+    && grep -q '^etcd Version: 3\.' <<< "$version"
 }
 
 if ! patroni_ok; then
