@@ -181,7 +181,7 @@ impl OrderService {
         })
     }
 
-    /// Transaction 2 with retries. The insert is idempotent (`ON CONFLICT DO NOTHING`), so it is
+    /// Transaction 2 with retries. The insert is idempotent (an existing id is skipped), so it is
     /// retried while the request's deadline allows: a full pool or a moment of failover must not
     /// cost a buyer the unit transaction 1 already reserved. The error returned is "surely not
     /// committed" only if no attempt had an unknown outcome.

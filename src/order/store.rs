@@ -1,5 +1,5 @@
 //! The user group's statements: the order and its life. Transaction 2 of a purchase is a single
-//! idempotent insert ([`insert_orders`], `ON CONFLICT (order_id) DO NOTHING`); then the reads,
+//! idempotent insert ([`insert_orders`]: an existing id is skipped); then the reads,
 //! the status transitions (pay, cancel, expiry) with the user's slot fence, and the release
 //! outbox they fill. The item group's statements are in [`super::reservations`].
 

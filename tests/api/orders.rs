@@ -354,3 +354,73 @@ async fn a_failed_attempt_never_releases_a_reservation_a_retry_resumed() {
     assert_eq!(app.remaining(sale, item).await, 0);
     assert_eq!(app.audit(sale).await["conserved"], true);
 }
+
+/// Transaction 2 skips an existing order id by a probe; two inserts of one new id racing each
+/// other (two attempts of one request, or the same id twice in a batch) make the probe miss, and
+/// the loser must fall back to `ON CONFLICT` instead of failing: each id is inserted exactly once,
+/// and every call answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_inserts_of_one_order_insert_it_once_and_never_fail() {
+    use seckill::domain::{ItemId, SaleId, UserId};
+    use seckill::order::store::{insert_orders, NewOrder, OrderStatus};
+    let app = spawn_app().await;
+    let slots = app
+        .state
+        .router
+        .kind(seckill::router::KeyKind::Users)
+        .slot_count();
+    let user = UserId::parse(fresh_item().into()).unwrap();
+    let group = app.state.router.user_group(user);
+    let order = |id| NewOrder {
+        order_id: id,
+        user,
+        sale: SaleId::parse(fresh_item().into()).unwrap(),
+        item: ItemId::parse(fresh_item().into()).unwrap(),
+        quantity: 1,
+        amount_cents: 5,
+        payment_window_secs: 900,
+        status: OrderStatus::PendingPayment,
+    };
+
+    // The same id twice in one batch, beside a plain one.
+    let (twice, plain) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    let client = app.state.cluster.group(group).writer().await.unwrap();
+    let batch = [order(twice), order(plain), order(twice)];
+    let inserted = insert_orders(&client, &batch, slots).await.unwrap();
+    let mut ids: Vec<uuid::Uuid> = inserted.orders.iter().map(|o| o.order_id).collect();
+    ids.sort();
+    let mut expected = vec![twice, plain];
+    expected.sort();
+    assert_eq!(ids, expected, "each id once");
+
+    // Two connections inserting the same new ids at the same moment.
+    let racing: Vec<NewOrder> = (0..30).map(|_| order(uuid::Uuid::now_v7())).collect();
+    let racers = (0..2).map(|_| {
+        let (state, racing) = (app.state.clone(), racing.clone());
+        tokio::spawn(async move {
+            let mut won = Vec::new();
+            for o in racing {
+                let client = state.cluster.group(group).writer().await.unwrap();
+                let inserted = insert_orders(&client, std::slice::from_ref(&o), slots)
+                    .await
+                    .expect("a racing insert answers");
+                won.extend(inserted.orders.into_iter().map(|o| o.order_id));
+            }
+            won
+        })
+    });
+    let mut won: Vec<uuid::Uuid> = Vec::new();
+    for r in futures::future::join_all(racers).await {
+        won.extend(r.unwrap());
+    }
+    won.sort();
+    let mut all: Vec<uuid::Uuid> = racing.iter().map(|o| o.order_id).collect();
+    all.sort();
+    assert_eq!(won, all, "every racing id inserted by exactly one caller");
+    for id in all.iter().chain([&twice, &plain]) {
+        let found = app
+            .get(&format!("/v1/users/{}/orders/{id}", user.key()))
+            .await;
+        assert_eq!(found.status, StatusCode::OK, "order {id} is stored");
+    }
+}
