@@ -2,7 +2,8 @@
 //!
 //! Requests for one key queue up in arrival order. While a batch for that key is in flight, new
 //! requests wait; when it finishes, everything that queued meanwhile (up to `max_batch`) goes out
-//! as the next batch. So under light load a request runs alone at once, and under a storm each
+//! as the next batch. So under light load a request runs alone at once (after one yield to the
+//! scheduler, see `drain`), and under a storm each
 //! round trip to PostgreSQL serves as many requests as arrived during the previous one.
 //! One drain task per busy key; it ends when the key's queue is empty.
 

@@ -370,7 +370,8 @@ pub struct CoalesceConfig {
     pub max_batch: usize,
     /// How long the first request of a batch may wait for company, in microseconds, when no
     /// transaction is in flight for the group. Default 0: requests that arrive while one is in
-    /// flight already form the next batch, which is where the gain comes from.
+    /// flight already form the next batch, which is where the gain comes from (the first batch
+    /// only yields once, so that requests woken at the same moment join it: src/batcher.rs).
     pub(crate) max_wait_us: u64,
     /// Admission: at most this many times the item's remaining stock may be in flight. Default 4.
     pub inflight_per_stock: u32,
