@@ -173,11 +173,23 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// A whole request, body included, is answered within `server.http_timeout_ms`. A purchase that
 /// is still under way when the time is up goes on (it is a task of the order service); the client
 /// learns to retry it with the same request_id.
+///
+/// The timer is armed only for an answer that is not ready at its first poll, with the deadline
+/// taken before that poll. Most answers of a storm are (`sold_out` from memory, `GET /v1/time`),
+/// and a tokio timer takes the timer driver's lock when it is dropped, armed or not. Measured
+/// with the bench, this build and the one before alternated on one dev cluster, three runs each:
+/// a sold-out answer 16.0-17.7 µs against 17.2-20.3 µs; `GET /v1/time` 8.5-9.0 against
+/// 8.8-9.1 µs, inside the noise.
 pub(crate) async fn within(
     limit: std::time::Duration,
     answer: impl std::future::Future<Output = Response>,
 ) -> Response {
-    match tokio::time::timeout(limit, answer).await {
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut answer = std::pin::pin!(answer);
+    if let std::task::Poll::Ready(resp) = futures::poll!(answer.as_mut()) {
+        return resp;
+    }
+    match tokio::time::timeout_at(deadline, answer).await {
         Ok(resp) => resp,
         Err(_) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
