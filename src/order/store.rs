@@ -213,7 +213,6 @@ pub async fn insert_orders(
     let amount: Vec<i64> = orders.iter().map(|o| o.amount_cents).collect();
     let window: Vec<i32> = orders.iter().map(|o| o.payment_window_secs).collect();
     let status: Vec<&str> = orders.iter().map(|o| o.status.as_str()).collect();
-    // One statement (one snapshot): the users fenced by a move are skipped and reported.
     // `OFFSET 0` keeps the probe a subplan run per row: as a join, a stale row count of `orders`
     // (a sale's first minutes) could make the planner read the whole table for each batch.
     const PROBE: &str = "AND NOT EXISTS (SELECT 1 FROM orders x WHERE x.order_id = t.o OFFSET 0)";
@@ -247,6 +246,7 @@ async fn insert_statement(
     skip_existing: &str,
     params: &[&(dyn ToSql + Sync)],
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
+    // One statement (one snapshot): the users fenced by a move are skipped and reported.
     let sql = format!(
         "WITH t AS (
              SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::bigint[], $4::bigint[], $5::int[],
