@@ -446,12 +446,18 @@ async fn write(
     let resume_params: [&(dyn ToSql + Sync); 1] = [&w.resumed];
     let confirm_stmt = tx.prepare_cached(super::reservations::CONFIRM_SQL).await?;
     let confirm_params: [&(dyn ToSql + Sync); 1] = [&confirm];
+    // A statement with nothing to write is not sent: most batches revive and resume nothing, and
+    // an empty statement still costs the server a bind, an executor start and an end.
     let (decremented, _, revived, bumped, _) = futures::try_join!(
         tx.query(&decrement_stmt, &decrement_params),
-        tx.execute(&fresh_stmt, &fresh_params),
-        tx.query(&revive_stmt, &revive_params),
-        tx.query(&resume_stmt, &resume_params),
-        tx.execute(&confirm_stmt, &confirm_params),
+        unless_empty(&f.txn, tx.execute(&fresh_stmt, &fresh_params), 0),
+        unless_empty(&r.txn, tx.query(&revive_stmt, &revive_params), Vec::new()),
+        unless_empty(
+            &w.resumed,
+            tx.query(&resume_stmt, &resume_params),
+            Vec::new()
+        ),
+        unless_empty(confirm, tx.execute(&confirm_stmt, &confirm_params), 0),
     )?;
     // Every revivable id was inserted or revived, every resumed one bumped; otherwise a concurrent
     // attempt of the same request made it live meanwhile: undo, the retry resumes it.
@@ -481,6 +487,20 @@ async fn write(
         created: numbers(&revived),
         resumed: numbers(&bumped),
     }))
+}
+
+/// `statement`'s answer, or `nothing` without sending it when it has no `rows` to write. The
+/// statement's future is only polled, and so sent, when there are rows: the pipeline keeps its
+/// order.
+async fn unless_empty<T, R>(
+    rows: &[R],
+    statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    nothing: T,
+) -> Result<T, tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(nothing);
+    }
+    statement.await
 }
 
 /// One ask's outcome from its item's decision.
