@@ -1,6 +1,6 @@
 //! The admin API (`/v1/admin/*`, the admin token): sales, audits, groups, payments, the blocklist.
 
-use super::error::ApiError;
+use super::error::{request_id, ApiError};
 use super::extract::{Json, Params};
 use super::identity::Admin;
 use crate::state::AppState;
@@ -87,11 +87,6 @@ pub(crate) async fn list_sales(
     }
     let list = s.sales().list(state, limit as usize).await?;
     Ok(axum::Json(list).into_response())
-}
-
-/// The `x-request-id` of the request being served, recorded with a change it makes.
-fn request_id() -> Option<String> {
-    super::error::REQUEST_ID.try_with(Clone::clone).ok()
 }
 
 #[utoipa::path(

@@ -157,8 +157,16 @@ pub struct ApiError {
 }
 
 tokio::task_local! {
-    /// The id of the request being served (set by the request-id middleware).
-    pub(crate) static REQUEST_ID: String;
+    /// The id of the request being served (set by the request-id middleware), as its header.
+    pub(crate) static REQUEST_ID: axum::http::HeaderValue;
+}
+
+/// The id of the request being served, if any.
+pub(crate) fn request_id() -> Option<String> {
+    REQUEST_ID
+        .try_with(|id| id.to_str().ok().map(str::to_string))
+        .ok()
+        .flatten()
 }
 
 impl ApiError {
@@ -221,7 +229,7 @@ impl IntoResponse for ApiError {
             status: self.status.as_u16(),
             code: self.code,
             detail: self.detail,
-            instance: REQUEST_ID.try_with(Clone::clone).ok(),
+            instance: request_id(),
             order: self.order.map(|o| *o),
             payment: self.payment.map(|p| *p),
         };

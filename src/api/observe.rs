@@ -18,13 +18,20 @@ use tracing::Instrument;
 
 pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
 
-fn request_id(req: &Request) -> String {
-    req.headers()
-        .get(REQUEST_ID_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_string)
-        .unwrap_or_else(|| uuid::Uuid::now_v7().to_string())
+/// The caller's `x-request-id` when it is a sane token, kept as it came (a header value: no copy,
+/// and it goes back in the answer as it is), else a fresh UUID v7.
+fn request_id(req: &Request) -> HeaderValue {
+    let sane = |v: &&HeaderValue| {
+        let b = v.as_bytes();
+        !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+    };
+    if let Some(v) = req.headers().get(REQUEST_ID_HEADER).filter(sane) {
+        return v.clone();
+    }
+    let mut text = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut text);
+    // A UUID's text is always a valid header value.
+    HeaderValue::from_str(id).unwrap_or_else(|_| HeaderValue::from_static("unknown"))
 }
 
 /// The HTTP metric handles of one method and route, looked up in the registry once (a lookup
@@ -122,14 +129,16 @@ pub(crate) async fn observe(deadline: Duration, req: Request, next: Next) -> Res
         "request",
         method = %m.method,
         route = %m.route,
-        request_id = %id,
+        request_id = %id.to_str().unwrap_or_default(),
     );
     m.active.increment(1.0);
     let started = Instant::now();
-    let mut resp = REQUEST_ID
-        .scope(id.clone(), super::within(deadline, next.run(req)))
-        .instrument(span.clone())
-        .await;
+    // The id is handed back by the task-local when the answer is done: not copied for it.
+    let mut answer = std::pin::pin!(REQUEST_ID.scope(
+        id,
+        super::within(deadline, next.run(req)).instrument(span.clone())
+    ));
+    let mut resp = answer.as_mut().await;
     m.active.decrement(1.0);
     let elapsed = started.elapsed();
     let status = resp.status().as_u16();
@@ -152,8 +161,8 @@ pub(crate) async fn observe(deadline: Duration, req: Request, next: Next) -> Res
         });
     }
     m.record(status, elapsed.as_secs_f64());
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(REQUEST_ID_HEADER, v);
+    if let Some(id) = answer.as_mut().take_value() {
+        resp.headers_mut().insert(REQUEST_ID_HEADER, id);
     }
     resp
 }
