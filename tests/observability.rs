@@ -195,7 +195,7 @@ fn log() -> &'static std::sync::Arc<std::sync::Mutex<Vec<u8>>> {
         let sink = buffer.clone();
         seckill::telemetry::init_tracing_with(
             true,
-            tracing_subscriber::EnvFilter::new("warn,seckill=debug"),
+            seckill::telemetry::LogFilter::new("warn,seckill=debug").expect("directives"),
             move || Sink(sink.clone()),
         );
         buffer
