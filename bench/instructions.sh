@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Instructions per request of an engine (or the bench's bare axum server), counted by callgrind:
+# a figure that does not drift with a shared machine's hour, for A/B of changes too small for the
+# CPU-time bench to resolve. It counts the engine's own code only (not the kernel's TCP, which is
+# most of a GET's CPU time), so it says what a change saved, not what a request costs.
+#
+# Usage: bench/instructions.sh [--bare] [PATH] [SECONDS]
+#   Starts `target/release/seckill serve` (or, with --bare, `seckill-bench bare-server`) under
+#   callgrind on 127.0.0.1:8090 against the running dev cluster (`scripts/dev`, or
+#   SECKILL_DEV_DIR), loads PATH (default /v1/time) with wrk for SECONDS (default 10) over 8
+#   connections, and prints the instructions of the connection tasks per request. Background
+#   work (probes, pollers, new pool connections) is not in that count.
+# Needs valgrind and wrk (Debian packages of those names).
+set -euo pipefail
+bare=0
+if [ "${1:-}" = "--bare" ]; then bare=1; shift; fi
+path="${1:-/v1/time}"
+secs="${2:-10}"
+dir="${SECKILL_DEV_DIR:-.seckill-dev}"
+listen=127.0.0.1:8090
+for tool in valgrind callgrind_control callgrind_annotate wrk; do
+  command -v "$tool" >/dev/null || { echo "$tool not found (apt-get install valgrind wrk)" >&2; exit 1; }
+done
+out="$(mktemp -d)"
+if [ "$bare" = 1 ]; then
+  server=(target/release/seckill-bench bare-server --listen "$listen")
+  task='axum::serve::handle_connection::{{closure}}::{{closure}} '
+else
+  [ -f "$dir/shards.toml" ] || { echo "no dev cluster in $dir (run scripts/dev)" >&2; exit 1; }
+  server=(target/release/seckill serve --config "$dir/shards.toml" --listen "$listen")
+  task='seckill::api::server::serve::{{closure}}::{{closure}} '
+fi
+[ -x "${server[0]}" ] || { echo "${server[0]} not built (cargo build --release)" >&2; exit 1; }
+valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out/cg.%p" "${server[@]}" \
+  >"$out/server.log" 2>&1 &
+pid=$!
+trap 'kill "$pid" 2>/dev/null || true' EXIT
+for _ in $(seq 1 300); do
+  curl -sf "http://$listen/v1/time" >/dev/null && break
+  kill -0 "$pid" 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
+  sleep 1
+done
+callgrind_control -i on "$pid" >/dev/null
+wrk -t1 -c8 -d"${secs}s" "http://$listen$path" >"$out/wrk.txt"
+callgrind_control -d "$pid" >/dev/null
+kill -INT "$pid"
+wait "$pid" || true
+requests="$(awk '/requests in/ {print $1}' "$out/wrk.txt")"
+counted="$(callgrind_annotate --inclusive=yes "$out/cg.$pid.1" \
+  | grep -F "$task" | head -1 | awk '{gsub(",", "", $1); print $1}')"
+[ -n "$requests" ] && [ "$requests" -gt 0 ] && [ -n "$counted" ] || {
+  echo "no count: wrk or callgrind found nothing (files in $out)" >&2; exit 1; }
+echo "$path: $requests requests, $((counted / requests)) instructions each (${server[0]##*/})"
+rm -rf "$out"
