@@ -214,7 +214,7 @@ pub(crate) fn record_process() {
 /// directives (`[request{route=/v1/time}]=debug`), takes a shared lock on every span's creation,
 /// entry, exit and close: every HTTP request enters its span at least twice.
 pub enum LogFilter {
-    Targets(tracing_subscriber::filter::Targets),
+    Targets(Box<tracing_subscriber::filter::Targets>),
     Env(Box<tracing_subscriber::EnvFilter>),
 }
 
@@ -222,7 +222,7 @@ impl LogFilter {
     /// The filter of `directives`: a [`LogFilter::Targets`] where they allow it.
     pub fn new(directives: &str) -> Result<Self, String> {
         if let Ok(targets) = directives.parse() {
-            return Ok(Self::Targets(targets));
+            return Ok(Self::Targets(Box::new(targets)));
         }
         tracing_subscriber::EnvFilter::try_new(directives)
             .map(|e| Self::Env(Box::new(e)))
@@ -234,7 +234,7 @@ impl LogFilter {
         S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
         match self {
-            Self::Targets(t) => Box::new(t),
+            Self::Targets(t) => t,
             Self::Env(e) => e,
         }
     }
@@ -244,11 +244,11 @@ impl LogFilter {
 /// cannot parse are reported on stderr and the default applies (`info`, refinery at `warn`).
 pub fn init_tracing(json: bool) {
     let default = || {
-        LogFilter::Targets(
+        LogFilter::Targets(Box::new(
             tracing_subscriber::filter::Targets::new()
                 .with_default(tracing::Level::INFO)
                 .with_target("refinery_core", tracing::Level::WARN),
-        )
+        ))
     };
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => LogFilter::new(&directives)
