@@ -198,14 +198,8 @@ fn session_options(lock_timeout: Duration) -> String {
     // generic plan while the table grows during the first sale, until autovacuum's ANALYZE
     // replaces it a minute later: full scans of reservations on the hot row's critical path.
     // Sequential scans stay possible where no index applies; they are only priced out.
-    //
-    // Generic plans always: every statement is prepared once per connection and its plan is the
-    // index's whatever the parameters, so planning it again for an execution (PostgreSQL's
-    // default for the first five, and for ever where a custom plan looks cheaper) buys nothing.
-    // In a hot run's profile the planner fell from 0.76% to 0.57% of all CPU; the rest is the
-    // pollers' one-off statements.
     format!(
-        "-c lock_timeout={} -c enable_seqscan=off -c plan_cache_mode=force_generic_plan",
+        "-c lock_timeout={} -c enable_seqscan=off",
         lock_timeout.as_millis().max(1)
     )
 }
