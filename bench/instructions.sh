@@ -43,7 +43,7 @@ done
 callgrind_control -i on "$pid" >/dev/null
 wrk -t1 -c8 -d"${secs}s" "http://$listen$path" >"$out/wrk.txt"
 callgrind_control -d "$pid" >/dev/null
-kill -INT "$pid"
+kill -TERM "$pid" # (a child dead of SIGINT would make bash exit too)
 wait "$pid" || true
 requests="$(awk '/requests in/ {print $1}' "$out/wrk.txt")"
 counted="$(callgrind_annotate --inclusive=yes "$out/cg.$pid.1" \
