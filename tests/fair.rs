@@ -1,9 +1,9 @@
 //! A fair start (DESIGN.md "Fair start"): 2,000 buyers arriving in 10 waves across the first 2 s
-//! of a 3 s window and 200 bots at its first millisecond, for 200 units. Exactly 200 orders; the winners exactly
-//! those the revealed seed ranks first; the commitment matches the seed; winning independent of
-//! the arrival wave (chi-square, p > 0.001); the bots winning no more than their share
-//! (hypergeometric tail, p > 0.001). The same with two engine nodes (one draw for both), and with
-//! the item's master killed during the window.
+//! of a 3 s window and 200 bots at its first millisecond, for 200 units. Exactly 200 orders; the
+//! winners exactly those the revealed seed ranks first; the commitment matches the seed; winning
+//! independent of the arrival wave (chi-square, p > 0.001); the bots winning no more than their
+//! share (hypergeometric tail, p > 0.001). The same with two engine nodes (one draw for both), and
+//! with the item's master killed during the window.
 
 #[path = "api/helpers.rs"]
 mod helpers;
