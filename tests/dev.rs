@@ -38,6 +38,7 @@ impl Drop for Setup {
         }
         if std::env::var_os("SECKILL_KEEP_TEST_DIRS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_file(self.stderr_log());
         }
     }
 }
@@ -69,7 +70,13 @@ impl Setup {
             .args(["--base-port", &self.base_port.to_string()])
             .args(["--listen", &format!("127.0.0.1:{}", self.http_port)])
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(self.stderr_log())
+                    .expect("a file for the command's stderr"),
+            ))
             .spawn()
             .expect("seckill dev starts");
         let stdout = child.stdout.take().expect("stdout");
@@ -83,12 +90,22 @@ impl Setup {
         });
         if rx.recv_timeout(Duration::from_secs(180)).is_err() {
             let _ = child.kill();
-            panic!("seckill dev did not come up within 180 s");
+            let stderr = std::fs::read_to_string(self.stderr_log()).unwrap_or_default();
+            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+            panic!(
+                "seckill dev did not come up within 180 s; its stderr ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
         }
         Dev {
             child,
             addr: format!("http://127.0.0.1:{}", self.http_port),
         }
+    }
+
+    /// Where the command's stderr goes, every start appended (beside the cluster's folder).
+    fn stderr_log(&self) -> PathBuf {
+        self.dir.with_extension("stderr")
     }
 
     /// The servers of the dev cluster, as handles (nothing is started).
@@ -179,6 +196,23 @@ impl Setup {
         } else {
             group.shadow.clone()
         }
+    }
+
+    /// A sale of one item with [`STOCK`] units, open for an hour: (sale, item).
+    async fn open_sale(&self, dev: &Dev) -> (u64, u64) {
+        let item = 5_000_000 + rand_u64() % 1_000_000;
+        let now = chrono::Utc::now();
+        let created = self
+            .admin(
+                dev,
+                reqwest::Method::POST,
+                "/v1/admin/sales",
+                json!({"name": "heal test", "starts_at": (now - chrono::Duration::minutes(1)).to_rfc3339(),
+                       "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
+                       "items": [{"item_id": item, "stock": STOCK, "price_cents": 1}]}),
+            )
+            .await;
+        (created["sale_id"].as_u64().expect("sale_id"), item)
     }
 
     /// Buy `n` units, one per new user, each retried with its request id until it is answered
@@ -318,19 +352,7 @@ async fn seckill_dev_heals_through_kills_freezes_and_restarts() {
     let t = Instant::now();
     let dev = setup.start();
     setup.until_whole(&dev, "first start", t).await;
-    let item = 5_000_000 + rand_u64() % 1_000_000;
-    let now = chrono::Utc::now();
-    let created = setup
-        .admin(
-            &dev,
-            reqwest::Method::POST,
-            "/v1/admin/sales",
-            json!({"name": "heal test", "starts_at": (now - chrono::Duration::minutes(1)).to_rfc3339(),
-                   "ends_at": (now + chrono::Duration::hours(1)).to_rfc3339(),
-                   "items": [{"item_id": item, "stock": STOCK, "price_cents": 1}]}),
-        )
-        .await;
-    let sale = created["sale_id"].as_u64().expect("sale_id");
+    let (sale, item) = setup.open_sale(&dev).await;
     let mut orders = setup.buy(&dev, sale, item, 5).await;
     let cluster = setup.cluster();
 
@@ -399,6 +421,166 @@ async fn seckill_dev_heals_through_kills_freezes_and_restarts() {
         }
         setup.until_whole(&dev, what, t).await;
     }
+
+    setup.assert_all_present(&dev, sale, &orders).await;
+    dev.interrupt();
+}
+
+/// The processes running `tool` (pg_rewind, say) on `server`'s data directory, and the `runuser`
+/// wrapping each when the tests run as root.
+fn tool_on(server: &LocalServer, tool: &str) -> Vec<i32> {
+    let dir = server.data_dir.to_string_lossy().to_string();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).to_string())
+                .collect();
+            (args
+                .iter()
+                .any(|a| a.ends_with(&format!("/{tool}")) || a == tool)
+                && args.contains(&dir))
+            .then_some(pid)
+        })
+        .collect()
+}
+
+/// Wait (bounded) until the engine's heal runs `tool` on `server`'s data directory.
+async fn until_tool(server: &LocalServer, tool: &str) -> Vec<i32> {
+    let start = Instant::now();
+    loop {
+        let pids = tool_on(server, tool);
+        if !pids.is_empty() {
+            return pids;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "no {tool} on {} within 90 s",
+            server.name
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
+    })
+}
+
+/// The marker a rejoin leaves beside the data directory until it is a standby's.
+fn rejoin_marker(server: &LocalServer) -> PathBuf {
+    server.data_dir.with_file_name("data.rejoining")
+}
+
+/// Old data directories a rebuild kept aside, beside `server`'s.
+fn kept_aside(server: &LocalServer) -> usize {
+    let parent = server.data_dir.parent().expect("a server folder");
+    std::fs::read_dir(parent)
+        .map(|d| {
+            d.flatten()
+                .filter(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with("data.replaced-")
+                })
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+// One story in sequence, as the last: the command SIGKILLed in the middle of a heal, twice.
+async fn a_heal_cut_short_by_a_crash_is_finished_at_the_next_start() {
+    let setup = Setup::new();
+    let t = Instant::now();
+    let dev = setup.start();
+    setup.until_whole(&dev, "first start", t).await;
+    let (sale, item) = setup.open_sale(&dev).await;
+    let mut orders = setup.buy(&dev, sale, item, 5).await;
+    let cluster = setup.cluster();
+
+    // g0's master SIGKILLed; the engine promotes the shadow and rewinds the old master into its
+    // shadow. The command is SIGKILLed while pg_rewind runs. Here the rewind is then finished by
+    // hand, as it would have finished had the command died a moment later: a data directory
+    // rewound, "in archive recovery" with a backup_label, and no standby.signal yet. Read as a
+    // primary on the promoted member's timeline, it made the next start refuse ("both are
+    // primaries"), leaving the group to a person: found by the nemesis (seed 21).
+    let old = setup.member(&dev, &cluster, 0, true).await;
+    let promoted = setup.member(&dev, &cluster, 0, false).await;
+    old.kill9().expect("kill g0's master");
+    let rewind = until_tool(&old, "pg_rewind").await;
+    for &pid in &rewind {
+        // SAFETY: plain kill(2) of the pg_rewind the engine started (and its runuser).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    dev.crash();
+    assert!(
+        rejoin_marker(&old).exists(),
+        "the rejoin marked the directory before it touched it"
+    );
+    // pg_rewind first runs the crashed directory through crash recovery in a single-user server.
+    let start = Instant::now();
+    while !tool_on(&old, "postgres").is_empty() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "single-user server ends"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    old.rewind("127.0.0.1", promoted.port)
+        .expect("the rewind, finished by hand");
+    assert!(old.data_dir.join("backup_label").exists(), "rewound");
+    assert!(
+        !old.data_dir.join("standby.signal").exists(),
+        "not a standby's yet"
+    );
+    let t = Instant::now();
+    let dev = setup.start();
+    setup
+        .until_whole(&dev, "restart after a rewind cut short", t)
+        .await;
+    assert!(!rejoin_marker(&old).exists(), "the rejoin was finished");
+    assert_eq!(kept_aside(&old), 1, "the cut-short directory is kept aside");
+    orders.extend(setup.buy(&dev, sale, item, 5).await);
+
+    // Again on the same group, whose master is now the other member: this time the rewind is
+    // frozen when the command dies, and still there when it starts again. The start stops it
+    // before it takes a base backup into the directory the rewind writes to.
+    let old = setup.member(&dev, &cluster, 0, true).await;
+    old.kill9().expect("kill g0's new master");
+    let rewind = until_tool(&old, "pg_rewind").await;
+    for &pid in &rewind {
+        // SAFETY: plain kill(2) of the pg_rewind the engine started (and its runuser).
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    }
+    dev.crash();
+    assert!(rejoin_marker(&old).exists());
+    let t = Instant::now();
+    let dev = setup.start();
+    setup
+        .until_whole(&dev, "restart with the rewind frozen", t)
+        .await;
+    assert!(
+        rewind.iter().all(|&p| !alive(p)),
+        "the frozen pg_rewind was stopped"
+    );
+    assert!(!rejoin_marker(&old).exists(), "the rejoin was finished");
+    orders.extend(setup.buy(&dev, sale, item, 5).await);
+
+    // And the group still fails over and heals as usual afterwards, with the command running.
+    let t = Instant::now();
+    let master = setup.member(&dev, &cluster, 0, true).await;
+    master.kill9().expect("kill g0's master a third time");
+    orders.extend(setup.buy(&dev, sale, item, 3).await);
+    setup.until_whole(&dev, "a third failover", t).await;
 
     setup.assert_all_present(&dev, sale, &orders).await;
     dev.interrupt();

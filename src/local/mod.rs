@@ -241,7 +241,8 @@ impl LocalCluster {
         started: &mut Vec<&'a LocalServer>,
     ) -> Result<(), LocalError> {
         for g in &self.groups {
-            if g.master.exists() || g.shadow.exists() {
+            let has_data = |s: &LocalServer| s.exists() || s.rejoin_cut_short();
+            if has_data(&g.master) || has_data(&g.shadow) {
                 // Whatever happened before: one master, its shadow following it (recover.rs).
                 started.extend([&g.master, &g.shadow]);
                 g.recover(SHADOW_NAME)?;

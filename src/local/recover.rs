@@ -5,7 +5,9 @@
 //! directories say of themselves (standby or not, newest timeline, how far the WAL goes), never
 //! from which folder is called master. The other member is made a streaming standby of it
 //! ([`LocalServer::rejoin`]: rewound, or rebuilt from a base backup) before the engine starts,
-//! so the group has its synchronous shadow again from the first order on.
+//! so the group has its synchronous shadow again from the first order on. A member whose rejoin
+//! was cut short (its `data.rejoining` marker is there: the engine died during a pg_rewind or a
+//! base backup) is never a candidate: it becomes the other's shadow from a fresh base backup.
 //!
 //! It also gives the health monitor's healer ([`crate::shard::heal`]) its hands on these
 //! servers ([`ServerControl`]).
@@ -66,11 +68,30 @@ impl LocalGroup {
         for i in 0..2 {
             self.member(i).halt()?;
         }
+        // A member whose rejoin was cut short is no candidate: it was being made the shadow of
+        // the other, which holds every acknowledged order. It is rebuilt below.
         let mut facts = [None, None];
         for (i, f) in facts.iter_mut().enumerate() {
             let s = self.member(i);
-            if s.exists() {
+            if s.exists() && !s.rejoin_cut_short() {
                 *f = Some(s.disk_facts()?);
+            }
+        }
+        if facts.iter().all(Option::is_none) {
+            if let Some(i) = (0..2).find(|&i| self.member(i).rejoin_cut_short()) {
+                let (s, other) = (self.member(i), self.member(1 - i));
+                return Err(LocalError::Refused(format!(
+                    "group {}: {} ({}) was being made the shadow of {} when its rejoin was cut \
+                     short, and {} has no data directory ({}): no member holds the group's data. \
+                     Restore {}'s data directory from a backup",
+                    self.name,
+                    s.name,
+                    s.data_dir.display(),
+                    other.name,
+                    other.name,
+                    other.data_dir.display(),
+                    other.name,
+                )));
             }
         }
         let start = choose_master(facts).map_err(|why| {

@@ -51,6 +51,15 @@ pub async fn rejoin(
         )
         .into());
     }
+    if server.rejoin_cut_short() {
+        // An earlier rejoin of it passed the checks below, then stopped halfway: what is left
+        // may not even have a control file. It is rebuilt from a base backup, kept aside.
+        println!(
+            "an earlier rejoin of {} was cut short: it is rebuilt from a fresh base backup (the old directory is kept aside)",
+            data_dir.display()
+        );
+        return rejoin_as_shadow(cluster, &group.members[old].endpoint, server, mhost, mport).await;
+    }
     let probe = server.clone();
     let (id_dir, timeline_dir) =
         tokio::task::spawn_blocking(move || probe.control_data()).await??;
@@ -68,10 +77,18 @@ pub async fn rejoin(
         )
         .into());
     }
-    println!(
-        "rejoining {} as the shadow of {mhost}:{mport} ...",
-        group.members[old].endpoint
-    );
+    rejoin_as_shadow(cluster, &group.members[old].endpoint, server, mhost, mport).await
+}
+
+/// The rewind (or base backup) and restart, off the async threads.
+async fn rejoin_as_shadow(
+    cluster: &Cluster,
+    endpoint: &str,
+    server: LocalServer,
+    mhost: String,
+    mport: u16,
+) -> Result<()> {
+    println!("rejoining {endpoint} as the shadow of {mhost}:{mport} ...");
     let app_name = cluster.failover().shadow_name.clone();
     tokio::task::spawn_blocking(move || server.rejoin(&mhost, mport, &app_name, false)).await??;
     println!("done: it streams from the master; the engine turns synchronous replication back on");

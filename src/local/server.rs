@@ -435,7 +435,17 @@ impl LocalServer {
         rebuild: bool,
     ) -> Result<Rejoined, LocalError> {
         self.halt()?;
-        if rebuild || !self.exists() {
+        // A rejoin cut short (the engine killed while pg_rewind or pg_basebackup ran, or before
+        // the standby's settings were written) left a data directory that is neither the old
+        // master nor a shadow: a fresh base backup is the one sure way on.
+        let cut_short = self.rejoin_cut_short();
+        if cut_short {
+            self.kill_tools_on_data_dir();
+            tracing::warn!(server = %self.name,
+                "an earlier rejoin of this server was cut short: taking a fresh base backup");
+        }
+        self.mark_rejoining(host, port)?;
+        if rebuild || cut_short || !self.exists() {
             return self.rebuild(host, port, application_name);
         }
         let disk = self.disk_facts()?;
@@ -443,27 +453,12 @@ impl LocalServer {
             // pg_rewind would run it through crash recovery in single-user mode, which refuses a
             // standby: it recovers as the standby it is. If its history has left the master's it
             // will not stream, and the next heal rewinds it, shut down cleanly by then.
-            self.follow(host, port, application_name)?;
-            self.start()?;
+            self.become_shadow(host, port, application_name)?;
             return Ok(Rejoined::Restarted);
         }
-        // A freshly promoted master's control file still names its old timeline until its first
-        // checkpoint: pg_rewind would compare timelines, find them equal and rewind nothing.
-        self.psql_at(host, port, "postgres", "CHECKPOINT")?;
-        let rewind = run(
-            &format!("pg_rewind of {}", self.name),
-            self.cmd("pg_rewind")
-                .arg("--target-pgdata")
-                .arg(&self.data_dir)
-                .arg(format!(
-                    "--source-server=host={host} port={port} user={} dbname=postgres connect_timeout=5",
-                    self.admin_user
-                )),
-        );
-        match rewind {
+        match self.rewind(host, port) {
             Ok(out) => {
-                self.follow(host, port, application_name)?;
-                self.start()?;
+                self.become_shadow(host, port, application_name)?;
                 let text = String::from_utf8_lossy(&out.stdout).to_string()
                     + &String::from_utf8_lossy(&out.stderr);
                 Ok(if text.contains("no rewind required") {
@@ -477,6 +472,120 @@ impl LocalServer {
                     "pg_rewind failed; taking a fresh base backup (the old data directory is kept aside)");
                 self.rebuild(host, port, application_name)
             }
+        }
+    }
+
+    /// `pg_rewind` of this (stopped) server's data directory onto the master at `host:port`:
+    /// on success it holds the master's history, "in archive recovery" with a `backup_label`,
+    /// and is nobody's standby until [`Self::follow`] says whose.
+    pub fn rewind(&self, host: &str, port: u16) -> Result<std::process::Output, LocalError> {
+        // A freshly promoted master's control file still names its old timeline until its first
+        // checkpoint: pg_rewind would compare timelines, find them equal and rewind nothing.
+        self.psql_at(host, port, "postgres", "CHECKPOINT")?;
+        run(
+            &format!("pg_rewind of {}", self.name),
+            self.cmd("pg_rewind")
+                .arg("--target-pgdata")
+                .arg(&self.data_dir)
+                .arg(format!(
+                    "--source-server=host={host} port={port} user={} dbname=postgres connect_timeout=5",
+                    self.admin_user
+                )),
+        )
+    }
+
+    /// Written before a rejoin touches the data directory, removed once the directory is a
+    /// standby's (`standby.signal` and `primary_conninfo` written): while it exists, the data
+    /// directory is a shadow in the making, never a candidate master, whatever its control file
+    /// says. Beside the data directory, not in it: pg_rewind removes files its source lacks, and
+    /// a rebuild moves the directory aside.
+    fn rejoin_marker(&self) -> PathBuf {
+        let name = self
+            .data_dir
+            .file_name()
+            .map_or("data".into(), |n| n.to_string_lossy().to_string());
+        self.data_dir.with_file_name(format!("{name}.rejoining"))
+    }
+
+    /// An earlier rejoin of this server was cut short: its data directory (or what is left of
+    /// it) holds nothing the group needs, the other member being the master it was to follow.
+    pub(crate) fn rejoin_cut_short(&self) -> bool {
+        self.rejoin_marker().exists()
+    }
+
+    fn mark_rejoining(&self, host: &str, port: u16) -> Result<(), LocalError> {
+        use std::io::Write;
+        let marker = self.rejoin_marker();
+        let text = format!(
+            "{} is being made the shadow of the master at {host}:{port} (since {}, by process {}).\n\
+             While this file exists, the next start takes a fresh base backup of the master for it \
+             and keeps the old data directory aside.\n",
+            self.data_dir.display(),
+            chrono::Utc::now().to_rfc3339(),
+            std::process::id()
+        );
+        let write = || -> Result<(), LocalError> {
+            let mut f = std::fs::File::create(&marker)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            sync_parent(&marker)
+        };
+        write().map_err(|e| LocalError::Command {
+            what: format!("writing the rejoin marker {}", marker.display()),
+            detail: e.to_string(),
+        })
+    }
+
+    /// The data directory is now a standby's: the marker goes, then the server starts.
+    fn become_shadow(
+        &self,
+        host: &str,
+        port: u16,
+        application_name: &str,
+    ) -> Result<(), LocalError> {
+        self.follow(host, port, application_name)?;
+        let marker = self.rejoin_marker();
+        std::fs::remove_file(&marker)?;
+        sync_parent(&marker)?;
+        self.start()
+    }
+
+    /// SIGKILL what an interrupted rejoin may have left running on this data directory (the
+    /// engine dies, its children do not): a pg_rewind or pg_basebackup, or the single-user
+    /// server pg_rewind runs for crash recovery. Bounded wait until they are gone.
+    fn kill_tools_on_data_dir(&self) {
+        let dir = self.data_dir.to_string_lossy().to_string();
+        let Ok(procs) = std::fs::read_dir("/proc") else {
+            return;
+        };
+        let tools: Vec<i32> = procs
+            .flatten()
+            .filter_map(|e| {
+                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+                let args: Vec<String> = cmdline
+                    .split(|&b| b == 0)
+                    .map(|a| String::from_utf8_lossy(a).to_string())
+                    .collect();
+                let on_dir = args.contains(&dir);
+                let tool = args.iter().any(|a| {
+                    let base = a.rsplit('/').next().unwrap_or(a);
+                    base == "pg_rewind" || base == "pg_basebackup" || a == "--single"
+                });
+                (on_dir && tool && pid != std::process::id() as i32).then_some(pid)
+            })
+            .collect();
+        for &pid in &tools {
+            tracing::warn!(server = %self.name, pid, "stopping a tool an interrupted rejoin left running");
+            // SAFETY: plain kill(2) of a pg_rewind, pg_basebackup or single-user server working
+            // on this server's own data directory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let start = Instant::now();
+        while tools.iter().any(|&p| super::signals::process_alive(p))
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -509,8 +618,7 @@ impl LocalServer {
             tracing::warn!(server = %self.name, aside = %aside.display(), "old data directory kept aside");
         }
         self.init_shadow_of_addr(host, port)?;
-        self.follow(host, port, application_name)?;
-        self.start()?;
+        self.become_shadow(host, port, application_name)?;
         Ok(Rejoined::Rebuilt)
     }
 
@@ -596,6 +704,14 @@ fn lsn_value(text: &str) -> u64 {
             Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
         })
         .unwrap_or(0)
+}
+
+/// fsync the folder holding `path`, so that a file's creation or removal outlives a crash.
+fn sync_parent(path: &Path) -> Result<(), LocalError> {
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn append(path: &Path, text: &str) -> Result<(), LocalError> {
