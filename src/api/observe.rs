@@ -8,7 +8,7 @@ use super::error::{Code, REQUEST_ID};
 use crate::state::AppState;
 use crate::telemetry as t;
 use axum::extract::{MatchedPath, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode};
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
@@ -16,7 +16,8 @@ use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
 
-pub(crate) const REQUEST_ID_HEADER: &str = "x-request-id";
+/// A header name, not a `&str`: a `&str` is parsed and checked on every lookup and insert.
+pub(crate) const REQUEST_ID_HEADER: HeaderName = HeaderName::from_static("x-request-id");
 
 /// The caller's `x-request-id` when it is a sane token, kept as it came (a header value: no copy,
 /// and it goes back in the answer as it is), else a fresh UUID v7.
@@ -25,7 +26,7 @@ fn request_id(req: &Request) -> HeaderValue {
         let b = v.as_bytes();
         !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
     };
-    if let Some(v) = req.headers().get(REQUEST_ID_HEADER).filter(sane) {
+    if let Some(v) = req.headers().get(&REQUEST_ID_HEADER).filter(sane) {
         return v.clone();
     }
     let mut text = uuid::Uuid::encode_buffer();
