@@ -1,7 +1,7 @@
 //! The admin API (`/v1/admin/*`, the admin token): sales, audits, groups, payments, the blocklist.
 
 use super::error::{request_id, ApiError};
-use super::extract::{Json, Params};
+use super::extract::{AdminJson, Json, Params};
 use super::identity::Admin;
 use crate::state::AppState;
 use axum::extract::{Query, State};
@@ -29,7 +29,7 @@ use std::sync::Arc;
 pub(crate) async fn create_sale(
     State(s): State<Arc<AppState>>,
     _: Admin,
-    Json(new): Json<crate::sale::NewSale>,
+    AdminJson(new): AdminJson<crate::sale::NewSale>,
 ) -> Result<Response, ApiError> {
     new.check()
         .map_err(|(field, reason)| ApiError::invalid(format!("{field}: {reason}")))?;

@@ -23,7 +23,7 @@ pub mod server;
 pub mod shardmap;
 
 use crate::state::AppState;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
@@ -98,19 +98,14 @@ impl utoipa::Modify for Security {
 }
 
 /// Every route, with its documentation.
-fn documented(admin_body_limit: usize) -> OpenApiRouter<Arc<AppState>> {
-    let (schemas, paths, create_sale) = routes!(admin::create_sale);
+fn documented() -> OpenApiRouter<Arc<AppState>> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(time))
         .routes(routes!(healthz))
         .routes(routes!(readyz))
         .routes(routes!(observe::metrics))
         .routes(routes!(openapi_json))
-        .routes((
-            schemas,
-            paths,
-            create_sale.layer(DefaultBodyLimit::max(admin_body_limit)),
-        ))
+        .routes(routes!(admin::create_sale))
         .routes(routes!(admin::list_sales))
         .routes(routes!(admin::change_sale))
         .routes(routes!(admin::restock))
@@ -141,14 +136,13 @@ fn documented(admin_body_limit: usize) -> OpenApiRouter<Arc<AppState>> {
 
 /// The OpenAPI document of this engine.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    documented(0).into_openapi()
+    documented().into_openapi()
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
     let server = &state.config.server;
-    let body_limit = server.body_limit_bytes;
     let deadline = std::time::Duration::from_millis(server.http_timeout_ms);
-    let (mut router, _) = documented(server.admin_body_limit_bytes).split_for_parts();
+    let (mut router, _) = documented().split_for_parts();
     if server.dev_login {
         router = router.route("/dev/token", axum::routing::post(page::dev_token));
     }
@@ -161,7 +155,7 @@ pub fn router(state: Arc<AppState>) -> Router {
                 "this endpoint does not accept that method",
             )
         })
-        .layer(DefaultBodyLimit::max(body_limit))
+        // Body limits are applied where a body is read (api::extract): no layer for them.
         // One middleware for what every request crosses (its id, span, metrics and deadline):
         // each `from_fn` layer boxes the request's future and the service under it.
         .layer(axum::middleware::from_fn(move |req, next| {

@@ -377,4 +377,30 @@ async fn the_largest_sale_fits_and_a_larger_body_is_a_problem_413() {
         .await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(r.code(), "payload_too_large");
+    // The limit is `server.body_limit_bytes` (16 KiB) to the byte: a body of exactly that size
+    // is read (and refused for its contents), one byte more is not read at all.
+    for (size, too_large) in [(16 * 1024, false), (16 * 1024 + 1, true)] {
+        let frame = "{\"quantity\": 1, \"request_id\": \"\"}".len();
+        let body = format!(
+            "{{\"quantity\": 1, \"request_id\": \"{}\"}}",
+            "x".repeat(size - frame)
+        );
+        assert_eq!(body.len(), size);
+        let r = app
+            .send(
+                app.http
+                    .post(format!("{}/v1/sales/1/items/1/orders", app.addr))
+                    .bearer_auth(user_token(1))
+                    .header("content-type", "application/json")
+                    .body(body),
+            )
+            .await;
+        assert_eq!(
+            r.status == StatusCode::PAYLOAD_TOO_LARGE,
+            too_large,
+            "{size} bytes: {} {:?}",
+            r.status,
+            r.body
+        );
+    }
 }
