@@ -97,12 +97,12 @@ impl LocalGroup {
         let start = choose_master(facts).map_err(|why| {
             LocalError::Refused(format!(
                 "group {}: {} ({}) and {} ({}) {why}. Keep the one you trust and remove the \
-                 other's data directory, e.g. `rm -rf {}`; it is then made anew as the shadow",
+                 other's data directory (`rm -rf` it, or better move it aside); it is then made \
+                 anew as the shadow",
                 self.name,
                 self.master.name,
                 self.master.data_dir.display(),
                 self.shadow.name,
-                self.shadow.data_dir.display(),
                 self.shadow.data_dir.display(),
             ))
         })?;
