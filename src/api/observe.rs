@@ -132,13 +132,17 @@ pub(crate) async fn observe(deadline: Duration, req: Request, next: Next) -> Res
         route = %m.route,
         request_id = %id.to_str().unwrap_or_default(),
     );
+    // The span is kept for the closing line only when a debug line can be logged anywhere (the
+    // filter's most verbose level, the same check the macro makes first): a clone and its drop
+    // cost every answer.
+    let closing = (tracing::Level::DEBUG <= tracing::level_filters::LevelFilter::current())
+        .then(|| span.clone());
     m.active.increment(1.0);
     let started = Instant::now();
     // The id is handed back by the task-local when the answer is done: not copied for it.
-    let mut answer = std::pin::pin!(REQUEST_ID.scope(
-        id,
-        super::within(deadline, next.run(req)).instrument(span.clone())
-    ));
+    let mut answer = std::pin::pin!(
+        REQUEST_ID.scope(id, super::within(deadline, next.run(req)).instrument(span))
+    );
     let mut resp = answer.as_mut().await;
     m.active.decrement(1.0);
     let elapsed = started.elapsed();
@@ -147,10 +151,8 @@ pub(crate) async fn observe(deadline: Duration, req: Request, next: Next) -> Res
     // log at the default level. The causes of server errors are logged at warn where they are
     // known (api::error), inside this span, so they carry the request id all the same. The
     // status and code are not recorded in the span: formatting them cost every answer.
-    // Entered, not named as the event's parent: the JSON log lists the entered spans only. Not
-    // entered at all when no debug line can be logged anywhere (the filter's most verbose level,
-    // the same check the macro makes first).
-    if tracing::Level::DEBUG <= tracing::level_filters::LevelFilter::current() {
+    // Entered, not named as the event's parent: the JSON log lists the entered spans only.
+    if let Some(span) = closing {
         span.in_scope(|| {
             let code = resp.extensions().get::<Code>().map(|c| c.as_str());
             tracing::debug!(
