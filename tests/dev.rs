@@ -310,6 +310,16 @@ impl Setup {
     }
 }
 
+impl Drop for Dev {
+    /// A test that fails leaves no `seckill dev` running (its servers stop with the folder).
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Dev {
     /// Ctrl-C: the engine stops, then its servers.
     fn interrupt(mut self) {
