@@ -127,6 +127,28 @@ pub(crate) fn random_secret() -> Secret {
 }
 
 /// Write a file only its owner can read.
+/// Write a small file and fsync it and its folder: a marker that must outlive a crash.
+pub(crate) fn write_durably(path: &Path, text: &str) -> Result<(), LocalError> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    sync_folder_of(path)
+}
+
+/// Remove a file written by [`write_durably`], durably.
+pub(crate) fn remove_durably(path: &Path) -> Result<(), LocalError> {
+    std::fs::remove_file(path)?;
+    sync_folder_of(path)
+}
+
+fn sync_folder_of(path: &Path) -> Result<(), LocalError> {
+    if let Some(parent) = path.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 pub fn write_private(path: &Path, text: &str) -> Result<(), LocalError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
@@ -241,8 +263,17 @@ impl LocalCluster {
         started: &mut Vec<&'a LocalServer>,
     ) -> Result<(), LocalError> {
         for g in &self.groups {
+            // Written before a group's master is made, removed once it has its roles and
+            // database: a group still marked was never whole, the engine never started on it, and
+            // nothing was sold on it. It is made anew.
+            let creating = self.root.join(format!("{}.creating", g.name));
             let has_data = |s: &LocalServer| s.exists() || s.rejoin_cut_short();
-            if has_data(&g.master) || has_data(&g.shadow) {
+            if creating.exists() {
+                tracing::warn!(group = %g.name, "the group's creation was cut short: it is made anew");
+                for s in [&g.master, &g.shadow] {
+                    s.discard()?;
+                }
+            } else if has_data(&g.master) || has_data(&g.shadow) {
                 // Whatever happened before: one master, its shadow following it (recover.rs).
                 started.extend([&g.master, &g.shadow]);
                 g.recover(SHADOW_NAME)?;
@@ -251,6 +282,7 @@ impl LocalCluster {
             for s in [&g.master, &g.shadow] {
                 ports::check_port_free(s.port, &s.name)?;
             }
+            write_durably(&creating, "this group is being created\n")?;
             g.master.init_master(tuning)?;
             g.master.start()?;
             started.push(&g.master);
@@ -265,9 +297,12 @@ impl LocalCluster {
                 "postgres",
                 &format!("CREATE DATABASE seckill OWNER {ADMIN_ROLE}"),
             )?;
-            g.shadow.init_shadow_of(&g.master)?;
-            g.shadow.start()?;
+            remove_durably(&creating)?;
+            // Made as a rejoin is (marked until it is a standby's): a start cut short during the
+            // base backup rebuilds it at the next.
             started.push(&g.shadow);
+            g.shadow
+                .rejoin("127.0.0.1", g.master.port, SHADOW_NAME, true)?;
         }
         Ok(())
     }

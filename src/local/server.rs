@@ -2,7 +2,8 @@
 //! processes and signals are in [`super::signals`].
 
 use super::{
-    hand_to_postgres, run, run_with_input, running_as_root, write_private, LocalError, ADMIN_ROLE,
+    hand_to_postgres, remove_durably, run, run_with_input, running_as_root, write_durably,
+    write_private, LocalError, ADMIN_ROLE,
 };
 use crate::config::Secret;
 use crate::shard::heal::Rejoined;
@@ -201,8 +202,9 @@ impl LocalServer {
                     "--no-locale",
                     "-E",
                     "UTF8",
-                    "--no-sync",
-                ]),
+                ])
+                // Tests run without fsync; a dev cluster's catalogs are on disk before it serves.
+                .args((!tuning.fsync).then_some("--no-sync")),
         );
         let _ = std::fs::remove_file(&pwfile);
         made?;
@@ -220,11 +222,6 @@ impl LocalServer {
         );
         append(&self.data_dir.join("postgresql.conf"), &conf)?;
         Ok(())
-    }
-
-    /// Make this server a streaming replica of `master` (which must be running).
-    pub(crate) fn init_shadow_of(&self, master: &LocalServer) -> Result<(), LocalError> {
-        self.init_shadow_of_addr("127.0.0.1", master.port)
     }
 
     /// Make this server a streaming replica of the master at `host:port` (same superuser
@@ -514,7 +511,8 @@ impl LocalServer {
     }
 
     fn mark_rejoining(&self, host: &str, port: u16) -> Result<(), LocalError> {
-        use std::io::Write;
+        // A shadow made for the first time has no folder yet.
+        self.prepare_dirs()?;
         let marker = self.rejoin_marker();
         let text = format!(
             "{} is being made the shadow of the master at {host}:{port} (since {}, by process {}).\n\
@@ -524,13 +522,7 @@ impl LocalServer {
             chrono::Utc::now().to_rfc3339(),
             std::process::id()
         );
-        let write = || -> Result<(), LocalError> {
-            let mut f = std::fs::File::create(&marker)?;
-            f.write_all(text.as_bytes())?;
-            f.sync_all()?;
-            sync_parent(&marker)
-        };
-        write().map_err(|e| LocalError::Command {
+        write_durably(&marker, &text).map_err(|e| LocalError::Command {
             what: format!("writing the rejoin marker {}", marker.display()),
             detail: e.to_string(),
         })
@@ -544,15 +536,29 @@ impl LocalServer {
         application_name: &str,
     ) -> Result<(), LocalError> {
         self.follow(host, port, application_name)?;
-        let marker = self.rejoin_marker();
-        std::fs::remove_file(&marker)?;
-        sync_parent(&marker)?;
+        remove_durably(&self.rejoin_marker())?;
         self.start()
     }
 
-    /// SIGKILL what an interrupted rejoin may have left running on this data directory (the
-    /// engine dies, its children do not): a pg_rewind or pg_basebackup, or the single-user
-    /// server pg_rewind runs for crash recovery. Bounded wait until they are gone.
+    /// The data directory of a server whose creation was cut short (nothing was ever sold on
+    /// it), removed with whatever still runs on it, and its rejoin marker.
+    pub(crate) fn discard(&self) -> Result<(), LocalError> {
+        self.halt()?;
+        self.kill_tools_on_data_dir();
+        if self.data_dir.exists() {
+            std::fs::remove_dir_all(&self.data_dir)?;
+        }
+        let marker = self.rejoin_marker();
+        if marker.exists() {
+            std::fs::remove_file(&marker)?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL what an interrupted rejoin or creation may have left running on this data
+    /// directory (the engine dies, its children do not): a pg_rewind or pg_basebackup, the
+    /// single-user server pg_rewind runs for crash recovery, an initdb and its bootstrap server.
+    /// Bounded wait until they are gone.
     fn kill_tools_on_data_dir(&self) {
         let dir = self.data_dir.to_string_lossy().to_string();
         let Ok(procs) = std::fs::read_dir("/proc") else {
@@ -570,7 +576,9 @@ impl LocalServer {
                 let on_dir = args.contains(&dir);
                 let tool = args.iter().any(|a| {
                     let base = a.rsplit('/').next().unwrap_or(a);
-                    base == "pg_rewind" || base == "pg_basebackup" || a == "--single"
+                    ["pg_rewind", "pg_basebackup", "initdb"].contains(&base)
+                        || a == "--single"
+                        || a == "--boot"
                 });
                 (on_dir && tool && pid != std::process::id() as i32).then_some(pid)
             })
@@ -704,14 +712,6 @@ fn lsn_value(text: &str) -> u64 {
             Some((u64::from_str_radix(hi, 16).ok()? << 32) | u64::from_str_radix(lo, 16).ok()?)
         })
         .unwrap_or(0)
-}
-
-/// fsync the folder holding `path`, so that a file's creation or removal outlives a crash.
-fn sync_parent(path: &Path) -> Result<(), LocalError> {
-    if let Some(parent) = path.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
 }
 
 fn append(path: &Path, text: &str) -> Result<(), LocalError> {
