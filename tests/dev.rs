@@ -61,6 +61,16 @@ impl Setup {
         }
     }
 
+    /// A new dev cluster, started and whole, and its servers' handles.
+    async fn whole() -> (Self, Dev, LocalCluster) {
+        let setup = Setup::new();
+        let t = Instant::now();
+        let dev = setup.start();
+        setup.until_whole(&dev, "first start", t).await;
+        let cluster = setup.cluster();
+        (setup, dev, cluster)
+    }
+
     /// Start `seckill dev` and SIGKILL it once it runs `tool` on `server`'s data directory.
     async fn start_cut_short(&self, server: &LocalServer, tool: &str) {
         let mut child = self.command().spawn().expect("seckill dev starts");
@@ -409,13 +419,9 @@ fn pid_of(server: &LocalServer) -> Option<i32> {
 // Long on purpose: one scenario, its steps in the order they happen; split, it would no longer
 // read as one story.
 async fn seckill_dev_heals_through_kills_freezes_and_restarts() {
-    let setup = Setup::new();
-    let t = Instant::now();
-    let dev = setup.start();
-    setup.until_whole(&dev, "first start", t).await;
+    let (setup, dev, cluster) = Setup::whole().await;
     let (sale, item) = setup.open_sale(&dev).await;
     let mut orders = setup.buy(&dev, sale, item, 5).await;
-    let cluster = setup.cluster();
 
     // Every master SIGKILLed while the command runs: failover, and the old masters come back as
     // shadows.
@@ -492,36 +498,11 @@ async fn seckill_dev_heals_through_kills_freezes_and_restarts() {
     dev.interrupt();
 }
 
-/// The processes running `tool` (pg_rewind, say) on `server`'s data directory, and the `runuser`
-/// wrapping each when the tests run as root.
-fn tool_on(server: &LocalServer, tool: &str) -> Vec<i32> {
-    let dir = server.data_dir.to_string_lossy().to_string();
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    procs
-        .flatten()
-        .filter_map(|e| {
-            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-            let args: Vec<String> = cmdline
-                .split(|&b| b == 0)
-                .map(|a| String::from_utf8_lossy(a).to_string())
-                .collect();
-            (args
-                .iter()
-                .any(|a| a.ends_with(&format!("/{tool}")) || a == tool)
-                && args.contains(&dir))
-            .then_some(pid)
-        })
-        .collect()
-}
-
 /// Wait (bounded) until the engine's heal runs `tool` on `server`'s data directory.
 async fn until_tool(server: &LocalServer, tool: &str) -> Vec<i32> {
     let start = Instant::now();
     loop {
-        let pids = tool_on(server, tool);
+        let pids = server.tool_processes(&[tool]);
         if !pids.is_empty() {
             return pids;
         }
@@ -565,13 +546,9 @@ fn kept_aside(server: &LocalServer) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 // One story in sequence, as the last: the command SIGKILLed in the middle of a heal, twice.
 async fn a_heal_cut_short_by_a_crash_is_finished_at_the_next_start() {
-    let setup = Setup::new();
-    let t = Instant::now();
-    let dev = setup.start();
-    setup.until_whole(&dev, "first start", t).await;
+    let (setup, dev, cluster) = Setup::whole().await;
     let (sale, item) = setup.open_sale(&dev).await;
     let mut orders = setup.buy(&dev, sale, item, 5).await;
-    let cluster = setup.cluster();
 
     // g0's master SIGKILLed; the engine promotes the shadow and rewinds the old master into its
     // shadow. The command is SIGKILLed while pg_rewind runs. Here the rewind is then finished by
@@ -594,7 +571,7 @@ async fn a_heal_cut_short_by_a_crash_is_finished_at_the_next_start() {
     );
     // pg_rewind first runs the crashed directory through crash recovery in a single-user server.
     let start = Instant::now();
-    while !tool_on(&old, "postgres").is_empty() {
+    while !old.tool_processes(&["--single"]).is_empty() {
         assert!(
             start.elapsed() < Duration::from_secs(60),
             "single-user server ends"

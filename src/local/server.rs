@@ -560,29 +560,8 @@ impl LocalServer {
     /// single-user server pg_rewind runs for crash recovery, an initdb and its bootstrap server.
     /// Bounded wait until they are gone.
     fn kill_tools_on_data_dir(&self) {
-        let dir = self.data_dir.to_string_lossy().to_string();
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return;
-        };
-        let tools: Vec<i32> = procs
-            .flatten()
-            .filter_map(|e| {
-                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-                let args: Vec<String> = cmdline
-                    .split(|&b| b == 0)
-                    .map(|a| String::from_utf8_lossy(a).to_string())
-                    .collect();
-                let on_dir = args.contains(&dir);
-                let tool = args.iter().any(|a| {
-                    let base = a.rsplit('/').next().unwrap_or(a);
-                    ["pg_rewind", "pg_basebackup", "initdb"].contains(&base)
-                        || a == "--single"
-                        || a == "--boot"
-                });
-                (on_dir && tool && pid != std::process::id() as i32).then_some(pid)
-            })
-            .collect();
+        let tools =
+            self.tool_processes(&["pg_rewind", "pg_basebackup", "initdb", "--single", "--boot"]);
         for &pid in &tools {
             tracing::warn!(server = %self.name, pid, "stopping a tool an interrupted rejoin left running");
             // SAFETY: plain kill(2) of a pg_rewind, pg_basebackup or single-user server working

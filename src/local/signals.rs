@@ -167,19 +167,22 @@ impl LocalServer {
             return Vec::new();
         };
         let prefix = format!("postgres: {tag}: ");
-        let Ok(procs) = std::fs::read_dir("/proc") else {
-            return Vec::new();
+        processes_where(|args| args.first().is_some_and(|a| a.starts_with(&prefix)))
+    }
+
+    /// The live processes running one of `tools` (program names, or arguments such as
+    /// `--single`) with this server's data directory as an argument: what a rejoin or a creation
+    /// left running, and the `runuser` wrapping each when we run as root.
+    pub fn tool_processes(&self, tools: &[&str]) -> Vec<i32> {
+        let dir = self.data_dir.to_string_lossy().to_string();
+        let me = std::process::id() as i32;
+        let tool = |a: &String| {
+            let base = a.rsplit('/').next().unwrap_or(a);
+            tools.contains(&base) || tools.contains(&a.as_str())
         };
-        procs
-            .flatten()
-            .filter_map(|e| {
-                let pid: i32 = e.file_name().to_str()?.parse().ok()?;
-                let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
-                String::from_utf8_lossy(&cmdline)
-                    .starts_with(&prefix)
-                    .then_some(pid)
-            })
-            .filter(|&pid| process_alive(pid))
+        processes_where(|args| args.contains(&dir) && args.iter().any(tool))
+            .into_iter()
+            .filter(|&pid| pid != me)
             .collect()
     }
 
@@ -198,6 +201,26 @@ impl LocalServer {
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// The live processes whose command line (its arguments, split) satisfies `matches`.
+fn processes_where(matches: impl Fn(&[String]) -> bool) -> Vec<i32> {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    procs
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|&b| b == 0)
+                .map(|a| String::from_utf8_lossy(a).to_string())
+                .collect();
+            matches(&args).then_some(pid)
+        })
+        .filter(|&pid| process_alive(pid))
+        .collect()
 }
 
 /// The state letter of a process (R, S, D, T, Z, ...).

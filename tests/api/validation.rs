@@ -362,23 +362,9 @@ async fn the_largest_sale_fits_and_a_larger_body_is_a_problem_413() {
         (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
     );
     assert_eq!(r.headers["content-type"], "application/problem+json");
-    // The buy endpoint keeps its small limit.
-    let r = app
-        .send(
-            app.http
-                .post(format!("{}/v1/sales/1/items/1/orders", app.addr))
-                .bearer_auth(user_token(1))
-                .header("content-type", "application/json")
-                .body(format!(
-                    "{{\"user_id\": 1, \"request_id\": \"{}\"}}",
-                    "x".repeat(20_000)
-                )),
-        )
-        .await;
-    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
-    assert_eq!(r.code(), "payload_too_large");
-    // The limit is `server.body_limit_bytes` (16 KiB) to the byte: a body of exactly that size
-    // is read (and refused for its contents), one byte more is not read at all.
+    // The buy endpoint keeps its small limit, `server.body_limit_bytes` (16 KiB), to the byte: a
+    // body of exactly that size is read (and refused for its contents), one byte more is not read
+    // at all, and its 413 is a problem like every other.
     for (size, too_large) in [(16 * 1024, false), (16 * 1024 + 1, true)] {
         let frame = "{\"quantity\": 1, \"request_id\": \"\"}".len();
         let body = format!(
@@ -402,5 +388,8 @@ async fn the_largest_sale_fits_and_a_larger_body_is_a_problem_413() {
             r.status,
             r.body
         );
+        if too_large {
+            assert_eq!(r.code(), "payload_too_large");
+        }
     }
 }
