@@ -126,7 +126,6 @@ pub(crate) fn random_secret() -> Secret {
     Secret::new(uuid::Uuid::new_v4().simple().to_string())
 }
 
-/// Write a file only its owner can read.
 /// Write a small file and fsync it and its folder: a marker that must outlive a crash.
 pub(crate) fn write_durably(path: &Path, text: &str) -> Result<(), LocalError> {
     use std::io::Write;
@@ -149,6 +148,7 @@ fn sync_folder_of(path: &Path) -> Result<(), LocalError> {
     Ok(())
 }
 
+/// Write a file only its owner can read.
 pub fn write_private(path: &Path, text: &str) -> Result<(), LocalError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;

@@ -555,27 +555,6 @@ impl LocalServer {
         Ok(())
     }
 
-    /// SIGKILL what an interrupted rejoin or creation may have left running on this data
-    /// directory (the engine dies, its children do not): a pg_rewind or pg_basebackup, the
-    /// single-user server pg_rewind runs for crash recovery, an initdb and its bootstrap server.
-    /// Bounded wait until they are gone.
-    fn kill_tools_on_data_dir(&self) {
-        let tools =
-            self.tool_processes(&["pg_rewind", "pg_basebackup", "initdb", "--single", "--boot"]);
-        for &pid in &tools {
-            tracing::warn!(server = %self.name, pid, "stopping a tool an interrupted rejoin left running");
-            // SAFETY: plain kill(2) of a pg_rewind, pg_basebackup or single-user server working
-            // on this server's own data directory.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let start = Instant::now();
-        while tools.iter().any(|&p| super::signals::process_alive(p))
-            && start.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// A fresh base backup of the master at `host:port`, started as its standby. The data
     /// directory it replaces is moved aside, never deleted; only the newest such copy is kept.
     fn rebuild(

@@ -130,14 +130,7 @@ impl LocalServer {
     pub(crate) fn kill_all(&self) -> Result<(), LocalError> {
         let mut pids = self.processes().unwrap_or_default();
         pids.extend(self.leftovers());
-        for &pid in &pids {
-            // SAFETY: plain kill(2) of the server's own processes.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let start = Instant::now();
-        while pids.iter().any(|&p| process_alive(p)) && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill_and_wait(&pids);
         Ok(())
     }
 
@@ -191,15 +184,34 @@ impl LocalServer {
         if alive {
             return;
         }
-        let pids = self.leftovers();
-        for &pid in &pids {
-            // SAFETY: plain kill(2) of processes carrying this server's own title.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
+        kill_and_wait(&self.leftovers());
+    }
+
+    /// SIGKILL what an interrupted rejoin or creation may have left running on this data
+    /// directory (the engine dies, its children do not): a pg_rewind or pg_basebackup, the
+    /// single-user server pg_rewind runs for crash recovery, an initdb and its bootstrap server.
+    pub(super) fn kill_tools_on_data_dir(&self) {
+        let tools =
+            self.tool_processes(&["pg_rewind", "pg_basebackup", "initdb", "--single", "--boot"]);
+        for &pid in &tools {
+            tracing::warn!(server = %self.name, pid, "stopping a tool an interrupted rejoin left running");
         }
-        let start = Instant::now();
-        while pids.iter().any(|&p| process_alive(p)) && start.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        kill_and_wait(&tools);
+    }
+}
+
+/// SIGKILL `pids` (this server's processes, or tools working on its data directory) and wait,
+/// bounded, until they are gone: a new postmaster refuses to start while an old backend holds the
+/// shared memory, and a tool must not write into a directory being replaced.
+fn kill_and_wait(pids: &[i32]) {
+    for &pid in pids {
+        // SAFETY: plain kill(2) of processes found as this server's own (by pid file, title, or
+        // data directory argument).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+    }
+    let start = Instant::now();
+    while pids.iter().any(|&p| process_alive(p)) && start.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
