@@ -1,6 +1,8 @@
 //! The system under test: a `seckill dev` process of the nemesis's own (its folder, its ports),
-//! and the faults dealt to it: servers killed or frozen, the command SIGKILLed or stopped and
-//! started again, keys moved live.
+//! with `--engines 2` a second engine node beside it (`seckill serve` on the same shards.toml, as a
+//! second host behind one load balancer), and the faults dealt to them: servers killed or frozen,
+//! the command SIGKILLed or stopped and started again, an engine frozen (a hung host), the second
+//! engine SIGKILLed and started again, keys moved live.
 
 use rand::Rng;
 use seckill::local::{LocalCluster, LocalServer};
@@ -99,6 +101,10 @@ impl Dev {
         Err("seckill dev did not stop within 90 s of Ctrl-C".into())
     }
 
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
     pub fn running(&mut self) -> bool {
         self.child
             .as_mut()
@@ -119,6 +125,138 @@ impl Drop for Dev {
             }
         }
     }
+}
+
+/// The second engine node: `seckill serve` on the dev cluster's shards.toml. It runs the same
+/// monitors as the engine of `seckill dev` (it follows failovers, may promote a shadow itself) but
+/// heals nothing: rejoining an old master needs its data directory, which only `seckill dev` has.
+pub struct Serve {
+    pub exe: PathBuf,
+    pub dir: PathBuf,
+    pub listen: String,
+    child: Option<Child>,
+}
+
+impl Serve {
+    pub fn new(exe: PathBuf, dir: PathBuf, listen: String) -> Self {
+        Self {
+            exe,
+            dir,
+            listen,
+            child: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.listen)
+    }
+
+    /// Start it and wait (bounded) until it answers; its log goes to `serve.log`.
+    pub async fn start(&mut self, http: &reqwest::Client) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.with_extension("serve.log"))
+            .map_err(|e| e.to_string())?;
+        let mut child = Command::new(&self.exe)
+            .arg("serve")
+            .arg("--config")
+            .arg(self.dir.join("shards.toml"))
+            .args(["--listen", &self.listen])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", self.exe.display()))?;
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(120) {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "seckill serve exited ({status}) before it answered (see {})",
+                    self.dir.with_extension("serve.log").display()
+                ));
+            }
+            let answered = http
+                .get(format!("{}/v1/time", self.url()))
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success());
+            if answered {
+                self.child = Some(child);
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        Err("seckill serve did not answer within 120 s".into())
+    }
+
+    pub fn pid(&self) -> Option<i32> {
+        self.child.as_ref().map(|c| c.id() as i32)
+    }
+
+    /// None while it runs; what it exited with, if it exited on its own.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    /// SIGKILL (a frozen one too).
+    pub fn crash(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Ctrl-C, bounded; then SIGKILL.
+    pub fn stop(&mut self) {
+        let Some(mut c) = self.child.take() else {
+            return;
+        };
+        let pid = c.id() as i32;
+        // SAFETY: plain kill(2) of our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGCONT);
+            libc::kill(pid, libc::SIGINT);
+        }
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// SIGSTOP of one process for `secs`, then SIGCONT (a hung host that comes back). The process is
+/// continued even if it was killed meanwhile: a signal to a reaped pid may reach a newer process
+/// only once the pid is reused, which a run's few hundred processes do not wrap around to.
+fn freeze_process(pid: i32, secs: u64) -> Result<(), String> {
+    // SAFETY: plain kill(2) of our own child.
+    if unsafe { libc::kill(pid, libc::SIGSTOP) } != 0 {
+        return Err(format!(
+            "SIGSTOP of {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(secs)).await;
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    });
+    Ok(())
 }
 
 /// Talks to the engine as its admin.
@@ -218,6 +356,16 @@ pub enum Fault {
     CrashEngine,
     /// Ctrl-C of `seckill dev` (its servers stop), then a start.
     RestartCluster,
+    /// SIGSTOP of the engine of `seckill dev` alone (its servers run on), SIGCONT `secs` later.
+    FreezeEngine {
+        secs: u64,
+    },
+    /// SIGKILL of the second engine node, then a start.
+    CrashSecondEngine,
+    /// SIGSTOP of the second engine node, SIGCONT `secs` later.
+    FreezeSecondEngine {
+        secs: u64,
+    },
     MoveItem {
         item: u64,
     },
@@ -237,14 +385,30 @@ impl Fault {
             Fault::Freeze { master: false, .. } => "SIGSTOP of a shadow".into(),
             Fault::CrashEngine => "SIGKILL of the engine, restart".into(),
             Fault::RestartCluster => "restart of the whole dev cluster".into(),
+            Fault::FreezeEngine { .. } => "SIGSTOP of the engine".into(),
+            Fault::CrashSecondEngine => "SIGKILL of the second engine, restart".into(),
+            Fault::FreezeSecondEngine { .. } => "SIGSTOP of the second engine".into(),
             Fault::MoveItem { .. } => "live move of an item".into(),
             Fault::MoveSlot { .. } => "live move of a hash slot".into(),
             Fault::Pair(..) => "two faults close together".into(),
         }
     }
 
-    /// A fault drawn from `rng`: servers most often, the engine and moves less.
-    pub fn draw(rng: &mut impl Rng, items: &[u64], pairs: bool) -> Fault {
+    /// A fault drawn from `rng`: servers most often, the engine and moves less. With two engines,
+    /// one fault in four is dealt to an engine node (a draw of its own first, so that one engine's
+    /// schedules stay what they were for a seed).
+    pub fn draw(rng: &mut impl Rng, items: &[u64], pairs: bool, engines: u32) -> Fault {
+        if engines > 1 && rng.random_range(0..4) == 0 {
+            return match rng.random_range(0..3) {
+                0 => Fault::FreezeEngine {
+                    secs: rng.random_range(1..9),
+                },
+                1 => Fault::CrashSecondEngine,
+                _ => Fault::FreezeSecondEngine {
+                    secs: rng.random_range(1..9),
+                },
+            };
+        }
         let group = rng.random_range(0..2);
         let item = items[rng.random_range(0..items.len())];
         let n: u32 = rng.random_range(0..100);
@@ -272,8 +436,8 @@ impl Fault {
             70..=79 => Fault::MoveItem { item },
             80..=85 => Fault::MoveSlot { item },
             _ if pairs => Fault::Pair(
-                Box::new(Fault::draw(rng, items, false)),
-                Box::new(Fault::draw(rng, items, false)),
+                Box::new(Fault::draw(rng, items, false, engines)),
+                Box::new(Fault::draw(rng, items, false, engines)),
                 rng.random_range(0..1000),
             ),
             _ => Fault::Kill {
@@ -285,7 +449,12 @@ impl Fault {
 }
 
 /// Deal `fault`; a description of what was hit, or why it could not be dealt.
-pub async fn deal(fault: &Fault, dev: &mut Dev, admin: &Admin) -> Result<String, String> {
+pub async fn deal(
+    fault: &Fault,
+    dev: &mut Dev,
+    second: &mut Option<Serve>,
+    admin: &Admin,
+) -> Result<String, String> {
     match fault {
         Fault::Kill { group, master } | Fault::Freeze { group, master, .. } => {
             let servers = dev.servers()?;
@@ -316,6 +485,25 @@ pub async fn deal(fault: &Fault, dev: &mut Dev, admin: &Admin) -> Result<String,
             dev.interrupt()?;
             dev.start()?;
             Ok("seckill dev and its servers".into())
+        }
+        Fault::FreezeEngine { secs } => {
+            let pid = dev.pid().ok_or("seckill dev is not running")?;
+            freeze_process(pid, *secs)?;
+            Ok(format!("the engine of seckill dev for {secs} s"))
+        }
+        Fault::CrashSecondEngine => {
+            let s = second.as_mut().ok_or("no second engine")?;
+            s.crash();
+            s.start(&admin.http).await?;
+            Ok("seckill serve".into())
+        }
+        Fault::FreezeSecondEngine { secs } => {
+            let pid = second
+                .as_ref()
+                .and_then(Serve::pid)
+                .ok_or("no second engine running")?;
+            freeze_process(pid, *secs)?;
+            Ok(format!("seckill serve for {secs} s"))
         }
         Fault::MoveItem { item } | Fault::MoveSlot { item } => {
             let route = admin.get(&format!("/v1/admin/route/items/{item}")).await?;
@@ -352,10 +540,10 @@ pub async fn deal(fault: &Fault, dev: &mut Dev, admin: &Admin) -> Result<String,
             ))
         }
         Fault::Pair(a, b, gap_ms) => {
-            let first = Box::pin(deal(a, dev, admin)).await;
+            let first = Box::pin(deal(a, dev, second, admin)).await;
             tokio::time::sleep(Duration::from_millis(*gap_ms)).await;
-            let second = Box::pin(deal(b, dev, admin)).await;
-            if let (Err(e), Err(f)) = (&first, &second) {
+            let then = Box::pin(deal(b, dev, second, admin)).await;
+            if let (Err(e), Err(f)) = (&first, &then) {
                 return Err(format!("{e}; {f}"));
             }
             Ok(format!(
@@ -363,7 +551,7 @@ pub async fn deal(fault: &Fault, dev: &mut Dev, admin: &Admin) -> Result<String,
                 a.kind(),
                 outcome(first),
                 b.kind(),
-                outcome(second)
+                outcome(then)
             ))
         }
     }

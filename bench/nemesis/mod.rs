@@ -5,7 +5,8 @@
 //! the requests. The same seed gives the same schedule of faults and the same requests (their
 //! timing, and so the answers, depend on the machine).
 //!
-//! The run: start `seckill dev` in `--dir` (a fresh folder each run), create a sale, start the
+//! The run: start `seckill dev` in `--dir` (a fresh folder each run) and, with `--engines 2`, a
+//! second engine node beside it (`seckill serve`), create a sale, start the
 //! clients ([`workload`]), deal faults every few seconds ([`cluster`]) for `--seconds`, stop
 //! dealing, wait until every group is whole again, let the clients settle what they started, read
 //! the end state back (every user's orders, the audit, the payments in the shards) and check.
@@ -42,6 +43,14 @@ pub struct NemesisArgs {
     /// Where the engine listens.
     #[arg(long, default_value = "127.0.0.1:18090")]
     pub listen: String,
+    /// Engine nodes: 1 (the engine of `seckill dev`), or 2 (and `seckill serve` beside it, the
+    /// clients' requests alternating between the two, a retry often reaching the other node; one
+    /// fault in four then freezes an engine or crashes the second one).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=2))]
+    pub engines: u32,
+    /// Where the second engine node listens.
+    #[arg(long, default_value = "127.0.0.1:18091")]
+    pub second_listen: String,
     /// Concurrent clients.
     #[arg(long, default_value_t = 24)]
     pub clients: u32,
@@ -98,14 +107,27 @@ pub async fn run(args: NemesisArgs) -> Result<bool, String> {
         token: cluster::secret(&dir, "admin-token")?,
     };
     admin.until_whole(Duration::from_secs(60)).await?;
+    let mut second = match args.engines {
+        2 => {
+            let mut s =
+                cluster::Serve::new(dev.exe.clone(), dir.clone(), args.second_listen.clone());
+            s.start(&admin.http).await?;
+            println!("second engine node: seckill serve on {}", s.url());
+            Some(s)
+        }
+        _ => None,
+    };
     let mut rng = ChaCha8Rng::seed_from_u64(args.seed);
     let sale = create_sale(&admin, &args, &mut rng).await?;
     let items = sale.items.clone();
     let sale_id = sale.sale;
     let history = Arc::new(History::new(&dir.with_extension("history.jsonl"))?);
     let start = Instant::now();
+    let urls = std::iter::once(dev.url())
+        .chain(second.as_ref().map(cluster::Serve::url))
+        .collect();
     let shared = Arc::new(workload::Shared::new(
-        dev.url(),
+        urls,
         seckill::config::Secret::new(cluster::secret(&dir, "user-token-secret")?),
         seckill::config::Secret::new(cluster::secret(&dir, "payment-secret")?),
         sale,
@@ -132,9 +154,9 @@ pub async fn run(args: NemesisArgs) -> Result<bool, String> {
             break;
         }
         tokio::time::sleep(pause).await;
-        let fault = cluster::Fault::draw(&mut rng, &items, true);
+        let fault = cluster::Fault::draw(&mut rng, &items, true, args.engines);
         let at_ms = start.elapsed().as_millis() as u64;
-        let dealt = cluster::deal(&fault, &mut dev, &admin).await;
+        let dealt = cluster::deal(&fault, &mut dev, &mut second, &admin).await;
         let event = FaultEvent {
             kind: fault.kind(),
             target: dealt.clone().unwrap_or_default(),
@@ -153,6 +175,12 @@ pub async fn run(args: NemesisArgs) -> Result<bool, String> {
             // A restart that failed: the system must come back for the run to be judged.
             dev.start()?;
         }
+        if let Some(status) = second.as_mut().and_then(cluster::Serve::exited) {
+            return Err(format!(
+                "the second engine exited by itself ({status}); see {}",
+                dir.with_extension("serve.log").display()
+            ));
+        }
     }
 
     // Faults stop; everything heals; the clients settle what they started.
@@ -163,11 +191,33 @@ pub async fn run(args: NemesisArgs) -> Result<bool, String> {
             let _ = g.shadow.thaw();
         }
     }
+    // Frozen engines are continued (their own timers would do it; this is sooner).
+    for pid in dev
+        .pid()
+        .into_iter()
+        .chain(second.as_ref().and_then(cluster::Serve::pid))
+    {
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    }
     let healed = admin.until_whole(Duration::from_secs(120)).await?;
     println!(
         "faults stopped; every group whole again after {:.1} s",
         healed.as_secs_f64()
     );
+    if let Some(s) = &second {
+        // The second node must have followed every failover and move on its own.
+        let other = cluster::Admin {
+            http: admin.http.clone(),
+            url: s.url(),
+            token: admin.token.clone(),
+        };
+        let healed = other.until_whole(Duration::from_secs(60)).await?;
+        println!(
+            "the second engine sees every group whole after {:.1} s more",
+            healed.as_secs_f64()
+        );
+    }
     tokio::time::sleep(Duration::from_secs(5)).await;
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     for c in clients {
@@ -191,6 +241,9 @@ pub async fn run(args: NemesisArgs) -> Result<bool, String> {
         dir.with_extension("history.jsonl").display(),
         path.display()
     );
+    if let Some(s) = second.as_mut() {
+        s.stop();
+    }
     dev.interrupt()?;
     Ok(report.violations.is_empty())
 }

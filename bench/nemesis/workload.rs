@@ -30,7 +30,10 @@ struct Acked {
 /// What the clients share.
 pub struct Shared {
     pub http: reqwest::Client,
-    pub url: String,
+    /// The engine nodes: each request goes to the next one, as a round-robin load balancer
+    /// sends it (so a retry often reaches another node than the first attempt).
+    urls: Vec<String>,
+    next: std::sync::atomic::AtomicUsize,
     pub users: seckill::config::Secret,
     pub payments: seckill::config::Secret,
     pub sale: Sale,
@@ -42,7 +45,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(
-        url: String,
+        urls: Vec<String>,
         users: seckill::config::Secret,
         payments: seckill::config::Secret,
         sale: Sale,
@@ -54,7 +57,8 @@ impl Shared {
                 .timeout(Duration::from_secs(15))
                 .build()
                 .map_err(|e| e.to_string())?,
-            url,
+            urls,
+            next: Default::default(),
             users,
             payments,
             sale,
@@ -63,6 +67,12 @@ impl Shared {
             acked: Mutex::new(Vec::new()),
             refs: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The engine node for the next request.
+    pub fn url(&self) -> &str {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.urls[n % self.urls.len()]
     }
 
     fn ms(&self) -> u64 {
@@ -182,17 +192,21 @@ async fn buy(
         request_id: Some(rid.clone()),
         ..Default::default()
     };
-    let path = format!(
-        "{}/v1/sales/{}/items/{item}/orders",
-        shared.url, shared.sale.sale
-    );
+    // Each attempt to the next engine node.
+    let path = || {
+        format!(
+            "{}/v1/sales/{}/items/{item}/orders",
+            shared.url(),
+            shared.sale.sale
+        )
+    };
     let body = json!({"quantity": qty, "request_id": rid});
     let token = shared.token(user);
     // One in twenty hangs up a few milliseconds in, then asks again for the outcome.
     if rng.random_range(0..20) == 0 {
         let req = shared
             .http
-            .post(&path)
+            .post(path())
             .bearer_auth(&token)
             .json(&body)
             .timeout(Duration::from_millis(rng.random_range(1..20)));
@@ -207,7 +221,7 @@ async fn buy(
         .await;
     }
     for _ in 0..60 {
-        let req = shared.http.post(&path).bearer_auth(&token).json(&body);
+        let req = shared.http.post(path()).bearer_auth(&token).json(&body);
         let (status, answer, retry_after) = send(shared, op.clone(), req).await;
         if let Some(pause) = again(status, retry_after, rng) {
             tokio::time::sleep(pause).await;
@@ -241,14 +255,16 @@ async fn cancel(shared: &Shared, client: u32, rng: &mut ChaCha8Rng) {
         order_id: Some(a.order_id.clone()),
         ..Default::default()
     };
-    let path = format!(
-        "{}/v1/users/{}/orders/{}/cancel",
-        shared.url, a.user, a.order_id
-    );
     for _ in 0..20 {
+        let path = format!(
+            "{}/v1/users/{}/orders/{}/cancel",
+            shared.url(),
+            a.user,
+            a.order_id
+        );
         let req = shared
             .http
-            .post(&path)
+            .post(path)
             .bearer_auth(shared.token(a.user))
             .json(&json!({}));
         let (status, _, retry_after) = send(shared, op.clone(), req).await;
@@ -292,7 +308,7 @@ async fn pay(shared: &Shared, client: u32, rng: &mut ChaCha8Rng) {
         let sig = seckill::auth::signature::sign(&shared.payments, t, body.as_bytes());
         let req = shared
             .http
-            .post(format!("{}/v1/payments", shared.url))
+            .post(format!("{}/v1/payments", shared.url()))
             .header("content-type", "application/json")
             .header("seckill-signature", sig)
             .body(body.clone());
@@ -316,7 +332,8 @@ async fn read(shared: &Shared, client: u32, rng: &mut ChaCha8Rng) {
         .http
         .get(format!(
             "{}/v1/users/{}/orders?limit=1000",
-            shared.url, a.user
+            shared.url(),
+            a.user
         ))
         .bearer_auth(shared.token(a.user));
     send(shared, op, req).await;
