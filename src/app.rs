@@ -110,7 +110,7 @@ impl Application {
     /// Serve until the shutdown token fires, drain requests (`server.drain_ms`), then stop the
     /// background work (waiting at most 10 s for it).
     pub async fn run(self) -> std::io::Result<()> {
-        let app = crate::api::router(self.state.clone());
+        let app = crate::api::front(self.state.clone());
         let cancel = self.cancel.clone();
         let server = &self.state.config.server;
         let limits = crate::api::server::Limits {

@@ -26,7 +26,6 @@ use crate::state::AppState;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use error::{ApiError, Code};
 use extract::Params;
 use std::sync::Arc;
@@ -139,14 +138,18 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     documented().into_openapi()
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
+/// The engine's HTTP application: every route, behind what every request crosses first (its id,
+/// span, metrics and deadline: [`observe::Front`]).
+pub(crate) fn front(state: Arc<AppState>) -> observe::Front {
     let server = &state.config.server;
     let deadline = std::time::Duration::from_millis(server.http_timeout_ms);
-    let (mut router, _) = documented().split_for_parts();
+    let (mut router, doc) = documented().split_for_parts();
+    let mut templates: Vec<String> = doc.paths.paths.into_keys().collect();
     if server.dev_login {
-        router = router.route("/dev/token", axum::routing::post(page::dev_token));
+        router = router.route(DEV_TOKEN, axum::routing::post(page::dev_token));
+        templates.push(DEV_TOKEN.to_string());
     }
-    router
+    let router = router
         .fallback(|| async { ApiError::not_found("no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -156,13 +159,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             )
         })
         // Body limits are applied where a body is read (api::extract): no layer for them.
-        // One middleware for what every request crosses (its id, span, metrics and deadline):
-        // each `from_fn` layer boxes the request's future and the service under it.
-        .layer(axum::middleware::from_fn(move |req, next| {
-            observe::observe(deadline, req, next)
-        }))
-        .with_state(state)
+        .with_state(state);
+    observe::Front::new(router, templates, deadline)
 }
+
+/// The route `seckill dev` adds for its demo tokens (`server.dev_login`).
+const DEV_TOKEN: &str = "/dev/token";
 
 /// A whole request, body included, is answered within `server.http_timeout_ms`. A purchase that
 /// is still under way when the time is up goes on (it is a task of the order service); the client
@@ -397,6 +399,34 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// The front names a request's route as the router matches it: every documented path, with
+    /// its parameters filled in, takes its own template; anything else is "unmatched".
+    #[test]
+    fn the_front_names_routes_by_their_templates() {
+        let templates: Vec<String> = super::openapi().paths.paths.into_keys().collect();
+        assert!(templates.len() > 25, "{templates:?}");
+        let front = super::observe::Front::new(
+            axum::Router::new(),
+            templates.clone(),
+            std::time::Duration::from_secs(1),
+        );
+        for t in &templates {
+            let concrete: String = t
+                .split('/')
+                .map(|seg| if seg.starts_with('{') { "42" } else { seg })
+                .collect::<Vec<_>>()
+                .join("/");
+            assert_eq!(front.route(&concrete), t, "{concrete}");
+        }
+        assert_eq!(
+            front.route("/v1/sales/42/items/7/orders"),
+            "/v1/sales/{sale_id}/items/{item_id}/orders"
+        );
+        for unknown in ["/", "/v1", "/v1/time/", "/v1/sales/42/items", "/nope"] {
+            assert_eq!(front.route(unknown), "unmatched", "{unknown}");
         }
     }
 }

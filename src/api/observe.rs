@@ -3,13 +3,18 @@
 //! The request id is the caller's `x-request-id` when it is a sane token (1 to 128 printable
 //! ASCII characters), else a fresh UUID v7; every answer carries it back in `x-request-id`, and
 //! a problem+json body names it as `instance`.
+//!
+//! [`Front`] puts this around the whole router, not on each route: a layer on the router's routes
+//! (`Router::layer`) wraps every route in one more boxed service, and `from_fn` boxed the request's
+//! future and a clone of the service under it, five allocations a request in all. Outside the
+//! router the route is not yet known, so the front matches the path against the same templates
+//! itself (the router's own matcher, `matchit`, over the OpenAPI document's paths).
 
 use super::error::{Code, REQUEST_ID};
 use crate::state::AppState;
 use crate::telemetry as t;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, RwLock};
@@ -116,16 +121,76 @@ fn route_metrics(method: &Method, route: &str) -> Arc<RouteMetrics> {
     made
 }
 
-/// Request id, span, HTTP metrics and the deadline ([`super::within`]) of one request (module
-/// docs).
-pub(crate) async fn observe(deadline: Duration, req: Request, next: Next) -> Response {
-    let id = request_id(&req);
-    // The route template, never the concrete path (no ids in labels).
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or("unmatched", |m| m.as_str());
-    let m = route_metrics(req.method(), route);
+/// The HTTP application as the server loop runs it: the router behind what every request
+/// crosses first (module docs).
+#[derive(Clone)]
+pub(crate) struct Front {
+    router: axum::Router,
+    /// Every route template of the router, by itself.
+    routes: Arc<matchit::Router<String>>,
+    deadline: Duration,
+}
+
+impl Front {
+    /// `templates`: every path the router routes, as written in its routes (`/v1/sales/{sale_id}`).
+    pub(crate) fn new(
+        router: axum::Router,
+        templates: impl IntoIterator<Item = String>,
+        deadline: Duration,
+    ) -> Self {
+        let mut routes = matchit::Router::new();
+        for t in templates {
+            // The router took these same paths, so they cannot conflict here; were one refused
+            // anyway, its requests would only be labelled "unmatched".
+            if let Err(e) = routes.insert(t.clone(), t.clone()) {
+                tracing::warn!(route = %t, error = %e, "route left out of the HTTP metrics");
+            }
+        }
+        Self {
+            router,
+            routes: Arc::new(routes),
+            deadline,
+        }
+    }
+
+    /// The route template `path` takes, as the router matches it; "unmatched" when none.
+    pub(crate) fn route(&self, path: &str) -> &str {
+        self.routes
+            .at(path)
+            .map_or("unmatched", |m| m.value.as_str())
+    }
+
+    /// Answer `req`: request id, span, HTTP metrics and the deadline ([`super::within`]) around
+    /// the router's answer.
+    pub(crate) fn answer(
+        &self,
+        req: Request,
+    ) -> impl std::future::Future<Output = Result<Response, std::convert::Infallible>> + Send + 'static
+    {
+        let id = request_id(&req);
+        // The route template, never the concrete path (no ids in labels).
+        let m = route_metrics(req.method(), self.route(req.uri().path()));
+        let answer = tower::ServiceExt::oneshot(self.router.clone(), req);
+        let deadline = self.deadline;
+        async move {
+            let answer = async move {
+                match answer.await {
+                    Ok(resp) => resp,
+                    Err(never) => match never {},
+                }
+            };
+            Ok(observe(deadline, m, id, answer).await)
+        }
+    }
+}
+
+/// What [`Front::answer`] puts around one request.
+async fn observe(
+    deadline: Duration,
+    m: Arc<RouteMetrics>,
+    id: HeaderValue,
+    answer: impl std::future::Future<Output = Response> + Send,
+) -> Response {
     let span = tracing::info_span!(
         "request",
         method = %m.method,
@@ -140,9 +205,8 @@ pub(crate) async fn observe(deadline: Duration, req: Request, next: Next) -> Res
     m.active.increment(1.0);
     let started = Instant::now();
     // The id is handed back by the task-local when the answer is done: not copied for it.
-    let mut answer = std::pin::pin!(
-        REQUEST_ID.scope(id, super::within(deadline, next.run(req)).instrument(span))
-    );
+    let mut answer =
+        std::pin::pin!(REQUEST_ID.scope(id, super::within(deadline, answer).instrument(span)));
     let mut resp = answer.as_mut().await;
     m.active.decrement(1.0);
     let elapsed = started.elapsed();

@@ -19,14 +19,12 @@
 
 use axum::extract::ConnectInfo;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tower::ServiceExt;
 
 /// What the server loop enforces (module docs).
 #[derive(Debug, Clone)]
@@ -50,7 +48,7 @@ fn full() -> Vec<u8> {
 /// Serve `app` on `listener` until `shutdown` fires, then drain (module docs).
 pub(crate) async fn serve(
     listener: TcpListener,
-    app: axum::Router,
+    app: super::observe::Front,
     limits: Limits,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -83,17 +81,17 @@ pub(crate) async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        let app = app.clone();
         let service =
-            app.clone()
-                .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(ConnectInfo(peer));
-                    req
-                });
+            hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                app.answer(req.map(axum::body::Body::new))
+            });
         let conn = hyper::server::conn::http1::Builder::new()
             .timer(TokioTimer::new())
             .header_read_timeout(limits.header_read_timeout)
             .keep_alive(true)
-            .serve_connection(TokioIo::new(stream), TowerToHyperService::new(service));
+            .serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         connections.spawn(async move {
             let _slot = slot;
