@@ -4,16 +4,27 @@
 # CPU-time bench to resolve. It counts the engine's own code only (not the kernel's TCP, which is
 # most of a GET's CPU time), so it says what a change saved, not what a request costs.
 #
-# Usage: bench/instructions.sh [--bare] [PATH] [SECONDS]
+# Usage: bench/instructions.sh [--bare] [--script FILE.lua] [PATH] [SECONDS]
 #   Starts `target/release/seckill serve` (or, with --bare, `seckill-bench bare-server`) under
 #   callgrind on 127.0.0.1:8090 against the running dev cluster (`scripts/dev`, or
 #   SECKILL_DEV_DIR), loads PATH (default /v1/time) with wrk for SECONDS (default 10) over 8
 #   connections, and prints the instructions of the connection tasks per request. Background
-#   work (probes, pollers, new pool connections) is not in that count.
+#   work (probes, pollers, new pool connections) is not in that count, nor is a purchase's
+#   database work (a task of the order service): a sold-out answer is counted whole, an order not.
+#   --script: the requests of a wrk script instead of GET PATH (bench/wrk/soldout.lua: buys of a
+#   sold-out item, answered 409 by the engine and by the bare server alike).
 # Needs valgrind and wrk (Debian packages of those names).
 set -euo pipefail
 bare=0
-if [ "${1:-}" = "--bare" ]; then bare=1; shift; fi
+script=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --bare) bare=1; shift ;;
+    --script) [ -f "${2:-}" ] || { echo "--script wants a wrk script file" >&2; exit 1; }
+      script=(-s "$2"); shift 2 ;;
+    *) break ;;
+  esac
+done
 path="${1:-/v1/time}"
 secs="${2:-10}"
 dir="${SECKILL_DEV_DIR:-.seckill-dev}"
@@ -40,8 +51,11 @@ for _ in $(seq 1 300); do
   kill -0 "$pid" 2>/dev/null || { cat "$out/server.log" >&2; exit 1; }
   sleep 1
 done
+# A warm-up, not counted: the pools' connections are made (a SCRAM handshake is millions of
+# instructions) and the caches filled.
+wrk -t1 -c8 -d3s ${script[@]+"${script[@]}"} "http://$listen$path" >/dev/null
 callgrind_control -i on "$pid" >/dev/null
-wrk -t1 -c8 -d"${secs}s" "http://$listen$path" >"$out/wrk.txt"
+wrk -t1 -c8 -d"${secs}s" ${script[@]+"${script[@]}"} "http://$listen$path" >"$out/wrk.txt"
 callgrind_control -d "$pid" >/dev/null
 kill -TERM "$pid" # (a child dead of SIGINT would make bash exit too)
 wait "$pid" || true
@@ -50,5 +64,7 @@ counted="$(callgrind_annotate --inclusive=yes "$out/cg.$pid.1" \
   | grep -F "$task" | head -1 | awk '{gsub(",", "", $1); print $1}')"
 [ -n "$requests" ] && [ "$requests" -gt 0 ] && [ -n "$counted" ] || {
   echo "no count: wrk or callgrind found nothing (files in $out)" >&2; exit 1; }
-echo "$path: $requests requests, $((counted / requests)) instructions each (${server[0]##*/})"
+what="$path"
+[ ${#script[@]} -eq 0 ] || what="${script[1]##*/}"
+echo "$what: $requests requests, $((counted / requests)) instructions each (${server[0]##*/})"
 rm -rf "$out"
