@@ -68,8 +68,11 @@ pub struct Order {
     pub quantity: i32,
     pub amount_cents: i64,
     pub status: OrderStatus,
+    #[serde(serialize_with = "crate::domain::utc_time::serialize")]
     pub(crate) created_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::domain::utc_time::serialize")]
     pub expires_at: DateTime<Utc>,
+    #[serde(serialize_with = "crate::domain::utc_time::option::serialize")]
     pub paid_at: Option<DateTime<Utc>>,
 }
 
