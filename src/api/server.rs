@@ -11,8 +11,7 @@
 //!   flood is dropped unanswered);
 //! - **slow clients**: a client must send a whole request head within `server.header_read_timeout_ms`
 //!   (this also closes keep-alive connections idle that long), and a whole request, body included,
-//!   is answered within `server.request_timeout_ms` plus the database budget (see
-//!   [`super::router`]);
+//!   is answered within `server.http_timeout_ms` (see [`super::within`]);
 //! - **shutdown**: on SIGTERM the listener closes, in-flight requests get `server.drain_ms` to finish
 //!   (idle and slow-header connections are closed at once), then every connection is dropped. A
 //!   purchase that was under way runs to its end regardless (it is a task of the order service).
