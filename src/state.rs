@@ -49,6 +49,29 @@ impl AppState {
         let router = Arc::new(Router::from_config(&config)?);
         // Know the writable members before migrating and before the first request.
         cluster.discover().await;
+        // The groups the start-up checks below write to: every one for the migrations, the
+        // config group for the layout check.
+        let needed: Vec<usize> = if config.server.migrate_on_start {
+            (0..cluster.groups.len()).collect()
+        } else if config.server.layout_guard {
+            vec![cluster.config_group()]
+        } else {
+            Vec::new()
+        };
+        if !needed.is_empty() && config.server.start_wait_ms > 0 {
+            let missing = cluster
+                .until_writable(
+                    &needed,
+                    std::time::Duration::from_millis(config.server.start_wait_ms),
+                )
+                .await;
+            if !missing.is_empty() {
+                return Err(StartError::NoMaster {
+                    groups: missing.join(", "),
+                    waited_ms: config.server.start_wait_ms,
+                });
+            }
+        }
         if config.server.migrate_on_start {
             crate::migrate::run(&cluster).await?;
         }
@@ -123,6 +146,11 @@ pub enum StartError {
     Layout(#[from] crate::router::layout::LayoutError),
     #[error("migrations failed: {0}")]
     Migrate(#[from] crate::migrate::MigrateError),
+    #[error(
+        "no writable master in group {groups} after waiting {waited_ms} ms \
+         (server.start_wait_ms): both members down, or the shadow not promotable (the log says why)"
+    )]
+    NoMaster { groups: String, waited_ms: u64 },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,

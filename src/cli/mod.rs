@@ -452,6 +452,7 @@ async fn settle(path: &Path, file: &Path) -> ExitCode {
         Err(e) => return fail(e),
     };
     config.server.migrate_on_start = false;
+    config.server.start_wait_ms = 0;
     let tasks = tokio_util::task::TaskTracker::new();
     let state = match crate::state::AppState::connect(config, &tasks).await {
         Ok(s) => s,
@@ -509,6 +510,7 @@ async fn reconcile(path: &Path, grace_secs: Option<u32>) -> ExitCode {
     let grace = std::time::Duration::from_secs(grace_secs.into());
     let mut config = config;
     config.server.migrate_on_start = false;
+    config.server.start_wait_ms = 0;
     let tasks = tokio_util::task::TaskTracker::new();
     let state = match crate::state::AppState::connect(config, &tasks).await {
         Ok(s) => s,

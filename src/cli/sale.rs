@@ -44,6 +44,7 @@ pub enum SaleAction {
 pub async fn run(path: &Path, action: SaleAction) -> CliResult {
     let mut config = Config::load(path)?;
     config.server.migrate_on_start = false;
+    config.server.start_wait_ms = 0;
     let tasks = tokio_util::task::TaskTracker::new();
     let state = crate::state::AppState::connect(config, &tasks).await?;
     let sales = state.sales();

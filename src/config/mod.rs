@@ -168,6 +168,10 @@ pub struct ServerConfig {
     pub(crate) body_limit_bytes: usize,
     /// Apply migrations to every group's master at start. Default true.
     pub migrate_on_start: bool,
+    /// At start, how long to wait for a group found without a writable master (the health
+    /// monitor running meanwhile: it may promote the shadow) before giving up, in ms. 0 gives up
+    /// at once. Default 60000.
+    pub start_wait_ms: u64,
     /// Largest body of the admin API's sale creation, in bytes: room for the largest sale
     /// ([`crate::sale::MAX_ITEMS`] items). Default 1048576.
     pub(crate) admin_body_limit_bytes: usize,
@@ -213,6 +217,7 @@ impl Default for ServerConfig {
             body_limit_bytes: 16 * 1024,
             admin_body_limit_bytes: 1024 * 1024,
             migrate_on_start: true,
+            start_wait_ms: 60_000,
             request_timeout_ms: 5_000,
             http_timeout_ms: 15_000,
             header_read_timeout_ms: 10_000,

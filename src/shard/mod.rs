@@ -414,6 +414,17 @@ impl ShardGroup {
         }
     }
 
+    /// The writer answered the last probe as a master. A writer that has gone silent stays the
+    /// writer for `failures_before_promote` probes (one slow probe must not move it), so the
+    /// writer alone does not say that there is a master to write to.
+    pub(crate) fn writer_answers(&self) -> bool {
+        self.writer_index().is_some_and(|w| {
+            self.status()
+                .get(w)
+                .is_some_and(|s| s.role == Role::Master && s.healthy)
+        })
+    }
+
     /// Point the group at a member (or at none). When that changes, work still running on the
     /// old writer is ended (module docs).
     pub(crate) fn set_writer(&self, index: Option<usize>) {
@@ -664,6 +675,43 @@ impl Cluster {
         for g in &self.groups {
             monitor::check_group(g, &quiet).await;
         }
+    }
+
+    /// Wait, at most `limit`, until every group has a writable master, running the monitor's
+    /// rounds on the groups found without one: in built-in mode they may promote a shadow whose
+    /// master is gone, as the monitor would a moment later. A node restarted while another node
+    /// (or Patroni) fails a group over, or the only node started after a master died while none
+    /// ran, then comes up instead of failing at its migrations and layout check. Only the
+    /// groups `needed` are waited for; returns those still without a writer.
+    pub(crate) async fn until_writable(
+        &self,
+        needed: &[usize],
+        limit: std::time::Duration,
+    ) -> Vec<String> {
+        let waiting: Vec<&ShardGroup> = needed
+            .iter()
+            .map(|&i| &self.groups[i])
+            .filter(|g| !g.writer_answers())
+            .collect();
+        for g in &waiting {
+            tracing::warn!(group = %g.name, wait_s = limit.as_secs(),
+                "no writable master at start: waiting for one, the health monitor running");
+        }
+        let found = futures::future::join_all(
+            waiting
+                .iter()
+                .map(|g| monitor::until_writable(g, &self.failover, limit)),
+        )
+        .await;
+        let mut missing = Vec::new();
+        for (g, found) in waiting.iter().zip(found) {
+            if found {
+                tracing::info!(group = %g.name, "the group has a writable master: starting");
+            } else {
+                missing.push(g.name.clone());
+            }
+        }
+        missing
     }
 
     pub fn failover(&self) -> &crate::config::FailoverConfig {

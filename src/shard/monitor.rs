@@ -131,6 +131,30 @@ pub(crate) async fn check_group(group: &ShardGroup, config: &FailoverConfig) {
     check_group_with(group, config, &mut state).await;
 }
 
+/// Rounds of the monitor for one group until it has a writable member or `limit` has passed;
+/// whether it found one. What a starting node runs for a group it found without a master (see
+/// [`super::Cluster::until_writable`]).
+pub(crate) async fn until_writable(
+    group: &ShardGroup,
+    config: &FailoverConfig,
+    limit: Duration,
+) -> bool {
+    let mut state = GroupState::default();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(config.probe_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        check_group_with(group, config, &mut state).await;
+        if group.writer_answers() {
+            return true;
+        }
+        if started.elapsed() >= limit {
+            return false;
+        }
+    }
+}
+
 /// Probe every member and classify what answered.
 async fn observe(group: &ShardGroup, config: &FailoverConfig) -> (Vec<Seen>, Vec<Option<Probe>>) {
     let timeout = Duration::from_millis(config.probe_timeout_ms);

@@ -1,6 +1,6 @@
-//! A master killed or frozen mid-sale, a planned switchover, a node cut off from a live master,
-//! two engine nodes following one failover, the stock of cancels and expiries across it, and a
-//! master whose stream to its shadow ended before it died.
+//! A master killed or frozen mid-sale, a planned switchover, a node started while its master is
+//! dead, a node cut off from a live master, two engine nodes following one failover, the stock of
+//! cancels and expiries across it, and a master whose stream to its shadow ended before it died.
 
 use super::*;
 
@@ -176,6 +176,52 @@ async fn a_switchover_waits_for_transactions_that_have_not_written_yet() {
         )
         .expect("psql");
     assert_eq!(on_new_master, "1", "the commit is on the promoted shadow");
+}
+
+/// A node started while its group's master is dead (it died while no node ran) waits for a
+/// writable master instead of failing at its migrations: its health monitor runs during the wait,
+/// and being the only node it promotes the shadow itself. Its healer then brings the old master
+/// back as the shadow, and it sells; the order acknowledged before the fault is still there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_started_while_its_master_is_dead_promotes_the_shadow_and_sells() {
+    let cluster = own_cluster();
+    let first = engine(&cluster.0).await;
+    let item = fresh_item();
+    let sale = first
+        .create_sale(json!([{"item_id": item, "stock": 10, "price_cents": 1}]))
+        .await;
+    let buyer = fresh_item();
+    let before = first.buy_retrying(sale, item, buyer, 1, None).await;
+    assert_eq!(before.status, StatusCode::CREATED, "{:?}", before.body);
+    let order = before.body["order_id"].as_str().unwrap().to_string();
+    assert!(first.stop_and_wait(Duration::from_secs(20)).await);
+    drop(first);
+    cluster.0.groups[0]
+        .master
+        .kill9()
+        .expect("kill -9 the master");
+    // Before, the migrations found no writable master and the start failed.
+    let started = Instant::now();
+    let app = engine(&cluster.0).await;
+    let came_up = started.elapsed();
+    let promoted = cluster.0.groups[0].shadow.port.to_string();
+    assert!(
+        writer_port(&app).is_some_and(|e| e.ends_with(&promoted)),
+        "the shadow is the master"
+    );
+    let healed = until_whole(&app, 0, HEAL_BOUND).await;
+    println!(
+        "a node started with its master dead came up in {:.1} s (the shadow promoted), whole {:.1} s later",
+        came_up.as_secs_f64(),
+        healed.as_secs_f64()
+    );
+    let after = app.buy_retrying(sale, item, fresh_item(), 1, None).await;
+    assert_eq!(after.status, StatusCode::CREATED, "{:?}", after.body);
+    let kept = app.get(&format!("/v1/users/{buyer}/orders/{order}")).await;
+    assert_eq!(kept.status, StatusCode::OK, "the order acknowledged before");
+    assert_eq!(app.remaining(sale, item).await, 8);
+    assert_eq!(app.audit(sale).await["conserved"], true);
+    assert_eq!(app.get("/readyz").await.status, StatusCode::OK);
 }
 
 /// A node cut off from a live master (here: it has a wrong address for it) must not promote the
