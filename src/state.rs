@@ -69,7 +69,16 @@ impl AppState {
                 return Err(StartError::NoMaster {
                     groups: missing.join(", "),
                     waited_ms: config.server.start_wait_ms,
+                    why: why_no_master(&config.failover),
                 });
+            }
+            for &g in &needed {
+                let group = cluster.group(g);
+                if group.durability() == crate::shard::Durability::NotDurable {
+                    tracing::warn!(group = %group.name,
+                        "the master has no shadow streaming synchronously: a migration's commit \
+                         waits for one (the healer, or a person, must bring the shadow back)");
+                }
             }
         }
         if config.server.migrate_on_start {
@@ -134,6 +143,18 @@ impl AppState {
     }
 }
 
+/// Why a start can wait in vain for a group's master, by failover mode.
+fn why_no_master(failover: &crate::config::FailoverConfig) -> &'static str {
+    if !failover.enabled {
+        "failover is off (failover.enabled = false): promote the shadow by hand"
+    } else if failover.mode == crate::config::FailoverMode::External {
+        "failover.mode = \"external\": the engine never promotes; the HA manager (Patroni) has not"
+    } else {
+        "its master silent and its shadow not promotable: dead too, missing, or still hearing the \
+         master (the log says which)"
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
@@ -148,9 +169,13 @@ pub enum StartError {
     Migrate(#[from] crate::migrate::MigrateError),
     #[error(
         "no writable master in group {groups} after waiting {waited_ms} ms \
-         (server.start_wait_ms): both members down, or the shadow not promotable (the log says why)"
+         (server.start_wait_ms): {why}"
     )]
-    NoMaster { groups: String, waited_ms: u64 },
+    NoMaster {
+        groups: String,
+        waited_ms: u64,
+        why: &'static str,
+    },
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,

@@ -414,15 +414,13 @@ impl ShardGroup {
         }
     }
 
-    /// The writer answered the last probe as a master. A writer that has gone silent stays the
-    /// writer for `failures_before_promote` probes (one slow probe must not move it), so the
-    /// writer alone does not say that there is a master to write to.
+    /// There is a writer and its last probe was answered (as a master, or with an error: a
+    /// server out of connection slots is alive). A writer gone silent stays the writer for
+    /// `failures_before_promote` probes (one slow probe must not move it), so the writer alone
+    /// does not say that there is a master to write to.
     pub(crate) fn writer_answers(&self) -> bool {
-        self.writer_index().is_some_and(|w| {
-            self.status()
-                .get(w)
-                .is_some_and(|s| s.role == Role::Master && s.healthy)
-        })
+        self.writer_index()
+            .is_some_and(|w| self.status().get(w).is_some_and(|s| s.role != Role::Down))
     }
 
     /// Point the group at a member (or at none). When that changes, work still running on the

@@ -1,5 +1,5 @@
 //! External mode (an outside manager promotes): the engine follows a promotion and never writes to
-//! an old master, even one unfenced by hand.
+//! an old master, even one unfenced by hand; a start without a master waits, then says why.
 
 use super::*;
 
@@ -187,4 +187,39 @@ async fn an_old_master_unfenced_by_hand_is_never_written() {
         .unwrap();
     a.psql("seckill", "SELECT pg_reload_conf()").unwrap();
     assert_old_master_never_written(&app, &a, &b, sale, item, user).await;
+}
+
+/// A start that waits in vain says which group and why: in external mode the engine never
+/// promotes, so a dead master is waited for `server.start_wait_ms` (the HA manager may promote
+/// meanwhile), then the start fails; the shadow is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_without_a_master_in_external_mode_waits_then_says_why() {
+    let cluster = own_cluster();
+    cluster.0.groups[0]
+        .master
+        .kill9()
+        .expect("kill -9 the master");
+    let mut config = engine_config(&cluster.0);
+    config.failover.mode = seckill::config::FailoverMode::External;
+    config.server.start_wait_ms = 1_500;
+    let started = Instant::now();
+    let refused = seckill::app::Application::build_with(config, monitor_only())
+        .await
+        .err()
+        .expect("no start without a master");
+    let waited = started.elapsed();
+    let text = refused.to_string();
+    assert!(
+        text.contains("group g0") && text.contains("external") && text.contains("1500 ms"),
+        "{text}"
+    );
+    assert!(waited >= Duration::from_millis(1_500), "{waited:?}");
+    assert_eq!(
+        cluster.0.groups[0]
+            .shadow
+            .psql("seckill", "SELECT pg_is_in_recovery()")
+            .unwrap(),
+        "t",
+        "the engine promoted nothing"
+    );
 }
