@@ -182,13 +182,23 @@ async fn a_frozen_shadow_holds_writes_back_and_loses_nothing() {
     let shadow = cluster.0.groups[0].shadow.clone();
     let app = engine_without_healer(&cluster.0).await;
     let (sale, item, storm) =
-        sale_under_storm(vec![app.clone()], 16, Duration::from_secs(11)).await;
+        sale_under_storm(vec![app.clone()], 16, Duration::from_secs(13)).await;
     tokio::time::sleep(Duration::from_millis(1000)).await;
     shadow.freeze().expect("SIGSTOP the shadow");
     let frozen_at = Instant::now();
-    // The master's walsender notices after `wal_sender_timeout` (3 s here); from then on buyers
-    // are told why.
-    tokio::time::sleep(Duration::from_secs(7)).await;
+    // The master's walsender notices after `wal_sender_timeout` (3 s here), the monitor a probe
+    // later; from then on buyers are told why. A request already waiting on a commit ends at its
+    // deadline (`unavailable`); its buyer's next one waits half a deadline for a shadow, then is
+    // refused. So the shadow stays frozen a whole deadline and a half past the judgement, and
+    // every buyer meets the refusal whatever the machine's speed.
+    let group = app.state.cluster.group(0);
+    assert!(
+        wait_for(Duration::from_secs(10), || group.durability()
+            == seckill::shard::Durability::NotDurable)
+        .await,
+        "the monitor saw that no shadow streams"
+    );
+    tokio::time::sleep(Duration::from_millis(3_000 + 1_500 + 1_000)).await;
     let thawed_at = Instant::now();
     shadow.thaw().expect("SIGCONT the shadow");
     let outcome = finished(storm).await;
