@@ -198,7 +198,8 @@ async fn a_frozen_shadow_holds_writes_back_and_loses_nothing() {
         .await,
         "the monitor saw that no shadow streams"
     );
-    tokio::time::sleep(Duration::from_millis(3_000 + 1_500 + 1_000)).await;
+    let deadline = Duration::from_millis(app.state.config.server.request_timeout_ms);
+    tokio::time::sleep(deadline + deadline / 2 + Duration::from_secs(1)).await;
     let thawed_at = Instant::now();
     shadow.thaw().expect("SIGCONT the shadow");
     let outcome = finished(storm).await;
